@@ -1,0 +1,72 @@
+"""The local view of one legacy device: its data splits, frozen legacy model and rejector.
+
+The rejector is a small MLP with two logits (index 0 = keep LOCAL, 1 = DEFER). Its input is
+the flattened sample, and by default also the legacy model's softmax output
+(``strategy.rejector.inputs=sample+legacy``): the legacy model's own confidence is the single
+most informative signal of whether it is wrong, and each device has only tens to hundreds of
+rejector-training samples, too few to relearn that from pixels alone. ``inputs=sample`` gives
+the rejector the raw sample only, as in the L2H paper's code (a LeNet on the image).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from sim.data import DeviceData
+from sim.training import derive_seed, predict_logits
+
+
+class Rejector(nn.Module):
+    """MLP rejector: features ``(B, D)`` -> logits ``(B, 2)`` (0 = keep local, 1 = defer)."""
+
+    def __init__(self, in_dim: int, hidden: int = 64):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(), nn.Linear(hidden, 2))
+
+    def forward(self, feats: torch.Tensor) -> torch.Tensor:
+        return self.net(feats)
+
+
+@dataclass
+class Device:
+    """One device, as a worker sees it. Legacy outputs are computed once (the model is frozen).
+
+    Attributes:
+        device_id: partition id. data: its splits. legacy: the frozen legacy model.
+        legacy_rejector / legacy_test: legacy logits ``(N, K)`` on the rejector/test splits.
+    """
+
+    device_id: int
+    data: DeviceData
+    legacy: nn.Module
+    legacy_rejector: torch.Tensor
+    legacy_test: torch.Tensor
+
+    @classmethod
+    def create(cls, device_id: int, data: DeviceData, legacy: nn.Module) -> "Device":
+        lr_ = predict_logits(legacy, torch.from_numpy(data.x_rejector))
+        lt_ = predict_logits(legacy, torch.from_numpy(data.x_test))
+        return cls(device_id, data, legacy, lr_, lt_)
+
+    def features(self, split: str, inputs: str) -> torch.Tensor:
+        """Rejector inputs for ``split`` (``rejector`` | ``test``): ``(N, D)`` float32."""
+        x = torch.from_numpy(getattr(self.data, f"x_{split}")).flatten(1)
+        if inputs == "sample":
+            return x
+        probs = torch.softmax(getattr(self, f"legacy_{split}"), dim=1)
+        return torch.cat([x, probs], dim=1)
+
+    def new_rejector(self, inputs: str, hidden: int, seed: int) -> Rejector:
+        """A freshly initialised rejector, seeded per device (independent of worker placement)."""
+        with torch.random.fork_rng():
+            torch.manual_seed(derive_seed(seed, "rejector-init", self.device_id))
+            return Rejector(self.features("test", inputs).shape[1], hidden)
+
+
+def load_state(module: nn.Module, state: dict[str, Any]) -> nn.Module:
+    module.load_state_dict({k: torch.as_tensor(np.asarray(v)) for k, v in state.items()})
+    return module

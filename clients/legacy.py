@@ -1,0 +1,126 @@
+"""The heterogeneous legacy fleet: group assignment, one-off pretraining, frozen on-disk cache.
+
+Legacy models are trained once per fleet key (dataset, partition, fleet groups, seed), saved as
+one ``state_dict`` file per device (loaded with ``torch.load(weights_only=True)``), and never
+updated afterwards: L2H trains only the rejector and the helper server.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from clients.zoo import build_model
+from sim.cache import build_entry, content_key
+from sim.data import Prepared, data_key, device_data
+from sim.training import derive_seed, predict_logits, train_minibatch
+
+FLEET_VERSION = 1
+
+
+def assign_groups(num_clients: int, shares: list[float]) -> list[int]:
+    """Group index of each device: proportional to ``shares`` and interleaved, so every prefix of
+    the fleet (and every fleet size) gets the mix. Deterministic.
+    """
+    total = float(sum(shares))
+    counts = [0] * len(shares)
+    out = []
+    for i in range(num_clients):
+        deficit = [s / total * (i + 1) - c for s, c in zip(shares, counts)]
+        g = int(np.argmax(deficit))
+        counts[g] += 1
+        out.append(g)
+    return out
+
+
+def legacy_file(device: int) -> str:
+    return f"device_{device:05d}.pt"
+
+
+@dataclass
+class Fleet:
+    """The built legacy fleet.
+
+    Attributes:
+        path: cache entry holding one state_dict per device.
+        groups: group index per device; group_cfgs: the fleet's group configs.
+        legacy_accuracy: ``(num_clients,)`` accuracy of each legacy model on its own test split.
+        pretrain_size: ``(num_clients,)`` samples each legacy model was trained on.
+        built: True when this call trained the models (False: reused from cache).
+    """
+
+    path: Path
+    groups: list[int]
+    group_cfgs: list[dict[str, Any]]
+    legacy_accuracy: np.ndarray
+    pretrain_size: np.ndarray
+    built: bool
+
+
+def pretrain_legacy(data_x: np.ndarray, data_y: np.ndarray, group: dict[str, Any], in_shape, num_classes: int,
+                    seed: int) -> torch.nn.Module:
+    """Train one legacy model (cross-entropy, Adam) on its pretraining samples; returns it frozen."""
+    torch.manual_seed(derive_seed(seed, "legacy-init"))
+    model = build_model(group["arch"], in_shape, num_classes, hidden=int(group["hidden"]))
+    x, y = torch.from_numpy(data_x), torch.from_numpy(data_y)
+    model.train()
+    train_minibatch(model.parameters(), (x, y), lambda xb, yb: F.cross_entropy(model(xb), yb),
+                    epochs=int(group["epochs"]), batch_size=32, lr=float(group["lr"]), seed=derive_seed(seed, "legacy"))
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def build_fleet(cfg: dict[str, Any], prep: Prepared, cache_dir: Path) -> Fleet:
+    """Build (or reuse from cache) the frozen legacy model of every device.
+
+    Args:
+        cfg: the whole run config (plain dict). prep: the prepared dataset. cache_dir: cache root.
+
+    Returns:
+        The :class:`Fleet`. A corrupt cache entry is rebuilt with a warning.
+    """
+    fleet_cfg = cfg["fleet"]
+    n = int(fleet_cfg["num_clients"])
+    group_cfgs = [dict(g) for g in fleet_cfg["groups"]]
+    groups = assign_groups(n, [g["share"] for g in group_cfgs])
+    key = {"v": FLEET_VERSION, "data": data_key(cfg), "groups": group_cfgs}
+    entry = cache_dir / "fleets" / f"{cfg['data']['name']}-{n}-{content_key(key)}"
+    built = {"flag": False}
+
+    def build(tmp: Path) -> dict[str, Any]:
+        built["flag"] = True
+        accs, sizes = [], []
+        for dev in range(n):
+            g = group_cfgs[groups[dev]]
+            d = device_data(prep, dev, g, cfg["seed"])
+            n_pre = max(1, int(round(g["pretrain_fraction"] * len(d.y_legacy))))
+            order = np.random.default_rng(derive_seed(cfg["seed"], "pretrain-subset", dev)).permutation(len(d.y_legacy))
+            sel = np.sort(order[:n_pre])
+            model = pretrain_legacy(d.x_legacy[sel], d.y_legacy[sel], g, prep.in_shape, prep.num_classes,
+                                    derive_seed(cfg["seed"], dev))
+            torch.save(model.state_dict(), tmp / legacy_file(dev))
+            pred = predict_logits(model, torch.from_numpy(d.x_test)).argmax(1).numpy()
+            accs.append(float((pred == d.y_test).mean()))
+            sizes.append(int(n_pre))
+        return {"key": key, "legacy_accuracy": accs, "pretrain_size": sizes}
+
+    manifest = build_entry(entry, build, "legacy fleet")
+    meta = manifest["meta"]
+    return Fleet(entry, groups, group_cfgs, np.asarray(meta["legacy_accuracy"]), np.asarray(meta["pretrain_size"]),
+                 built["flag"])
+
+
+def load_legacy(path: Path, device: int, group: dict[str, Any], in_shape, num_classes: int) -> torch.nn.Module:
+    """Load a device's frozen legacy model from the fleet cache (weights only, no unpickling)."""
+    model = build_model(group["arch"], tuple(in_shape), num_classes, hidden=int(group["hidden"]))
+    model.load_state_dict(torch.load(Path(path) / legacy_file(device), weights_only=True))
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model

@@ -1,0 +1,129 @@
+"""The Flower ClientApp (one legacy device per node) and ServerApp (runs a FleetStrategy).
+
+A ClientApp handler finds its device by ``context.node_config["partition-id"]``. What a worker
+process needs to build a device -- the memory-mapped prepared dataset, the fleet's legacy
+models on disk -- is named in a small ``spec`` dict captured by the app, and built devices are
+cached per worker process (legacy outputs are computed once: the models are frozen). The
+rejector lives in ``context.state`` between rounds.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid, ServerApp
+from torch import nn
+
+from clients.device import Device, Rejector
+from clients.legacy import load_legacy
+from clients.zoo import build_model
+from sim.data import device_data, load_prepared
+from strategies import l2h
+
+_WORKER: dict[str, Any] = {}
+
+
+def _runtime(spec: dict[str, Any]) -> dict[str, Any]:
+    """Per-worker-process cache for one run (keyed by the run's spec key)."""
+    if _WORKER.get("key") != spec["key"]:
+        torch.set_num_threads(int(spec["torch_threads"]))
+        _WORKER.clear()
+        _WORKER.update(key=spec["key"], prep=load_prepared(Path(spec["data_path"])), devices={}, server=None)
+    return _WORKER
+
+
+def get_device(spec: dict[str, Any], device_id: int) -> Device:
+    rt = _runtime(spec)
+    dev = rt["devices"].get(device_id)
+    if dev is None:
+        group = spec["group_cfgs"][spec["groups"][device_id]]
+        data = device_data(rt["prep"], device_id, group, spec["seed"])
+        legacy = load_legacy(Path(spec["fleet_path"]), device_id, group, spec["in_shape"], spec["num_classes"])
+        dev = rt["devices"][device_id] = Device.create(device_id, data, legacy)
+    return dev
+
+
+def get_server(spec: dict[str, Any], arrays: ArrayRecord) -> nn.Module:
+    """The helper server model with the received weights (one module reused per worker)."""
+    rt = _runtime(spec)
+    if rt["server"] is None:
+        s = spec["servers"]
+        rt["server"] = build_model(s["arch"], tuple(spec["in_shape"]), spec["num_classes"], hidden=int(s["hidden"]))
+    model = rt["server"]
+    model.load_state_dict({k: torch.from_numpy(arrays[k].numpy()) for k in arrays.keys()})
+    model.eval()
+    return model
+
+
+def _rejector(spec: dict[str, Any], device: Device, context: Context, create: bool) -> Rejector | None:
+    hp = spec["strategy"]["rejector"]
+    if "rejector" not in context.state:
+        if not create:
+            return None
+        return device.new_rejector(hp["inputs"], int(hp["hidden"]), spec["seed"])
+    rej = Rejector(device.features("test", hp["inputs"]).shape[1], int(hp["hidden"]))
+    rej.load_state_dict(context.state["rejector"].to_torch_state_dict())
+    return rej
+
+
+def _arrays(d: dict[str, np.ndarray]) -> ArrayRecord:
+    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in d.items()})
+
+
+def make_client_app(spec: dict[str, Any]) -> ClientApp:
+    """Build the ClientApp for a run.
+
+    Args:
+        spec: JSON-able dict: ``key``, ``data_path``, ``fleet_path``, ``groups``, ``group_cfgs``,
+            ``in_shape``, ``num_classes``, ``seed``, ``strategy``, ``servers``, ``torch_threads``.
+    """
+    app = ClientApp()
+
+    @app.query()
+    def query(msg: Message, context: Context) -> Message:
+        pid = int(context.node_config["partition-id"])
+        return Message(RecordDict({"info": MetricRecord({"partition_id": pid})}), reply_to=msg)
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        pid = int(context.node_config["partition-id"])
+        rnd = int(msg.content["config"]["round"])
+        device = get_device(spec, pid)
+        server = get_server(spec, msg.content["server"])
+        rejector = _rejector(spec, device, context, create=True)
+        defer, explore, metrics = l2h.client_train(device, rejector, server, spec["strategy"], spec["num_classes"],
+                                                   rnd, spec["seed"])
+        context.state["rejector"] = ArrayRecord(torch_state_dict=rejector.state_dict())
+        send = defer | explore
+        d = device.data
+        samples = _arrays({"ids": d.ids_rejector[send], "x": d.x_rejector[send], "y": d.y_rejector[send],
+                           "explore": explore[send]})
+        info = MetricRecord({"device": pid, "num_examples": len(defer), **metrics})
+        return Message(RecordDict({"samples": samples, "info": info}), reply_to=msg)
+
+    @app.evaluate()
+    def evaluate(msg: Message, context: Context) -> Message:
+        pid = int(context.node_config["partition-id"])
+        device = get_device(spec, pid)
+        server = get_server(spec, msg.content["server"])
+        rejector = _rejector(spec, device, context, create=False)
+        rec = l2h.client_evaluate(device, rejector, server, spec["strategy"])
+        info = MetricRecord({"device": pid, "num_examples": len(rec["y"])})
+        return Message(RecordDict({"samples": _arrays(rec), "info": info}), reply_to=msg)
+
+    return app
+
+
+def make_server_app(run: Callable[[Grid], None]) -> ServerApp:
+    """A ServerApp whose main calls ``run(grid)`` (the runner holds the strategy and results)."""
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        run(grid)
+
+    return app

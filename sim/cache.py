@@ -1,0 +1,102 @@
+"""On-disk caches: content keys, atomic directory writes, integrity checks.
+
+A cache entry is a directory holding data files plus ``manifest.json`` that records each
+file's size and SHA-256. An entry is written into a temporary sibling directory and renamed
+into place, so a reader never sees a half-written entry and two writers of the same entry
+(parallel Hydra jobs) cannot corrupt it: the second rename finds the entry present and its
+own copy is discarded. An entry whose files do not match the manifest is rebuilt.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any, Callable
+
+MANIFEST = "manifest.json"
+
+
+def content_key(obj: Any, length: int = 16) -> str:
+    """Hex SHA-256 prefix of ``obj``'s canonical JSON: the key of everything that determines an entry."""
+    blob = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:length]
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_manifest(entry: Path, meta: dict[str, Any]) -> None:
+    """Record size and SHA-256 of every file in ``entry`` (except the manifest) plus ``meta``."""
+    files = {
+        p.name: {"size": p.stat().st_size, "sha256": file_sha256(p)}
+        for p in sorted(entry.iterdir()) if p.is_file() and p.name != MANIFEST
+    }
+    (entry / MANIFEST).write_text(json.dumps({"files": files, "meta": meta}, indent=1, sort_keys=True))
+
+
+def read_verified(entry: Path, deep: bool = True) -> dict[str, Any] | None:
+    """The manifest of a complete, intact entry, or ``None`` if missing, partial or corrupt.
+
+    Args:
+        entry: the entry directory.
+        deep: also check SHA-256 (else sizes only).
+    """
+    try:
+        manifest = json.loads((entry / MANIFEST).read_text())
+        for name, info in manifest["files"].items():
+            p = entry / name
+            if p.stat().st_size != info["size"]:
+                return None
+            if deep and file_sha256(p) != info["sha256"]:
+                return None
+        return manifest
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def build_entry(entry: Path, build: Callable[[Path], dict[str, Any]], what: str) -> dict[str, Any]:
+    """Return the verified manifest of ``entry``, building it with ``build(tmpdir) -> meta`` if needed.
+
+    A corrupt or partial entry is removed and rebuilt with a warning; never used.
+    """
+    manifest = read_verified(entry)
+    if manifest is not None:
+        return manifest
+    if entry.exists():
+        warnings.warn(f"{what} cache entry {entry} is corrupt or incomplete; rebuilding it", stacklevel=2)
+        shutil.rmtree(entry, ignore_errors=True)
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}.", dir=entry.parent))
+    try:
+        meta = build(tmp)
+        write_manifest(tmp, meta)
+        try:
+            os.rename(tmp, entry)
+        except OSError:
+            # Another process published the same entry first: use theirs if it is intact.
+            if read_verified(entry) is None:
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    manifest = read_verified(entry)
+    if manifest is None:
+        raise RuntimeError(f"{what} cache entry {entry} failed verification right after it was written")
+    return manifest
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` via a temporary file and rename, so readers never see a partial file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)

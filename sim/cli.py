@@ -1,0 +1,117 @@
+"""Command-line config checks: every config error becomes one line and a non-zero exit.
+
+Before Hydra starts any job, :func:`precheck` composes the config for the command-line
+overrides -- once per value of every swept key in a multirun -- and runs the schema's
+value checks, so a bad value in the third job of a sweep fails before the first job runs.
+Hydra's multi-line composition errors are condensed into one line.
+"""
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+from sim.schema import ConfigError, register, validate
+
+CONFIG_MODULE = "configs"
+CONFIG_NAME = "config"
+FLAGS_WITH_VALUE = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn",
+                    "--config-dir", "-cd", "--experimental-rerun", "--shell-completion", "-sc"}
+
+
+def one_line(exc: BaseException) -> str:
+    """Condense a Hydra/OmegaConf exception into one readable line."""
+    text = str(exc)
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    if "Available options" in text:
+        head = lines[0].replace("In 'config': ", "")
+        idx = next(i for i, ln in enumerate(lines) if ln.startswith("Available options"))
+        opts = [ln for ln in lines[idx + 1:] if not ln.startswith("Config search path")]
+        group = lines[idx].split("'")[1] if "'" in lines[idx] else "the group"
+        return f"{head}; available options for {group}: {', '.join(opts)}"
+    msg = lines[0] if lines else type(exc).__name__
+    cause = exc.__cause__
+    if cause is not None:
+        cause_lines = [ln.strip() for ln in str(cause).splitlines() if ln.strip()]
+        if cause_lines:
+            msg = f"{msg}: {cause_lines[0]}"
+    return msg
+
+
+def user_overrides(argv: Iterable[str]) -> list[str]:
+    """The key=value overrides of a Hydra command line (flags, their values and hydra.* dropped)."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+            continue
+        if a in FLAGS_WITH_VALUE:
+            skip = True
+            continue
+        if a.startswith("-"):
+            continue
+        key = a.lstrip("+~")
+        if key.startswith("hydra.") or key.startswith("hydra/"):
+            continue
+        out.append(a)
+    return out
+
+
+def _expand(overrides: list[str]) -> list[list[str]]:
+    """Override lists to check: the first value of every sweep, then each other swept value in turn."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser = OverridesParser.create()
+    parsed = parser.parse_overrides(overrides)
+    base, sweeps = [], []
+    for text, ov in zip(overrides, parsed):
+        if ov.is_sweep_override():
+            values = [f"{ov.get_key_element()}={v}" for v in ov.sweep_string_iterator()]
+            if not values:
+                continue
+            base.append(values[0])
+            sweeps.append((len(base) - 1, values[1:]))
+        else:
+            base.append(text)
+    combos = [base]
+    for pos, rest in sweeps:
+        for v in rest:
+            combos.append(base[:pos] + [v] + base[pos + 1:])
+    return combos
+
+
+def compose_checked(overrides: list[str]) -> dict[str, Any]:
+    """Compose the config for ``overrides`` and check its values; returns it as a plain dict.
+
+    Raises:
+        ConfigError: one line, for any composition, type or range error.
+    """
+    from hydra import compose, initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import HydraException
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    register()
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
+            cfg = compose(config_name=CONFIG_NAME, overrides=overrides)
+        plain = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    except (HydraException, OmegaConfBaseException, ValueError) as exc:
+        raise ConfigError(one_line(exc)) from None
+    finally:
+        GlobalHydra.instance().clear()
+    validate(plain)
+    return plain  # type: ignore[return-value]
+
+
+def precheck(argv: list[str]) -> None:
+    """Check every job a command line would run; raises ConfigError (one line) on the first bad one."""
+    from hydra.errors import HydraException
+
+    overrides = user_overrides(argv)
+    try:
+        combos = _expand(overrides)
+    except HydraException as exc:
+        raise ConfigError(one_line(exc)) from None
+    for combo in combos:
+        compose_checked(combo)

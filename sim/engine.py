@@ -1,0 +1,97 @@
+"""The one adapter around Flower's simulation engine on Ray.
+
+``flwr.simulation.run_simulation`` is deprecated in Flower 1.4x but is the only in-process
+entry; everything that touches it, Ray's start-up and the Flower/Ray log noise is here.
+Flower starts Ray only if it is not already running, so this module starts (or joins) Ray
+itself: ``sim.ray_address=null`` starts a local instance, ``auto`` or ``host:port`` joins an
+existing cluster (``ray start --head``).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+
+
+class EngineError(RuntimeError):
+    """The simulation engine could not start or run (one line: what and how to fix)."""
+
+
+def quiet_logs(verbose: bool) -> None:
+    """Keep Flower's INFO chatter and its deprecation warning out of the user's way unless verbose."""
+    level = logging.DEBUG if verbose else logging.ERROR
+    for name in ("flwr", "ray", "filelock", "datasets", "urllib3", "alembic"):
+        logging.getLogger(name).setLevel(level)
+    if not verbose:
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", message=".*run_simulation.*")
+
+
+def start_ray(address: str | None, num_cpus: int | None, verbose: bool) -> None:
+    """Start a local Ray or join ``address``; raises EngineError with a one-line reason."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    kwargs: dict[str, Any] = {
+        "include_dashboard": False,
+        "log_to_driver": verbose,
+        "logging_level": logging.INFO if verbose else logging.ERROR,
+        "configure_logging": True,
+    }
+    if address:
+        kwargs["address"] = address
+    elif num_cpus:
+        kwargs["num_cpus"] = num_cpus
+    # Workers must import the project's packages from wherever the driver does.
+    kwargs["runtime_env"] = {"env_vars": {"PYTHONPATH": os.pathsep.join(p for p in __import__("sys").path if p),
+                                          "FLWR_TELEMETRY_ENABLED": "0"}}
+    try:
+        ray.init(**kwargs)
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        where = f"the Ray cluster at {address!r}" if address else "a local Ray instance"
+        msg = " ".join(str(exc).split())[:200]
+        raise EngineError(f"could not start or join {where} ({msg}); check sim.ray_address "
+                          "(null for a local run, or the address `ray start --head` printed)") from None
+
+
+def stop_ray() -> None:
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+@contextmanager
+def ray_session(address: str | None, num_cpus: int | None, verbose: bool) -> Iterator[None]:
+    """Ray up for the duration of the block; always shut down afterwards (also on errors)."""
+    start_ray(address, num_cpus, verbose)
+    try:
+        yield
+    finally:
+        stop_ray()
+
+
+def run_fleet(server_app: Any, client_app: Any, num_clients: int, client_resources: dict[str, float],
+              verbose: bool) -> None:
+    """Run ``server_app`` against ``num_clients`` virtual nodes of ``client_app`` on Ray.
+
+    Raises:
+        EngineError: the simulation engine failed (the ServerApp's own exception is chained).
+    """
+    from flwr.simulation import run_simulation
+
+    quiet_logs(verbose)
+    backend_config = {"client_resources": {"num_cpus": float(client_resources["num_cpus"]),
+                                           "num_gpus": float(client_resources["num_gpus"])}}
+    with warnings.catch_warnings():
+        if not verbose:
+            warnings.simplefilter("ignore")
+        run_simulation(server_app=server_app, client_app=client_app, num_supernodes=num_clients,
+                       backend_name="ray", backend_config=backend_config, verbose_logging=verbose)

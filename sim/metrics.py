@@ -1,0 +1,134 @@
+"""Fleet metrics from pooled per-sample evaluation records (METHODS.md sections 1, 4, 7).
+
+Every device returns, for each of its test samples: its label ``y``, the legacy prediction
+``m_pred`` and confidence ``m_conf`` (max softmax), the server prediction ``e_pred``, the
+rejector's deferral score ``score`` (psi_1) and decision ``defer``. Metrics are computed here,
+once, from the pooled arrays, so every strategy is evaluated identically.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+FIELDS = ("device", "y", "m_pred", "e_pred", "score", "m_conf", "defer")
+
+
+def _acc(correct: np.ndarray) -> float:
+    return float(correct.mean()) if correct.size else float("nan")
+
+
+def system_correct(defer: np.ndarray, m_ok: np.ndarray, e_ok: np.ndarray) -> np.ndarray:
+    return np.where(defer, e_ok, m_ok)
+
+
+def topk_defer(priority: np.ndarray, k: int) -> np.ndarray:
+    """Boolean mask deferring the ``k`` samples of highest ``priority`` (stable ties: earlier first)."""
+    mask = np.zeros(len(priority), dtype=bool)
+    if k > 0:
+        mask[np.argsort(-priority, kind="stable")[:k]] = True
+    return mask
+
+
+def confidence_baseline(rec: dict[str, np.ndarray], k: int, per_device_k: dict[int, int] | None = None
+                        ) -> np.ndarray:
+    """Confidence deferral (METHODS.md section 4): defer the ``k`` samples whose legacy max-softmax is
+    lowest (one global threshold tau), or, with ``per_device_k``, each device's own lowest ``k_d``."""
+    if per_device_k is None:
+        return topk_defer(-rec["m_conf"], k)
+    mask = np.zeros(len(rec["y"]), dtype=bool)
+    for dev, kd in per_device_k.items():
+        idx = np.flatnonzero(rec["device"] == dev)
+        mask[idx[topk_defer(-rec["m_conf"][idx], kd)]] = True
+    return mask
+
+
+def accuracy_at_rates(priority: np.ndarray, m_ok: np.ndarray, e_ok: np.ndarray, rates: np.ndarray) -> np.ndarray:
+    """System accuracy when deferring the top ``round(rate*N)`` samples by ``priority``, per rate. ``(R,)``."""
+    n = len(priority)
+    order = np.argsort(-priority, kind="stable")
+    # gain of deferring sample i = e_ok - m_ok; cumulative over the priority order
+    gain = np.concatenate([[0.0], np.cumsum((e_ok[order].astype(float) - m_ok[order]))])
+    ks = np.clip(np.round(rates * n).astype(int), 0, n)
+    return (m_ok.sum() + gain[ks]) / max(n, 1)
+
+
+def pooled_metrics(rec: dict[str, np.ndarray], c_e: float, c_1: float, curve_points: int = 21) -> dict[str, Any]:
+    """All fleet metrics from pooled evaluation records.
+
+    Args:
+        rec: arrays of :data:`FIELDS`, each ``(N,)`` over all evaluated test samples.
+        c_e, c_1: L2H costs for the L01 cost.
+        curve_points: points of the accuracy-vs-defer-rate curves (rates 0..1).
+
+    Returns:
+        Dict with ``system_accuracy``, ``defer_rate``, ``coverage``, ``l01_cost``,
+        ``legacy_accuracy``, ``server_accuracy``, ``oracle_accuracy``, ``num_samples``,
+        ``baselines`` (``confidence`` global threshold, ``confidence_per_device``, ``random``
+        expectation -- all at the same defer rate as the rejector), ``table`` (kept/deferred,
+        METHODS.md section 1) and ``curves`` (accuracy vs defer rate: rejector score threshold
+        sweep, confidence, random).
+    """
+    y = rec["y"]
+    n = len(y)
+    m_ok = rec["m_pred"] == y
+    e_ok = rec["e_pred"] == y
+    defer = rec["defer"].astype(bool)
+    k = int(defer.sum())
+    sys_ok = system_correct(defer, m_ok, e_ok)
+    cost = np.where(defer, c_e + c_1 * (~e_ok), (~m_ok).astype(float))
+    rate = k / n if n else float("nan")
+
+    per_dev_k = {int(d): int(defer[rec["device"] == d].sum()) for d in np.unique(rec["device"])}
+    conf_global = confidence_baseline(rec, k)
+    conf_dev = confidence_baseline(rec, k, per_dev_k)
+    # Random deferral at the same rate, in expectation over which k samples are drawn: exact, no noise.
+    random_acc = float(((1 - rate) * m_ok + rate * e_ok).mean()) if n else float("nan")
+
+    def subset(mask: np.ndarray) -> dict[str, Any]:
+        ma, ea = _acc(m_ok[mask]), _acc(e_ok[mask])
+        return {"n": int(mask.sum()), "legacy_accuracy": ma, "server_accuracy": ea,
+                "difference": (ea - ma) if mask.any() else float("nan")}
+
+    rates = np.linspace(0.0, 1.0, curve_points)
+    return {
+        "num_samples": int(n),
+        "system_accuracy": _acc(sys_ok),
+        "defer_rate": rate,
+        "coverage": 1.0 - rate,
+        "l01_cost": float(cost.mean()) if n else float("nan"),
+        "legacy_accuracy": _acc(m_ok),
+        "server_accuracy": _acc(e_ok),
+        "oracle_accuracy": _acc(m_ok | e_ok),
+        "baselines": {
+            "confidence": {"system_accuracy": _acc(system_correct(conf_global, m_ok, e_ok)), "defer_rate": rate},
+            "confidence_per_device": {"system_accuracy": _acc(system_correct(conf_dev, m_ok, e_ok)),
+                                      "defer_rate": rate},
+            "random": {"system_accuracy": random_acc, "defer_rate": rate},
+        },
+        "table": {"kept": subset(~defer), "deferred": subset(defer)},
+        "curves": {
+            "defer_rate": rates.tolist(),
+            "rejector": accuracy_at_rates(rec["score"], m_ok, e_ok, rates).tolist(),
+            "confidence": accuracy_at_rates(-rec["m_conf"], m_ok, e_ok, rates).tolist(),
+            "random": ((1 - rates) * _acc(m_ok) + rates * _acc(e_ok)).tolist(),
+        },
+    }
+
+
+def per_device(rec: dict[str, np.ndarray], legacy_meta: dict[int, dict[str, Any]]) -> list[dict[str, Any]]:
+    """Final per-device metrics (rows for ``clients.csv``), sorted by device id."""
+    rows = []
+    for dev in np.unique(rec["device"]):
+        m = rec["device"] == dev
+        y, d = rec["y"][m], rec["defer"][m].astype(bool)
+        m_ok, e_ok = rec["m_pred"][m] == y, rec["e_pred"][m] == y
+        rows.append({
+            "device": int(dev), **legacy_meta.get(int(dev), {}),
+            "num_test": int(m.sum()),
+            "legacy_accuracy": _acc(m_ok),
+            "server_accuracy": _acc(e_ok),
+            "system_accuracy": _acc(system_correct(d, m_ok, e_ok)),
+            "defer_rate": float(d.mean()),
+        })
+    return rows

@@ -1,0 +1,72 @@
+"""Run outputs in the Hydra run directory: metrics.jsonl, summary.json, clients.csv.
+
+``metrics.jsonl`` gets one JSON line per round, appended and flushed to disk when the round
+ends, so an interrupted run keeps every finished round. ``summary.json`` and ``clients.csv``
+are written atomically (temporary file, then rename). Non-finite floats are written as null.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from sim.cache import atomic_write_text
+
+
+def jsonable(obj: Any) -> Any:
+    """Plain JSON types; numpy scalars/arrays converted; NaN/inf -> None."""
+    if isinstance(obj, dict):
+        return {str(k): jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [jsonable(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return jsonable(obj.tolist())
+    if isinstance(obj, (np.integer,)):
+        return int(obj)
+    if isinstance(obj, (float, np.floating)):
+        f = float(obj)
+        return f if math.isfinite(f) else None
+    if isinstance(obj, (np.bool_,)):
+        return bool(obj)
+    return obj
+
+
+class Recorder:
+    """Writes a run's result files into ``run_dir``."""
+
+    def __init__(self, run_dir: Path):
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.metrics_path = self.run_dir / "metrics.jsonl"
+        self.rounds: list[dict[str, Any]] = []
+
+    def round(self, record: dict[str, Any]) -> None:
+        """Append one round's record to metrics.jsonl and fsync it."""
+        rec = jsonable(record)
+        self.rounds.append(rec)
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps(rec, sort_keys=True) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def summary(self, summary: dict[str, Any]) -> Path:
+        path = self.run_dir / "summary.json"
+        atomic_write_text(path, json.dumps(jsonable(summary), indent=2, sort_keys=True) + "\n")
+        return path
+
+    def clients(self, rows: list[dict[str, Any]]) -> Path:
+        path = self.run_dir / "clients.csv"
+        buf = io.StringIO()
+        if rows:
+            w = csv.DictWriter(buf, fieldnames=list(rows[0].keys()))
+            w.writeheader()
+            for r in rows:
+                w.writerow({k: ("" if v is None else v) for k, v in jsonable(r).items()})
+        atomic_write_text(path, buf.getvalue())
+        return path

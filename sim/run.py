@@ -1,0 +1,222 @@
+"""``python -m sim.run``: simulate a fleet of legacy devices and helper servers (Hydra entry point).
+
+Examples:
+    python -m sim.run                                   # digits, default fleet, L2H, 1 server
+    python -m sim.run fleet.num_clients=20 sim.num_rounds=15 strategy.c_e=0.2
+    python -m sim.run -m strategy.c_e=0,0.1,0.3          # Hydra multirun (sweep)
+
+Outputs go to the Hydra run directory (``outputs/DATE/TIME`` or ``multirun/DATE/TIME/N_...``):
+metrics.jsonl, summary.json, clients.csv, rounds.png, accuracy_vs_defer_rate.png, devices.png.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+os.environ.setdefault("HYDRA_FULL_ERROR", "0")
+
+import hydra  # noqa: E402
+from omegaconf import DictConfig, OmegaConf  # noqa: E402
+
+from sim.cli import precheck  # noqa: E402
+from sim.schema import ConfigError, register, validate  # noqa: E402
+
+register()
+
+SUMMARY_KEYS = ("system_accuracy", "legacy_accuracy", "server_accuracy", "oracle_accuracy", "defer_rate",
+                "coverage", "l01_cost")
+
+
+def simulate(cfg: dict[str, Any], run_dir: Path, console: Any | None = None) -> dict[str, Any]:
+    """Run one fleet simulation and write its results into ``run_dir``.
+
+    Args:
+        cfg: the composed config as a plain dict (see configs/ and sim/schema.py).
+        run_dir: output directory (created).
+        console: a rich Console for progress and the summary table (None: a default one).
+
+    Returns:
+        The summary dict written to ``summary.json``.
+
+    Raises:
+        ConfigError / DataError: bad configuration or data (one-line message).
+        EngineError: Ray/Flower could not start or the simulation failed.
+    """
+    import numpy as np
+    import torch
+    from rich.console import Console
+
+    from clients.legacy import build_fleet
+    from servers.helper import HelperServer
+    from sim import engine, plots
+    from sim.apps import make_client_app, make_server_app
+    from sim.data import prepare
+    from sim.metrics import per_device
+    from sim.results import Recorder
+    from strategies.l2h import L2HStrategy, resolve_surrogate, server_record
+    from strategies.l2h_losses import binary_alpha
+
+    validate(cfg)
+    console = console or Console()
+    t_start = time.perf_counter()
+    engine.quiet_logs(cfg["sim"]["verbose"])
+    torch.set_num_threads(int(cfg["sim"]["torch_threads"]))
+    torch.manual_seed(int(cfg["seed"]))
+    cache_dir = Path(os.path.expanduser(str(cfg["sim"]["cache_dir"])))
+    run_dir = Path(run_dir)
+
+    prep = prepare(cfg, cache_dir)
+    fleet = build_fleet(cfg, prep, cache_dir)
+    k = prep.num_classes
+    s = cfg["strategy"]
+    try:
+        if resolve_surrogate(s["surrogate"], k) == "binary":
+            binary_alpha(float(s["c_e"]), float(s["c_1"]), float(s["binary_beta"]), float(s["binary_p"]))
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    acc = fleet.legacy_accuracy
+    console.print(
+        f"[bold]fleet[/bold]: {len(acc)} legacy devices on {cfg['data']['name']} ({k} classes, "
+        f"{int((np.asarray(prep.owner) >= 0).sum())} samples, partition={cfg['data']['partition']['name']}); "
+        f"legacy accuracy min {acc.min():.3f} / median {np.median(acc):.3f} / max {acc.max():.3f} "
+        f"({'built' if fleet.built else 'from cache'})")
+    for gi, g in enumerate(fleet.group_cfgs):
+        members = [d for d, gg in enumerate(fleet.groups) if gg == gi]
+        if members:
+            console.print(f"  group {g['name']:<16} {len(members):>4} devices, arch={g['arch']}, "
+                          f"legacy accuracy mean {acc[members].mean():.3f}")
+
+    server = HelperServer(cfg["servers"], prep.in_shape, k, int(cfg["seed"]))
+    recorder = Recorder(run_dir)
+    (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+    num_rounds = int(cfg["sim"]["num_rounds"])
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    progress = Progress(TextColumn("[bold]rounds"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                        TextColumn("eta"), TimeRemainingColumn(), console=console, transient=True,
+                        disable=not cfg["sim"]["progress"])
+    task = progress.add_task("rounds", total=num_rounds)
+
+    def on_round(record: dict[str, Any]) -> None:
+        recorder.round(record)
+        progress.advance(task)
+        if record.get("system_accuracy") is not None:
+            progress.console.print(
+                f"round {record['round']:>3}/{num_rounds}  system {record['system_accuracy']:.3f}  "
+                f"defer {record['defer_rate']:.3f}  server {record['server_accuracy']:.3f}  "
+                f"legacy {record['legacy_accuracy']:.3f}  [{record['elapsed_s']:.1f}s]")
+
+    strategy = L2HStrategy(cfg, server, on_round)
+    timeout = float(cfg["sim"]["round_timeout"])
+
+    def server_main(grid: Any) -> None:
+        strategy.handshake(grid, timeout)
+        strategy.t0 = time.perf_counter()
+        strategy.start(grid, initial_arrays=server_record(server), num_rounds=num_rounds, timeout=timeout)
+
+    spec = {
+        "key": f"{run_dir}:{time.time_ns()}",
+        "data_path": str(prep.path), "fleet_path": str(fleet.path),
+        "groups": fleet.groups, "group_cfgs": fleet.group_cfgs,
+        "in_shape": list(prep.in_shape), "num_classes": k, "seed": int(cfg["seed"]),
+        "strategy": cfg["strategy"], "servers": cfg["servers"], "torch_threads": int(cfg["sim"]["torch_threads"]),
+    }
+    t_sim = time.perf_counter()
+    with engine.ray_session(cfg["sim"]["ray_address"], cfg["sim"]["num_cpus"], cfg["sim"]["verbose"]):
+        with progress:
+            try:
+                engine.run_fleet(make_server_app(server_main), make_client_app(spec), len(acc),
+                                 cfg["sim"]["client_resources"], cfg["sim"]["verbose"])
+            except Exception as exc:  # the ServerApp's own error is the useful one
+                cause = exc.__cause__ or exc
+                raise engine.EngineError(f"the simulation failed: {type(cause).__name__}: {cause}") from exc
+    sim_seconds = time.perf_counter() - t_sim
+    if strategy.last_metrics is None:
+        raise engine.EngineError("the simulation finished without a successful evaluation round; "
+                                 "rerun with sim.verbose=true to see the devices' errors")
+
+    metrics = strategy.last_metrics
+    meta = {d: {"group": fleet.group_cfgs[g]["name"], "arch": fleet.group_cfgs[g]["arch"],
+                "pretrain_size": int(fleet.pretrain_size[d])} for d, g in enumerate(fleet.groups)}
+    rows = per_device(strategy.last_eval, meta)
+    recorder.clients(rows)
+    summary = {
+        **{key: metrics[key] for key in SUMMARY_KEYS},
+        "baselines": metrics["baselines"], "table": metrics["table"], "curves": metrics["curves"],
+        "num_clients": len(acc), "num_rounds": num_rounds, "seed": int(cfg["seed"]),
+        "num_test_samples": metrics["num_samples"], "num_classes": k,
+        "strategy": cfg["strategy"]["name"], "c_e": float(s["c_e"]), "c_1": float(s["c_1"]),
+        "fleet": {"legacy_accuracy_min": float(acc.min()), "legacy_accuracy_median": float(np.median(acc)),
+                  "legacy_accuracy_max": float(acc.max())},
+        "devices": {"worst_system_accuracy": min(r["system_accuracy"] for r in rows),
+                    "devices_helped": sum(r["system_accuracy"] > r["legacy_accuracy"] for r in rows),
+                    "devices_hurt": sum(r["system_accuracy"] < r["legacy_accuracy"] for r in rows)},
+    }
+    recorder.summary(summary)
+    if cfg["sim"]["plots"]:
+        plots.plot_rounds(recorder.rounds, run_dir / "rounds.png")
+        plots.plot_defer_curve(metrics, run_dir / "accuracy_vs_defer_rate.png")
+        plots.plot_devices(rows, run_dir / "devices.png")
+    print_summary(console, summary, run_dir, sim_seconds, time.perf_counter() - t_start)
+    return summary
+
+
+def print_summary(console: Any, summary: dict[str, Any], run_dir: Path, sim_s: float, total_s: float) -> None:
+    from rich.table import Table
+
+    t = Table(title=f"L2H fleet summary ({summary['num_clients']} devices, {summary['num_rounds']} rounds, "
+                    f"seed {summary['seed']})")
+    t.add_column("metric")
+    t.add_column("value", justify="right")
+    for key in SUMMARY_KEYS:
+        t.add_row(key, f"{summary[key]:.4f}")
+    for name in ("confidence", "confidence_per_device", "random"):
+        t.add_row(f"{name} @ same defer rate", f"{summary['baselines'][name]['system_accuracy']:.4f}")
+    console.print(t)
+    tb = Table(title="kept / deferred test samples (METHODS.md section 1)")
+    for col in ("samples", "n", "legacy acc", "server acc", "server - legacy"):
+        tb.add_column(col, justify="right")
+    for name in ("kept", "deferred"):
+        r = summary["table"][name]
+        fmt = (lambda v: "-" if v is None or v != v else f"{v:.3f}")
+        tb.add_row(name, str(r["n"]), fmt(r["legacy_accuracy"]), fmt(r["server_accuracy"]), fmt(r["difference"]))
+    console.print(tb)
+    console.print(f"results in {run_dir}  (simulation {sim_s:.1f}s, total {total_s:.1f}s)")
+
+
+@hydra.main(config_path="pkg://configs", config_name="config", version_base="1.3")
+def _hydra_task(cfg: DictConfig) -> float:
+    from hydra.core.hydra_config import HydraConfig
+
+    from sim.engine import EngineError
+
+    try:
+        plain = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+        summary = simulate(plain, Path(HydraConfig.get().runtime.output_dir))
+    except (ConfigError, EngineError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    return float(summary["system_accuracy"])
+
+
+def main() -> None:
+    """Console entry: check the whole command line's configs first, then hand over to Hydra."""
+    try:
+        precheck(sys.argv[1:])
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    try:
+        _hydra_task()
+    except KeyboardInterrupt:
+        print("interrupted: finished rounds are in the run directory's metrics.jsonl", file=sys.stderr)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

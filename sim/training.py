@@ -1,0 +1,79 @@
+"""The one minibatch training loop every trained part of the simulation uses.
+
+Legacy pretraining, rejector updates and helper-server updates differ only in their loss,
+so they share :func:`train_minibatch` and pass the loss as a function of a batch.
+"""
+from __future__ import annotations
+
+import hashlib
+from typing import Callable, Sequence
+
+import torch
+
+
+def derive_seed(*parts: object) -> int:
+    """A 63-bit seed derived deterministically from ``parts`` (seed, device id, round, tag, ...).
+
+    Used so that every random choice depends only on what it is for, never on which worker or
+    in what order the work ran.
+    """
+    digest = hashlib.sha256(repr(parts).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+def train_minibatch(
+    params: Sequence[torch.nn.Parameter] | torch.optim.Optimizer,
+    tensors: Sequence[torch.Tensor],
+    loss_fn: Callable[..., torch.Tensor],
+    *,
+    epochs: int,
+    batch_size: int,
+    lr: float = 1e-3,
+    seed: int,
+) -> float:
+    """Run ``epochs`` shuffled minibatch passes of Adam (or a given optimizer) over ``tensors``.
+
+    Args:
+        params: parameters to optimise (a fresh Adam with ``lr`` is made), or an optimizer to
+            keep using (its state survives across calls, e.g. a long-lived helper server).
+        tensors: aligned tensors, each with the sample dimension first, shape ``(N, ...)``.
+        loss_fn: called as ``loss_fn(*batch)`` with the batch slices; returns a scalar mean loss.
+        epochs, batch_size: passes over the data and samples per step.
+        seed: seeds the shuffling order, so the result does not depend on global RNG state.
+
+    Returns:
+        The mean loss of the last epoch (``nan`` when there is no data).
+
+    Raises:
+        ValueError: tensors of different lengths.
+    """
+    n = len(tensors[0])
+    if any(len(t) != n for t in tensors):
+        raise ValueError("train_minibatch: tensors must all have the same first dimension")
+    if n == 0:
+        return float("nan")
+    opt = params if isinstance(params, torch.optim.Optimizer) else torch.optim.Adam(list(params), lr=lr)
+    gen = torch.Generator().manual_seed(seed)
+    last = float("nan")
+    for _ in range(epochs):
+        order = torch.randperm(n, generator=gen)
+        total, count = 0.0, 0
+        for start in range(0, n, batch_size):
+            idx = order[start:start + batch_size]
+            loss = loss_fn(*(t[idx] for t in tensors))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += float(loss.detach()) * len(idx)
+            count += len(idx)
+        last = total / count
+    return last
+
+
+@torch.no_grad()
+def predict_logits(model: torch.nn.Module, x: torch.Tensor, batch_size: int = 4096) -> torch.Tensor:
+    """Logits of ``model`` on ``x: (N, ...)`` in eval mode, batched; returns ``(N, K)``."""
+    model.eval()
+    if len(x) == 0:
+        return torch.empty(0)
+    return torch.cat([model(x[i:i + batch_size]) for i in range(0, len(x), batch_size)])
