@@ -24,7 +24,11 @@ def one_line(exc: BaseException) -> str:
     if "Available options" in text:
         head = lines[0].replace("In 'config': ", "")
         idx = next(i for i, ln in enumerate(lines) if ln.startswith("Available options"))
-        opts = [ln for ln in lines[idx + 1:] if not ln.startswith("Config search path")]
+        opts = []
+        for ln in lines[idx + 1:]:
+            if ln.startswith("Config search path"):
+                break
+            opts.append(ln)
         group = lines[idx].split("'")[1] if "'" in lines[idx] else "the group"
         return f"{head}; available options for {group}: {', '.join(opts)}"
     msg = lines[0] if lines else type(exc).__name__

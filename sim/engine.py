@@ -33,12 +33,16 @@ def quiet_logs(verbose: bool) -> None:
         warnings.filterwarnings("ignore", message=".*run_simulation.*")
 
 
-def start_ray(address: str | None, num_cpus: int | None, verbose: bool) -> None:
-    """Start a local Ray or join ``address``; raises EngineError with a one-line reason."""
+def start_ray(address: str | None, num_cpus: int | None, verbose: bool) -> bool:
+    """Start a local Ray or join ``address``; False if Ray was already initialised in this process.
+
+    Raises:
+        EngineError: one-line reason (e.g. no Ray cluster answers at ``address``).
+    """
     import ray
 
     if ray.is_initialized():
-        return
+        return False
     kwargs: dict[str, Any] = {
         "include_dashboard": False,
         "log_to_driver": verbose,
@@ -59,6 +63,7 @@ def start_ray(address: str | None, num_cpus: int | None, verbose: bool) -> None:
         msg = " ".join(str(exc).split())[:200]
         raise EngineError(f"could not start or join {where} ({msg}); check sim.ray_address "
                           "(null for a local run, or the address `ray start --head` printed)") from None
+    return True
 
 
 def stop_ray() -> None:
@@ -70,12 +75,13 @@ def stop_ray() -> None:
 
 @contextmanager
 def ray_session(address: str | None, num_cpus: int | None, verbose: bool) -> Iterator[None]:
-    """Ray up for the duration of the block; always shut down afterwards (also on errors)."""
-    start_ray(address, num_cpus, verbose)
+    """Ray up for the duration of the block; shut down afterwards (also on errors) if started here."""
+    started = start_ray(address, num_cpus, verbose)
     try:
         yield
     finally:
-        stop_ray()
+        if started:
+            stop_ray()
 
 
 def run_fleet(server_app: Any, client_app: Any, num_clients: int, client_resources: dict[str, float],

@@ -9,6 +9,7 @@ composition time. Range checks that types cannot express (``c_e >= 0``,
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Any, List, Optional
 
@@ -225,6 +226,9 @@ def validate(cfg: Any) -> None:
     need(cfg["data"]["max_samples"] is None or cfg["data"]["max_samples"] >= 1, "data.max_samples", "must be >= 1 or null")
     if cfg["data"]["source"] in ("file",) and not cfg["data"]["path"]:
         raise ConfigError("data.path is not set: data=local needs data.path=/path/to/file.npz or .parquet")
+    path = cfg["data"]["path"]
+    if path and not os.path.exists(os.path.expanduser(str(path))):
+        raise ConfigError(f"data.path {path} does not exist: give the path of a .npz or .parquet file")
     groups = cfg["fleet"]["groups"]
     if len(groups) == 0:
         raise ConfigError("fleet.groups is empty: the fleet needs at least one device group")

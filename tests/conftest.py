@@ -1,0 +1,21 @@
+import os
+
+import pytest
+
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+
+
+@pytest.fixture
+def cache_dir(tmp_path):
+    d = tmp_path / "cache"
+    d.mkdir()
+    return d
+
+
+def small_cfg(**over):
+    """A composed config (plain dict) for a small fleet, with overrides as Hydra strings."""
+    from sim.cli import compose_checked
+
+    base = {"fleet.num_clients": 4, "sim.num_rounds": 2, "sim.progress": "false", "sim.plots": "false"}
+    base.update(over)
+    return compose_checked([f"{k}={v}" for k, v in base.items()])

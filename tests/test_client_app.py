@@ -1,0 +1,87 @@
+"""The ClientApp's handlers, called directly with built Messages (no simulation engine)."""
+import numpy as np
+import pytest
+from flwr.app import Context, Message, MessageType, RecordDict, ConfigRecord
+
+from clients.legacy import build_fleet
+from servers.helper import HelperServer
+from sim.apps import make_client_app
+from sim.data import device_data, prepare
+from sim.metrics import FIELDS
+from strategies.l2h import server_record
+from tests.conftest import small_cfg
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    cache = tmp_path_factory.mktemp("cache")
+    cfg = small_cfg()
+    prep = prepare(cfg, cache)
+    fleet = build_fleet(cfg, prep, cache)
+    spec = {"key": "test", "data_path": str(prep.path), "fleet_path": str(fleet.path), "groups": fleet.groups,
+            "group_cfgs": fleet.group_cfgs, "in_shape": list(prep.in_shape), "num_classes": prep.num_classes,
+            "seed": 0, "strategy": cfg["strategy"], "servers": cfg["servers"], "torch_threads": 1}
+    server = HelperServer(cfg["servers"], prep.in_shape, prep.num_classes, seed=0)
+    return cfg, prep, fleet, spec, server
+
+
+def message(kind, content, node=7):
+    # What Flower's ServerApp runtime sets before a strategy builds messages.
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
+    return Message(content=content, dst_node_id=node, message_type=kind)
+
+
+def ctx(pid):
+    return Context(run_id=1, node_id=7, node_config={"partition-id": pid, "num-partitions": 4},
+                   state=RecordDict(), run_config={})
+
+
+def test_query_returns_partition_id(setup):
+    app = make_client_app(setup[3])
+    reply = app(message(MessageType.QUERY, RecordDict()), ctx(2))
+    assert not reply.has_error() and reply.content["info"]["partition_id"] == 2
+
+
+def test_train_defers_samples_of_its_rejector_split_and_keeps_rejector_in_state(setup):
+    cfg, prep, fleet, spec, server = setup
+    app = make_client_app(spec)
+    context = ctx(1)
+    content = RecordDict({"server": server_record(server), "config": ConfigRecord({"round": 1})})
+    reply = app(message(MessageType.TRAIN, content), context)
+    assert not reply.has_error(), reply.error
+    s = reply.content["samples"]
+    ids, x, y, explore = (s[k].numpy() for k in ("ids", "x", "y", "explore"))
+    data = device_data(prep, 1, fleet.group_cfgs[fleet.groups[1]], 0)
+    assert set(ids.tolist()) <= set(data.ids_rejector.tolist())
+    pos = {int(i): j for j, i in enumerate(data.ids_rejector)}
+    for i, xi, yi in zip(ids, x, y):  # the sample sent is the device's (sensor-degraded) sample
+        assert np.array_equal(xi, data.x_rejector[pos[int(i)]]) and yi == data.y_rejector[pos[int(i)]]
+    assert reply.content["info"]["device"] == 1
+    # a cold (untrained) server is wrong almost always: the rejector learns to keep, only exploration is sent
+    assert explore.mean() > 0.5
+    assert "rejector" in context.state
+    # the stored rejector is what evaluation uses
+    ev = app(message(MessageType.EVALUATE, RecordDict({"server": server_record(server),
+                                                        "config": ConfigRecord({"round": 1})})), context)
+    rec = {f: ev.content["samples"][f].numpy() for f in FIELDS}
+    assert all(len(rec[f]) == len(data.y_test) for f in FIELDS)
+    assert np.array_equal(rec["y"], data.y_test) and (rec["device"] == 1).all()
+    assert ((rec["score"] > 0.5) == rec["defer"]).all()
+
+
+def test_untrained_device_keeps_everything_local(setup):
+    cfg, prep, fleet, spec, server = setup
+    app = make_client_app(spec)
+    ev = app(message(MessageType.EVALUATE, RecordDict({"server": server_record(server),
+                                                        "config": ConfigRecord({"round": 1})})), ctx(3))
+    assert not ev.content["samples"]["defer"].numpy().any()
+
+
+def test_malformed_message_raises_in_the_handler(setup):
+    """Flower turns a handler exception into an error reply; the strategy counts those (see e2e)."""
+    app = make_client_app(setup[3])
+    bad = RecordDict({"config": ConfigRecord({"round": 1})})  # no server weights
+    with pytest.raises(Exception):
+        app(message(MessageType.TRAIN, bad), ctx(0))
