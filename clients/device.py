@@ -5,7 +5,8 @@ the flattened sample, and by default also the legacy model's softmax output
 (``strategy.rejector.inputs=sample+legacy``): the legacy model's own confidence is the single
 most informative signal of whether it is wrong, and each device has only tens to hundreds of
 rejector-training samples, too few to relearn that from pixels alone. ``inputs=sample`` gives
-the rejector the raw sample only, as in the L2H paper's code (a LeNet on the image).
+the rejector the raw sample only, as in the L2H paper's code (a LeNet on the image);
+``inputs=legacy`` the legacy softmax only (a learned, cost-aware confidence function).
 """
 from __future__ import annotations
 
@@ -58,6 +59,8 @@ class Device:
         if inputs == "sample":
             return x
         probs = torch.softmax(getattr(self, f"legacy_{split}"), dim=1)
+        if inputs == "legacy":
+            return probs
         return torch.cat([x, probs], dim=1)
 
     def new_rejector(self, inputs: str, hidden: int, seed: int) -> Rejector:

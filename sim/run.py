@@ -127,14 +127,19 @@ def simulate(cfg: dict[str, Any], run_dir: Path, console: Any | None = None) -> 
         "strategy": cfg["strategy"], "servers": cfg["servers"], "torch_threads": int(cfg["sim"]["torch_threads"]),
     }
     t_sim = time.perf_counter()
-    with engine.ray_session(cfg["sim"]["ray_address"], cfg["sim"]["num_cpus"], cfg["sim"]["verbose"]):
-        with progress:
-            try:
-                engine.run_fleet(make_server_app(server_main), make_client_app(spec), len(acc),
-                                 cfg["sim"]["client_resources"], cfg["sim"]["verbose"])
-            except Exception as exc:  # the ServerApp's own error is the useful one
-                cause = exc.__cause__ or exc
-                raise engine.EngineError(f"the simulation failed: {type(cause).__name__}: {cause}") from exc
+    with progress:
+        if cfg["sim"]["backend"] == "inprocess":
+            from sim.inprocess import InProcessGrid
+
+            server_main(InProcessGrid(make_client_app(spec), len(acc)))
+        else:
+            with engine.ray_session(cfg["sim"]["ray_address"], cfg["sim"]["num_cpus"], cfg["sim"]["verbose"]):
+                try:
+                    engine.run_fleet(make_server_app(server_main), make_client_app(spec), len(acc),
+                                     cfg["sim"]["client_resources"], cfg["sim"]["verbose"])
+                except Exception as exc:  # the ServerApp's own error is the useful one
+                    cause = exc.__cause__ or exc
+                    raise engine.EngineError(f"the simulation failed: {type(cause).__name__}: {cause}") from exc
     sim_seconds = time.perf_counter() - t_sim
     if strategy.last_metrics is None:
         raise engine.EngineError("the simulation finished without a successful evaluation round; "

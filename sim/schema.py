@@ -73,7 +73,7 @@ class FleetConfig:
 
 @dataclass
 class RejectorConfig:
-    inputs: str = "sample+legacy"  # sample | sample+legacy (legacy softmax appended)
+    inputs: str = "sample+legacy"  # sample | legacy | sample+legacy (legacy softmax appended)
     hidden: int = 64
     epochs: int = 5  # local epochs per round
     batch_size: int = 32
@@ -116,6 +116,7 @@ class ServersConfig:
 @dataclass
 class SimConfig:
     num_rounds: int = 10
+    backend: str = "ray"  # ray: Flower simulation engine on Ray | inprocess: same apps, called in-process
     fraction_train: float = 1.0
     fraction_evaluate: float = 1.0
     eval_every: int = 1  # evaluate every k rounds (the last round is always evaluated)
@@ -158,9 +159,10 @@ KNOWN = {
     "strategy.name": ("l2h",),
     "strategy.weights": ("shifted", "paper", "repo"),
     "strategy.surrogate": ("auto", "multiclass", "binary"),
-    "strategy.rejector.inputs": ("sample", "sample+legacy"),
+    "strategy.rejector.inputs": ("sample", "legacy", "sample+legacy"),
     "servers.arch": ("logreg", "mlp", "cnn"),
     "failures.name": ("none",),
+    "sim.backend": ("ray", "inprocess"),
 }
 ARCHS = ("logreg", "mlp", "cnn")
 
