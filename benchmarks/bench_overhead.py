@@ -30,6 +30,10 @@ import time
 from pathlib import Path
 
 
+PHASES = ("prepare_data_s", "legacy_fleet_s", "engine_start_s", "handshake_s", "rounds_s", "engine_stop_s",
+          "total_s")
+
+
 def _children(pid: int) -> list[int]:
     out = []
     try:
@@ -65,8 +69,8 @@ def tree_pss_mib(root: int) -> float:
     return total / 1024
 
 
-def run_once(args: list[str], env: dict[str, str], cwd: Path) -> tuple[float, float, dict]:
-    """Run ``python -m sim.run args``; returns wall seconds, peak tree PSS (MiB), summary.json."""
+def run_once(args: list[str], env: dict[str, str], cwd: Path) -> tuple[float, float, dict, dict]:
+    """Run ``python -m sim.run args``; returns wall seconds, peak tree PSS (MiB), summary.json, timing.json."""
     run_dir = Path(tempfile.mkdtemp(dir=cwd))
     cmd = [sys.executable, "-m", "sim.run", *args, f"hydra.run.dir={run_dir}", "sim.progress=false",
            "sim.plots=false"]
@@ -88,7 +92,8 @@ def run_once(args: list[str], env: dict[str, str], cwd: Path) -> tuple[float, fl
     th.join()
     if proc.returncode != 0:
         raise SystemExit(f"run failed ({' '.join(args)}): {err.strip().splitlines()[-1] if err.strip() else ''}")
-    return wall, peak[0], json.loads((run_dir / "summary.json").read_text())
+    return (wall, peak[0], json.loads((run_dir / "summary.json").read_text()),
+            json.loads((run_dir / "timing.json").read_text()))
 
 
 def main() -> None:
@@ -109,7 +114,8 @@ def main() -> None:
                 res[backend].append(run_once(common + [f"sim.backend={backend}"], env, work))
         same = res["ray"][0][2]["system_accuracy"] == res["inprocess"][0][2]["system_accuracy"]
         med = {b: (statistics.median(r[0] for r in v), statistics.median(r[1] for r in v)) for b, v in res.items()}
-        rows.append((n, med["inprocess"], med["ray"], same))
+        phases = {b: {k: statistics.median(r[3][k] for r in v) for k in PHASES} for b, v in res.items()}
+        rows.append((n, med["inprocess"], med["ray"], same, phases))
         print(f"devices={n}: in-process {[round(r[0], 1) for r in res['inprocess']]} s, "
               f"ray {[round(r[0], 1) for r in res['ray']]} s", flush=True)
     print()
@@ -118,8 +124,16 @@ def main() -> None:
     print("| devices | in-process wall s | Flower+Ray wall s | ratio | in-process peak MiB | Flower+Ray peak MiB "
           "| same result |")
     print("|---:|---:|---:|---:|---:|---:|:---:|")
-    for n, (ti, mi), (tr, mr), same in rows:
+    for n, (ti, mi), (tr, mr), same, _ in rows:
         print(f"| {n} | {ti:.1f} | {tr:.1f} | {tr / ti:.2f} | {mi:.0f} | {mr:.0f} | {'yes' if same else 'NO'} |")
+    print()
+    print("Where the time goes (medians, seconds; from each run's timing.json; the rest of the wall time is "
+          "Python start-up and imports)")
+    print("| devices | backend | " + " | ".join(PHASES) + " |")
+    print("|---:|---|" + "---:|" * len(PHASES))
+    for n, *_, phases in rows:
+        for b in ("inprocess", "ray"):
+            print(f"| {n} | {b} | " + " | ".join(f"{phases[b][k]:.1f}" for k in PHASES) + " |")
 
 
 if __name__ == "__main__":

@@ -2,12 +2,13 @@
 
 A ClientApp handler finds its device by ``context.node_config["partition-id"]``. What a worker
 process needs to build a device -- the memory-mapped prepared dataset, the fleet's legacy
-models on disk -- is named in a small ``spec`` dict captured by the app, and built devices are
-cached per worker process (legacy outputs are computed once: the models are frozen). The
+models on disk -- is named in a small JSON ``spec`` carried by each message, and built devices
+are cached per worker process (legacy outputs are computed once: the models are frozen). The
 rejector lives in ``context.state`` between rounds.
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any, Callable
 
@@ -25,6 +26,7 @@ from sim.data import device_data, load_prepared
 from strategies import l2h
 
 _WORKER: dict[str, Any] = {}
+_SPECS: dict[str, dict[str, Any]] = {}
 
 
 def _runtime(spec: dict[str, Any]) -> dict[str, Any]:
@@ -74,48 +76,64 @@ def _arrays(d: dict[str, np.ndarray]) -> ArrayRecord:
     return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in d.items()})
 
 
-def make_client_app(spec: dict[str, Any]) -> ClientApp:
-    """Build the ClientApp for a run.
+def message_spec(msg: Message) -> dict[str, Any]:
+    """The run's device-runtime spec carried by a message (JSON string, parsed once per worker)."""
+    text = str(msg.content["config"]["spec"])
+    spec = _SPECS.get(text)
+    if spec is None:
+        _SPECS.clear()
+        spec = _SPECS[text] = json.loads(text)
+    return spec
 
-    Args:
-        spec: JSON-able dict: ``key``, ``data_path``, ``fleet_path``, ``groups``, ``group_cfgs``,
-            ``in_shape``, ``num_classes``, ``seed``, ``strategy``, ``servers``, ``torch_threads``.
-    """
-    app = ClientApp()
 
-    @app.query()
-    def query(msg: Message, context: Context) -> Message:
-        pid = int(context.node_config["partition-id"])
-        return Message(RecordDict({"info": MetricRecord({"partition_id": pid})}), reply_to=msg)
+app = ClientApp()
+"""The ClientApp of every device. Module-level, so Ray pickles it by reference (a few bytes per
+message) instead of by value; what a run needs travels in each message's ``config.spec``:
+``key``, ``data_path``, ``fleet_path``, ``groups``, ``group_cfgs``, ``in_shape``,
+``num_classes``, ``seed``, ``strategy``, ``servers``, ``torch_threads``."""
 
-    @app.train()
-    def train(msg: Message, context: Context) -> Message:
-        pid = int(context.node_config["partition-id"])
-        rnd = int(msg.content["config"]["round"])
-        device = get_device(spec, pid)
-        server = get_server(spec, msg.content["server"])
-        rejector = _rejector(spec, device, context, create=True)
-        defer, explore, metrics = l2h.client_train(device, rejector, server, spec["strategy"], spec["num_classes"],
-                                                   rnd, spec["seed"])
-        context.state["rejector"] = ArrayRecord(torch_state_dict=rejector.state_dict())
-        send = defer | explore
-        d = device.data
-        samples = _arrays({"ids": d.ids_rejector[send], "x": d.x_rejector[send], "y": d.y_rejector[send],
-                           "explore": explore[send]})
-        info = MetricRecord({"device": pid, "num_examples": len(defer), **metrics})
-        return Message(RecordDict({"samples": samples, "info": info}), reply_to=msg)
 
-    @app.evaluate()
-    def evaluate(msg: Message, context: Context) -> Message:
-        pid = int(context.node_config["partition-id"])
-        device = get_device(spec, pid)
-        server = get_server(spec, msg.content["server"])
-        rejector = _rejector(spec, device, context, create=False)
-        rec = l2h.client_evaluate(device, rejector, server, spec["strategy"])
-        info = MetricRecord({"device": pid, "num_examples": len(rec["y"])})
-        return Message(RecordDict({"samples": _arrays(rec), "info": info}), reply_to=msg)
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    pid = int(context.node_config["partition-id"])
+    return Message(RecordDict({"info": MetricRecord({"partition_id": pid})}), reply_to=msg)
 
-    return app
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    spec = message_spec(msg)
+    pid = int(context.node_config["partition-id"])
+    rnd = int(msg.content["config"]["round"])
+    device = get_device(spec, pid)
+    server = get_server(spec, msg.content["server"])
+    rejector = _rejector(spec, device, context, create=True)
+    defer, explore, metrics = l2h.client_train(device, rejector, server, spec["strategy"], spec["num_classes"],
+                                               rnd, spec["seed"])
+    context.state["rejector"] = ArrayRecord(torch_state_dict=rejector.state_dict())
+    send = defer | explore
+    d = device.data
+    samples = _arrays({"ids": d.ids_rejector[send], "x": d.x_rejector[send], "y": d.y_rejector[send],
+                       "explore": explore[send]})
+    info = MetricRecord({"device": pid, "num_examples": len(defer), **metrics})
+    return Message(RecordDict({"samples": samples, "info": info}), reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    spec = message_spec(msg)
+    pid = int(context.node_config["partition-id"])
+    device = get_device(spec, pid)
+    server = get_server(spec, msg.content["server"])
+    rejector = _rejector(spec, device, context, create=False)
+    rec = l2h.client_evaluate(device, rejector, server, spec["strategy"])
+    info = MetricRecord({"device": pid, "num_examples": len(rec["y"])})
+    return Message(RecordDict({"samples": _arrays(rec), "info": info}), reply_to=msg)
+
+
+def warm_worker() -> None:
+    """Ray ``worker_process_setup_hook``: import the heavy modules while Ray starts, not at the
+    first message, and pin torch to one thread per worker (the workers share the machine's cores)."""
+    torch.set_num_threads(1)
 
 
 def make_server_app(run: Callable[[Grid], None]) -> ServerApp:

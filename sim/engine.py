@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
+import sys
 import warnings
 from contextlib import contextmanager
 from typing import Any, Iterator
@@ -50,12 +52,14 @@ def start_ray(address: str | None, num_cpus: int | None, verbose: bool) -> bool:
         "configure_logging": True,
     }
     if address:
+        check_reachable(address)
         kwargs["address"] = address
     elif num_cpus:
         kwargs["num_cpus"] = num_cpus
     # Workers must import the project's packages from wherever the driver does.
-    kwargs["runtime_env"] = {"env_vars": {"PYTHONPATH": os.pathsep.join(p for p in __import__("sys").path if p),
-                                          "FLWR_TELEMETRY_ENABLED": "0"}}
+    kwargs["runtime_env"] = {"env_vars": {"PYTHONPATH": os.pathsep.join(p for p in sys.path if p),
+                                          "FLWR_TELEMETRY_ENABLED": "0"},
+                             "worker_process_setup_hook": "sim.apps.warm_worker"}
     try:
         ray.init(**kwargs)
     except (ConnectionError, RuntimeError, ValueError) as exc:
@@ -64,6 +68,28 @@ def start_ray(address: str | None, num_cpus: int | None, verbose: bool) -> bool:
         raise EngineError(f"could not start or join {where} ({msg}); check sim.ray_address "
                           "(null for a local run, or the address `ray start --head` printed)") from None
     return True
+
+
+def check_reachable(address: str, timeout: float = 3.0) -> None:
+    """Fail fast (seconds, not Ray's minutes of retries) if nothing listens at ``host:port``.
+
+    ``auto`` and ``local`` are left to Ray, which answers at once when no cluster runs.
+
+    Raises:
+        EngineError: the address is malformed or no server accepts a TCP connection there.
+    """
+    if address in ("auto", "local"):
+        return
+    hostport = address.split("://", 1)[-1]
+    host, _, port = hostport.rpartition(":")
+    if not host or not port.isdigit():
+        raise EngineError(f"sim.ray_address={address!r} is not host:port (or auto): "
+                          "use the address `ray start --head` printed, e.g. 127.0.0.1:6379")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as exc:
+        raise EngineError(f"no Ray cluster answers at {address} ({exc.strerror or type(exc).__name__}); "
+                          "start one with `ray start --head` or set sim.ray_address=null for a local run") from None
 
 
 def stop_ray() -> None:

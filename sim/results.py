@@ -55,10 +55,14 @@ class Recorder:
             f.flush()
             os.fsync(f.fileno())
 
-    def summary(self, summary: dict[str, Any]) -> Path:
-        path = self.run_dir / "summary.json"
-        atomic_write_text(path, json.dumps(jsonable(summary), indent=2, sort_keys=True) + "\n")
+    def write_json(self, name: str, obj: dict[str, Any]) -> Path:
+        """Write ``obj`` as ``run_dir/name`` atomically (sorted keys, NaN as null)."""
+        path = self.run_dir / name
+        atomic_write_text(path, json.dumps(jsonable(obj), indent=2, sort_keys=True) + "\n")
         return path
+
+    def summary(self, summary: dict[str, Any]) -> Path:
+        return self.write_json("summary.json", summary)
 
     def clients(self, rows: list[dict[str, Any]]) -> Path:
         path = self.run_dir / "clients.csv"

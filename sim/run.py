@@ -10,6 +10,7 @@ metrics.jsonl, summary.json, clients.csv, rounds.png, accuracy_vs_defer_rate.png
 """
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -53,7 +54,8 @@ def simulate(cfg: dict[str, Any], run_dir: Path, console: Any | None = None) -> 
     from clients.legacy import build_fleet
     from servers.helper import HelperServer
     from sim import engine, plots
-    from sim.apps import make_client_app, make_server_app
+    from sim.apps import app as client_app
+    from sim.apps import make_server_app
     from sim.data import prepare
     from sim.metrics import per_device
     from sim.results import Recorder
@@ -69,8 +71,11 @@ def simulate(cfg: dict[str, Any], run_dir: Path, console: Any | None = None) -> 
     cache_dir = Path(os.path.expanduser(str(cfg["sim"]["cache_dir"])))
     run_dir = Path(run_dir)
 
+    timing: dict[str, float] = {}
     prep = prepare(cfg, cache_dir)
+    timing["prepare_data_s"] = time.perf_counter() - t_start
     fleet = build_fleet(cfg, prep, cache_dir)
+    timing["legacy_fleet_s"] = time.perf_counter() - t_start - timing["prepare_data_s"]
     k = prep.num_classes
     s = cfg["strategy"]
     try:
@@ -112,12 +117,16 @@ def simulate(cfg: dict[str, Any], run_dir: Path, console: Any | None = None) -> 
                 f"legacy {record['legacy_accuracy']:.3f}  [{record['elapsed_s']:.1f}s]")
 
     strategy = L2HStrategy(cfg, server, on_round)
+
     timeout = float(cfg["sim"]["round_timeout"])
 
     def server_main(grid: Any) -> None:
+        timing["engine_start_s"] = time.perf_counter() - t_sim
         strategy.handshake(grid, timeout)
         strategy.t0 = time.perf_counter()
+        timing["handshake_s"] = strategy.t0 - t_sim - timing["engine_start_s"]
         strategy.start(grid, initial_arrays=server_record(server), num_rounds=num_rounds, timeout=timeout)
+        timing["rounds_s"] = time.perf_counter() - strategy.t0
 
     spec = {
         "key": f"{run_dir}:{time.time_ns()}",
@@ -126,21 +135,24 @@ def simulate(cfg: dict[str, Any], run_dir: Path, console: Any | None = None) -> 
         "in_shape": list(prep.in_shape), "num_classes": k, "seed": int(cfg["seed"]),
         "strategy": cfg["strategy"], "servers": cfg["servers"], "torch_threads": int(cfg["sim"]["torch_threads"]),
     }
+    strategy.spec_json = json.dumps(spec, sort_keys=True)
     t_sim = time.perf_counter()
     with progress:
         if cfg["sim"]["backend"] == "inprocess":
             from sim.inprocess import InProcessGrid
 
-            server_main(InProcessGrid(make_client_app(spec), len(acc)))
+            server_main(InProcessGrid(client_app, len(acc)))
         else:
             with engine.ray_session(cfg["sim"]["ray_address"], cfg["sim"]["num_cpus"], cfg["sim"]["verbose"]):
                 try:
-                    engine.run_fleet(make_server_app(server_main), make_client_app(spec), len(acc),
+                    engine.run_fleet(make_server_app(server_main), client_app, len(acc),
                                      cfg["sim"]["client_resources"], cfg["sim"]["verbose"])
                 except Exception as exc:  # the ServerApp's own error is the useful one
                     cause = exc.__cause__ or exc
                     raise engine.EngineError(f"the simulation failed: {type(cause).__name__}: {cause}") from exc
     sim_seconds = time.perf_counter() - t_sim
+    timing["engine_stop_s"] = sim_seconds - sum(timing.get(k, 0.0) for k in ("engine_start_s", "handshake_s",
+                                                                             "rounds_s"))
     if strategy.last_metrics is None:
         raise engine.EngineError("the simulation finished without a successful evaluation round; "
                                  "rerun with sim.verbose=true to see the devices' errors")
@@ -167,7 +179,10 @@ def simulate(cfg: dict[str, Any], run_dir: Path, console: Any | None = None) -> 
         plots.plot_rounds(recorder.rounds, run_dir / "rounds.png")
         plots.plot_defer_curve(metrics, run_dir / "accuracy_vs_defer_rate.png")
         plots.plot_devices(rows, run_dir / "devices.png")
-    print_summary(console, summary, run_dir, sim_seconds, time.perf_counter() - t_start)
+    timing["total_s"] = time.perf_counter() - t_start
+    # Wall-clock phases go to their own file: summary.json holds only seed-determined numbers.
+    recorder.write_json("timing.json", {"backend": cfg["sim"]["backend"], **timing})
+    print_summary(console, summary, run_dir, sim_seconds, timing["total_s"])
     return summary
 
 

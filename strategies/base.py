@@ -42,6 +42,11 @@ class FleetStrategy(Strategy):
         self.last_eval: dict[str, np.ndarray] | None = None
         self.last_metrics: dict[str, Any] | None = None
         self.t0 = time.perf_counter()
+        self.spec_json = "{}"  # the device-runtime spec every message carries (set by the runner)
+
+    def config(self, server_round: int) -> ConfigRecord:
+        """The config every message carries: the round and the device-runtime spec."""
+        return ConfigRecord({"round": server_round, "spec": self.spec_json})
 
     # ---- Flower plumbing -------------------------------------------------------------------
     def handshake(self, grid: Grid, timeout: float) -> None:
@@ -90,7 +95,7 @@ class FleetStrategy(Strategy):
         return server_round == self.num_rounds or server_round % int(self.cfg["sim"]["eval_every"]) == 0
 
     def eval_content(self, server_round: int, arrays: ArrayRecord) -> RecordDict:
-        return RecordDict({"server": arrays, "config": ConfigRecord({"round": server_round})})
+        return RecordDict({"server": arrays, "config": self.config(server_round)})
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
                            ) -> Iterable[Message]:

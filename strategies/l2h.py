@@ -142,7 +142,7 @@ class L2HStrategy(FleetStrategy):
         if self.stale is None or (server_round - 1) % self.staleness == 0:
             self.stale = arrays
         devices = self.sample(server_round, float(self.cfg["sim"]["fraction_train"]), "train")
-        content = RecordDict({"server": self.stale, "config": ConfigRecord({"round": server_round})})
+        content = RecordDict({"server": self.stale, "config": self.config(server_round)})
         return self.messages(grid, devices, MessageType.TRAIN, content, server_round)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]

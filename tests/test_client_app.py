@@ -5,7 +5,9 @@ from flwr.app import Context, Message, MessageType, RecordDict, ConfigRecord
 
 from clients.legacy import build_fleet
 from servers.helper import HelperServer
-from sim.apps import make_client_app
+import json
+
+from sim.apps import app
 from sim.data import device_data, prepare
 from sim.metrics import FIELDS
 from strategies.l2h import server_record
@@ -39,16 +41,14 @@ def ctx(pid):
 
 
 def test_query_returns_partition_id(setup):
-    app = make_client_app(setup[3])
     reply = app(message(MessageType.QUERY, RecordDict()), ctx(2))
     assert not reply.has_error() and reply.content["info"]["partition_id"] == 2
 
 
 def test_train_defers_samples_of_its_rejector_split_and_keeps_rejector_in_state(setup):
     cfg, prep, fleet, spec, server = setup
-    app = make_client_app(spec)
     context = ctx(1)
-    content = RecordDict({"server": server_record(server), "config": ConfigRecord({"round": 1})})
+    content = RecordDict({"server": server_record(server), "config": ConfigRecord({"round": 1, "spec": json.dumps(spec)})})
     reply = app(message(MessageType.TRAIN, content), context)
     assert not reply.has_error(), reply.error
     s = reply.content["samples"]
@@ -64,7 +64,7 @@ def test_train_defers_samples_of_its_rejector_split_and_keeps_rejector_in_state(
     assert "rejector" in context.state
     # the stored rejector is what evaluation uses
     ev = app(message(MessageType.EVALUATE, RecordDict({"server": server_record(server),
-                                                        "config": ConfigRecord({"round": 1})})), context)
+                                                        "config": ConfigRecord({"round": 1, "spec": json.dumps(spec)})})), context)
     rec = {f: ev.content["samples"][f].numpy() for f in FIELDS}
     assert all(len(rec[f]) == len(data.y_test) for f in FIELDS)
     assert np.array_equal(rec["y"], data.y_test) and (rec["device"] == 1).all()
@@ -73,15 +73,13 @@ def test_train_defers_samples_of_its_rejector_split_and_keeps_rejector_in_state(
 
 def test_untrained_device_keeps_everything_local(setup):
     cfg, prep, fleet, spec, server = setup
-    app = make_client_app(spec)
     ev = app(message(MessageType.EVALUATE, RecordDict({"server": server_record(server),
-                                                        "config": ConfigRecord({"round": 1})})), ctx(3))
+                                                        "config": ConfigRecord({"round": 1, "spec": json.dumps(spec)})})), ctx(3))
     assert not ev.content["samples"]["defer"].numpy().any()
 
 
 def test_malformed_message_raises_in_the_handler(setup):
     """Flower turns a handler exception into an error reply; the strategy counts those (see e2e)."""
-    app = make_client_app(setup[3])
-    bad = RecordDict({"config": ConfigRecord({"round": 1})})  # no server weights
+    bad = RecordDict({"config": ConfigRecord({"round": 1, "spec": json.dumps(setup[3])})})  # no server weights
     with pytest.raises(Exception):
         app(message(MessageType.TRAIN, bad), ctx(0))

@@ -1,0 +1,57 @@
+"""Server-side strategy logic without the engine: staleness, sampling, replay buffer."""
+import numpy as np
+from flwr.app import Array, ArrayRecord
+
+from servers.helper import ReplayBuffer
+from sim.inprocess import InProcessGrid
+from strategies.l2h import L2HStrategy
+from tests.conftest import small_cfg
+
+
+def weights(v: float) -> ArrayRecord:
+    return ArrayRecord({"w": Array(np.full(2, v, dtype=np.float32))})
+
+
+def strategy(**over) -> tuple[L2HStrategy, InProcessGrid]:
+    cfg = small_cfg(**over)
+    s = L2HStrategy(cfg, server=None, on_round=lambda r: None)
+    grid = InProcessGrid(client_app=None, num_nodes=cfg["fleet"]["num_clients"])
+    s.node_of = {i: nid for i, nid in enumerate(sorted(grid.get_node_ids()))}
+    return s, grid
+
+
+def sent_weight(msgs) -> float:
+    return float(msgs[0].content["server"]["w"].numpy()[0])
+
+
+def test_asynchronous_rejectors_train_against_a_copy_refreshed_every_s_rounds():
+    s, grid = strategy(**{"strategy.staleness": 3})
+    seen = [sent_weight(s.configure_train(r, weights(r), None, grid)) for r in range(1, 8)]
+    # the server's weights change every round (value r); devices see the copy of rounds 1, 4, 7
+    assert seen == [1, 1, 1, 4, 4, 4, 7]
+
+
+def test_synchronous_is_staleness_one():
+    s, grid = strategy()
+    assert [sent_weight(s.configure_train(r, weights(r), None, grid)) for r in (1, 2, 3)] == [1, 2, 3]
+
+
+def test_device_sampling_is_seeded_and_every_device_is_evaluated_in_the_last_round():
+    s, grid = strategy(**{"fleet.num_clients": 10, "sim.fraction_train": 0.3, "sim.fraction_evaluate": 0.5,
+                          "sim.num_rounds": 3})
+    a = s.sample(2, 0.3, "train")
+    assert a == s.sample(2, 0.3, "train") and len(a) == 3 and a == sorted(a)
+    assert len({tuple(s.sample(r, 0.3, "train")) for r in range(1, 20)}) > 1
+    assert len(list(s.configure_evaluate(1, weights(0), None, grid))) == 5
+    assert len(list(s.configure_evaluate(3, weights(0), None, grid))) == 10
+
+
+def test_replay_buffer_dedupes_by_sample_id_and_evicts_oldest():
+    b = ReplayBuffer(capacity=4)
+    x = np.arange(6, dtype=np.float32).reshape(6, 1, 1, 1)
+    b.add(np.array([1, 2, 3]), x[:3], np.array([1, 2, 3]))
+    b.add(np.array([2, 9]), x[3:5], np.array([7, 9]))  # id 2 re-sent: replaced and now newest
+    assert b.ids.tolist() == [1, 3, 2, 9] and b.y.tolist() == [1, 3, 7, 9]
+    b.add(np.array([5]), x[5:], np.array([5]))
+    assert b.ids.tolist() == [3, 2, 9, 5] and len(b) == 4
+    assert b.x[:, 0, 0, 0].tolist() == [2.0, 3.0, 4.0, 5.0]
