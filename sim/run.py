@@ -88,7 +88,7 @@ def simulate(cfg: dict[str, Any], run_dir: Path, console: Any | None = None) -> 
         f"[bold]fleet[/bold]: {len(acc)} legacy devices on {cfg['data']['name']} ({k} classes, "
         f"{int((np.asarray(prep.owner) >= 0).sum())} samples, partition={cfg['data']['partition']['name']}); "
         f"legacy accuracy min {acc.min():.3f} / median {np.median(acc):.3f} / max {acc.max():.3f} "
-        f"({'built' if fleet.built else 'from cache'})")
+        f"({'built' if fleet.built else 'from cache'})", soft_wrap=True)
     for gi, g in enumerate(fleet.group_cfgs):
         members = [d for d, gg in enumerate(fleet.groups) if gg == gi]
         if members:
@@ -114,7 +114,7 @@ def simulate(cfg: dict[str, Any], run_dir: Path, console: Any | None = None) -> 
             progress.console.print(
                 f"round {record['round']:>3}/{num_rounds}  system {record['system_accuracy']:.3f}  "
                 f"defer {record['defer_rate']:.3f}  server {record['server_accuracy']:.3f}  "
-                f"legacy {record['legacy_accuracy']:.3f}  [{record['elapsed_s']:.1f}s]")
+                f"legacy {record['legacy_accuracy']:.3f}  [{record['elapsed_s']:.1f}s]", soft_wrap=True)
 
     strategy = L2HStrategy(cfg, server, on_round)
 
@@ -201,12 +201,15 @@ def print_summary(console: Any, summary: dict[str, Any], run_dir: Path, sim_s: f
     tb = Table(title="kept / deferred test samples (METHODS.md section 1)")
     for col in ("samples", "n", "legacy acc", "server acc", "server - legacy"):
         tb.add_column(col, justify="right")
+
+    def fmt(v: float | None) -> str:
+        return "-" if v is None or v != v else f"{v:.3f}"
+
     for name in ("kept", "deferred"):
         r = summary["table"][name]
-        fmt = (lambda v: "-" if v is None or v != v else f"{v:.3f}")
         tb.add_row(name, str(r["n"]), fmt(r["legacy_accuracy"]), fmt(r["server_accuracy"]), fmt(r["difference"]))
     console.print(tb)
-    console.print(f"results in {run_dir}  (simulation {sim_s:.1f}s, total {total_s:.1f}s)")
+    console.print(f"results in {run_dir}  (simulation {sim_s:.1f}s, total {total_s:.1f}s)", soft_wrap=True)
 
 
 @hydra.main(config_path="pkg://configs", config_name="config", version_base="1.3")

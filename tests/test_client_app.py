@@ -35,6 +35,10 @@ def message(kind, content, node=7):
     return Message(content=content, dst_node_id=node, message_type=kind)
 
 
+def content(server, spec):
+    return RecordDict({"server": server_record(server), "config": ConfigRecord({"round": 1, "spec": json.dumps(spec)})})
+
+
 def ctx(pid):
     return Context(run_id=1, node_id=7, node_config={"partition-id": pid, "num-partitions": 4},
                    state=RecordDict(), run_config={})
@@ -48,8 +52,7 @@ def test_query_returns_partition_id(setup):
 def test_train_defers_samples_of_its_rejector_split_and_keeps_rejector_in_state(setup):
     cfg, prep, fleet, spec, server = setup
     context = ctx(1)
-    content = RecordDict({"server": server_record(server), "config": ConfigRecord({"round": 1, "spec": json.dumps(spec)})})
-    reply = app(message(MessageType.TRAIN, content), context)
+    reply = app(message(MessageType.TRAIN, content(server, spec)), context)
     assert not reply.has_error(), reply.error
     s = reply.content["samples"]
     ids, x, y, explore = (s[k].numpy() for k in ("ids", "x", "y", "explore"))
@@ -63,8 +66,7 @@ def test_train_defers_samples_of_its_rejector_split_and_keeps_rejector_in_state(
     assert explore.mean() > 0.5
     assert "rejector" in context.state
     # the stored rejector is what evaluation uses
-    ev = app(message(MessageType.EVALUATE, RecordDict({"server": server_record(server),
-                                                        "config": ConfigRecord({"round": 1, "spec": json.dumps(spec)})})), context)
+    ev = app(message(MessageType.EVALUATE, content(server, spec)), context)
     rec = {f: ev.content["samples"][f].numpy() for f in FIELDS}
     assert all(len(rec[f]) == len(data.y_test) for f in FIELDS)
     assert np.array_equal(rec["y"], data.y_test) and (rec["device"] == 1).all()
@@ -73,13 +75,12 @@ def test_train_defers_samples_of_its_rejector_split_and_keeps_rejector_in_state(
 
 def test_untrained_device_keeps_everything_local(setup):
     cfg, prep, fleet, spec, server = setup
-    ev = app(message(MessageType.EVALUATE, RecordDict({"server": server_record(server),
-                                                        "config": ConfigRecord({"round": 1, "spec": json.dumps(spec)})})), ctx(3))
+    ev = app(message(MessageType.EVALUATE, content(server, spec)), ctx(3))
     assert not ev.content["samples"]["defer"].numpy().any()
 
 
 def test_malformed_message_raises_in_the_handler(setup):
     """Flower turns a handler exception into an error reply; the strategy counts those (see e2e)."""
     bad = RecordDict({"config": ConfigRecord({"round": 1, "spec": json.dumps(setup[3])})})  # no server weights
-    with pytest.raises(Exception):
+    with pytest.raises(KeyError):
         app(message(MessageType.TRAIN, bad), ctx(0))
