@@ -99,3 +99,29 @@ def test_deferral_price_controls_defer_rate(tmp_path):
                            "sim.cache_dir": str(tmp_path / "cache")})
         rates[c_e] = simulate(cfg, tmp_path / str(c_e), console=Console(file=open(os.devnull, "w")))["defer_rate"]
     assert rates[0.0] > rates[0.3] > rates[1.0] == 0.0
+
+
+def test_binary_task_partial_participation_and_staleness_run(tmp_path):
+    """A 2-class task uses the binary surrogate; sampled devices only; a stale server copy."""
+    from rich.console import Console
+
+    from sim.run import simulate
+
+    cfg = small_cfg(**{"data.classes": "[3,8]", "sim.fraction_train": 0.5, "strategy.staleness": 2,
+                       "sim.num_rounds": 3, "sim.backend": "inprocess", "sim.cache_dir": str(tmp_path / "cache")})
+    s = simulate(cfg, tmp_path / "run", console=Console(file=open(os.devnull, "w")))
+    assert s["num_classes"] == 2 and 0.0 <= s["defer_rate"] <= 1.0
+    rounds = [json.loads(ln) for ln in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["train_devices"] for r in rounds] == [2, 2, 2] and all(r["eval_devices"] == 4 for r in rounds)
+
+
+def test_binary_surrogate_on_multiclass_data_is_a_config_error(tmp_path):
+    from rich.console import Console
+
+    from sim.run import simulate
+    from sim.schema import ConfigError
+
+    cfg = small_cfg(**{"strategy.surrogate": "binary", "sim.backend": "inprocess",
+                       "sim.cache_dir": str(tmp_path / "cache")})
+    with pytest.raises(ConfigError, match="needs 2-class data"):
+        simulate(cfg, tmp_path / "run", console=Console(file=open(os.devnull, "w")))
