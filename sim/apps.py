@@ -130,12 +130,6 @@ def evaluate(msg: Message, context: Context) -> Message:
     return Message(RecordDict({"samples": _arrays(rec), "info": info}), reply_to=msg)
 
 
-def warm_worker() -> None:
-    """Ray ``worker_process_setup_hook``: import the heavy modules while Ray starts, not at the
-    first message, and pin torch to one thread per worker (the workers share the machine's cores)."""
-    torch.set_num_threads(1)
-
-
 def make_server_app(run: Callable[[Grid], None]) -> ServerApp:
     """A ServerApp whose main calls ``run(grid)`` (the runner holds the strategy and results)."""
     app = ServerApp()

@@ -58,8 +58,7 @@ def start_ray(address: str | None, num_cpus: int | None, verbose: bool) -> bool:
         kwargs["num_cpus"] = num_cpus
     # Workers must import the project's packages from wherever the driver does.
     kwargs["runtime_env"] = {"env_vars": {"PYTHONPATH": os.pathsep.join(p for p in sys.path if p),
-                                          "FLWR_TELEMETRY_ENABLED": "0"},
-                             "worker_process_setup_hook": "sim.apps.warm_worker"}
+                                          "FLWR_TELEMETRY_ENABLED": "0"}}
     try:
         ray.init(**kwargs)
     except (ConnectionError, RuntimeError, ValueError) as exc:
@@ -127,3 +126,29 @@ def run_fleet(server_app: Any, client_app: Any, num_clients: int, client_resourc
             warnings.simplefilter("ignore")
         run_simulation(server_app=server_app, client_app=client_app, num_supernodes=num_clients,
                        backend_name="ray", backend_config=backend_config, verbose_logging=verbose)
+
+
+def run(sim_cfg: dict[str, Any], server_main: Any, client_app: Any, num_clients: int) -> None:
+    """Run a fleet: ``server_main(grid)`` drives ``num_clients`` nodes of ``client_app``.
+
+    ``sim.backend=ray``: Flower's simulation engine on Ray (started or joined here, shut down
+    after if started here). ``sim.backend=inprocess``: the same apps called in this process.
+
+    Raises:
+        EngineError: Ray could not start, or the simulation failed (the ServerApp's own error in
+            the message).
+    """
+    if sim_cfg["backend"] == "inprocess":
+        from sim.inprocess import InProcessGrid
+
+        server_main(InProcessGrid(client_app, num_clients))
+        return
+    from sim.apps import make_server_app
+
+    with ray_session(sim_cfg["ray_address"], sim_cfg["num_cpus"], sim_cfg["verbose"]):
+        try:
+            run_fleet(make_server_app(server_main), client_app, num_clients, sim_cfg["client_resources"],
+                      sim_cfg["verbose"])
+        except Exception as exc:  # the ServerApp's own error is the useful one
+            cause = exc.__cause__ or exc
+            raise EngineError(f"the simulation failed: {type(cause).__name__}: {cause}") from exc

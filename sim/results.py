@@ -18,6 +18,9 @@ import numpy as np
 
 from sim.cache import atomic_write_text
 
+SUMMARY_KEYS = ("system_accuracy", "legacy_accuracy", "server_accuracy", "oracle_accuracy", "defer_rate",
+                "coverage", "l01_cost")
+
 
 def jsonable(obj: Any) -> Any:
     """Plain JSON types; numpy scalars/arrays converted; NaN/inf -> None."""
@@ -74,3 +77,25 @@ class Recorder:
                 w.writerow({k: ("" if v is None else v) for k, v in jsonable(r).items()})
         atomic_write_text(path, buf.getvalue())
         return path
+
+
+def build_summary(cfg: dict[str, Any], metrics: dict[str, Any], rows: list[dict[str, Any]],
+                  legacy_accuracy: np.ndarray, num_classes: int) -> dict[str, Any]:
+    """The run's summary.json: final pooled metrics, run identity, fleet spread, per-device extremes.
+
+    Only seed-determined numbers (no wall-clock times), so the same seed gives the same file.
+    """
+    acc = np.asarray(legacy_accuracy)
+    s = cfg["strategy"]
+    return {
+        **{key: metrics[key] for key in SUMMARY_KEYS},
+        "baselines": metrics["baselines"], "table": metrics["table"], "curves": metrics["curves"],
+        "num_clients": len(acc), "num_rounds": int(cfg["sim"]["num_rounds"]), "seed": int(cfg["seed"]),
+        "num_test_samples": metrics["num_samples"], "num_classes": num_classes,
+        "strategy": s["name"], "c_e": float(s["c_e"]), "c_1": float(s["c_1"]),
+        "fleet": {"legacy_accuracy_min": float(acc.min()), "legacy_accuracy_median": float(np.median(acc)),
+                  "legacy_accuracy_max": float(acc.max())},
+        "devices": {"worst_system_accuracy": min(r["system_accuracy"] for r in rows),
+                    "devices_helped": sum(r["system_accuracy"] > r["legacy_accuracy"] for r in rows),
+                    "devices_hurt": sum(r["system_accuracy"] < r["legacy_accuracy"] for r in rows)},
+    }

@@ -28,10 +28,6 @@ from sim.schema import ConfigError, register, validate  # noqa: E402
 
 register()
 
-SUMMARY_KEYS = ("system_accuracy", "legacy_accuracy", "server_accuracy", "oracle_accuracy", "defer_rate",
-                "coverage", "l01_cost")
-
-
 def simulate(cfg: dict[str, Any], run_dir: Path, console: Any | None = None) -> dict[str, Any]:
     """Run one fleet simulation and write its results into ``run_dir``.
 
@@ -47,18 +43,16 @@ def simulate(cfg: dict[str, Any], run_dir: Path, console: Any | None = None) -> 
         ConfigError / DataError: bad configuration or data (one-line message).
         EngineError: Ray/Flower could not start or the simulation failed.
     """
-    import numpy as np
     import torch
     from rich.console import Console
 
     from clients.legacy import build_fleet
     from servers.helper import HelperServer
-    from sim import engine, plots
+    from sim import engine, plots, terminal
     from sim.apps import app as client_app
-    from sim.apps import make_server_app
     from sim.data import prepare
     from sim.metrics import per_device
-    from sim.results import Recorder
+    from sim.results import Recorder, build_summary
     from strategies.l2h import L2HStrategy, resolve_surrogate, server_record
     from strategies.l2h_losses import binary_alpha
 
@@ -76,45 +70,28 @@ def simulate(cfg: dict[str, Any], run_dir: Path, console: Any | None = None) -> 
     timing["prepare_data_s"] = time.perf_counter() - t_start
     fleet = build_fleet(cfg, prep, cache_dir)
     timing["legacy_fleet_s"] = time.perf_counter() - t_start - timing["prepare_data_s"]
-    k = prep.num_classes
+    num_classes = prep.num_classes
     s = cfg["strategy"]
     try:
-        if resolve_surrogate(s["surrogate"], k) == "binary":
+        if resolve_surrogate(s["surrogate"], num_classes) == "binary":
             binary_alpha(float(s["c_e"]), float(s["c_1"]), float(s["binary_beta"]), float(s["binary_p"]))
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     acc = fleet.legacy_accuracy
-    console.print(
-        f"[bold]fleet[/bold]: {len(acc)} legacy devices on {cfg['data']['name']} ({k} classes, "
-        f"{int((np.asarray(prep.owner) >= 0).sum())} samples, partition={cfg['data']['partition']['name']}); "
-        f"legacy accuracy min {acc.min():.3f} / median {np.median(acc):.3f} / max {acc.max():.3f} "
-        f"({'built' if fleet.built else 'from cache'})", soft_wrap=True)
-    for gi, g in enumerate(fleet.group_cfgs):
-        members = [d for d, gg in enumerate(fleet.groups) if gg == gi]
-        if members:
-            console.print(f"  group {g['name']:<16} {len(members):>4} devices, arch={g['arch']}, "
-                          f"legacy accuracy mean {acc[members].mean():.3f}")
+    terminal.print_fleet(console, cfg, prep, fleet)
 
-    server = HelperServer(cfg["servers"], prep.in_shape, k, int(cfg["seed"]))
+    server = HelperServer(cfg["servers"], prep.in_shape, num_classes, int(cfg["seed"]))
     recorder = Recorder(run_dir)
     (run_dir / "metrics.jsonl").unlink(missing_ok=True)
     num_rounds = int(cfg["sim"]["num_rounds"])
 
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-    progress = Progress(TextColumn("[bold]rounds"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                        TextColumn("eta"), TimeRemainingColumn(), console=console, transient=True,
-                        disable=not cfg["sim"]["progress"])
-    task = progress.add_task("rounds", total=num_rounds)
+    progress, task = terminal.round_progress(console, num_rounds, cfg["sim"]["progress"])
 
     def on_round(record: dict[str, Any]) -> None:
         recorder.round(record)
         progress.advance(task)
         if record.get("system_accuracy") is not None:
-            progress.console.print(
-                f"round {record['round']:>3}/{num_rounds}  system {record['system_accuracy']:.3f}  "
-                f"defer {record['defer_rate']:.3f}  server {record['server_accuracy']:.3f}  "
-                f"legacy {record['legacy_accuracy']:.3f}  [{record['elapsed_s']:.1f}s]", soft_wrap=True)
+            progress.console.print(terminal.round_line(record, num_rounds), soft_wrap=True)
 
     strategy = L2HStrategy(cfg, server, on_round)
 
@@ -132,26 +109,15 @@ def simulate(cfg: dict[str, Any], run_dir: Path, console: Any | None = None) -> 
         "key": f"{run_dir}:{time.time_ns()}",
         "data_path": str(prep.path), "fleet_path": str(fleet.path),
         "groups": fleet.groups, "group_cfgs": fleet.group_cfgs,
-        "in_shape": list(prep.in_shape), "num_classes": k, "seed": int(cfg["seed"]),
+        "in_shape": list(prep.in_shape), "num_classes": num_classes, "seed": int(cfg["seed"]),
         "strategy": cfg["strategy"], "servers": cfg["servers"], "torch_threads": int(cfg["sim"]["torch_threads"]),
     }
     strategy.spec_json = json.dumps(spec, sort_keys=True)
     t_sim = time.perf_counter()
     with progress:
-        if cfg["sim"]["backend"] == "inprocess":
-            from sim.inprocess import InProcessGrid
-
-            server_main(InProcessGrid(client_app, len(acc)))
-        else:
-            with engine.ray_session(cfg["sim"]["ray_address"], cfg["sim"]["num_cpus"], cfg["sim"]["verbose"]):
-                try:
-                    engine.run_fleet(make_server_app(server_main), client_app, len(acc),
-                                     cfg["sim"]["client_resources"], cfg["sim"]["verbose"])
-                except Exception as exc:  # the ServerApp's own error is the useful one
-                    cause = exc.__cause__ or exc
-                    raise engine.EngineError(f"the simulation failed: {type(cause).__name__}: {cause}") from exc
+        engine.run(cfg["sim"], server_main, client_app, len(acc))
     sim_seconds = time.perf_counter() - t_sim
-    timing["engine_stop_s"] = sim_seconds - sum(timing.get(k, 0.0) for k in ("engine_start_s", "handshake_s",
+    timing["engine_stop_s"] = sim_seconds - sum(timing.get(p, 0.0) for p in ("engine_start_s", "handshake_s",
                                                                              "rounds_s"))
     if strategy.last_metrics is None:
         raise engine.EngineError("the simulation finished without a successful evaluation round; "
@@ -162,18 +128,7 @@ def simulate(cfg: dict[str, Any], run_dir: Path, console: Any | None = None) -> 
                 "pretrain_size": int(fleet.pretrain_size[d])} for d, g in enumerate(fleet.groups)}
     rows = per_device(strategy.last_eval, meta)
     recorder.clients(rows)
-    summary = {
-        **{key: metrics[key] for key in SUMMARY_KEYS},
-        "baselines": metrics["baselines"], "table": metrics["table"], "curves": metrics["curves"],
-        "num_clients": len(acc), "num_rounds": num_rounds, "seed": int(cfg["seed"]),
-        "num_test_samples": metrics["num_samples"], "num_classes": k,
-        "strategy": cfg["strategy"]["name"], "c_e": float(s["c_e"]), "c_1": float(s["c_1"]),
-        "fleet": {"legacy_accuracy_min": float(acc.min()), "legacy_accuracy_median": float(np.median(acc)),
-                  "legacy_accuracy_max": float(acc.max())},
-        "devices": {"worst_system_accuracy": min(r["system_accuracy"] for r in rows),
-                    "devices_helped": sum(r["system_accuracy"] > r["legacy_accuracy"] for r in rows),
-                    "devices_hurt": sum(r["system_accuracy"] < r["legacy_accuracy"] for r in rows)},
-    }
+    summary = build_summary(cfg, metrics, rows, acc, num_classes)
     recorder.summary(summary)
     if cfg["sim"]["plots"]:
         plots.plot_rounds(recorder.rounds, run_dir / "rounds.png")
@@ -182,34 +137,8 @@ def simulate(cfg: dict[str, Any], run_dir: Path, console: Any | None = None) -> 
     timing["total_s"] = time.perf_counter() - t_start
     # Wall-clock phases go to their own file: summary.json holds only seed-determined numbers.
     recorder.write_json("timing.json", {"backend": cfg["sim"]["backend"], **timing})
-    print_summary(console, summary, run_dir, sim_seconds, timing["total_s"])
+    terminal.print_summary(console, summary, run_dir, sim_seconds, timing["total_s"])
     return summary
-
-
-def print_summary(console: Any, summary: dict[str, Any], run_dir: Path, sim_s: float, total_s: float) -> None:
-    from rich.table import Table
-
-    t = Table(title=f"L2H fleet summary ({summary['num_clients']} devices, {summary['num_rounds']} rounds, "
-                    f"seed {summary['seed']})")
-    t.add_column("metric")
-    t.add_column("value", justify="right")
-    for key in SUMMARY_KEYS:
-        t.add_row(key, f"{summary[key]:.4f}")
-    for name in ("confidence", "confidence_per_device", "random"):
-        t.add_row(f"{name} @ same defer rate", f"{summary['baselines'][name]['system_accuracy']:.4f}")
-    console.print(t)
-    tb = Table(title="kept / deferred test samples (METHODS.md section 1)")
-    for col in ("samples", "n", "legacy acc", "server acc", "server - legacy"):
-        tb.add_column(col, justify="right")
-
-    def fmt(v: float | None) -> str:
-        return "-" if v is None or v != v else f"{v:.3f}"
-
-    for name in ("kept", "deferred"):
-        r = summary["table"][name]
-        tb.add_row(name, str(r["n"]), fmt(r["legacy_accuracy"]), fmt(r["server_accuracy"]), fmt(r["difference"]))
-    console.print(tb)
-    console.print(f"results in {run_dir}  (simulation {sim_s:.1f}s, total {total_s:.1f}s)", soft_wrap=True)
 
 
 @hydra.main(config_path="pkg://configs", config_name="config", version_base="1.3")
