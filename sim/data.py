@@ -29,7 +29,11 @@ class DataError(ConfigError):
 
 
 def _to_nchw(x: np.ndarray) -> np.ndarray:
-    """Images ``(N,H,W)``, ``(N,H,W,C)``, ``(N,C,H,W)`` or vectors ``(N,D)`` -> ``(N,C,H,W)`` float32 in [0,1]."""
+    """Images ``(N,H,W)``, ``(N,H,W,C)``, ``(N,C,H,W)`` or vectors ``(N,D)`` -> ``(N,C,H,W)`` float32.
+
+    Values are scaled into [0, 1] when they exceed 1: by 255 if the maximum is above 16 (8-bit
+    images), else by the maximum (e.g. digits' 0..16). Raises DataError on NaN/inf.
+    """
     x = np.asarray(x)
     if x.ndim == 2:
         x = x[:, None, None, :]
@@ -259,9 +263,13 @@ class Prepared:
 
 
 def data_key(cfg: Any) -> dict[str, Any]:
-    """Everything that determines the prepared dataset."""
+    """Everything that determines the prepared dataset (a local file by path, size and mtime)."""
     d = cfg["data"]
-    return {"v": PREP_VERSION, "data": d, "num_clients": cfg["fleet"]["num_clients"], "seed": cfg["seed"]}
+    key = {"v": PREP_VERSION, "data": d, "num_clients": cfg["fleet"]["num_clients"], "seed": cfg["seed"]}
+    if d.get("path"):
+        st = Path(str(d["path"])).expanduser().stat()
+        key["file"] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    return key
 
 
 def prepare(cfg: Any, cache_dir: Path) -> Prepared:

@@ -28,9 +28,12 @@ class EngineError(RuntimeError):
 def quiet_logs(verbose: bool) -> None:
     """Keep Flower's INFO chatter and its deprecation warning out of the user's way unless verbose."""
     level = logging.DEBUG if verbose else logging.ERROR
-    for name in ("flwr", "ray", "filelock", "datasets", "urllib3", "alembic"):
+    for name in ("flwr", "ray", "filelock", "datasets", "urllib3", "alembic", "huggingface_hub", "fsspec"):
         logging.getLogger(name).setLevel(level)
     if not verbose:
+        # Read by huggingface_hub / datasets when they are imported (later, on the hub data path).
+        os.environ.setdefault("HF_HUB_VERBOSITY", "error")
+        os.environ.setdefault("DATASETS_VERBOSITY", "error")
         warnings.filterwarnings("ignore", category=DeprecationWarning)
         warnings.filterwarnings("ignore", message=".*run_simulation.*")
 

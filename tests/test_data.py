@@ -145,3 +145,14 @@ def test_select_classes_makes_a_binary_task():
     assert k == 2 and sorted(set(ys.tolist())) == [0, 1] and len(ys) == 4
     with pytest.raises(DataError, match="do not occur"):
         select(x, y, {"classes": [3, 42], "max_samples": None}, 0)
+
+
+def test_changed_local_file_is_not_served_from_a_stale_cache(tmp_path):
+    path = tmp_path / "d.npz"
+    rng = np.random.default_rng(0)
+    np.savez(path, x=rng.random((40, 4)), y=np.arange(40) % 2)
+    cfg = small_cfg(data="local", **{"data.path": str(path)})
+    first = prepare(cfg, tmp_path / "cache")
+    np.savez(path, x=rng.random((50, 4)), y=np.arange(50) % 2)
+    second = prepare(cfg, tmp_path / "cache")
+    assert second.path != first.path and len(second.y) == 50
