@@ -11,9 +11,7 @@ the rejector the raw sample only, as in the L2H paper's code (a LeNet on the ima
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -69,7 +67,3 @@ class Device:
             torch.manual_seed(derive_seed(seed, "rejector-init", self.device_id))
             return Rejector(self.features("test", inputs).shape[1], hidden)
 
-
-def load_state(module: nn.Module, state: dict[str, Any]) -> nn.Module:
-    module.load_state_dict({k: torch.as_tensor(np.asarray(v)) for k, v in state.items()})
-    return module
