@@ -8,10 +8,21 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 
 def _nan(v: Any) -> float:
     return float("nan") if v is None else float(v)
+
+
+def _finish(fig: Any, ax: Any, xlabel: str, ylabel: str, title: str, path: Path) -> Path:
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
 
 
 def plot_rounds(rounds: list[dict[str, Any]], path: Path) -> Path:
@@ -22,8 +33,6 @@ def plot_rounds(rounds: list[dict[str, Any]], path: Path) -> Path:
     for key, label in (("system_accuracy", "system (L2H)"), ("legacy_accuracy", "legacy only"),
                        ("server_accuracy", "server only"), ("oracle_accuracy", "oracle")):
         ax.plot(x, [_nan(r[key]) for r in ev], marker="o", label=label)
-    ax.set_xlabel("round")
-    ax.set_ylabel("accuracy")
     ax2 = ax.twinx()
     ax2.plot(x, [_nan(r["defer_rate"]) for r in ev], color="k", ls="--", label="defer rate")
     ax2.set_ylabel("defer rate")
@@ -31,11 +40,8 @@ def plot_rounds(rounds: list[dict[str, Any]], path: Path) -> Path:
     h1, l1 = ax.get_legend_handles_labels()
     h2, l2 = ax2.get_legend_handles_labels()
     ax.legend(h1 + h2, l1 + l2, loc="lower right", fontsize=8)
-    ax.set_title("Fleet metrics per round")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    return _finish(fig, ax, "round", "accuracy", "Fleet metrics per round", path)
 
 
 def plot_defer_curve(metrics: dict[str, Any], path: Path) -> Path:
@@ -47,14 +53,8 @@ def plot_defer_curve(metrics: dict[str, Any], path: Path) -> Path:
     ax.plot(c["defer_rate"], c["random"], ls="--", label="random")
     ax.scatter([metrics["defer_rate"]], [metrics["system_accuracy"]], color="red", zorder=5,
                label="L2H operating point")
-    ax.set_xlabel("defer rate")
-    ax.set_ylabel("system accuracy")
     ax.legend(fontsize=8)
-    ax.set_title("Accuracy vs defer rate (final round)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _finish(fig, ax, "defer rate", "system accuracy", "Accuracy vs defer rate (final round)", path)
 
 
 def plot_devices(rows: list[dict[str, Any]], path: Path) -> Path:
@@ -67,12 +67,6 @@ def plot_devices(rows: list[dict[str, Any]], path: Path) -> Path:
     ax.plot([0, 1], [0, 1], color="grey", lw=0.8)
     ax.set_xlim(0, 1.02)
     ax.set_ylim(0, 1.02)
-    ax.set_xlabel("legacy-only accuracy")
-    ax.set_ylabel("system accuracy")
     if any(groups):
         ax.legend(fontsize=7)
-    ax.set_title("Per-device accuracy")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _finish(fig, ax, "legacy-only accuracy", "system accuracy", "Per-device accuracy", path)
