@@ -57,8 +57,12 @@ def start_ray(address: str | None, num_cpus: int | None, verbose: bool) -> bool:
     if address:
         check_reachable(address)
         kwargs["address"] = address
-    elif num_cpus:
-        kwargs["num_cpus"] = num_cpus
+    else:
+        # "local": always a fresh private instance. Without it Ray joins whatever cluster
+        # /tmp/ray/ray_current_cluster names, and hangs for minutes if that head has died.
+        kwargs["address"] = "local"
+        if num_cpus:
+            kwargs["num_cpus"] = num_cpus
     # Workers must import the project's packages from wherever the driver does.
     kwargs["runtime_env"] = {"env_vars": {"PYTHONPATH": os.pathsep.join(p for p in sys.path if p),
                                           "FLWR_TELEMETRY_ENABLED": "0"}}

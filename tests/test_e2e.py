@@ -125,3 +125,38 @@ def test_binary_surrogate_on_multiclass_data_is_a_config_error(tmp_path):
                        "sim.cache_dir": str(tmp_path / "cache")})
     with pytest.raises(ConfigError, match="needs 2-class data"):
         simulate(cfg, tmp_path / "run", console=Console(file=open(os.devnull, "w")))
+
+
+def test_joins_a_ray_head_started_with_ray_start(cli_run, tmp_path):
+    """`ray start --head` on loopback, a run joined to it via sim.ray_address, then the head stopped."""
+    import shutil
+    import signal
+    import socket
+    import time
+
+    if shutil.which("ray") is None:
+        pytest.skip("the ray command-line tool is not on PATH")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    head = subprocess.Popen(["ray", "start", "--head", "--block", f"--port={port}", "--node-ip-address=127.0.0.1",
+                             "--num-cpus=2", "--include-dashboard=false"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:  # wait until the head's GCS accepts connections
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.5)
+        run_dir, _, cache = cli_run
+        env = {**os.environ, "L2H_SIM_CACHE": str(cache)}
+        r = subprocess.run([sys.executable, "-m", "sim.run", "fleet.num_clients=4", "sim.num_rounds=2", "seed=3",
+                            f"sim.ray_address=127.0.0.1:{port}", f"hydra.run.dir={tmp_path / 'run'}"],
+                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert (tmp_path / "run" / "summary.json").read_text() == (run_dir / "summary.json").read_text()
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)  # `ray start --block` tears the head down when terminated
+        head.wait(timeout=60)
