@@ -17,7 +17,7 @@ SUMMARY_KEYS = ["system_accuracy", "legacy_accuracy", "server_accuracy", "oracle
 def ray_local():
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
     yield
     ray.shutdown()
 
