@@ -10,7 +10,7 @@ the rejector the raw sample only, as in the L2H paper's code (a LeNet on the ima
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -44,6 +44,7 @@ class Device:
     legacy: nn.Module
     legacy_rejector: torch.Tensor
     legacy_test: torch.Tensor
+    _features: dict = field(default_factory=dict, repr=False)
 
     @classmethod
     def create(cls, device_id: int, data: DeviceData, legacy: nn.Module) -> "Device":
@@ -52,14 +53,15 @@ class Device:
         return cls(device_id, data, legacy, lr_, lt_)
 
     def features(self, split: str, inputs: str) -> torch.Tensor:
-        """Rejector inputs for ``split`` (``rejector`` | ``test``): ``(N, D)`` float32."""
-        x = torch.from_numpy(getattr(self.data, f"x_{split}")).flatten(1)
-        if inputs == "sample":
-            return x
-        probs = torch.softmax(getattr(self, f"legacy_{split}"), dim=1)
-        if inputs == "legacy":
-            return probs
-        return torch.cat([x, probs], dim=1)
+        """Rejector inputs for ``split`` (``rejector`` | ``test``): ``(N, D)`` float32, computed once
+        (the data and the legacy model are fixed)."""
+        key = (split, inputs)
+        if key not in self._features:
+            x = torch.from_numpy(getattr(self.data, f"x_{split}")).flatten(1)
+            probs = torch.softmax(getattr(self, f"legacy_{split}"), dim=1)
+            self._features[key] = (x if inputs == "sample" else probs if inputs == "legacy"
+                                   else torch.cat([x, probs], dim=1))
+        return self._features[key]
 
     def new_rejector(self, inputs: str, hidden: int, seed: int) -> Rejector:
         """A freshly initialised rejector, seeded per device (independent of worker placement)."""
