@@ -16,7 +16,6 @@ import warnings
 from contextlib import contextmanager
 from typing import Any, Iterator
 
-os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
 

@@ -41,12 +41,13 @@ def jsonable(obj: Any) -> Any:
 
 
 class Recorder:
-    """Writes a run's result files into ``run_dir``."""
+    """Writes a run's result files into ``run_dir`` (a new run starts a new metrics.jsonl)."""
 
     def __init__(self, run_dir: Path):
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.metrics_path = self.run_dir / "metrics.jsonl"
+        self.metrics_path.unlink(missing_ok=True)
         self.rounds: list[dict[str, Any]] = []
 
     def round(self, record: dict[str, Any]) -> None:

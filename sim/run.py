@@ -17,16 +17,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
-os.environ.setdefault("HYDRA_FULL_ERROR", "0")
+import hydra
+from omegaconf import DictConfig, OmegaConf
 
-import hydra  # noqa: E402
-from omegaconf import DictConfig, OmegaConf  # noqa: E402
-
-from sim.cli import precheck  # noqa: E402
-from sim.schema import ConfigError, register, validate  # noqa: E402
+from sim.cli import precheck
+from sim.schema import ConfigError, register, validate
 
 register()
+
 
 def simulate(cfg: dict[str, Any], run_dir: Path, console: Any | None = None) -> dict[str, Any]:
     """Run one fleet simulation and write its results into ``run_dir``.
@@ -82,7 +80,6 @@ def simulate(cfg: dict[str, Any], run_dir: Path, console: Any | None = None) -> 
 
     server = HelperServer(cfg["servers"], prep.in_shape, num_classes, int(cfg["seed"]))
     recorder = Recorder(run_dir)
-    (run_dir / "metrics.jsonl").unlink(missing_ok=True)
     num_rounds = int(cfg["sim"]["num_rounds"])
 
     progress, task = terminal.round_progress(console, num_rounds, cfg["sim"]["progress"])
