@@ -20,11 +20,12 @@ from sim.training import derive_seed, predict_logits
 
 
 class Rejector(nn.Module):
-    """MLP rejector: features ``(B, D)`` -> logits ``(B, 2)`` (0 = keep local, 1 = defer)."""
+    """MLP rejector: features ``(B, D)`` -> logits ``(B, outputs)``: 0 = keep local, 1 = defer
+    (``outputs=2``), or ``1 + s`` = defer to server s (learned routing over several servers)."""
 
-    def __init__(self, in_dim: int, hidden: int = 64):
+    def __init__(self, in_dim: int, hidden: int = 64, outputs: int = 2):
         super().__init__()
-        self.net = nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(), nn.Linear(hidden, 2))
+        self.net = nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(), nn.Linear(hidden, outputs))
 
     def forward(self, feats: torch.Tensor) -> torch.Tensor:
         return self.net(feats)
@@ -63,9 +64,9 @@ class Device:
                                    else torch.cat([x, probs], dim=1))
         return self._features[key]
 
-    def new_rejector(self, inputs: str, hidden: int, seed: int) -> Rejector:
+    def new_rejector(self, inputs: str, hidden: int, seed: int, outputs: int = 2) -> Rejector:
         """A freshly initialised rejector, seeded per device (independent of worker placement)."""
         with torch.random.fork_rng():
             torch.manual_seed(derive_seed(seed, "rejector-init", self.device_id))
-            return Rejector(self.features("test", inputs).shape[1], hidden)
+            return Rejector(self.features("test", inputs).shape[1], hidden, outputs)
 

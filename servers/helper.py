@@ -1,13 +1,23 @@
-"""A helper server: a model trained on the samples devices defer to it, kept in a replay buffer."""
+"""A helper server: a trunk + head network trained on the samples devices defer to it.
+
+One :class:`HelperServer` is what each Ray actor of the server pool holds
+(:mod:`servers.pool`): its own network, optimizer and replay buffer. Independent servers
+train alone (:meth:`HelperServer.fit`); MEL and DML servers train jointly, one minibatch at a
+time, driven by the pool (:meth:`HelperServer.forward_batch` then
+:meth:`HelperServer.backward_batch`), so the coupling terms travel between actors as features,
+gradients and probabilities -- never as models.
+"""
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from clients.zoo import build_model
+from servers.losses import dml_loss
+from servers.models import ServerNet
 from sim.training import derive_seed, predict_logits, train_minibatch
 
 
@@ -51,26 +61,58 @@ class ReplayBuffer:
 
 
 class HelperServer:
-    """One helper server: model ``e``, replay buffer and a persistent Adam optimizer.
+    """One helper server: network ``e`` (trunk + standalone head), replay buffer, persistent Adam.
 
     Args:
-        cfg: the ``servers`` config (arch, hidden, buffer_size, epochs, batch_size, lr).
-        in_shape: ``(C, H, W)``; num_classes: K; seed: run seed; index: server index.
+        cfg: the ``servers`` config (arch, hidden, buffer_size, epochs, batch_size, lr, resources).
+        in_shape: ``(C, H, W)``. num_classes: K. seed: run seed. index: server index s.
+        torch_threads: intra-op threads (1 keeps results identical wherever the server runs).
+
+    The network runs on CUDA when ``servers.resources.num_gpus > 0`` and a GPU is visible, else on
+    the CPU; everything it returns is a NumPy array on the CPU.
     """
 
-    def __init__(self, cfg: dict[str, Any], in_shape, num_classes: int, seed: int, index: int = 0):
+    def __init__(self, cfg: dict[str, Any], in_shape, num_classes: int, seed: int, index: int = 0,
+                 torch_threads: int = 1):
+        torch.set_num_threads(int(torch_threads))
         self.cfg, self.seed, self.index = cfg, seed, index
+        self.dev = torch.device("cuda" if float(cfg["resources"]["num_gpus"]) > 0 and torch.cuda.is_available()
+                                else "cpu")
         with torch.random.fork_rng():
             torch.manual_seed(derive_seed(seed, "server-init", index))
-            self.model = build_model(cfg["arch"], tuple(in_shape), num_classes, hidden=int(cfg["hidden"]))
+            self.model = ServerNet(cfg["arch"], tuple(in_shape), num_classes, int(cfg["hidden"])).to(self.dev)
         self.opt = torch.optim.Adam(self.model.parameters(), lr=float(cfg["lr"]))
         self.buffer = ReplayBuffer(int(cfg["buffer_size"]))
+        self.delay_s = 0.0
+        self._pending: tuple[torch.Tensor, torch.Tensor] | None = None
 
+    # ---- health and fault injection ----------------------------------------------------------
+    def ping(self) -> int:
+        """Answers (after the injected delay) with the server index."""
+        time.sleep(self.delay_s)
+        return self.index
+
+    def set_delay(self, seconds: float) -> None:
+        """Injected slowness: :meth:`ping` and :meth:`predict` answer after ``seconds``."""
+        self.delay_s = float(seconds)
+
+    def where(self) -> str:
+        """The torch device the network runs on (``cpu`` or ``cuda:N``)."""
+        return str(next(self.model.parameters()).device)
+
+    # ---- data ---------------------------------------------------------------------------------
+    def add(self, ids: np.ndarray, x: np.ndarray, y: np.ndarray) -> int:
+        """Add samples to the replay buffer; returns its size."""
+        self.buffer.add(ids, x, y)
+        return len(self.buffer)
+
+    # ---- independent training ------------------------------------------------------------------
     def fit(self, server_round: int) -> dict[str, float]:
         """Train ``servers.epochs`` passes over the buffer with cross-entropy; returns metrics."""
         if len(self.buffer) == 0:
             return {"server_loss": float("nan"), "buffer_size": 0}
-        x, y = torch.from_numpy(self.buffer.x), torch.from_numpy(self.buffer.y)
+        x = torch.from_numpy(self.buffer.x).to(self.dev)
+        y = torch.from_numpy(self.buffer.y).to(self.dev)
         self.model.train()
         loss = train_minibatch(self.opt, (x, y), lambda xb, yb: F.cross_entropy(self.model(xb), yb),
                                epochs=int(self.cfg["epochs"]), batch_size=int(self.cfg["batch_size"]),
@@ -78,8 +120,77 @@ class HelperServer:
         self.model.eval()
         return {"server_loss": loss, "buffer_size": len(self.buffer)}
 
-    def state_numpy(self) -> dict[str, np.ndarray]:
+    # ---- joint (MEL / DML) training, one minibatch per call pair --------------------------------
+    def forward_batch(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Start a joint step on ``x: (B, C, H, W)``: returns trunk features ``(B, F)`` and logits
+        ``(B, K)``; the graph is kept for :meth:`backward_batch`."""
+        self.model.train()
+        feats = self.model.trunk(torch.from_numpy(x).to(self.dev))
+        logits = self.model.head(feats)
+        self._pending = (feats, logits)
+        return feats.detach().cpu().numpy(), logits.detach().cpu().numpy()
+
+    def backward_batch(self, y: np.ndarray, feat_grad: np.ndarray | None, weight: float,
+                       peer_probs: np.ndarray | None) -> float:
+        """Finish the joint step: one optimizer step on
+        ``weight * CE(h_s(f_s), y)`` (+ the DML term when ``peer_probs: (P, B, K)`` is given)
+        ``+ <feat_grad, f_s>`` (the gradient the pool's MEL combiner heads send back for this
+        server's features, ``(B, F)``). Returns the local loss (without the combiner part).
+
+        Raises:
+            RuntimeError: no :meth:`forward_batch` preceded this call.
+        """
+        if self._pending is None:
+            raise RuntimeError("backward_batch without forward_batch")
+        feats, logits = self._pending
+        self._pending = None
+        yt = torch.from_numpy(y).to(self.dev)
+        if peer_probs is not None and len(peer_probs):
+            local = dml_loss(logits, yt, torch.from_numpy(peer_probs).to(self.dev))
+        else:
+            local = F.cross_entropy(logits, yt)
+        total = weight * local
+        if feat_grad is not None:
+            total = total + (feats * torch.from_numpy(feat_grad).to(self.dev)).sum()
+        self.opt.zero_grad(set_to_none=True)
+        total.backward()
+        self.opt.step()
+        self.model.eval()
+        return float(local.detach())
+
+    # ---- answers and state ------------------------------------------------------------------
+    def predict(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Trunk features ``(N, F)`` and logits ``(N, K)`` on ``x: (N, C, H, W)`` (after the injected
+        delay)."""
+        time.sleep(self.delay_s)
+        self.model.eval()
+        with torch.no_grad():
+            xt = torch.from_numpy(np.asarray(x)).to(self.dev)
+            feats = torch.cat([self.model.trunk(xt[i:i + 4096]) for i in range(0, len(xt), 4096)]) if len(xt) \
+                else torch.empty(0, self.model.feature_dim, device=self.dev)
+            logits = self.model.head(feats)
+        return feats.cpu().numpy(), logits.cpu().numpy()
+
+    def weights(self) -> dict[str, np.ndarray]:
+        """The network's ``state_dict`` as NumPy arrays (what devices receive)."""
         return {k: v.detach().cpu().numpy().copy() for k, v in self.model.state_dict().items()}
 
-    def predict(self, x: np.ndarray) -> np.ndarray:
-        return predict_logits(self.model, torch.from_numpy(np.asarray(x))).argmax(1).numpy()
+    def state(self) -> dict[str, np.ndarray]:
+        """A checkpoint: network weights (``net.*``) and replay buffer (``buffer.*``)."""
+        out = {f"net.{k}": v for k, v in self.weights().items()}
+        if len(self.buffer):
+            out.update({"buffer.ids": self.buffer.ids.copy(), "buffer.x": self.buffer.x.copy(),
+                        "buffer.y": self.buffer.y.copy()})
+        return out
+
+    def load_state(self, state: dict[str, np.ndarray]) -> None:
+        """Restore a :meth:`state` checkpoint (the optimizer starts afresh)."""
+        self.model.load_state_dict({k[4:]: torch.from_numpy(v) for k, v in state.items() if k.startswith("net.")})
+        self.buffer = ReplayBuffer(self.buffer.capacity)
+        if "buffer.ids" in state:
+            self.buffer.add(state["buffer.ids"], state["buffer.x"], state["buffer.y"])
+        self.opt = torch.optim.Adam(self.model.parameters(), lr=float(self.cfg["lr"]))
+
+    def predict_labels(self, x: np.ndarray) -> np.ndarray:
+        """Predicted classes ``(N,)`` (no injected delay; for tests and tools)."""
+        return predict_logits(self.model, torch.from_numpy(np.asarray(x)).to(self.dev)).argmax(1).cpu().numpy()

@@ -4,7 +4,9 @@ A ClientApp handler finds its device by ``context.node_config["partition-id"]``.
 process needs to build a device -- the memory-mapped prepared dataset, the fleet's legacy
 models on disk -- is named in a small JSON ``spec`` carried by each message, and built devices
 are cached per worker process (legacy outputs are computed once: the models are frozen). The
-rejector lives in ``context.state`` between rounds.
+rejector lives in ``context.state`` between rounds. Each message's config also says which
+helper servers are up and which devices are cut off or drop out this round (fault injection);
+a dropped-out device's handler raises, which Flower turns into an error reply.
 """
 from __future__ import annotations
 
@@ -17,11 +19,10 @@ import torch
 from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
-from torch import nn
 
 from clients.device import Device, Rejector
 from clients.legacy import load_legacy
-from clients.zoo import build_model
+from servers.view import PoolView
 from sim.data import device_data, load_prepared
 from strategies import l2h
 
@@ -34,7 +35,7 @@ def _runtime(spec: dict[str, Any]) -> dict[str, Any]:
     if _WORKER.get("key") != spec["key"]:
         torch.set_num_threads(int(spec["torch_threads"]))
         _WORKER.clear()
-        _WORKER.update(key=spec["key"], prep=load_prepared(Path(spec["data_path"])), devices={}, server=None)
+        _WORKER.update(key=spec["key"], prep=load_prepared(Path(spec["data_path"])), devices={}, view=None)
     return _WORKER
 
 
@@ -49,27 +50,37 @@ def get_device(spec: dict[str, Any], device_id: int) -> Device:
     return dev
 
 
-def get_server(spec: dict[str, Any], arrays: ArrayRecord) -> nn.Module:
-    """The helper server model with the received weights (one module reused per worker)."""
+def get_view(spec: dict[str, Any], arrays: ArrayRecord) -> PoolView:
+    """The servers' networks with the received weights (modules reused per worker)."""
     rt = _runtime(spec)
-    if rt["server"] is None:
-        s = spec["servers"]
-        rt["server"] = build_model(s["arch"], tuple(spec["in_shape"]), spec["num_classes"], hidden=int(s["hidden"]))
-    model = rt["server"]
-    model.load_state_dict({k: torch.from_numpy(arrays[k].numpy()) for k in arrays.keys()})
-    model.eval()
-    return model
+    if rt["view"] is None:
+        rt["view"] = PoolView(spec["servers"], spec["in_shape"], spec["num_classes"])
+    return rt["view"].load({k: arrays[k].numpy() for k in arrays.keys()})
 
 
 def _rejector(spec: dict[str, Any], device: Device, context: Context, create: bool) -> Rejector | None:
     hp = spec["strategy"]["rejector"]
+    outputs = l2h.num_options(spec["servers"])
     if "rejector" not in context.state:
         if not create:
             return None
-        return device.new_rejector(hp["inputs"], int(hp["hidden"]), spec["seed"])
-    rej = Rejector(device.features("test", hp["inputs"]).shape[1], int(hp["hidden"]))
+        return device.new_rejector(hp["inputs"], int(hp["hidden"]), spec["seed"], outputs)
+    rej = Rejector(device.features("test", hp["inputs"]).shape[1], int(hp["hidden"]), outputs)
     rej.load_state_dict(context.state["rejector"].to_torch_state_dict())
     return rej
+
+
+class DeviceDropout(RuntimeError):
+    """Injected device dropout: the handler fails, Flower sends an error reply, the worker lives on."""
+
+
+def _faults(msg: Message, pid: int) -> list[int]:
+    """This device's reachable servers this round; raises :class:`DeviceDropout` if it drops out."""
+    faults = json.loads(str(msg.content["config"]["faults"]))
+    if pid in faults["dropout"]:
+        raise DeviceDropout(f"device {pid} dropped out (injected failure)")
+    cut = {s for devs, srvs in faults["partition"] if pid in devs for s in srvs}
+    return [s for s in faults["up"] if s not in cut]
 
 
 def _arrays(d: dict[str, np.ndarray]) -> ArrayRecord:
@@ -104,16 +115,17 @@ def train(msg: Message, context: Context) -> Message:
     spec = message_spec(msg)
     pid = int(context.node_config["partition-id"])
     rnd = int(msg.content["config"]["round"])
+    reachable = _faults(msg, pid)
     device = get_device(spec, pid)
-    server = get_server(spec, msg.content["server"])
+    view = get_view(spec, msg.content["server"])
     rejector = _rejector(spec, device, context, create=True)
-    defer, explore, metrics = l2h.client_train(device, rejector, server, spec["strategy"], spec["num_classes"],
-                                               rnd, spec["seed"])
+    defer, route, explore, metrics = l2h.client_train(device, rejector, view, reachable, spec["strategy"],
+                                                      spec["servers"], spec["num_classes"], rnd, spec["seed"])
     context.state["rejector"] = ArrayRecord(torch_state_dict=rejector.state_dict())
     send = defer | explore
     d = device.data
     samples = _arrays({"ids": d.ids_rejector[send], "x": d.x_rejector[send], "y": d.y_rejector[send],
-                       "explore": explore[send]})
+                       "route": route[send], "explore": explore[send]})
     info = MetricRecord({"device": pid, "num_examples": len(defer), **metrics})
     return Message(RecordDict({"samples": samples, "info": info}), reply_to=msg)
 
@@ -122,10 +134,10 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     spec = message_spec(msg)
     pid = int(context.node_config["partition-id"])
+    reachable = _faults(msg, pid)
     device = get_device(spec, pid)
-    server = get_server(spec, msg.content["server"])
     rejector = _rejector(spec, device, context, create=False)
-    rec = l2h.client_evaluate(device, rejector, server, spec["strategy"])
+    rec = l2h.client_evaluate(device, rejector, reachable, spec["strategy"], spec["servers"])
     info = MetricRecord({"device": pid, "num_examples": len(rec["y"])})
     return Message(RecordDict({"samples": _arrays(rec), "info": info}), reply_to=msg)
 

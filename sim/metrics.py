@@ -1,8 +1,9 @@
 """Fleet metrics from pooled per-sample evaluation records (METHODS.md sections 1, 4, 7).
 
 Every device returns, for each of its test samples: its label ``y``, the legacy prediction
-``m_pred`` and confidence ``m_conf`` (max softmax), the server prediction ``e_pred``, the
-rejector's deferral score ``score`` (psi_1) and decision ``defer``. Metrics are computed here,
+``m_pred`` and confidence ``m_conf`` (max softmax), the rejector's deferral score ``score``
+(psi_1) and decision ``defer``; the server pool adds ``e_pred``, the answer the sample gets when
+deferred (a server's, or after failover with every server unreachable, the legacy model's own). Metrics are computed here,
 once, from the pooled arrays, so every strategy is evaluated identically.
 """
 from __future__ import annotations
@@ -62,7 +63,8 @@ def pooled_metrics(rec: dict[str, np.ndarray], c_e: float, c_1: float, curve_poi
         curve_points: points of the accuracy-vs-defer-rate curves (rates 0..1).
 
     Returns:
-        Dict with ``system_accuracy``, ``defer_rate``, ``coverage``, ``l01_cost``,
+        Dict with ``system_accuracy``, ``defer_rate``, ``served_defer_rate`` (deferred and answered
+        by a server, not by the legacy fallback), ``coverage``, ``l01_cost``,
         ``legacy_accuracy``, ``server_accuracy``, ``oracle_accuracy``, ``num_samples``,
         ``baselines`` (``confidence`` global threshold, ``confidence_per_device``, ``random``
         expectation -- all at the same defer rate as the rejector), ``table`` (kept/deferred,
@@ -91,7 +93,9 @@ def pooled_metrics(rec: dict[str, np.ndarray], c_e: float, c_1: float, curve_poi
                 "difference": (ea - ma) if mask.any() else float("nan")}
 
     rates = np.linspace(0.0, 1.0, curve_points)
+    served = rec["served"].astype(bool) if "served" in rec else np.ones(n, dtype=bool)
     return {
+        "served_defer_rate": float((defer & served).mean()) if n else float("nan"),
         "num_samples": int(n),
         "system_accuracy": _acc(sys_ok),
         "defer_rate": rate,

@@ -70,3 +70,78 @@ def plot_devices(rows: list[dict[str, Any]], path: Path) -> Path:
     if any(groups):
         ax.legend(fontsize=7)
     return _finish(fig, ax, "legacy-only accuracy", "system accuracy", "Per-device accuracy", path)
+
+
+def plot_timeline(rounds: list[dict[str, Any]], schedule: list[Any], resilience: dict[str, Any], path: Path) -> Path:
+    """System accuracy per round with the failure periods shaded (darker: more servers down), the
+    legacy-only and all-servers-up (reference) accuracy as lines, and the failure events marked."""
+    ev = [r for r in rounds if r.get("system_accuracy") is not None]
+    fig, ax = plt.subplots(figsize=(8, 4))
+    for r in ev:
+        avail = r.get("availability") or []
+        down = len(avail) - sum(avail)
+        if down:
+            ax.axvspan(r["round"] - 0.5, r["round"] + 0.5, color="red", alpha=0.12 + 0.5 * down / max(len(avail), 1),
+                       lw=0)
+    x = [r["round"] for r in ev]
+    ax.plot(x, [_nan(r["system_accuracy"]) for r in ev], marker="o", label="system accuracy")
+    ax.plot(x, [_nan(r["legacy_accuracy"]) for r in ev], ls=":", color="grey", label="legacy only")
+    if resilience.get("all_up_accuracy") is not None:
+        ax.axhline(resilience["all_up_accuracy"], color="green", ls="--", lw=1, label="all up (reference, final)")
+    for f in schedule:
+        for s in f.kill:
+            ax.annotate(f"crash {s}", (f.round, ax.get_ylim()[0]), fontsize=7, color="darkred", rotation=90,
+                        va="bottom")
+        for s in f.restart:
+            ax.annotate(f"back {s}", (f.round, ax.get_ylim()[0]), fontsize=7, color="darkgreen", rotation=90,
+                        va="bottom")
+    ax.legend(fontsize=8, loc="lower right")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    title = f"Accuracy under failures ({resilience.get('failures')}; shaded: servers down)"
+    return _finish(fig, ax, "round", "accuracy", title, path)
+
+
+def plot_states(summary: dict[str, Any], path: Path) -> Path:
+    """Bars: system accuracy in each availability state of the run, and the servers alone
+    (standalone heads and ensembles) on the final test samples."""
+    res, table = summary["resilience"], (summary["servers"].get("table") or {})
+    labels, values, colors = [], [], []
+    for k, v in res["accuracy_by_state"].items():
+        labels.append(f"system: {k}")
+        values.append(_nan(v["system_accuracy"]))
+        colors.append("tab:blue")
+    for k, v in (table.get("standalone") or {}).items():
+        labels.append(f"server {k} alone")
+        values.append(_nan(v))
+        colors.append("tab:orange")
+    for k, v in (table.get("ensemble") or {}).items():
+        labels.append(f"ensemble {k}")
+        values.append(_nan(v))
+        colors.append("tab:green")
+    fig, ax = plt.subplots(figsize=(max(5, 0.7 * len(labels) + 2), 4))
+    ax.bar(range(len(labels)), values, color=colors)
+    ax.set_xticks(range(len(labels)))
+    ax.set_xticklabels(labels, rotation=30, ha="right", fontsize=8)
+    ax.set_ylim(0, 1)
+    s = summary["servers"]
+    return _finish(fig, ax, "", "accuracy", f"Accuracy per failure state ({s['training']} servers)", path)
+
+
+def plot_mode_comparison(rows: list[dict[str, Any]], path: Path) -> Path:
+    """Grouped bars: accuracy per failure state (x) for each server training mode (bars), with the
+    spread over seeds as error bars. ``rows``: dicts with ``training``, ``state``, ``mean``, ``std``."""
+    import numpy as np
+
+    states = list(dict.fromkeys(r["state"] for r in rows))
+    modes = list(dict.fromkeys(r["training"] for r in rows))
+    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(states) + 2), 4))
+    width = 0.8 / max(len(modes), 1)
+    for i, m in enumerate(modes):
+        vals = [next((r for r in rows if r["training"] == m and r["state"] == st), None) for st in states]
+        ax.bar(np.arange(len(states)) + i * width, [v["mean"] if v else np.nan for v in vals], width,
+               yerr=[v["std"] if v else 0 for v in vals], label=m, capsize=3)
+    ax.set_xticks(np.arange(len(states)) + width * (len(modes) - 1) / 2)
+    ax.set_xticklabels(states, fontsize=8)
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=8)
+    return _finish(fig, ax, "failure state", "system accuracy", "Accuracy per failure state by server training", path)

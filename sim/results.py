@@ -90,6 +90,7 @@ def build_summary(cfg: dict[str, Any], metrics: dict[str, Any], rows: list[dict[
     s = cfg["strategy"]
     return {
         **{key: metrics[key] for key in SUMMARY_KEYS},
+        "served_defer_rate": metrics["served_defer_rate"],
         "baselines": metrics["baselines"], "table": metrics["table"], "curves": metrics["curves"],
         "num_clients": len(acc), "num_rounds": int(cfg["sim"]["num_rounds"]), "seed": int(cfg["seed"]),
         "num_test_samples": metrics["num_samples"], "num_classes": num_classes,

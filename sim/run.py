@@ -10,6 +10,7 @@ metrics.jsonl, summary.json, clients.csv, rounds.png, accuracy_vs_defer_rate.png
 """
 from __future__ import annotations
 
+import copy
 import json
 import os
 import sys
@@ -21,13 +22,17 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from sim.cli import precheck
-from sim.schema import ConfigError, register, validate
+from sim.schema import ConfigError, register, routing_of, validate
 
 register()
 
 
 def simulate(cfg: dict[str, Any], run_dir: Path, console: Any | None = None) -> dict[str, Any]:
     """Run one fleet simulation and write its results into ``run_dir``.
+
+    With failures injected (``failures.name != none`` and ``failures.reference=true``), the same
+    seed is first run with no failures into ``run_dir/reference``: its final system accuracy, on
+    the same test samples, is the all-servers-up accuracy of ``resilience.fraction_kept``.
 
     Args:
         cfg: the composed config as a plain dict (see configs/ and sim/schema.py).
@@ -45,17 +50,31 @@ def simulate(cfg: dict[str, Any], run_dir: Path, console: Any | None = None) -> 
     from rich.console import Console
 
     from clients.legacy import build_fleet
-    from servers.helper import HelperServer
+    from servers.pool import ServerPool
     from sim import engine, plots, terminal
     from sim.apps import app as client_app
     from sim.data import prepare
     from sim.metrics import per_device
+    from flwr.app import ArrayRecord
+
+    from sim.resilience import resilience_summary, servers_summary, test_set_digest
     from sim.results import Recorder, build_summary
-    from strategies.l2h import L2HStrategy, resolve_surrogate, server_record
+    from sim.failures import build_schedule, schedule_json
+    from strategies.l2h import L2HStrategy, resolve_surrogate
     from strategies.l2h_losses import binary_alpha
 
     validate(cfg)
+    cfg = copy.deepcopy(cfg)
+    cfg["servers"]["routing"] = routing_of(cfg["servers"])
     console = console or Console()
+    reference = None
+    if cfg["failures"]["name"] != "none" and cfg["failures"]["reference"]:
+        console.print("[bold]reference[/bold]: the same seed with every server up (for resilience.fraction_kept)")
+        ref_cfg = copy.deepcopy(cfg)
+        ref_cfg["failures"] = {**ref_cfg["failures"], "name": "none", "reference": False}
+        ref_cfg = {**ref_cfg, "failures": none_failures(ref_cfg["failures"])}
+        reference = simulate(ref_cfg, Path(run_dir) / "reference", console)
+        console.print("[bold]run with failures[/bold]")
     t_start = time.perf_counter()
     engine.quiet_logs(cfg["sim"]["verbose"])
     torch.set_num_threads(int(cfg["sim"]["torch_threads"]))
@@ -78,9 +97,11 @@ def simulate(cfg: dict[str, Any], run_dir: Path, console: Any | None = None) -> 
     acc = fleet.legacy_accuracy
     terminal.print_fleet(console, cfg, prep, fleet)
 
-    server = HelperServer(cfg["servers"], prep.in_shape, num_classes, int(cfg["seed"]))
     recorder = Recorder(run_dir)
     num_rounds = int(cfg["sim"]["num_rounds"])
+    schedule = build_schedule(cfg["failures"], int(cfg["servers"]["count"]), len(acc), num_rounds, int(cfg["seed"]))
+    terminal.print_servers(console, cfg, schedule)
+    recorder.write_json("failure_schedule.json", {"failures": cfg["failures"], "rounds": schedule_json(schedule)})
 
     progress, task = terminal.round_progress(console, num_rounds, cfg["sim"]["progress"])
 
@@ -90,17 +111,29 @@ def simulate(cfg: dict[str, Any], run_dir: Path, console: Any | None = None) -> 
         if record.get("system_accuracy") is not None:
             progress.console.print(terminal.round_line(record, num_rounds), soft_wrap=True)
 
-    strategy = L2HStrategy(cfg, server, on_round)
-
     timeout = float(cfg["sim"]["round_timeout"])
+    placement = "ray" if cfg["sim"]["backend"] == "ray" else "local"
+    state: dict[str, Any] = {}
 
     def server_main(grid: Any) -> None:
         timing["engine_start_s"] = time.perf_counter() - t_sim
-        strategy.handshake(grid, timeout)
-        strategy.t0 = time.perf_counter()
-        timing["handshake_s"] = strategy.t0 - t_sim - timing["engine_start_s"]
-        strategy.start(grid, initial_arrays=server_record(server), num_rounds=num_rounds, timeout=timeout)
-        timing["rounds_s"] = time.perf_counter() - strategy.t0
+        # The server pool is made here, inside the engine's Ray session: its actors live on Ray.
+        pool = state["pool"] = ServerPool(cfg, prep.in_shape, num_classes, placement)
+        try:
+            pool.wait_ready(min(120.0, float(cfg["sim"]["round_timeout"])))
+            strategy = state["strategy"] = L2HStrategy(cfg, pool, schedule, on_round)
+            strategy.spec_json = spec_json
+            strategy.handshake(grid, timeout)
+            strategy.t0 = time.perf_counter()
+            timing["handshake_s"] = strategy.t0 - t_sim - timing["engine_start_s"]
+            strategy.start(grid, initial_arrays=ArrayRecord(), num_rounds=num_rounds, timeout=timeout)
+            timing["rounds_s"] = time.perf_counter() - strategy.t0
+            state["table"] = pool.table(strategy.last_x, strategy.last_eval["y"]) if strategy.last_x is not None \
+                else None
+            state["where"] = pool.where()
+            state["dead"] = sorted(pool.dead)
+        finally:
+            pool.shutdown()
 
     spec = {
         "key": f"{run_dir}:{time.time_ns()}",
@@ -109,10 +142,11 @@ def simulate(cfg: dict[str, Any], run_dir: Path, console: Any | None = None) -> 
         "in_shape": list(prep.in_shape), "num_classes": num_classes, "seed": int(cfg["seed"]),
         "strategy": cfg["strategy"], "servers": cfg["servers"], "torch_threads": int(cfg["sim"]["torch_threads"]),
     }
-    strategy.spec_json = json.dumps(spec, sort_keys=True)
+    spec_json = json.dumps(spec, sort_keys=True)
     t_sim = time.perf_counter()
     with progress:
         engine.run(cfg["sim"], server_main, client_app, len(acc))
+    strategy = state["strategy"]
     sim_seconds = time.perf_counter() - t_sim
     timing["engine_stop_s"] = sim_seconds - sum(timing.get(p, 0.0) for p in ("engine_start_s", "handshake_s",
                                                                              "rounds_s"))
@@ -126,16 +160,36 @@ def simulate(cfg: dict[str, Any], run_dir: Path, console: Any | None = None) -> 
     rows = per_device(strategy.last_eval, meta)
     recorder.clients(rows)
     summary = build_summary(cfg, metrics, rows, acc, num_classes)
+    summary["test_set_digest"] = test_set_digest(strategy.last_eval)
+    summary["servers"] = servers_summary(cfg, recorder.rounds, state["table"], state["dead"])
+    summary["resilience"] = resilience_summary(cfg, recorder.rounds, summary, reference)
     recorder.summary(summary)
     if cfg["sim"]["plots"]:
         plots.plot_rounds(recorder.rounds, run_dir / "rounds.png")
         plots.plot_defer_curve(metrics, run_dir / "accuracy_vs_defer_rate.png")
         plots.plot_devices(rows, run_dir / "devices.png")
+        plots.plot_timeline(recorder.rounds, schedule, summary["resilience"], run_dir / "resilience_timeline.png")
+        plots.plot_states(summary, run_dir / "resilience_states.png")
+    errors = sum(int(r.get("train_errors", 0)) + int(r.get("eval_errors", 0)) for r in recorder.rounds)
+    if errors and not cfg["sim"]["verbose"]:
+        console.print(f"note: {errors} device replies were errors (injected dropouts count here); "
+                      "sim.verbose=true shows each one")
     timing["total_s"] = time.perf_counter() - t_start
     # Wall-clock phases go to their own file: summary.json holds only seed-determined numbers.
     recorder.write_json("timing.json", {"backend": cfg["sim"]["backend"], **timing})
     terminal.print_summary(console, summary, run_dir, sim_seconds, timing["total_s"])
     return summary
+
+
+def none_failures(f: dict[str, Any]) -> dict[str, Any]:
+    """The ``failures`` config with every fault switched off (the all-servers-up reference)."""
+    from sim.schema import FailuresConfig
+    from omegaconf import OmegaConf
+
+    plain = OmegaConf.to_container(OmegaConf.structured(FailuresConfig(name="none")))
+    plain["reference"] = False
+    plain["query_timeout_s"] = f["query_timeout_s"]
+    return plain
 
 
 @hydra.main(config_path="pkg://configs", config_name="config", version_base="1.3")

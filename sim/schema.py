@@ -101,16 +101,26 @@ class ResourcesConfig:
 
 
 @dataclass
+class MELConfig:
+    standalone_weight: float = 1.0  # lambda_s of each server's own head (METHODS.md section 5)
+    combiner_weight: float = 1.0  # lambda_A of each combiner head (equal weights: the authors' best)
+
+
+@dataclass
 class ServersConfig:
     name: str = MISSING
-    count: int = 1
+    count: int = 1  # S helper servers, each a Ray actor
+    routing: str = "auto"  # auto (mel: all, else learned) | learned | round_robin | least_loaded | all
+    training: str = "independent"  # independent | mel | dml
+    c_e: Optional[List[float]] = None  # per-server deferral price (null: strategy.c_e for every server)
+    mel: MELConfig = field(default_factory=MELConfig)
     arch: str = "mlp"
     hidden: int = 128
     buffer_size: int = 5000  # bounded replay buffer of deferred samples, per server
     epochs: int = 20  # passes over the buffer per round
     batch_size: int = 64
     lr: float = 0.001
-    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+    resources: ResourcesConfig = field(default_factory=lambda: ResourcesConfig(num_cpus=0.0))
 
 
 @dataclass
@@ -132,8 +142,56 @@ class SimConfig:
 
 
 @dataclass
+class PartitionFaultConfig:
+    devices: List[int] = field(default_factory=list)  # devices that cannot reach ...
+    servers: List[int] = field(default_factory=list)  # ... these servers
+    start: int = 1
+    end: Optional[int] = None  # last round (null: to the end)
+
+
+@dataclass
+class SlowFaultConfig:
+    servers: List[int] = field(default_factory=list)
+    delay_s: float = 2.0  # answer delay; past failures.query_timeout_s the server counts as down
+    start: int = 1
+    end: Optional[int] = None
+
+
+@dataclass
+class DropoutFaultConfig:
+    devices: List[int] = field(default_factory=list)  # devices that fail their rounds
+    fraction: float = 0.0  # or: each device fails each round with this probability
+    start: int = 1
+    end: Optional[int] = None
+
+
+@dataclass
+class RandomFaultConfig:
+    crash_p: float = 0.05  # per server and round
+    recover_p: float = 0.5  # a crashed server comes back (after 1..max_down rounds)
+    max_down: int = 3
+    outage_p: float = 0.1
+    slow_p: float = 0.05
+    partition_p: float = 0.1  # per round: half the devices lose one server
+    dropout_p: float = 0.05  # per device and round
+    query_drop_q: float = 0.02
+
+
+@dataclass
 class FailuresConfig:
-    name: str = MISSING
+    name: str = MISSING  # none | crash_stop | crash_recover | transient | query_drop | partition | slow | device_dropout | random
+    servers: List[int] = field(default_factory=list)  # servers that crash at failures.round
+    round: int = 1
+    recover_after: Optional[int] = None  # crash-recover: back after d rounds (null: crash-stop)
+    recover_from: str = "checkpoint"  # checkpoint | scratch
+    outage_p: float = 0.0  # transient: each server down for a whole round with probability p
+    query_drop_q: float = 0.0  # each query to each server lost with probability q
+    query_timeout_s: float = 1.0  # a server answering later than this counts as down
+    partition: PartitionFaultConfig = field(default_factory=PartitionFaultConfig)
+    slow: SlowFaultConfig = field(default_factory=SlowFaultConfig)
+    dropout: DropoutFaultConfig = field(default_factory=DropoutFaultConfig)
+    random: RandomFaultConfig = field(default_factory=RandomFaultConfig)
+    reference: bool = True  # also run the same seed with no failures, for resilience.fraction_kept
 
 
 @dataclass
@@ -161,7 +219,11 @@ KNOWN = {
     "strategy.surrogate": ("auto", "multiclass", "binary"),
     "strategy.rejector.inputs": ("sample", "legacy", "sample+legacy"),
     "servers.arch": ("logreg", "mlp", "cnn"),
-    "failures.name": ("none",),
+    "servers.routing": ("auto", "learned", "round_robin", "least_loaded", "all"),
+    "servers.training": ("independent", "mel", "dml"),
+    "failures.name": ("none", "crash_stop", "crash_recover", "transient", "query_drop", "partition", "slow",
+                      "device_dropout", "random"),
+    "failures.recover_from": ("checkpoint", "scratch"),
     "sim.backend": ("ray", "inprocess"),
 }
 ARCHS = ("logreg", "mlp", "cnn")
@@ -202,8 +264,26 @@ def validate(cfg: Any) -> None:
     for k in ("hidden", "epochs", "batch_size"):
         need(rej[k] >= 1, f"strategy.rejector.{k}", "must be >= 1")
     need(rej["lr"] > 0, "strategy.rejector.lr", "must be > 0")
-    need(cfg["servers"]["count"] == 1, "servers.count",
-         "only one helper server is supported so far; set servers.count=1")
+    sv = cfg["servers"]
+    need(1 <= sv["count"] <= 8, "servers.count", "need 1 to 8 helper servers (MEL has 2^S - S - 1 combiner heads)")
+    if sv["c_e"] is not None:
+        if len(sv["c_e"]) != sv["count"]:
+            raise ConfigError(f"servers.c_e has {len(sv['c_e'])} prices for {sv['count']} servers: give one per "
+                              "server, e.g. servers.c_e=[0.1,0.2], or null to use strategy.c_e")
+        if any(v < 0 for v in sv["c_e"]):
+            raise ConfigError(f"servers.c_e={list(sv['c_e'])} is invalid: deferral prices must be >= 0")
+    multi = routing_of(sv) == "learned" and sv["count"] > 1
+    if multi and cfg["strategy"]["weights"] != "shifted":
+        raise ConfigError(f"strategy.weights={cfg['strategy']['weights']} is defined for one defer output only: "
+                          "use strategy.weights=shifted with servers.routing=learned and several servers")
+    if multi and cfg["strategy"]["surrogate"] == "binary":
+        raise ConfigError("strategy.surrogate=binary has one defer output: use servers.routing=round_robin, "
+                          "least_loaded or all with several servers")
+    for k in ("standalone_weight", "combiner_weight"):
+        need(sv["mel"][k] >= 0, f"servers.mel.{k}", "must be >= 0")
+    for k in ("num_cpus", "num_gpus"):
+        need(sv["resources"][k] >= 0, f"servers.resources.{k}", "must be >= 0")
+    validate_failures(cfg)
     for k in ("hidden", "buffer_size", "epochs", "batch_size"):
         need(cfg["servers"][k] >= 1, f"servers.{k}", "must be >= 1")
     need(cfg["servers"]["lr"] > 0, "servers.lr", "must be > 0")
@@ -250,3 +330,64 @@ def validate(cfg: Any) -> None:
         for ok, k, rule in checks:
             if not ok:
                 raise ConfigError(f"{key}.{k}={g[k]!r} is invalid: {rule}")
+
+
+def routing_of(servers: Any) -> str:
+    """``servers.routing`` with ``auto`` resolved: MEL servers answer as an ensemble (``all``, so
+    the combiner heads serve), every other pool routes by the learned rejector (``learned``)."""
+    if servers["routing"] != "auto":
+        return str(servers["routing"])
+    return "all" if servers["training"] == "mel" else "learned"
+
+
+def validate_failures(cfg: Any) -> None:
+    """Check the ``failures`` config against the fleet: servers and devices named must exist.
+
+    Raises:
+        ConfigError: one line naming the key and the valid range.
+    """
+    f = cfg["failures"]
+    num_servers, num_clients = cfg["servers"]["count"], cfg["fleet"]["num_clients"]
+    num_rounds = cfg["sim"]["num_rounds"]
+
+    def servers_ok(key: str, servers: Any) -> None:
+        bad = [s for s in servers if not 0 <= s < num_servers]
+        if bad:
+            raise ConfigError(f"{key} names server {bad[0]}, but servers.count={num_servers} (servers 0.."
+                              f"{num_servers - 1}): fix {key} or raise servers.count")
+
+    def devices_ok(key: str, devices: Any) -> None:
+        bad = [d for d in devices if not 0 <= d < num_clients]
+        if bad:
+            raise ConfigError(f"{key} names device {bad[0]}, but fleet.num_clients={num_clients} (devices 0.."
+                              f"{num_clients - 1})")
+
+    def prob(key: str, value: float) -> None:
+        if not 0 <= value <= 1:
+            raise ConfigError(f"{key}={value!r} is invalid: a probability must be in [0, 1]")
+
+    servers_ok("failures.servers", f["servers"])
+    servers_ok("failures.partition.servers", f["partition"]["servers"])
+    servers_ok("failures.slow.servers", f["slow"]["servers"])
+    devices_ok("failures.partition.devices", f["partition"]["devices"])
+    devices_ok("failures.dropout.devices", f["dropout"]["devices"])
+    if f["servers"] and not 1 <= f["round"] <= num_rounds:
+        raise ConfigError(f"failures.round={f['round']} is invalid: the crash round must be in 1..{num_rounds} "
+                          "(sim.num_rounds)")
+    if f["recover_after"] is not None and f["recover_after"] < 1:
+        raise ConfigError(f"failures.recover_after={f['recover_after']} is invalid: must be >= 1 round (or null)")
+    prob("failures.outage_p", f["outage_p"])
+    prob("failures.query_drop_q", f["query_drop_q"])
+    prob("failures.dropout.fraction", f["dropout"]["fraction"])
+    for k in ("crash_p", "recover_p", "outage_p", "slow_p", "partition_p", "dropout_p", "query_drop_q"):
+        prob(f"failures.random.{k}", f["random"][k])
+    if f["random"]["max_down"] < 1:
+        raise ConfigError(f"failures.random.max_down={f['random']['max_down']} is invalid: must be >= 1")
+    if not f["query_timeout_s"] > 0:
+        raise ConfigError(f"failures.query_timeout_s={f['query_timeout_s']} is invalid: must be > 0 seconds")
+    if f["slow"]["delay_s"] < 0:
+        raise ConfigError(f"failures.slow.delay_s={f['slow']['delay_s']} is invalid: must be >= 0 seconds")
+    for part in ("partition", "slow", "dropout"):
+        start, end = f[part]["start"], f[part]["end"]
+        if start < 1 or (end is not None and end < start):
+            raise ConfigError(f"failures.{part}.start/end = {start}/{end} is invalid: need 1 <= start <= end")

@@ -28,6 +28,26 @@ def print_fleet(console: Any, cfg: dict[str, Any], prep: Any, fleet: Any) -> Non
                           f"legacy accuracy mean {acc[members].mean():.3f}")
 
 
+def print_servers(console: Any, cfg: dict[str, Any], schedule: list[Any]) -> None:
+    """The helper-server pool and, when failures are injected, the failure schedule."""
+    from sim.failures import describe
+
+    sv, f = cfg["servers"], cfg["failures"]
+    if int(sv["count"]) > 1 or f["name"] != "none":
+        console.print(f"[bold]servers[/bold]: {sv['count']} x {sv['arch']} (hidden {sv['hidden']}), "
+                      f"training={sv['training']}, routing={sv['routing']}", soft_wrap=True)
+    if f["name"] == "none":
+        return
+    drop = max((r.query_drop for r in schedule), default=0.0)
+    console.print(f"[bold]failures[/bold]: {f['name']}" + (f", per-query drop q={drop:g}" if drop else "")
+                  + f", query timeout {float(f['query_timeout_s']):g}s", soft_wrap=True)
+    lines = [(r.round, describe(r)) for r in schedule if describe(r)]
+    for t, text in lines:
+        console.print(f"  round {t:>3}: {text}", soft_wrap=True)
+    if not lines and not drop:
+        console.print("  (no fault falls within this run's rounds)")
+
+
 def round_progress(console: Any, num_rounds: int, enabled: bool) -> tuple[Progress, TaskID]:
     """A progress bar over rounds with elapsed time and an estimate of the time left."""
     progress = Progress(TextColumn("[bold]rounds"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -37,9 +57,20 @@ def round_progress(console: Any, num_rounds: int, enabled: bool) -> tuple[Progre
 
 
 def round_line(record: dict[str, Any], num_rounds: int) -> str:
-    return (f"round {record['round']:>3}/{num_rounds}  system {record['system_accuracy']:.3f}  "
+    """One line per evaluated round; with several servers or failures, who is up and the failovers."""
+    line = (f"round {record['round']:>3}/{num_rounds}  system {record['system_accuracy']:.3f}  "
             f"defer {record['defer_rate']:.3f}  server {record['server_accuracy']:.3f}  "
-            f"legacy {record['legacy_accuracy']:.3f}  [{record['elapsed_s']:.1f}s]")
+            f"legacy {record['legacy_accuracy']:.3f}")
+    avail = record.get("availability") or []
+    fo = {k: v for k, v in (record.get("failovers") or {}).items() if v}
+    errors = int(record.get("train_errors", 0)) + int(record.get("eval_errors", 0))
+    if len(avail) > 1 or not all(avail) or fo or errors:
+        line += "  up " + "".join("+" if a else "-" for a in avail)
+        if fo:
+            line += "  failover " + " ".join(f"{k}={v}" for k, v in sorted(fo.items()))
+        if errors:
+            line += f"  device errors {errors}"
+    return line + f"  [{record['elapsed_s']:.1f}s]"
 
 
 def _fmt(v: float | None) -> str:
@@ -64,4 +95,24 @@ def print_summary(console: Any, summary: dict[str, Any], run_dir: Path, sim_s: f
         r = summary["table"][name]
         tb.add_row(name, str(r["n"]), _fmt(r["legacy_accuracy"]), _fmt(r["server_accuracy"]), _fmt(r["difference"]))
     console.print(tb)
+    res, srv = summary.get("resilience"), summary.get("servers")
+    if res and (res["failures"] != "none" or srv["count"] > 1):
+        tr = Table(title=f"resilience ({res['failures']}; {srv['count']} servers, training={srv['training']}, "
+                         f"routing={srv['routing']})")
+        tr.add_column("state")
+        tr.add_column("rounds", justify="right")
+        tr.add_column("system acc", justify="right")
+        tr.add_column("served defer rate", justify="right")
+        for k, v in res["accuracy_by_state"].items():
+            tr.add_row(k, str(v["rounds"]), _fmt(v["system_accuracy"]), _fmt(v["served_defer_rate"]))
+        console.print(tr)
+        fo = ", ".join(f"{k} {v}" for k, v in res["failovers"].items())
+        console.print(f"fraction of all-up accuracy kept: {_fmt(res['fraction_kept'])} "
+                      f"(final {_fmt(res['system_accuracy'])} / all up {_fmt(res['all_up_accuracy'])}); "
+                      f"failovers: {fo}", soft_wrap=True)
+        table = srv.get("table") or {}
+        if table.get("standalone"):
+            parts = [f"server {k} {v:.3f}" for k, v in table["standalone"].items()]
+            parts += [f"ensemble {k} {v:.3f}" for k, v in table.get("ensemble", {}).items()]
+            console.print("servers alone (final test samples): " + ", ".join(parts), soft_wrap=True)
     console.print(f"results in {run_dir}  (simulation {sim_s:.1f}s, total {total_s:.1f}s)", soft_wrap=True)

@@ -5,8 +5,9 @@
 - Seeded device sampling per round; replies sorted by device id before they are used, so the
   result never depends on the order replies arrive in.
 - Error replies (a device that failed a round) are counted, never fatal.
-- Evaluation replies carry per-sample records; :mod:`sim.metrics` computes every metric from
-  the pooled records, and each round ends with one record passed to ``on_round``.
+- Evaluation replies carry per-sample records and the test samples; the strategy's
+  :meth:`FleetStrategy.answer` (the server pool) answers them, :mod:`sim.metrics` computes every
+  metric from the pooled records, and each round ends with one record passed to ``on_round``.
 """
 from __future__ import annotations
 
@@ -19,8 +20,13 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from sim.metrics import FIELDS, pooled_metrics
+from sim.metrics import pooled_metrics
 from sim.training import derive_seed
+
+
+DEVICE_FIELDS = ("device", "y", "m_pred", "score", "m_conf", "defer", "route")
+"""Per-sample fields a device returns from evaluation (plus the samples ``x``); the strategy adds
+``e_pred`` and ``served`` (:meth:`FleetStrategy.answer`)."""
 
 
 class FleetStrategy(Strategy):
@@ -40,6 +46,7 @@ class FleetStrategy(Strategy):
         self.node_of: dict[int, int] = {}
         self.train_record: dict[str, Any] = {}
         self.last_eval: dict[str, np.ndarray] | None = None
+        self.last_x: np.ndarray | None = None
         self.last_metrics: dict[str, Any] | None = None
         self.t0 = time.perf_counter()
         self.spec_json = "{}"  # the device-runtime spec every message carries (set by the runner)
@@ -106,12 +113,19 @@ class FleetStrategy(Strategy):
         return self.messages(grid, devices, MessageType.EVALUATE, self.eval_content(server_round, arrays),
                              server_round)
 
+    def answer(self, server_round: int, pooled: dict[str, np.ndarray], x: np.ndarray) -> dict[str, Any]:
+        """Fill ``pooled["e_pred"]`` (and ``served``) for the test samples ``x``; return round metrics."""
+        raise NotImplementedError
+
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         record = {"round": server_round, **self.train_record}
         ok, errors = self.ok_replies(replies)
         metrics = None
         if ok:
-            pooled = {f: np.concatenate([r.content["samples"][f].numpy() for _, r in ok]) for f in FIELDS}
+            pooled = {f: np.concatenate([r.content["samples"][f].numpy() for _, r in ok]) for f in DEVICE_FIELDS}
+            x = np.concatenate([r.content["samples"]["x"].numpy() for _, r in ok])
+            record.update(self.answer(server_round, pooled, x))
+            self.last_x = x
             s = self.cfg["strategy"]
             metrics = pooled_metrics(pooled, float(s["c_e"]), float(s["c_1"]))
             self.last_eval, self.last_metrics = pooled, metrics

@@ -4,32 +4,38 @@ Source: Wu, Li, Dong, Sathyavageeswaran, Sarwate, "Learning to Help in Multi-Cla
 ICLR 2025 (arXiv 2501.13810); binary case: Wu & Sarwate 2024 (arXiv 2409.16253).
 
 One round (DESIGN.md):
-1. :class:`L2HStrategy.configure_train` sends sampled devices the helper server's weights --
-   the current ones (synchronous, ``staleness=1``) or a copy refreshed every S rounds
-   (asynchronous) -- and the costs.
-2. :func:`client_train` (on the device) computes the server's and the legacy model's errors on
-   its rejector split, trains the rejector with the stage-switching surrogate
-   (:mod:`strategies.l2h_losses`), and returns the samples it now defers plus an exploration
-   fraction of the ones it keeps.
-3. :class:`L2HStrategy.aggregate_train` adds them to the server's replay buffer and trains the
-   server on it (cross-entropy: the server half of the stage-switching surrogate).
-4. Evaluation (:func:`client_evaluate`, pooled in :mod:`strategies.base`).
+1. :class:`L2HStrategy.configure_train` carries out the round's faults on the server pool,
+   and sends sampled devices the up servers' weights -- the current ones (synchronous,
+   ``staleness=1``) or a copy refreshed every S rounds (asynchronous) -- and which servers are up.
+2. :func:`client_train` (on the device) computes the legacy model's and each routing option's
+   errors on its rejector split, trains the rejector with the stage-switching surrogate
+   (:mod:`strategies.l2h_losses`; with ``servers.routing=learned`` and several servers, one defer
+   output per server and per-server costs), and returns the samples it now defers (with the
+   server it chose) plus an exploration fraction of the ones it keeps.
+3. :class:`L2HStrategy.aggregate_train` hands them to the pool, which routes them and trains the
+   servers (cross-entropy: the server half of the stage-switching surrogate; or MEL / DML).
+4. Evaluation: each device decides on its test split (:func:`client_evaluate`); the pool answers
+   the deferred samples with failover; metrics are pooled in :mod:`strategies.base`.
 """
 from __future__ import annotations
 
+import json
 from typing import Any, Iterable
 
 import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
-from torch import nn
 
 from clients.device import Device, Rejector
-from servers.helper import HelperServer
-from sim.training import derive_seed, predict_logits, train_minibatch
+from servers.pool import ServerPool
+from servers.view import PoolView
+from sim.failures import RoundFaults
+from sim.schema import routing_of
+from sim.training import derive_seed, train_minibatch
 from strategies.base import FleetStrategy
-from strategies.l2h_losses import (binary_alpha, binary_rejector_loss, l2h_weights, multiclass_rejector_loss)
+from strategies.l2h_losses import (binary_alpha, binary_rejector_loss, l2h_weights, masked_decision,
+                                   multi_server_rejector_loss, multiclass_rejector_loss)
 
 
 def resolve_surrogate(name: str, num_classes: int) -> str:
@@ -41,106 +47,195 @@ def resolve_surrogate(name: str, num_classes: int) -> str:
     return name
 
 
-def client_train(device: Device, rejector: Rejector, server: nn.Module, hp: dict[str, Any], num_classes: int,
-                 server_round: int, seed: int) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
-    """One device's L2H update: train its rejector against the (possibly stale) server.
+def num_options(servers_cfg: dict[str, Any]) -> int:
+    """Rejector outputs: ``1 + S`` for learned routing over S > 1 servers, else 2 (local, defer)."""
+    count = int(servers_cfg["count"])
+    return 1 + count if routing_of(servers_cfg) == "learned" and count > 1 else 2
+
+
+def server_costs(servers_cfg: dict[str, Any], c_e: float) -> list[float]:
+    """Per-server deferral price ``c_e[s]``: ``servers.c_e`` when set, else ``strategy.c_e`` for all."""
+    per = servers_cfg.get("c_e")
+    return [float(v) for v in per] if per else [float(c_e)] * int(servers_cfg["count"])
+
+
+def availability_mask(servers_cfg: dict[str, Any], reachable: list[int]) -> torch.Tensor:
+    """Which rejector options are available: ``(num_options,)`` bool, option 0 (local) always."""
+    n = num_options(servers_cfg)
+    if n == 2:
+        return torch.tensor([True, bool(reachable)])
+    mask = torch.zeros(n, dtype=torch.bool)
+    mask[0] = True
+    mask[[1 + s for s in reachable]] = True
+    return mask
+
+
+def client_train(device: Device, rejector: Rejector, view: PoolView, reachable: list[int], hp: dict[str, Any],
+                 servers_cfg: dict[str, Any], num_classes: int, server_round: int, seed: int
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, float]]:
+    """One device's L2H update: train its rejector against the (possibly stale) servers it can reach.
 
     Args:
         device: the device (data, frozen legacy model). rejector: trained in place.
-        server: the helper server model e as received this round.
-        hp: the ``strategy`` config. num_classes: K. server_round, seed: for seeding.
+        view: the servers' networks as received this round. reachable: servers this device can
+            reach this round (up, not cut off). hp: the ``strategy`` config. servers_cfg: the
+            ``servers`` config. num_classes: K. server_round, seed: for seeding.
 
     Returns:
-        ``defer: (N,)`` bool (rejector decisions on the rejector split), ``explore: (N,)`` bool
-        (kept samples also sent to the server), and metrics.
+        ``defer: (N,)`` bool (decisions on the rejector split), ``route: (N,)`` int (the server a
+        learned rejector chose, -1 otherwise), ``explore: (N,)`` bool (kept samples also sent),
+        and metrics.
     """
     feats = device.features("rejector", hp["rejector"]["inputs"])
     y = torch.from_numpy(device.data.y_rejector)
     m_wrong = (device.legacy_rejector.argmax(1) != y).float()
-    e_logits = predict_logits(server, torch.from_numpy(device.data.x_rejector))
-    e_wrong = (e_logits.argmax(1) != y).float()
+    reach = [s for s in reachable if s in view.present]
+    avail = availability_mask(servers_cfg, reach)
     c_e, c_1 = float(hp["c_e"]), float(hp["c_1"])
-    if resolve_surrogate(hp["surrogate"], num_classes) == "multiclass":
-        w0, w1 = l2h_weights(m_wrong, e_wrong, c_e, c_1, hp["weights"])
-        tensors = (feats, w0, w1)
-
-        def loss_fn(f, a, b):
-            return multiclass_rejector_loss(rejector(f), a, b)
+    prices = server_costs(servers_cfg, c_e)
+    x = torch.from_numpy(device.data.x_rejector)
+    e_err = float("nan")
+    if not reach:
+        loss = float("nan")  # nothing to defer to: the rejector is left as it is
     else:
-        alpha = binary_alpha(c_e, c_1, float(hp["binary_beta"]), float(hp["binary_p"]))
-        margin = 2.0 * torch.softmax(e_logits, 1).gather(1, y[:, None])[:, 0] - 1.0
-        tensors = (feats, m_wrong, margin)
+        _, logits = view.outputs(x, reach)
+        wrong = {s: (logits[s].argmax(1) != y).float() for s in reach}
+        if num_options(servers_cfg) > 2:
+            costs = torch.zeros(len(y), num_options(servers_cfg))
+            costs[:, 0] = m_wrong
+            for s in reach:
+                costs[:, 1 + s] = prices[s] + c_1 * wrong[s]
+            e_err = float(torch.stack([wrong[s] for s in reach]).mean())
+            tensors = (feats, costs)
 
-        def loss_fn(f, mw, em):
-            return binary_rejector_loss(rejector(f), mw, em, c_e, c_1, float(hp["binary_beta"]), alpha)
+            def loss_fn(f, c):
+                return multi_server_rejector_loss(rejector(f), c, avail)
+        else:
+            if routing_of(servers_cfg) == "all":
+                probs = view.ensemble(x, reach)
+                e_wrong = (probs.argmax(1) != y).float()
+            else:  # one server (learned, S=1) or pool-chosen: the expected error over the servers
+                probs = torch.stack([torch.softmax(logits[s], 1) for s in reach]).mean(0)
+                e_wrong = torch.stack([wrong[s] for s in reach]).mean(0)
+            c_defer = float(np.mean([prices[s] for s in reach]))
+            e_err = float(e_wrong.mean())
+            if resolve_surrogate(hp["surrogate"], num_classes) == "multiclass":
+                w0, w1 = l2h_weights(m_wrong, e_wrong, c_defer, c_1, hp["weights"])
+                tensors = (feats, w0, w1)
 
-    rh = hp["rejector"]
-    rejector.train()
-    loss = train_minibatch(rejector.parameters(), tensors, loss_fn, epochs=int(rh["epochs"]),
-                           batch_size=int(rh["batch_size"]), lr=float(rh["lr"]),
-                           seed=derive_seed(seed, "rejector", device.device_id, server_round))
-    rejector.eval()
-    with torch.no_grad():
-        defer = (rejector(feats).argmax(1) == 1).numpy()
+                def loss_fn(f, a, b):
+                    return multiclass_rejector_loss(rejector(f), a, b)
+            else:
+                alpha = binary_alpha(c_defer, c_1, float(hp["binary_beta"]), float(hp["binary_p"]))
+                margin = 2.0 * probs.gather(1, y[:, None])[:, 0] - 1.0
+                tensors = (feats, m_wrong, margin)
+
+                def loss_fn(f, mw, em):
+                    return binary_rejector_loss(rejector(f), mw, em, c_defer, c_1, float(hp["binary_beta"]), alpha)
+
+        rh = hp["rejector"]
+        rejector.train()
+        loss = train_minibatch(rejector.parameters(), tensors, loss_fn, epochs=int(rh["epochs"]),
+                               batch_size=int(rh["batch_size"]), lr=float(rh["lr"]),
+                               seed=derive_seed(seed, "rejector", device.device_id, server_round))
+    defer, route = decide(rejector, feats, avail, servers_cfg)
     rng = np.random.default_rng(derive_seed(seed, "explore", device.device_id, server_round))
-    explore = (~defer) & (rng.random(len(defer)) < float(hp["explore"]))
+    explore = (~defer) & (rng.random(len(defer)) < float(hp["explore"])) & bool(reach)
     metrics = {"rejector_loss": loss, "train_defer_rate": float(defer.mean()),
-               "train_legacy_error": float(m_wrong.mean()), "train_server_error": float(e_wrong.mean())}
-    return defer, explore, metrics
+               "train_legacy_error": float(m_wrong.mean()), "train_server_error": e_err}
+    return defer, route, explore, metrics
 
 
 @torch.no_grad()
-def client_evaluate(device: Device, rejector: Rejector | None, server: nn.Module, hp: dict[str, Any]
-                    ) -> dict[str, np.ndarray]:
-    """Per-sample evaluation records of the hybrid system on the device's test split.
+def decide(rejector: Rejector, feats: torch.Tensor, avail: torch.Tensor, servers_cfg: dict[str, Any]
+           ) -> tuple[np.ndarray, np.ndarray]:
+    """Masked decisions: ``defer (N,)`` bool and ``route (N,)`` (learned routing: the best available
+    server by the rejector's logits, whether or not the sample is deferred; -1 otherwise)."""
+    rejector.eval()
+    logits = rejector(feats)
+    choice, _ = masked_decision(logits, avail)
+    defer = (choice > 0).numpy()
+    route = np.full(len(feats), -1, dtype=np.int64)
+    if num_options(servers_cfg) > 2 and bool(avail[1:].any()):
+        server_logits = logits[:, 1:].masked_fill(~avail[1:], float("-inf"))
+        route = server_logits.argmax(1).numpy().astype(np.int64)
+    elif routing_of(servers_cfg) == "learned" and bool(avail[1]):
+        route = np.zeros(len(feats), dtype=np.int64)
+    return defer, route
+
+
+@torch.no_grad()
+def client_evaluate(device: Device, rejector: Rejector | None, reachable: list[int], hp: dict[str, Any],
+                    servers_cfg: dict[str, Any]) -> dict[str, np.ndarray]:
+    """The device's decisions on its test split; the pool answers the deferred samples.
 
     A device whose rejector has never been trained (not yet sampled) keeps every sample local
     (score 0): a deployed device does not defer before it has learned to.
 
     Returns:
-        Arrays of :data:`sim.metrics.FIELDS`, each ``(N_test,)``.
+        Per-sample arrays ``(N_test,)``: ``device``, ``y``, ``m_pred``, ``m_conf``, ``score``
+        (1 - psi_local over the available options), ``defer``, ``route``, and ``x`` (the samples,
+        ``(N_test, C, H, W)``, which the pool answers).
     """
-    x = torch.from_numpy(device.data.x_test)
+    x = device.data.x_test
     probs = torch.softmax(device.legacy_test, 1)
+    avail = availability_mask(servers_cfg, reachable)
     if rejector is None:
         score = torch.zeros(len(x))
+        defer, route = np.zeros(len(x), dtype=bool), np.full(len(x), -1, dtype=np.int64)
     else:
         rejector.eval()
-        score = torch.softmax(rejector(device.features("test", hp["rejector"]["inputs"])), 1)[:, 1]
-    e_pred = predict_logits(server, x).argmax(1)
+        feats = device.features("test", hp["rejector"]["inputs"])
+        _, score = masked_decision(rejector(feats), avail)
+        defer, route = decide(rejector, feats, avail, servers_cfg)
     return {
         "device": np.full(len(x), device.device_id, dtype=np.int64),
         "y": device.data.y_test.astype(np.int64),
         "m_pred": probs.argmax(1).numpy().astype(np.int64),
-        "e_pred": e_pred.numpy().astype(np.int64),
         "score": score.numpy().astype(np.float32),
         "m_conf": probs.max(1).values.numpy().astype(np.float32),
-        "defer": (score > 0.5).numpy(),
+        "defer": defer,
+        "route": route,
+        "x": x,
     }
 
 
-def server_record(server: HelperServer) -> ArrayRecord:
-    return ArrayRecord({k: Array(v) for k, v in server.state_numpy().items()})
+def faults_config(faults: RoundFaults, up: list[int], final: bool) -> str:
+    """What devices learn of this round's faults (JSON in the message config): the servers up,
+    the network partition, and which devices drop out (none in the final evaluation, so the final
+    metrics always cover every device's test samples)."""
+    return json.dumps({"up": up, "partition": faults.partition, "dropout": [] if final else faults.dropout})
 
 
 class L2HStrategy(FleetStrategy):
-    """The ServerApp side of L2H with one helper server (Flower Message-API Strategy).
+    """The ServerApp side of L2H with a pool of helper servers (Flower Message-API Strategy).
 
     Args:
-        cfg: run config (plain dict). server: the helper server. on_round: round-record callback.
+        cfg: run config (plain dict). pool: the helper servers. schedule: the failure schedule
+        (one :class:`RoundFaults` per round). on_round: round-record callback.
     """
 
-    def __init__(self, cfg: dict[str, Any], server: HelperServer, on_round):
+    def __init__(self, cfg: dict[str, Any], pool: ServerPool, schedule: list[RoundFaults], on_round):
         super().__init__(cfg, on_round)
-        self.server = server
+        self.pool = pool
+        self.schedule = schedule
         self.staleness = int(cfg["strategy"]["staleness"])
         self.stale: ArrayRecord | None = None
+        self.faults_json = "{}"
+
+    def config(self, server_round: int) -> ConfigRecord:
+        rec = super().config(server_round)
+        rec["faults"] = self.faults_json
+        return rec
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
                         ) -> Iterable[Message]:
+        faults = self.schedule[server_round - 1]
+        up = self.pool.begin_round(faults)
+        self.faults_json = faults_config(faults, up, final=False)
         # Asynchronous training: the copy the rejectors train against is refreshed every S rounds.
         if self.stale is None or (server_round - 1) % self.staleness == 0:
-            self.stale = arrays
+            self.stale = ArrayRecord({k: Array(v) for k, v in self.pool.snapshot().items()})
         devices = self.sample(server_round, float(self.cfg["sim"]["fraction_train"]), "train")
         content = RecordDict({"server": self.stale, "config": self.config(server_round)})
         return self.messages(grid, devices, MessageType.TRAIN, content, server_round)
@@ -148,20 +243,41 @@ class L2HStrategy(FleetStrategy):
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         ok, errors = self.ok_replies(replies)
-        sent = deferred = explored = 0
+        batches = []
         losses = []
-        for _, reply in ok:  # sorted by device: the buffer's order never depends on arrival order
+        for dev, reply in ok:  # sorted by device: routing and buffers never depend on arrival order
             s = reply.content["samples"]
-            ids, x, y, explore = (s[k].numpy() for k in ("ids", "x", "y", "explore"))
-            self.server.buffer.add(ids, x, y)
-            sent += len(ids)
-            explored += int(explore.sum())
-            deferred += int((~explore.astype(bool)).sum())
+            b = {k: s[k].numpy() for k in ("ids", "x", "y", "route", "explore")}
+            b["explore"] = b["explore"].astype(bool)
+            b["device"] = dev
+            batches.append(b)
             losses.append(float(reply.content["info"]["rejector_loss"]))
-        fit = self.server.fit(server_round)
+        sent = int(sum(len(b["ids"]) for b in batches))
+        explored = int(sum(b["explore"].sum() for b in batches))
+        fit = self.pool.train(server_round, batches)
+        self.pool.end_round()
+        finite = [v for v in losses if np.isfinite(v)]
         self.train_record = {
             "train_devices": len(ok), "train_errors": errors, "samples_sent": sent,
-            "samples_deferred": deferred, "samples_explored": explored,
-            "rejector_loss": float(np.mean(losses)) if losses else float("nan"), **fit,
+            "samples_deferred": sent - explored, "samples_explored": explored,
+            "rejector_loss": float(np.mean(finite)) if finite else float("nan"), **fit,
+            "train_load": self.pool.load.tolist(),
         }
-        return server_record(self.server), MetricRecord({"samples_sent": sent, "train_errors": errors})
+        return None, MetricRecord({"samples_sent": sent, "train_errors": errors})
+
+    def eval_content(self, server_round: int, arrays: ArrayRecord) -> RecordDict:
+        faults = self.schedule[server_round - 1]
+        self.faults_json = faults_config(faults, self.pool.up, final=server_round == self.num_rounds)
+        self.pool.begin_eval()
+        return RecordDict({"config": self.config(server_round)})
+
+    def answer(self, server_round: int, pooled: dict[str, np.ndarray], x: np.ndarray) -> dict[str, Any]:
+        """The pool answers the test samples (with failover); returns per-round server metrics."""
+        out = self.pool.answer(server_round, x, pooled["device"], pooled["route"], pooled["defer"], pooled["m_pred"])
+        pooled.update(e_pred=out["e_pred"], served=out["served"])
+        return {
+            "availability": self.pool.availability(),
+            "load": self.pool.load.tolist(),
+            "failovers": {k: int(v) for k, v in sorted(self.pool.failovers.items())},
+            "servers_dead": sorted(self.pool.dead),
+        }

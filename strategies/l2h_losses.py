@@ -100,3 +100,46 @@ def l01_cost(defer: torch.Tensor, m_wrong: torch.Tensor, e_wrong: torch.Tensor, 
     """Per-sample 0-1 L2H cost ``1[r=0]*1[m!=y] + 1[r=1]*(c_e + c_1*1[e!=y])`` (METHODS.md section 1), ``(N,)``."""
     defer = defer.float()
     return (1 - defer) * m_wrong + defer * (c_e + c_1 * e_wrong)
+
+
+def multi_server_rejector_loss(logits: torch.Tensor, costs: torch.Tensor, available: torch.Tensor) -> torch.Tensor:
+    """Cost-sensitive cross-entropy over the options ``[keep local, defer to server 0, ..., S-1]``.
+
+    ``L = -sum_j (max_{j' avail} cost_j' - cost_j) * log softmax_j(r)``, the softmax and the max
+    taken over the available options only. Source: the cost-sensitive multi-action surrogate of
+    Mozannar & Sontag 2020 (arXiv 2006.01862; METHODS.md section 3) with the multiple-expert
+    form of Verma, Barrejon & Nalisnick 2023 (arXiv 2210.16955), adapted to L2H: the actions
+    are LOCAL (cost ``1[m(x) != y]``) and each helper server s (cost ``c_e[s] + c_1*1[e_s(x) != y]``).
+    Its minimiser picks the option of least expected cost; with one server it is exactly the
+    ``shifted`` 2-class L2H loss. Unavailable servers are masked out of the softmax, so the
+    rejector never learns (or at decision time, :func:`masked_decision`, picks) them.
+
+    Args:
+        logits: ``(N, 1+S)``. costs: ``(N, 1+S)`` per-sample cost of each option.
+        available: ``(1+S,)`` bool, option 0 (local) always True.
+
+    Returns:
+        Scalar batch mean.
+    """
+    big = torch.finfo(logits.dtype).max
+    masked_costs = costs.masked_fill(~available, -big)
+    top = masked_costs.max(dim=1, keepdim=True).values
+    w = (top - costs).masked_fill(~available, 0.0)
+    logp = F.log_softmax(logits.masked_fill(~available, float("-inf")), dim=1).masked_fill(~available, 0.0)
+    return -(w * logp).sum(1).mean()
+
+
+def masked_decision(logits: torch.Tensor, available: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decision among the available options and the deferral score.
+
+    Args:
+        logits: rejector logits ``(N, 1+S)`` (``(N, 2)`` for one defer output). available:
+            ``(1+S,)`` bool (option 0, local, always True).
+
+    Returns:
+        ``choice (N,)`` (0 = keep local, j >= 1 = option j) and ``score (N,)`` = 1 - psi_local
+        over the available options (0 when no server is available).
+    """
+    masked = logits.masked_fill(~available, float("-inf"))
+    psi = torch.softmax(masked, dim=1)
+    return masked.argmax(1), 1.0 - psi[:, 0]

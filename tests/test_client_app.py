@@ -3,14 +3,15 @@ import numpy as np
 import pytest
 from flwr.app import Context, Message, MessageType, RecordDict, ConfigRecord
 
-from clients.legacy import build_fleet
-from servers.helper import HelperServer
 import json
 
+from flwr.app import Array, ArrayRecord
+
+from clients.legacy import build_fleet
+from servers.helper import HelperServer
 from sim.apps import app
 from sim.data import device_data, prepare
-from sim.metrics import FIELDS
-from strategies.l2h import server_record
+from strategies.base import DEVICE_FIELDS
 from tests.conftest import small_cfg
 
 
@@ -35,8 +36,12 @@ def message(kind, content, node=7):
     return Message(content=content, dst_node_id=node, message_type=kind)
 
 
-def content(server, spec):
-    return RecordDict({"server": server_record(server), "config": ConfigRecord({"round": 1, "spec": json.dumps(spec)})})
+def content(server, spec, up=(0,), dropout=()):
+    """A round's message content as the L2H strategy builds it: the servers' weights and the faults."""
+    weights = ArrayRecord({f"s0.{k}": Array(v) for k, v in server.weights().items()})
+    faults = json.dumps({"up": list(up), "partition": [], "dropout": list(dropout)})
+    return RecordDict({"server": weights,
+                       "config": ConfigRecord({"round": 1, "spec": json.dumps(spec), "faults": faults})})
 
 
 def ctx(pid):
@@ -55,7 +60,8 @@ def test_train_defers_samples_of_its_rejector_split_and_keeps_rejector_in_state(
     reply = app(message(MessageType.TRAIN, content(server, spec)), context)
     assert not reply.has_error(), reply.error
     s = reply.content["samples"]
-    ids, x, y, explore = (s[k].numpy() for k in ("ids", "x", "y", "explore"))
+    ids, x, y, explore, route = (s[k].numpy() for k in ("ids", "x", "y", "explore", "route"))
+    assert (route == 0).all()  # one server, learned routing: every deferred sample names server 0
     data = device_data(prep, 1, fleet.group_cfgs[fleet.groups[1]], 0)
     assert set(ids.tolist()) <= set(data.ids_rejector.tolist())
     pos = {int(i): j for j, i in enumerate(data.ids_rejector)}
@@ -67,10 +73,29 @@ def test_train_defers_samples_of_its_rejector_split_and_keeps_rejector_in_state(
     assert "rejector" in context.state
     # the stored rejector is what evaluation uses
     ev = app(message(MessageType.EVALUATE, content(server, spec)), context)
-    rec = {f: ev.content["samples"][f].numpy() for f in FIELDS}
-    assert all(len(rec[f]) == len(data.y_test) for f in FIELDS)
+    rec = {f: ev.content["samples"][f].numpy() for f in DEVICE_FIELDS + ("x",)}
+    assert all(len(rec[f]) == len(data.y_test) for f in DEVICE_FIELDS)
     assert np.array_equal(rec["y"], data.y_test) and (rec["device"] == 1).all()
+    assert np.array_equal(rec["x"], data.x_test)  # the pool answers the device's own (degraded) samples
     assert ((rec["score"] > 0.5) == rec["defer"]).all()
+
+
+def test_device_that_reaches_no_server_keeps_everything(setup):
+    cfg, prep, fleet, spec, server = setup
+    context = ctx(2)
+    reply = app(message(MessageType.TRAIN, content(server, spec, up=())), context)
+    assert not reply.has_error() and len(reply.content["samples"]["ids"].numpy()) == 0
+    ev = app(message(MessageType.EVALUATE, content(server, spec, up=())), context)
+    assert not ev.content["samples"]["defer"].numpy().any()
+
+
+def test_injected_dropout_raises_in_the_handler(setup):
+    """Flower turns the exception into an error reply; the worker process keeps running."""
+    from sim.apps import DeviceDropout
+
+    cfg, prep, fleet, spec, server = setup
+    with pytest.raises(DeviceDropout):
+        app(message(MessageType.TRAIN, content(server, spec, dropout=(0,))), ctx(0))
 
 
 def test_untrained_device_keeps_everything_local(setup):
@@ -81,6 +106,7 @@ def test_untrained_device_keeps_everything_local(setup):
 
 def test_malformed_message_raises_in_the_handler(setup):
     """Flower turns a handler exception into an error reply; the strategy counts those (see e2e)."""
-    bad = RecordDict({"config": ConfigRecord({"round": 1, "spec": json.dumps(setup[3])})})  # no server weights
+    faults = json.dumps({"up": [0], "partition": [], "dropout": []})
+    bad = RecordDict({"config": ConfigRecord({"round": 1, "spec": json.dumps(setup[3]), "faults": faults})})
     with pytest.raises(KeyError):
         app(message(MessageType.TRAIN, bad), ctx(0))

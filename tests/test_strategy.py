@@ -3,6 +3,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord
 
 from servers.helper import ReplayBuffer
+from sim.failures import build_schedule
 from sim.inprocess import InProcessGrid
 from strategies.l2h import L2HStrategy
 from tests.conftest import small_cfg
@@ -12,9 +13,26 @@ def weights(v: float) -> ArrayRecord:
     return ArrayRecord({"w": Array(np.full(2, v, dtype=np.float32))})
 
 
+class StubPool:
+    """Stands in for the server pool: its weights are the number of the round in progress."""
+
+    up = [0]
+
+    def begin_round(self, faults):
+        self.round = faults.round
+        return self.up
+
+    def begin_eval(self):
+        pass
+
+    def snapshot(self):
+        return {"w": np.full(2, self.round, dtype=np.float32)}
+
+
 def strategy(**over) -> tuple[L2HStrategy, InProcessGrid]:
     cfg = small_cfg(**over)
-    s = L2HStrategy(cfg, server=None, on_round=lambda r: None)
+    sched = build_schedule(cfg["failures"], 1, cfg["fleet"]["num_clients"], 10, 0)
+    s = L2HStrategy(cfg, StubPool(), sched, on_round=lambda r: None)
     grid = InProcessGrid(client_app=None, num_nodes=cfg["fleet"]["num_clients"])
     s.node_of = {i: nid for i, nid in enumerate(sorted(grid.get_node_ids()))}
     return s, grid

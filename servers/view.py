@@ -1,0 +1,69 @@
+"""A device's view of the helper servers: the copies of their networks it received this round.
+
+The pool broadcasts the up servers' weights (``s{i}.<param>``) and, for MEL, the combiner heads
+(``comb.<param>``) -- the current ones or, asynchronously, a copy S rounds old. A device uses
+them to know what each routing option would answer on its rejector-training split (the server
+errors its rejector loss needs); the answers it gets at test time come from the live pool.
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from servers.models import Combiners, ServerNet, ensemble_probs
+
+
+class PoolView:
+    """Server networks built once per worker process and loaded with each round's weights.
+
+    Args:
+        servers_cfg: the ``servers`` config. in_shape: ``(C, H, W)``. num_classes: K.
+    """
+
+    def __init__(self, servers_cfg: dict[str, Any], in_shape: Sequence[int], num_classes: int):
+        self.cfg, self.in_shape, self.num_classes = servers_cfg, tuple(in_shape), num_classes
+        self.nets: dict[int, ServerNet] = {}
+        self.combiners: Combiners | None = None
+        self.present: list[int] = []
+
+    def load(self, arrays: dict[str, np.ndarray]) -> "PoolView":
+        """Load a broadcast (``{"s0.trunk.1.weight": ..., "comb.heads.0+1.weight": ...}``)."""
+        per: dict[int, dict[str, torch.Tensor]] = {}
+        comb: dict[str, torch.Tensor] = {}
+        for k, v in arrays.items():
+            head, _, rest = k.partition(".")
+            if head == "comb":
+                comb[rest] = torch.from_numpy(np.asarray(v))
+            else:
+                per.setdefault(int(head[1:]), {})[rest] = torch.from_numpy(np.asarray(v))
+        for s, sd in per.items():
+            if s not in self.nets:
+                self.nets[s] = ServerNet(self.cfg["arch"], self.in_shape, self.num_classes, int(self.cfg["hidden"]))
+            self.nets[s].load_state_dict(sd)
+            self.nets[s].eval()
+        self.present = sorted(per)
+        if comb:
+            if self.combiners is None:
+                feat = self.nets[self.present[0]].feature_dim
+                self.combiners = Combiners(int(self.cfg["count"]), feat, self.num_classes)
+            self.combiners.load_state_dict(comb)
+        else:
+            self.combiners = None
+        return self
+
+    @torch.no_grad()
+    def outputs(self, x: torch.Tensor, servers: Sequence[int]) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
+        """Trunk features ``(N, F)`` and logits ``(N, K)`` of each of ``servers`` on ``x``."""
+        feats, logits = {}, {}
+        for s in servers:
+            f = self.nets[s].trunk(x)
+            feats[s], logits[s] = f, self.nets[s].head(f)
+        return feats, logits
+
+    @torch.no_grad()
+    def ensemble(self, x: torch.Tensor, servers: Sequence[int]) -> torch.Tensor:
+        """Probabilities ``(N, K)`` of the ensemble the pool would answer with for ``servers``."""
+        feats, logits = self.outputs(x, servers)
+        return ensemble_probs(servers, feats, logits, self.combiners)
