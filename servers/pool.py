@@ -360,7 +360,7 @@ class ServerPool:
                 grads: dict[int, np.ndarray | None] = {s: None for s in members}
                 comb_loss = 0.0
                 if subsets:
-                    feats = {s: torch.from_numpy(out[s][0]).requires_grad_(True) for s in members}
+                    feats = {s: torch.from_numpy(np.array(out[s][0])).requires_grad_(True) for s in members}
                     loss = mel_combiner_loss(self.combiners, feats, torch.from_numpy(yb), subsets,
                                              float(mel["combiner_weight"]))
                     self.comb_opt.zero_grad(set_to_none=True)
@@ -370,7 +370,7 @@ class ServerPool:
                     grads = {s: feats[s].grad.numpy() for s in members}
                 peers: dict[int, np.ndarray | None] = {s: None for s in members}
                 if self.training == "dml" and len(members) > 1:
-                    probs = {s: torch.softmax(torch.from_numpy(out[s][1]), 1).numpy() for s in members}
+                    probs = {s: torch.softmax(torch.from_numpy(np.array(out[s][1])), 1).numpy() for s in members}
                     peers = {s: np.stack([probs[p] for p in members if p != s]) for s in members}
                 weight = float(mel["standalone_weight"]) if self.training == "mel" else 1.0
                 res, failed = gather({s: self.handles[s].submit("backward_batch", yb, grads[s], weight, peers[s])
@@ -409,8 +409,8 @@ class ServerPool:
         res, failed = gather({s: self.handles[s].submit("predict", x) for s in self.up}, self.timeout)
         self.dead |= {s for s, why in failed.items() if why == "dead"}
         answered = sorted(res)
-        feats = {s: torch.from_numpy(res[s][0]) for s in answered}
-        logits = {s: torch.from_numpy(res[s][1]) for s in answered}
+        feats = {s: torch.from_numpy(np.array(res[s][0])) for s in answered}  # Ray hands back read-only arrays
+        logits = {s: torch.from_numpy(np.array(res[s][1])) for s in answered}
         rng = np.random.default_rng(derive_seed(self.seed, "query-drop", server_round))
         dropped = rng.random((n, self.num_servers)) < float(self.faults.query_drop)
         kinds = ("none",) + FAILOVER_KINDS
@@ -423,8 +423,11 @@ class ServerPool:
         order = np.concatenate([np.flatnonzero(defer), np.flatnonzero(~defer)])  # deferred first: they load
         for i in order:
             reach = reach_of[int(device[i])]
-            if not reach:
-                continue  # nothing reachable: the device keeps the sample (legacy answer)
+            if not reach:  # nothing reachable: the legacy model answers
+                kind[i] = kinds.index("legacy")
+                if defer[i]:
+                    self.failovers["legacy"] += 1
+                continue
             if self.routing == "all":
                 want = list(reach)
             elif self.routing == "learned" and int(route[i]) in reach:
@@ -463,8 +466,8 @@ class ServerPool:
         ``x, y`` (the standalone-vs-ensemble table of MEL), and MEL's resilience ratio: mean
         standalone accuracy / accuracy of the ensemble of all up servers."""
         res, _ = gather({s: self.handles[s].submit("predict", x) for s in self.up}, None)
-        feats = {s: torch.from_numpy(r[0]) for s, r in res.items()}
-        logits = {s: torch.from_numpy(r[1]) for s, r in res.items()}
+        feats = {s: torch.from_numpy(np.array(r[0])) for s, r in res.items()}
+        logits = {s: torch.from_numpy(np.array(r[1])) for s, r in res.items()}
         out: dict[str, Any] = {"standalone": {}, "ensemble": {}}
         for s in sorted(res):
             out["standalone"][str(s)] = float((logits[s].argmax(1).numpy() == y).mean())

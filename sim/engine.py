@@ -29,6 +29,9 @@ def quiet_logs(verbose: bool) -> None:
     level = logging.DEBUG if verbose else logging.ERROR
     for name in ("flwr", "ray", "filelock", "datasets", "urllib3", "alembic", "huggingface_hub", "fsspec"):
         logging.getLogger(name).setLevel(level)
+    # Flower logs every failed device reply (an injected dropout too) with its traceback at ERROR;
+    # the run counts them in metrics.jsonl and says so at the end, so they stay hidden unless verbose.
+    logging.getLogger("flwr").setLevel(logging.DEBUG if verbose else logging.CRITICAL)
     if not verbose:
         # Read by huggingface_hub / datasets when they are imported (later, on the hub data path).
         os.environ.setdefault("HF_HUB_VERBOSITY", "error")

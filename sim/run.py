@@ -70,9 +70,7 @@ def simulate(cfg: dict[str, Any], run_dir: Path, console: Any | None = None) -> 
     reference = None
     if cfg["failures"]["name"] != "none" and cfg["failures"]["reference"]:
         console.print("[bold]reference[/bold]: the same seed with every server up (for resilience.fraction_kept)")
-        ref_cfg = copy.deepcopy(cfg)
-        ref_cfg["failures"] = {**ref_cfg["failures"], "name": "none", "reference": False}
-        ref_cfg = {**ref_cfg, "failures": none_failures(ref_cfg["failures"])}
+        ref_cfg = {**copy.deepcopy(cfg), "failures": none_failures(cfg["failures"])}
         reference = simulate(ref_cfg, Path(run_dir) / "reference", console)
         console.print("[bold]run with failures[/bold]")
     t_start = time.perf_counter()
@@ -184,7 +182,6 @@ def simulate(cfg: dict[str, Any], run_dir: Path, console: Any | None = None) -> 
 def none_failures(f: dict[str, Any]) -> dict[str, Any]:
     """The ``failures`` config with every fault switched off (the all-servers-up reference)."""
     from sim.schema import FailuresConfig
-    from omegaconf import OmegaConf
 
     plain = OmegaConf.to_container(OmegaConf.structured(FailuresConfig(name="none")))
     plain["reference"] = False

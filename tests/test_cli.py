@@ -27,6 +27,11 @@ def run_cli(*args, cwd):
     (["data=local", "data.path=/nonexistent/file.npz"], "does not exist"),
     (["-m", "strategy.c_e=0,0.1,-0.5"], "strategy.c_e=-0.5 is invalid"),
     (["data.split.legacy=0.9"], "sum to"),
+    (["failures=crash_stop", "failures.servers=[3]"], "names server 3, but servers.count=1"),
+    (["failures=partition", "fleet.num_clients=3"], "names device 3, but fleet.num_clients=3"),
+    (["servers.count=2", "servers.c_e=[0.1]"], "servers.c_e has 1 prices for 2 servers"),
+    (["failures=query_drop", "failures.query_drop_q=1.5"], "failures.query_drop_q=1.5 is invalid"),
+    (["servers.routing=nearest"], "servers.routing='nearest' is invalid"),
 ])
 def test_bad_config_one_line_nonzero_exit(tmp_path, args, expect):
     r = run_cli(*args, cwd=tmp_path)

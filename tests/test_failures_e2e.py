@@ -1,0 +1,102 @@
+"""Real runs with several helper servers and injected failures (each costs seconds)."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import small_cfg
+
+PRESETS = {
+    "crash_stop": {"failures.servers": "[1]", "failures.round": 2},
+    "crash_recover": {"failures.servers": "[0]", "failures.round": 1, "failures.recover_after": 1},
+    "transient": {"failures.outage_p": 0.5},
+    "query_drop": {"failures.query_drop_q": 0.5},
+    "partition": {"failures.partition.devices": "[0,1]", "failures.partition.servers": "[0]",
+                  "failures.partition.start": 1},
+    "slow": {"failures.slow.start": 1, "failures.slow.delay_s": 5.0},
+    "device_dropout": {"failures.dropout.fraction": 0.5},
+    "random": {"failures.random.crash_p": 0.3, "failures.random.outage_p": 0.3, "failures.random.partition_p": 0.5},
+}
+
+
+def run(tmp_path, name, **over):
+    from sim.run import simulate
+
+    cfg = small_cfg(**{"sim.num_rounds": 3, "servers.count": 2, "failures.reference": "false", **over})
+    return simulate(cfg, tmp_path / name)
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+@pytest.mark.parametrize("training", ["independent", "mel"])
+def test_every_failure_preset_runs_to_completion(tmp_path, preset, training):
+    s = run(tmp_path, preset, **{"failures": preset, "servers.training": training, "sim.backend": "inprocess",
+                                 **PRESETS[preset]})
+    assert 0 <= s["system_accuracy"] <= 1 and s["num_test_samples"] > 0
+    res = s["resilience"]
+    assert res["failures"] == preset and set(res["failovers"]) == {"subset", "standalone", "legacy"}
+    saved = json.loads((tmp_path / preset / "failure_schedule.json").read_text())
+    assert len(saved["rounds"]) == 3 and saved["failures"]["name"] == preset
+    if preset == "device_dropout":
+        rounds = [json.loads(ln) for ln in (tmp_path / preset / "metrics.jsonl").read_text().splitlines()]
+        assert sum(r["train_errors"] for r in rounds) > 0  # dropouts are error replies, counted
+        assert rounds[-1]["eval_errors"] == 0 and rounds[-1]["eval_devices"] == 4  # the final round is complete
+
+
+def test_every_server_dead_from_round_one_gives_exactly_the_legacy_accuracy(tmp_path, ray_local):
+    s = run(tmp_path, "dead", **{"failures": "crash_stop", "failures.servers": "[0,1]", "failures.round": 1})
+    assert s["system_accuracy"] == s["legacy_accuracy"]
+    assert s["served_defer_rate"] == 0.0 and s["defer_rate"] == 0.0
+    assert s["resilience"]["accuracy_by_state"].keys() == {"down 0,1"}
+    assert s["servers"]["table"]["standalone"] == {}
+
+
+def test_device_dropout_on_ray_is_error_replies_not_a_crash(tmp_path, ray_local):
+    s = run(tmp_path, "drop", **{"failures": "device_dropout", "failures.dropout.devices": "[1,2]",
+                                 "failures.dropout.fraction": 0.0})
+    rounds = [json.loads(ln) for ln in (tmp_path / "drop" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["train_errors"] for r in rounds] == [2, 2, 2] and [r["train_devices"] for r in rounds] == [2, 2, 2]
+    assert [r["eval_errors"] for r in rounds] == [2, 2, 0]  # every device answers the final evaluation
+    assert s["resilience"]["device_errors"] == 10
+
+
+def test_mel_crash_run_is_identical_on_ray_and_in_process(tmp_path, ray_local):
+    over = {"servers.training": "mel", "failures": "crash_stop", "failures.servers": "[0]", "failures.round": 2,
+            "failures.query_drop_q": 0.2}
+    a = run(tmp_path, "ray", **over)
+    b = run(tmp_path, "inproc", **over, **{"sim.backend": "inprocess"})
+    assert a == b
+    assert a["resilience"]["failovers"]["standalone"] + a["resilience"]["failovers"]["legacy"] > 0
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    yield
+    ray.shutdown()
+
+
+def test_cli_mel_crash_stop_reports_resilience(tmp_path):
+    """The issue's command, on a small fleet: the all-up reference, the schedule and the plots."""
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "L2H_SIM_CACHE": str(tmp_path / "cache")}
+    r = subprocess.run([sys.executable, "-m", "sim.run", "servers.count=3", "servers.training=mel",
+                        "failures=crash_stop", "failures.round=2", "fleet.num_clients=4", "sim.num_rounds=3",
+                        "sim.backend=inprocess", f"hydra.run.dir={run_dir}"],
+                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    s = json.loads((run_dir / "summary.json").read_text())
+    ref = json.loads((run_dir / "reference" / "summary.json").read_text())
+    res = s["resilience"]
+    assert res["same_test_samples"] and res["all_up_accuracy"] == ref["system_accuracy"]
+    assert res["fraction_kept"] == pytest.approx(s["system_accuracy"] / ref["system_accuracy"])
+    assert ref["resilience"]["fraction_kept"] == 1.0
+    assert s["servers"]["training"] == "mel" and s["servers"]["routing"] == "all"
+    assert s["servers"]["dead_at_end"] == [0] and set(s["servers"]["table"]["standalone"]) == {"1", "2"}
+    assert set(s["servers"]["table"]["ensemble"]) == {"1+2"}
+    for name in ("failure_schedule.json", "resilience_timeline.png", "resilience_states.png"):
+        assert (run_dir / name).is_file(), name
+    assert "round   2: crash [0]" in r.stdout and "fraction of all-up accuracy kept" in r.stdout
