@@ -106,8 +106,13 @@ def plot_states(summary: dict[str, Any], path: Path) -> Path:
     (standalone heads and ensembles) on the final test samples."""
     res, table = summary["resilience"], (summary["servers"].get("table") or {})
     labels, values, colors = [], [], []
+    if res.get("all_up_accuracy") is not None and res["failures"] != "none":
+        # The fair pair: the same test samples after the same number of rounds.
+        labels += ["final, all up (reference)", "final, with failures"]
+        values += [_nan(res["all_up_accuracy"]), _nan(res["system_accuracy"])]
+        colors += ["tab:purple", "tab:red"]
     for k, v in res["accuracy_by_state"].items():
-        labels.append(f"system: {k}")
+        labels.append(f"rounds {k} (mean)")
         values.append(_nan(v["system_accuracy"]))
         colors.append("tab:blue")
     for k, v in (table.get("standalone") or {}).items():
