@@ -11,6 +11,8 @@ writes a markdown table, JSON and a grouped bar plot (accuracy per failure state
 Usage:
     python benchmarks/study_mel_failover.py                     # seeds 0 1 2, crash at rounds 10 and 5
     python benchmarks/study_mel_failover.py --seeds 0 --crash-rounds 10
+    python benchmarks/study_mel_failover.py --extra servers.hidden=16 --name mel_failover_hidden16 \
+        --modes "independent (ensemble)" "MEL (ensemble)" --crash-rounds 10
 """
 from __future__ import annotations
 
@@ -46,10 +48,14 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--crash-rounds", type=int, nargs="+", default=[10, 5])
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    ap.add_argument("--extra", nargs="*", default=[], help="overrides added to every run, e.g. servers.hidden=16")
+    ap.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
+    ap.add_argument("--name", default="mel_failover", help="output file stem")
     ns = ap.parse_args()
     ns.out.mkdir(parents=True, exist_ok=True)
     rows, raw = [], {}
-    for mode, over in MODES.items():
+    for mode in ns.modes:
+        over = MODES[mode] + ns.extra
         for seed in ns.seeds:
             ref = run(over + [f"seed={seed}"])
             entry = {"all_up": ref["system_accuracy"], "table": ref["servers"]["table"], "crash": {}}
@@ -90,14 +96,15 @@ def main() -> None:
         lines.append(f"| {mode} | " + " | ".join(cells) + " |")
     table = "\n".join(lines)
     print(table)
-    (ns.out / "mel_failover.md").write_text(
+    extra = f" Extra overrides: {' '.join(ns.extra)}." if ns.extra else ""
+    (ns.out / f"{ns.name}.md").write_text(
         f"Seeds {ns.seeds}; default digits fleet (10 devices, 10 rounds), 2 helper servers, crash-stop of "
-        f"server 1.\n\n{table}\n")
-    (ns.out / "mel_failover.json").write_text(json.dumps(raw, indent=2, sort_keys=True) + "\n")
+        f"server 1.{extra}\n\n{table}\n")
+    (ns.out / f"{ns.name}.json").write_text(json.dumps(raw, indent=2, sort_keys=True) + "\n")
     from sim.plots import plot_mode_comparison
 
-    plot_mode_comparison(rows, ns.out / "mel_failover.png")
-    print(f"wrote {ns.out / 'mel_failover.md'}, .json, .png")
+    plot_mode_comparison(rows, ns.out / f"{ns.name}.png")
+    print(f"wrote {ns.out / ns.name}.md, .json, .png")
 
 
 if __name__ == "__main__":
