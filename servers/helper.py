@@ -191,6 +191,20 @@ class HelperServer:
             self.buffer.add(state["buffer.ids"], state["buffer.x"], state["buffer.y"])
         self.opt = torch.optim.Adam(self.model.parameters(), lr=float(self.cfg["lr"]))
 
+    def full_state(self) -> dict[str, np.ndarray]:
+        """:meth:`state` plus the optimizer's state (``opt.*``): what a resumed run needs to continue
+        exactly (a crash-recover checkpoint deliberately leaves the optimizer out)."""
+        from sim.checkpoint import optimizer_arrays, prefixed
+
+        return {**self.state(), **prefixed("opt", optimizer_arrays(self.opt))}
+
+    def load_full_state(self, state: dict[str, np.ndarray]) -> None:
+        """Restore :meth:`full_state`."""
+        from sim.checkpoint import load_optimizer, sub
+
+        self.load_state(state)
+        load_optimizer(self.opt, sub(state, "opt"))
+
     def predict_labels(self, x: np.ndarray) -> np.ndarray:
         """Predicted classes ``(N,)`` (no injected delay; for tests and tools)."""
         return predict_logits(self.model, torch.from_numpy(np.asarray(x)).to(self.dev)).argmax(1).cpu().numpy()

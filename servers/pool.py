@@ -34,6 +34,7 @@ import torch
 from servers.helper import HelperServer, ReplayBuffer
 from servers.losses import mel_combiner_loss
 from servers.models import Combiners, all_subsets, ensemble_probs, subset_key
+from sim.engine import check_stop
 from sim.failures import RoundFaults
 from sim.training import derive_seed
 
@@ -100,7 +101,12 @@ class RayHandle:
 
 def gather(futures: dict[int, Any], timeout: float | None) -> tuple[dict[int, Any], dict[int, str]]:
     """Wait for ``server -> future``; returns ``(results, failures)`` with failure reasons
-    ``dead`` (the actor is gone or the call raised) or ``timeout``."""
+    ``dead`` (the actor is gone or the call raised) or ``timeout``.
+
+    Raises:
+        sim.engine.Interrupted: the run is stopping (Ctrl-C / SIGTERM).
+    """
+    check_stop()
     results: dict[int, Any] = {}
     failed: dict[int, str] = {}
     ray_refs = {s: f for s, f in futures.items() if not isinstance(f, _Done)}
@@ -201,7 +207,7 @@ class ServerPool:
         return {str(s): v for s, v in sorted(res.items())}
 
     def shutdown(self) -> None:
-        """Kill every server actor (end of run)."""
+        """Kill every server actor (end of run, or an interrupted one)."""
         for i, h in self.handles.items():
             if i not in self.dead:
                 try:
@@ -387,6 +393,46 @@ class ServerPool:
         res, failed = gather({s: self.handles[s].submit("state") for s in self.up}, None)
         self.checkpoints.update(res)
         self.dead |= {s for s, why in failed.items() if why == "dead"}
+
+    # ---- checkpoint / resume ------------------------------------------------------------------
+    def checkpoint(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        """Everything that determines the pool's future, as ``(arrays, meta)``: each live server's
+        weights, optimizer and buffer; the crash-recover checkpoints; MEL combiners and their
+        optimizer; the shared buffer; which servers are dead."""
+        from sim.checkpoint import optimizer_arrays, prefixed
+
+        live = [s for s in range(self.num_servers) if s not in self.dead]
+        res, failed = gather({s: self.handles[s].submit("full_state") for s in live}, None)
+        self.dead |= set(failed)
+        arrays: dict[str, np.ndarray] = {}
+        for s, st in res.items():
+            arrays.update(prefixed(f"server{s}", st))
+        for s, st in self.checkpoints.items():
+            arrays.update(prefixed(f"recovery{s}", st))
+        if self.combiners is not None:
+            arrays.update(prefixed("combiners", {k: v.detach().numpy().copy()
+                                                 for k, v in self.combiners.state_dict().items()}))
+            arrays.update(prefixed("combiners_opt", optimizer_arrays(self.comb_opt)))
+        if self.shared is not None and len(self.shared):
+            arrays.update({"shared/ids": self.shared.ids, "shared/x": self.shared.x, "shared/y": self.shared.y})
+        return arrays, {"dead": sorted(self.dead), "recovery": sorted(self.checkpoints)}
+
+    def restore(self, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
+        """Load :meth:`checkpoint`'s output into a freshly built pool."""
+        from sim.checkpoint import load_optimizer, sub
+
+        for s in meta["dead"]:
+            self.handles[s].kill()
+            self.dead.add(s)
+        live = [s for s in range(self.num_servers) if s not in self.dead]
+        gather({s: self.handles[s].submit("load_full_state", sub(arrays, f"server{s}")) for s in live}, None)
+        self.checkpoints = {int(s): sub(arrays, f"recovery{s}") for s in meta["recovery"]}
+        if self.combiners is not None:
+            self.combiners.load_state_dict({k: torch.from_numpy(np.array(v))
+                                            for k, v in sub(arrays, "combiners").items()})
+            load_optimizer(self.comb_opt, sub(arrays, "combiners_opt"))
+        if self.shared is not None and "shared/ids" in arrays:
+            self.shared.add(arrays["shared/ids"], arrays["shared/x"], arrays["shared/y"])
 
     # ---- answering deferred queries -------------------------------------------------------------
     def answer(self, server_round: int, x: np.ndarray, device: np.ndarray, route: np.ndarray, defer: np.ndarray,

@@ -118,16 +118,18 @@ def train(msg: Message, context: Context) -> Message:
     reachable = _faults(msg, pid)
     device = get_device(spec, pid)
     view = get_view(spec, msg.content["server"])
+    if "rejector" in msg.content:  # a resumed run hands the device its rejector back
+        context.state["rejector"] = msg.content["rejector"]
     rejector = _rejector(spec, device, context, create=True)
     defer, route, explore, metrics = l2h.client_train(device, rejector, view, reachable, spec["strategy"],
                                                       spec["servers"], spec["num_classes"], rnd, spec["seed"])
-    context.state["rejector"] = ArrayRecord(torch_state_dict=rejector.state_dict())
+    state = context.state["rejector"] = ArrayRecord(torch_state_dict=rejector.state_dict())
     send = defer | explore
     d = device.data
     samples = _arrays({"ids": d.ids_rejector[send], "x": d.x_rejector[send], "y": d.y_rejector[send],
                        "route": route[send], "explore": explore[send]})
     info = MetricRecord({"device": pid, "num_examples": len(defer), **metrics})
-    return Message(RecordDict({"samples": samples, "info": info}), reply_to=msg)
+    return Message(RecordDict({"samples": samples, "info": info, "rejector": state}), reply_to=msg)
 
 
 @app.evaluate()
@@ -136,6 +138,8 @@ def evaluate(msg: Message, context: Context) -> Message:
     pid = int(context.node_config["partition-id"])
     reachable = _faults(msg, pid)
     device = get_device(spec, pid)
+    if "rejector" in msg.content:
+        context.state["rejector"] = msg.content["rejector"]
     rejector = _rejector(spec, device, context, create=False)
     rec = l2h.client_evaluate(device, rejector, reachable, spec["strategy"], spec["servers"])
     info = MetricRecord({"device": pid, "num_examples": len(rec["y"])})

@@ -10,18 +10,89 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import socket
 import sys
+import threading
+import time
 import warnings
 from contextlib import contextmanager
 from typing import Any, Iterator
 
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+# A Ray call after shutdown must fail, not silently start a new cluster (and hang at exit).
+os.environ.setdefault("RAY_ENABLE_AUTO_CONNECT", "0")
 os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
 
 
 class EngineError(RuntimeError):
     """The simulation engine could not start or run (one line: what and how to fix)."""
+
+
+class Interrupted(RuntimeError):
+    """The run was asked to stop (Ctrl-C / SIGTERM): the round in progress is abandoned."""
+
+
+STOP = threading.Event()
+"""Set when the run must stop; the ServerApp thread checks it while it waits for replies and
+before each call to a server actor."""
+SIGNAL: list[int] = []
+_SERVER_THREADS: list[threading.Thread] = []
+
+
+def check_stop() -> None:
+    """Raise :class:`Interrupted` if the run is stopping (called by long-running ServerApp work)."""
+    if STOP.is_set():
+        raise Interrupted("the run is stopping")
+
+
+def _on_signal(signum: int, frame: Any) -> None:
+    STOP.set()
+    SIGNAL.append(signum)
+    raise KeyboardInterrupt
+
+
+def install_signal_handlers() -> None:
+    """SIGINT and SIGTERM both stop the run the same way: :data:`STOP` is set and the main thread
+    gets KeyboardInterrupt. Ray installs its own SIGTERM handler when it starts, so this is called
+    again after ``ray.init``. A no-op outside the main thread."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, _on_signal)
+        signal.signal(signal.SIGTERM, _on_signal)
+
+
+class StoppableGrid:
+    """The ServerApp's Grid, with ``send_and_receive`` that gives up when :data:`STOP` is set.
+
+    Flower runs the ServerApp in a non-daemon thread that waits for device replies for up to
+    ``sim.round_timeout``; after Ctrl-C the simulation engine is gone and no reply will come, so
+    without this the process would hang at exit. Everything else is the wrapped grid's.
+    """
+
+    def __init__(self, grid: Any, poll_s: float = 0.05):
+        self._grid, self._poll = grid, poll_s
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._grid, name)
+
+    def send_and_receive(self, messages: Any, *, timeout: float | None = None) -> list[Any]:
+        """Push ``messages``, then pull replies until all arrived, ``timeout`` passed, or STOP.
+
+        Raises:
+            Interrupted: the run is stopping.
+        """
+        pending = set(self._grid.push_messages(messages))
+        end = None if timeout is None else time.monotonic() + timeout
+        out: list[Any] = []
+        while pending and (end is None or time.monotonic() < end):
+            if STOP.is_set():
+                raise Interrupted("stopped while waiting for device replies")
+            got = list(self._grid.pull_messages(pending))
+            out.extend(got)
+            pending.difference_update(m.metadata.reply_to_message_id for m in got)
+            if pending:
+                time.sleep(self._poll)
+        return out
 
 
 def quiet_logs(verbose: bool) -> None:
@@ -70,6 +141,7 @@ def start_ray(address: str | None, num_cpus: int | None, verbose: bool) -> bool:
                                           "FLWR_TELEMETRY_ENABLED": "0"}}
     try:
         ray.init(**kwargs)
+        install_signal_handlers()
     except (ConnectionError, RuntimeError, ValueError) as exc:
         where = f"the Ray cluster at {address!r}" if address else "a local Ray instance"
         msg = " ".join(str(exc).split())[:200]
@@ -154,10 +226,23 @@ def run(sim_cfg: dict[str, Any], server_main: Any, client_app: Any, num_clients:
         return
     from sim.apps import make_server_app
 
+    def main(grid: Any) -> None:
+        _SERVER_THREADS.append(threading.current_thread())
+        server_main(StoppableGrid(grid))
+
     with ray_session(sim_cfg["ray_address"], sim_cfg["num_cpus"], sim_cfg["verbose"]):
         try:
-            run_fleet(make_server_app(server_main), client_app, num_clients, sim_cfg["client_resources"],
+            run_fleet(make_server_app(main), client_app, num_clients, sim_cfg["client_resources"],
                       sim_cfg["verbose"])
+        except KeyboardInterrupt:
+            # The ServerApp thread stops at its next check and shuts the server pool down; wait for
+            # it while Ray is still up, so nothing it does in between can hang on a dead cluster.
+            STOP.set()
+            for th in _SERVER_THREADS:
+                th.join(timeout=60)
+            raise
         except Exception as exc:  # the ServerApp's own error is the useful one
             cause = exc.__cause__ or exc
+            if STOP.is_set() or isinstance(cause, Interrupted):
+                raise KeyboardInterrupt from exc
             raise EngineError(f"the simulation failed: {type(cause).__name__}: {cause}") from exc

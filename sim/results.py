@@ -41,14 +41,30 @@ def jsonable(obj: Any) -> Any:
 
 
 class Recorder:
-    """Writes a run's result files into ``run_dir`` (a new run starts a new metrics.jsonl)."""
+    """Writes a run's result files into ``run_dir``.
 
-    def __init__(self, run_dir: Path):
+    A new run starts a new metrics.jsonl; a resumed one (``keep_rounds=k``) keeps the records of
+    rounds 1..k and drops any later line an interrupted round left.
+    """
+
+    def __init__(self, run_dir: Path, keep_rounds: int | None = None):
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.metrics_path = self.run_dir / "metrics.jsonl"
-        self.metrics_path.unlink(missing_ok=True)
         self.rounds: list[dict[str, Any]] = []
+        if keep_rounds is None:
+            self.metrics_path.unlink(missing_ok=True)
+            return
+        # Resuming: keep the finished rounds (an abandoned round may have left a later line).
+        if self.metrics_path.is_file():
+            for line in self.metrics_path.read_text().splitlines():
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # a line cut short by the interruption
+                if rec.get("round", keep_rounds + 1) <= keep_rounds:
+                    self.rounds.append(rec)
+        atomic_write_text(self.metrics_path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in self.rounds))
 
     def round(self, record: dict[str, Any]) -> None:
         """Append one round's record to metrics.jsonl and fsync it."""

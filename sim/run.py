@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -51,7 +52,8 @@ def simulate(cfg: dict[str, Any], run_dir: Path, console: Any | None = None) -> 
 
     from clients.legacy import build_fleet
     from servers.pool import ServerPool
-    from sim import engine, plots, terminal
+    from sim import checkpoint, engine, plots, terminal
+    from sim.checkpoint import CHECKPOINT
     from sim.apps import app as client_app
     from sim.data import prepare
     from sim.metrics import per_device
@@ -67,11 +69,30 @@ def simulate(cfg: dict[str, Any], run_dir: Path, console: Any | None = None) -> 
     cfg = copy.deepcopy(cfg)
     cfg["servers"]["routing"] = routing_of(cfg["servers"])
     console = console or Console()
+    num_rounds = int(cfg["sim"]["num_rounds"])
+    resume = cfg["sim"]["resume"]
+    finished, ckpt = 0, None
+    if resume:
+        run_dir = Path(os.path.expanduser(str(resume)))
+        ckpt, finished = open_checkpoint(cfg, run_dir)
+        if finished >= num_rounds:
+            if (run_dir / "summary.json").is_file():
+                console.print(f"{run_dir} already finished all {num_rounds} rounds; its summary.json stands",
+                              soft_wrap=True)
+                return json.loads((run_dir / "summary.json").read_text())
+            raise ConfigError(f"{run_dir} finished all {num_rounds} rounds but has no summary.json: "
+                              "run it again without sim.resume")
+        console.print(f"[bold]resuming[/bold] {run_dir} after round {finished} of {num_rounds}", soft_wrap=True)
     reference = None
     if cfg["failures"]["name"] != "none" and cfg["failures"]["reference"]:
-        console.print("[bold]reference[/bold]: the same seed with every server up (for resilience.fraction_kept)")
-        ref_cfg = {**copy.deepcopy(cfg), "failures": none_failures(cfg["failures"])}
-        reference = simulate(ref_cfg, Path(run_dir) / "reference", console)
+        ref_dir = Path(run_dir) / "reference"
+        if (ref_dir / "summary.json").is_file() and resume:
+            reference = json.loads((ref_dir / "summary.json").read_text())
+        else:
+            console.print("[bold]reference[/bold]: the same seed with every server up (for resilience.fraction_kept)")
+            ref_cfg = {**copy.deepcopy(cfg), "failures": none_failures(cfg["failures"])}
+            ref_cfg["sim"]["resume"] = str(ref_dir) if resume and (ref_dir / CHECKPOINT).is_file() else None
+            reference = simulate(ref_cfg, ref_dir, console)
         console.print("[bold]run with failures[/bold]")
     t_start = time.perf_counter()
     engine.quiet_logs(cfg["sim"]["verbose"])
@@ -95,16 +116,23 @@ def simulate(cfg: dict[str, Any], run_dir: Path, console: Any | None = None) -> 
     acc = fleet.legacy_accuracy
     terminal.print_fleet(console, cfg, prep, fleet)
 
-    recorder = Recorder(run_dir)
-    num_rounds = int(cfg["sim"]["num_rounds"])
+    recorder = Recorder(run_dir, keep_rounds=finished if resume else None)
     schedule = build_schedule(cfg["failures"], int(cfg["servers"]["count"]), len(acc), num_rounds, int(cfg["seed"]))
     terminal.print_servers(console, cfg, schedule)
     recorder.write_json("failure_schedule.json", {"failures": cfg["failures"], "rounds": schedule_json(schedule)})
 
     progress, task = terminal.round_progress(console, num_rounds, cfg["sim"]["progress"])
+    progress.advance(task, finished)
 
     def on_round(record: dict[str, Any]) -> None:
         recorder.round(record)
+        if cfg["sim"]["checkpoint"]:
+            pool_arrays, pool_meta = state["pool"].checkpoint()
+            strat_arrays, strat_meta = state["strategy"].checkpoint()
+            checkpoint.save(run_dir, {**checkpoint.prefixed("pool", pool_arrays),
+                                      **checkpoint.prefixed("strategy", strat_arrays)},
+                            {"round": record["round"], "config": comparable(cfg), "pool": pool_meta,
+                             "strategy": strat_meta})
         progress.advance(task)
         if record.get("system_accuracy") is not None:
             progress.console.print(terminal.round_line(record, num_rounds), soft_wrap=True)
@@ -121,10 +149,14 @@ def simulate(cfg: dict[str, Any], run_dir: Path, console: Any | None = None) -> 
             pool.wait_ready(min(120.0, float(cfg["sim"]["round_timeout"])))
             strategy = state["strategy"] = L2HStrategy(cfg, pool, schedule, on_round)
             strategy.spec_json = spec_json
+            if ckpt is not None:
+                arrays, meta = ckpt
+                pool.restore(checkpoint.sub(arrays, "pool"), meta["pool"])
+                strategy.restore(checkpoint.sub(arrays, "strategy"), meta["strategy"], finished)
             strategy.handshake(grid, timeout)
             strategy.t0 = time.perf_counter()
             timing["handshake_s"] = strategy.t0 - t_sim - timing["engine_start_s"]
-            strategy.start(grid, initial_arrays=ArrayRecord(), num_rounds=num_rounds, timeout=timeout)
+            strategy.start(grid, initial_arrays=ArrayRecord(), num_rounds=num_rounds - finished, timeout=timeout)
             timing["rounds_s"] = time.perf_counter() - strategy.t0
             state["table"] = pool.table(strategy.last_x, strategy.last_eval["y"]) if strategy.last_x is not None \
                 else None
@@ -179,6 +211,53 @@ def simulate(cfg: dict[str, Any], run_dir: Path, console: Any | None = None) -> 
     return summary
 
 
+# Keys that may differ between a run and its resumption (they do not change the numbers).
+RESUME_FREE = ("resume", "progress", "verbose", "plots", "backend", "ray_address", "num_cpus", "round_timeout",
+               "checkpoint", "client_resources", "cache_dir")
+
+
+def comparable(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The config without the keys a resumed run may change (:data:`RESUME_FREE`)."""
+    out = copy.deepcopy(cfg)
+    for k in RESUME_FREE:
+        out["sim"].pop(k, None)
+    return out
+
+
+def _first_difference(a: Any, b: Any, path: str = "") -> str | None:
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in sorted(set(a) | set(b)):
+            d = _first_difference(a.get(k), b.get(k), f"{path}.{k}" if path else str(k))
+            if d:
+                return d
+        return None
+    return None if a == b else f"{path} ({a!r} in the run, {b!r} now)"
+
+
+def open_checkpoint(cfg: dict[str, Any], run_dir: Path) -> tuple[tuple[dict, dict], int]:
+    """Load ``run_dir``'s checkpoint and check it belongs to this config.
+
+    Returns:
+        ``((arrays, meta), finished_round)``.
+
+    Raises:
+        ConfigError: no run or checkpoint there, an unreadable checkpoint, or a different config.
+    """
+    from sim import checkpoint
+
+    if not run_dir.is_dir():
+        raise ConfigError(f"sim.resume={run_dir} is not a directory: give the run directory to continue")
+    try:
+        arrays, meta = checkpoint.load(run_dir)
+    except checkpoint.CheckpointError as exc:
+        raise ConfigError(str(exc)) from None
+    diff = _first_difference(meta["config"], comparable(cfg))
+    if diff:
+        raise ConfigError(f"{run_dir} was run with a different config: {diff}; resume with the run's own "
+                          "overrides (see its .hydra/overrides.yaml)")
+    return (arrays, meta), int(meta["round"])
+
+
 def none_failures(f: dict[str, Any]) -> dict[str, Any]:
     """The ``failures`` config with every fault switched off (the all-servers-up reference)."""
     from sim.schema import FailuresConfig
@@ -197,11 +276,34 @@ def _hydra_task(cfg: DictConfig) -> float:
 
     try:
         plain = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
-        summary = simulate(plain, Path(HydraConfig.get().runtime.output_dir))
+        run_dir = Path(os.path.expanduser(plain["sim"]["resume"])) if plain["sim"]["resume"] \
+            else Path(HydraConfig.get().runtime.output_dir)
+        _CURRENT["run_dir"] = run_dir
+        summary = simulate(plain, run_dir)
     except (ConfigError, EngineError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
     return float(summary["system_accuracy"])
+
+
+_CURRENT: dict[str, Path] = {}
+
+
+def _interrupted_message() -> str:
+    """What to tell the user after Ctrl-C / SIGTERM: what is saved and the command that resumes."""
+    from sim.checkpoint import finished_round
+    from sim.engine import SIGNAL
+
+    name = "SIGTERM" if SIGNAL and SIGNAL[-1] == signal.SIGTERM else "SIGINT"
+    run_dir = _CURRENT.get("run_dir")
+    if run_dir is None:
+        return f"interrupted ({name}) before the run started"
+    done = finished_round(run_dir)
+    if done is None:
+        return f"interrupted ({name}) before the first round finished; nothing to resume in {run_dir}"
+    args = [a for a in sys.argv[1:] if not a.startswith(("sim.resume=", "hydra.run.dir=", "-m", "--multirun"))]
+    return (f"interrupted ({name}) after round {done}: rounds 1-{done} are saved in {run_dir} (metrics.jsonl, "
+            f"checkpoint.npz); resume with:\n  python -m sim.run {' '.join(args + [f'sim.resume={run_dir}'])}")
 
 
 def main() -> None:
@@ -211,11 +313,19 @@ def main() -> None:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
+    from sim.engine import SIGNAL, install_signal_handlers
+
+    install_signal_handlers()
+    argv = sys.argv
+    resume = [a.split("=", 1)[1] for a in argv[1:] if a.startswith("sim.resume=")]
+    if resume and not any(a.startswith("hydra.run.dir=") for a in argv[1:]):
+        sys.argv = argv + [f"hydra.run.dir={resume[-1]}"]  # the resumed run writes into its own directory
     try:
         _hydra_task()
     except KeyboardInterrupt:
-        print("interrupted: finished rounds are in the run directory's metrics.jsonl", file=sys.stderr)
-        sys.exit(130)
+        sys.argv = argv
+        print(_interrupted_message(), file=sys.stderr)
+        sys.exit(143 if SIGNAL and SIGNAL[-1] == signal.SIGTERM else 130)
 
 
 if __name__ == "__main__":

@@ -139,6 +139,8 @@ class SimConfig:
     plots: bool = True
     cache_dir: str = "~/.cache/l2h-fleet-sim"
     round_timeout: float = 3600.0  # seconds to wait for device replies in a round
+    checkpoint: bool = True  # write checkpoint.npz at the end of every round
+    resume: Optional[str] = None  # a run directory to continue from its last finished round
 
 
 @dataclass

@@ -11,6 +11,7 @@
 """
 from __future__ import annotations
 
+import functools
 import math
 import time
 from typing import Any, Callable, Iterable
@@ -27,6 +28,17 @@ from sim.training import derive_seed
 DEVICE_FIELDS = ("device", "y", "m_pred", "score", "m_conf", "defer", "route")
 """Per-sample fields a device returns from evaluation (plus the samples ``x``); the strategy adds
 ``e_pred`` and ``served`` (:meth:`FleetStrategy.answer`)."""
+
+
+def resumable(hook: Callable) -> Callable:
+    """Decorate a Flower Strategy hook so it sees the run's true round: a resumed run restarts
+    Flower's round counter at 1, and ``offset`` (the rounds already finished) is added back."""
+
+    @functools.wraps(hook)
+    def wrapper(self: "FleetStrategy", server_round: int, *args: Any, **kwargs: Any) -> Any:
+        return hook(self, server_round + self.offset, *args, **kwargs)
+
+    return wrapper
 
 
 class FleetStrategy(Strategy):
@@ -50,6 +62,10 @@ class FleetStrategy(Strategy):
         self.last_metrics: dict[str, Any] | None = None
         self.t0 = time.perf_counter()
         self.spec_json = "{}"  # the device-runtime spec every message carries (set by the runner)
+        self.offset = 0  # rounds finished before this process started (sim.resume)
+        # Rejector states to hand back to devices after a resume (device -> record); each is sent
+        # with every message to its device until that device answers successfully.
+        self.restore_pending: dict[int, ArrayRecord] = {}
 
     def config(self, server_round: int) -> ConfigRecord:
         """The config every message carries: the round and the device-runtime spec."""
@@ -80,7 +96,18 @@ class FleetStrategy(Strategy):
 
     def messages(self, grid: Grid, devices: Iterable[int], msg_type: str, content: RecordDict, round_: int
                  ) -> list[Message]:
-        return [grid.create_message(content, msg_type, self.node_of[d], str(round_)) for d in devices]
+        out = []
+        for d in devices:
+            c = content
+            if d in self.restore_pending:
+                c = RecordDict({**dict(content.items()), "rejector": self.restore_pending[d]})
+            out.append(grid.create_message(c, msg_type, self.node_of[d], str(round_)))
+        return out
+
+    def acknowledge(self, ok: list[tuple[int, Message]]) -> None:
+        """Devices that answered have their restored state: stop resending it."""
+        for d, _ in ok:
+            self.restore_pending.pop(d, None)
 
     @staticmethod
     def ok_replies(replies: Iterable[Message]) -> tuple[list[tuple[int, Message]], int]:
@@ -104,6 +131,7 @@ class FleetStrategy(Strategy):
     def eval_content(self, server_round: int, arrays: ArrayRecord) -> RecordDict:
         return RecordDict({"server": arrays, "config": self.config(server_round)})
 
+    @resumable
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
                            ) -> Iterable[Message]:
         if not self.is_eval_round(server_round):
@@ -117,9 +145,11 @@ class FleetStrategy(Strategy):
         """Fill ``pooled["e_pred"]`` (and ``served``) for the test samples ``x``; return round metrics."""
         raise NotImplementedError
 
+    @resumable
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         record = {"round": server_round, **self.train_record}
         ok, errors = self.ok_replies(replies)
+        self.acknowledge(ok)
         metrics = None
         if ok:
             pooled = {f: np.concatenate([r.content["samples"][f].numpy() for _, r in ok]) for f in DEVICE_FIELDS}

@@ -33,7 +33,7 @@ from servers.view import PoolView
 from sim.failures import RoundFaults
 from sim.schema import routing_of
 from sim.training import derive_seed, train_minibatch
-from strategies.base import FleetStrategy
+from strategies.base import FleetStrategy, resumable
 from strategies.l2h_losses import (binary_alpha, binary_rejector_loss, l2h_weights, masked_decision,
                                    multi_server_rejector_loss, multiclass_rejector_loss)
 
@@ -222,12 +222,14 @@ class L2HStrategy(FleetStrategy):
         self.staleness = int(cfg["strategy"]["staleness"])
         self.stale: ArrayRecord | None = None
         self.faults_json = "{}"
+        self.rejectors: dict[int, ArrayRecord] = {}  # each device's latest rejector (for checkpoints)
 
     def config(self, server_round: int) -> ConfigRecord:
         rec = super().config(server_round)
         rec["faults"] = self.faults_json
         return rec
 
+    @resumable
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
                         ) -> Iterable[Message]:
         faults = self.schedule[server_round - 1]
@@ -240,9 +242,11 @@ class L2HStrategy(FleetStrategy):
         content = RecordDict({"server": self.stale, "config": self.config(server_round)})
         return self.messages(grid, devices, MessageType.TRAIN, content, server_round)
 
+    @resumable
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         ok, errors = self.ok_replies(replies)
+        self.acknowledge(ok)
         batches = []
         losses = []
         for dev, reply in ok:  # sorted by device: routing and buffers never depend on arrival order
@@ -252,6 +256,7 @@ class L2HStrategy(FleetStrategy):
             b["device"] = dev
             batches.append(b)
             losses.append(float(reply.content["info"]["rejector_loss"]))
+            self.rejectors[dev] = reply.content["rejector"]
         sent = int(sum(len(b["ids"]) for b in batches))
         explored = int(sum(b["explore"].sum() for b in batches))
         fit = self.pool.train(server_round, batches)
@@ -281,3 +286,24 @@ class L2HStrategy(FleetStrategy):
             "failovers": {k: int(v) for k, v in sorted(self.pool.failovers.items())},
             "servers_dead": sorted(self.pool.dead),
         }
+
+    def checkpoint(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        """The strategy's part of a checkpoint: every device's latest rejector and the stale server
+        copy devices train against (``staleness > 1``)."""
+        arrays: dict[str, np.ndarray] = {}
+        for d, rec in self.rejectors.items():
+            arrays.update({f"rejector{d}/{k}": rec[k].numpy() for k in rec.keys()})
+        if self.stale is not None:
+            arrays.update({f"stale/{k}": self.stale[k].numpy() for k in self.stale.keys()})
+        return arrays, {"rejectors": sorted(self.rejectors), "stale": self.stale is not None}
+
+    def restore(self, arrays: dict[str, np.ndarray], meta: dict[str, Any], finished_round: int) -> None:
+        """Continue after ``finished_round``: devices get their rejectors back with their next message."""
+        from sim.checkpoint import sub
+
+        self.offset = finished_round
+        for d in meta["rejectors"]:
+            rec = ArrayRecord({k: Array(np.array(v)) for k, v in sub(arrays, f"rejector{d}").items()})
+            self.rejectors[int(d)] = self.restore_pending[int(d)] = rec
+        if meta["stale"]:
+            self.stale = ArrayRecord({k: Array(np.array(v)) for k, v in sub(arrays, "stale").items()})

@@ -1,0 +1,109 @@
+"""End-of-round checkpoints: what a run needs to continue exactly where it stopped.
+
+One file, ``checkpoint.npz`` in the run directory, replaced atomically (written to a temporary
+file in the same directory, fsynced, then renamed over the old one), so an interruption at any
+moment leaves either the previous round's checkpoint or this round's, never a torn one. It holds
+only arrays (loaded with ``allow_pickle=False``: nothing is unpickled) plus one JSON document
+(``__meta__``): the round, the config, and each part's small metadata.
+
+No random-number-generator state is saved because none is carried between rounds: every random
+draw in the simulation is seeded from (seed, purpose, round, device) by
+:func:`sim.training.derive_seed`, so round k+1 draws the same numbers whether or not the process
+restarted after round k.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+CHECKPOINT = "checkpoint.npz"
+META = "__meta__"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, unreadable or does not match the run (one line: what and how to fix)."""
+
+
+def save(run_dir: Path, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> Path:
+    """Atomically write ``run_dir/checkpoint.npz`` with ``arrays`` and the JSON ``meta``."""
+    run_dir = Path(run_dir)
+    payload = dict(arrays)
+    payload[META] = np.frombuffer(json.dumps(meta, sort_keys=True).encode(), dtype=np.uint8)
+    fd, tmp = tempfile.mkstemp(prefix=".checkpoint-", suffix=".npz", dir=run_dir)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **payload)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, run_dir / CHECKPOINT)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return run_dir / CHECKPOINT
+
+
+def load(run_dir: Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """Read ``run_dir/checkpoint.npz``: ``(arrays, meta)``.
+
+    Raises:
+        CheckpointError: no checkpoint there, or it is truncated / corrupt / not ours.
+    """
+    path = Path(run_dir) / CHECKPOINT
+    if not path.is_file():
+        raise CheckpointError(f"no checkpoint in {run_dir} (expected {CHECKPOINT}): sim.resume needs the run "
+                              "directory of a run that finished at least one round")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+        meta = json.loads(arrays.pop(META).tobytes().decode())
+    except (zipfile.BadZipFile, ValueError, KeyError, OSError, EOFError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"the checkpoint {path} is unreadable ({type(exc).__name__}); it cannot be resumed: "
+                              "start the run again without sim.resume") from None
+    return arrays, meta
+
+
+def finished_round(run_dir: Path) -> int | None:
+    """The last finished round recorded in ``run_dir``'s checkpoint (None: no readable checkpoint)."""
+    try:
+        with np.load(Path(run_dir) / CHECKPOINT, allow_pickle=False) as z:
+            return int(json.loads(z[META].tobytes().decode())["round"])
+    except Exception:  # noqa: BLE001 -- any unreadable file means "nothing to resume"
+        return None
+
+
+def sub(arrays: dict[str, np.ndarray], prefix: str) -> dict[str, np.ndarray]:
+    """The entries under ``prefix/``, with the prefix removed."""
+    p = prefix + "/"
+    return {k[len(p):]: v for k, v in arrays.items() if k.startswith(p)}
+
+
+def prefixed(prefix: str, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return {f"{prefix}/{k}": v for k, v in arrays.items()}
+
+
+def optimizer_arrays(opt: torch.optim.Optimizer) -> dict[str, np.ndarray]:
+    """The tensors of an optimizer's per-parameter state (Adam: step, exp_avg, exp_avg_sq)."""
+    out = {}
+    for idx, st in opt.state_dict()["state"].items():
+        for k, v in st.items():
+            out[f"{idx}.{k}"] = (v.detach().cpu().numpy() if torch.is_tensor(v) else np.asarray(v)).copy()
+    return out
+
+
+def load_optimizer(opt: torch.optim.Optimizer, arrays: dict[str, np.ndarray]) -> None:
+    """Restore :func:`optimizer_arrays` into ``opt`` (its hyperparameters are kept as constructed)."""
+    sd = opt.state_dict()
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, v in arrays.items():
+        idx, _, name = key.partition(".")
+        state.setdefault(int(idx), {})[name] = torch.from_numpy(np.array(v))
+    sd["state"] = state
+    opt.load_state_dict(sd)

@@ -1,0 +1,120 @@
+"""Interrupted runs: Ctrl-C / SIGTERM keep every finished round, and a resumed run ends with the
+same summary.json, to the last digit, as the same run uninterrupted."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from sim import checkpoint
+from sim.schema import ConfigError
+from tests.conftest import small_cfg
+
+# Several servers, MEL, asynchronous rejectors, a crash with recovery from checkpoint and query
+# drops: everything that carries state from one round to the next.
+ARGS = ["fleet.num_clients=4", "sim.num_rounds=4", "servers.count=2", "servers.training=mel", "strategy.staleness=2",
+        "failures=crash_recover", "failures.round=2", "failures.recover_after=1", "failures.query_drop_q=0.1",
+        "failures.reference=false"]
+
+
+def env(tmp_path: Path) -> dict:
+    return {**os.environ, "L2H_SIM_CACHE": str(tmp_path / "cache")}
+
+
+def interrupt(tmp_path: Path, run_dir: Path, args: list[str], sig: int, after_lines: int) -> subprocess.CompletedProcess:
+    """Start a real run, send ``sig`` once metrics.jsonl has ``after_lines`` rounds, wait for it to exit."""
+    p = subprocess.Popen([sys.executable, "-m", "sim.run", *args, f"hydra.run.dir={run_dir}"], cwd=tmp_path,
+                         env=env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= after_lines):
+        assert p.poll() is None, p.communicate()[1][-2000:]
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    p.send_signal(sig)
+    out, err = p.communicate(timeout=120)  # it must exit on its own, promptly
+    return subprocess.CompletedProcess(p.args, p.returncode, out, err)
+
+
+def cli(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "sim.run", *args], cwd=tmp_path, env=env(tmp_path),
+                          capture_output=True, text=True, timeout=600)
+
+
+def rounds_without_time(path: Path) -> list[dict]:
+    return [{k: v for k, v in json.loads(ln).items() if k != "elapsed_s"} for ln in path.read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("whole")
+    r = cli(tmp, *ARGS, "sim.backend=inprocess", f"hydra.run.dir={tmp / 'run'}")
+    assert r.returncode == 0, r.stderr[-2000:]
+    return tmp / "run"
+
+
+@pytest.mark.parametrize("backend", ["ray", "inprocess"])
+def test_sigint_then_resume_equals_the_uninterrupted_run(tmp_path, uninterrupted, backend):
+    run_dir = tmp_path / "run"
+    r = interrupt(tmp_path, run_dir, ARGS + [f"sim.backend={backend}"], signal.SIGINT, after_lines=2)
+    assert r.returncode == 130, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr
+    done = checkpoint.finished_round(run_dir)
+    assert done is not None and done >= 1
+    assert f"sim.resume={run_dir}" in r.stderr and f"after round {done}" in r.stderr
+    assert not (run_dir / "summary.json").exists()
+    # the finished rounds are on disk as they were
+    kept = rounds_without_time(run_dir / "metrics.jsonl")
+    assert kept[:done] == rounds_without_time(uninterrupted / "metrics.jsonl")[:done]
+
+    r = cli(tmp_path, *ARGS, f"sim.backend={backend}", f"sim.resume={run_dir}")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert f"resuming {run_dir} after round {done}" in r.stdout
+    assert json.loads((run_dir / "summary.json").read_text()) == json.loads((uninterrupted / "summary.json").read_text())
+    assert rounds_without_time(run_dir / "metrics.jsonl") == rounds_without_time(uninterrupted / "metrics.jsonl")
+
+
+def test_sigterm_exits_143_and_says_how_to_resume(tmp_path):
+    run_dir = tmp_path / "run"
+    r = interrupt(tmp_path, run_dir, ["fleet.num_clients=4", "sim.num_rounds=4", "sim.backend=inprocess"],
+                  signal.SIGTERM, after_lines=1)
+    assert r.returncode == 143 and "interrupted (SIGTERM)" in r.stderr and "sim.resume=" in r.stderr
+
+
+def test_resuming_with_another_config_or_without_a_checkpoint_is_a_one_line_error(tmp_path, uninterrupted):
+    r = cli(tmp_path, *ARGS, "strategy.c_e=0.3", f"sim.resume={uninterrupted}")
+    assert r.returncode == 2 and "was run with a different config: strategy.c_e" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    r = cli(tmp_path, "fleet.num_clients=4", f"sim.resume={empty}")
+    assert r.returncode == 2 and "no checkpoint in" in r.stderr
+
+
+def test_resuming_a_finished_run_leaves_it_as_it_is(tmp_path, uninterrupted):
+    before = (uninterrupted / "summary.json").read_text()
+    from sim.run import simulate
+
+    cfg = small_cfg(**{a.split("=")[0]: a.split("=", 1)[1] for a in ARGS}, **{"sim.resume": str(uninterrupted)})
+    assert simulate(cfg, tmp_path / "unused") == json.loads(before)
+    assert (uninterrupted / "summary.json").read_text() == before
+
+
+def test_corrupt_or_truncated_checkpoint_is_refused_not_used(tmp_path):
+    checkpoint.save(tmp_path, {"a/x": np.arange(100.0)}, {"round": 3, "config": {}})
+    arrays, meta = checkpoint.load(tmp_path)
+    assert meta["round"] == 3 and np.array_equal(arrays["a/x"], np.arange(100.0))
+    path = tmp_path / checkpoint.CHECKPOINT
+    path.write_bytes(path.read_bytes()[:200])
+    with pytest.raises(checkpoint.CheckpointError, match="unreadable"):
+        checkpoint.load(tmp_path)
+    assert checkpoint.finished_round(tmp_path) is None
+    from sim.run import open_checkpoint
+
+    with pytest.raises(ConfigError, match="unreadable"):
+        open_checkpoint(small_cfg(), tmp_path)
