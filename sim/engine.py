@@ -190,6 +190,33 @@ def ray_session(address: str | None, num_cpus: int | None, verbose: bool) -> Ite
             stop_ray()
 
 
+def replace_dead_workers() -> None:
+    """Make Flower's Ray actor pool replace a device-worker actor whose process died.
+
+    Flower 1.41's ``BasicActorPool`` puts the actor that ran a failed message back into its pool
+    even when the failure was the actor's death (``RayActorError``), so every later message it
+    gets fails too. Here the dead actor's slot gets a freshly created actor instead; the message
+    that was running still becomes an error reply (counted in the round's metrics), and the
+    device's state is untouched (Flower keeps it in the driver). Applied once per process.
+    """
+    import ray
+    from flwr.simulation.ray_transport.ray_actor import BasicActorPool
+
+    if getattr(BasicActorPool, "_replaces_dead_actors", False):
+        return
+    fetch = BasicActorPool.fetch_result_and_return_actor_to_pool
+
+    def fetch_or_replace(self: Any, future: Any) -> Any:
+        try:
+            return fetch(self, future)
+        except ray.exceptions.RayActorError:
+            self._future_to_actor[future] = self.create_actor_fn()
+            raise
+
+    BasicActorPool.fetch_result_and_return_actor_to_pool = fetch_or_replace
+    BasicActorPool._replaces_dead_actors = True
+
+
 def run_fleet(server_app: Any, client_app: Any, num_clients: int, client_resources: dict[str, float],
               verbose: bool) -> None:
     """Run ``server_app`` against ``num_clients`` virtual nodes of ``client_app`` on Ray.
@@ -200,6 +227,7 @@ def run_fleet(server_app: Any, client_app: Any, num_clients: int, client_resourc
     from flwr.simulation import run_simulation
 
     quiet_logs(verbose)
+    replace_dead_workers()
     backend_config = {"client_resources": {"num_cpus": float(client_resources["num_cpus"]),
                                            "num_gpus": float(client_resources["num_gpus"])}}
     with warnings.catch_warnings():

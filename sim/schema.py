@@ -373,7 +373,7 @@ def validate_failures(cfg: Any) -> None:
     servers_ok("failures.slow.servers", f["slow"]["servers"])
     devices_ok("failures.partition.devices", f["partition"]["devices"])
     devices_ok("failures.dropout.devices", f["dropout"]["devices"])
-    if f["servers"] and not 1 <= f["round"] <= num_rounds:
+    if f["round"] < 1 or (f["servers"] and f["round"] > num_rounds):
         raise ConfigError(f"failures.round={f['round']} is invalid: the crash round must be in 1..{num_rounds} "
                           "(sim.num_rounds)")
     if f["recover_after"] is not None and f["recover_after"] < 1:

@@ -1,0 +1,127 @@
+"""Hostile inputs and failing infrastructure: every numeric config value out of range, two jobs
+building one cache entry at once, and a device worker killed from outside mid-run."""
+import copy
+import json
+import multiprocessing as mp
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from sim.schema import ConfigError, validate
+from tests.conftest import small_cfg
+
+
+def numeric_leaves(node, path=""):
+    """Dotted keys of every int/float value in the config (bools, None and lists left out)."""
+    if isinstance(node, dict):
+        for k, v in node.items():
+            yield from numeric_leaves(v, f"{path}.{k}" if path else k)
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            if isinstance(v, dict):
+                yield from numeric_leaves(v, f"{path}.{i}")
+    elif isinstance(node, (int, float)) and not isinstance(node, bool):
+        yield path
+
+
+def set_key(cfg, dotted, value):
+    node = cfg
+    parts = dotted.split(".")
+    for p in parts[:-1]:
+        node = node[int(p)] if isinstance(node, list) else node[p]
+    node[parts[-1]] = value
+
+
+BASE = small_cfg(**{"failures": "random", "servers.count": 2})
+NUMERIC = [k for k in numeric_leaves(BASE) if k != "seed"]
+
+
+def test_the_config_has_many_numeric_keys():
+    assert len(NUMERIC) > 40  # the enumeration below really covers the schema
+
+
+@pytest.mark.parametrize("key", NUMERIC)
+def test_every_numeric_value_out_of_range_is_a_one_line_error_naming_it(key):
+    cfg = copy.deepcopy(BASE)
+    validate(cfg)
+    set_key(cfg, key, -1)
+    with pytest.raises(ConfigError) as exc:
+        validate(cfg)
+    msg = str(exc.value)
+    assert "\n" not in msg
+    # the message names the key (data.split.* errors name the split fractions as a group)
+    assert key in msg or (key.startswith("data.split.") and "data.split" in msg), msg
+
+
+def _build(cache_dir, q):
+    try:
+        from clients.legacy import build_fleet
+        from sim.data import prepare
+
+        cfg = small_cfg(**{"fleet.num_clients": 6})
+        prep = prepare(cfg, cache_dir)
+        fleet = build_fleet(cfg, prep, cache_dir)
+        q.put(("ok", str(fleet.path), fleet.legacy_accuracy.tolist()))
+    except Exception as exc:  # noqa: BLE001 -- reported to the test
+        q.put(("error", repr(exc), None))
+
+
+def test_two_jobs_building_the_same_cache_entry_at_once_do_not_corrupt_it(tmp_path):
+    from sim.cache import read_verified
+
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    procs = [ctx.Process(target=_build, args=(tmp_path, q)) for _ in range(2)]
+    for p in procs:
+        p.start()
+    results = [q.get(timeout=300) for _ in procs]
+    for p in procs:
+        p.join(timeout=60)
+    assert [r[0] for r in results] == ["ok", "ok"], results
+    assert results[0][1] == results[1][1] and results[0][2] == results[1][2]
+    from pathlib import Path
+
+    assert read_verified(Path(results[0][1])) is not None  # the entry passes its full hash check
+    assert not [p for p in Path(results[0][1]).parent.iterdir() if p.name.startswith(".tmp")]
+
+
+def _client_workers():
+    """PIDs of Flower's device-worker actors (Ray titles their processes ray::ClientAppActor)."""
+    pids = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                cmd = open(f"/proc/{d}/cmdline", "rb").read().decode(errors="ignore")
+            except OSError:
+                continue
+            if "ClientAppActor" in cmd:
+                pids.append(int(d))
+    return pids
+
+
+def test_a_worker_killed_from_outside_costs_its_replies_not_the_run(tmp_path):
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "L2H_SIM_CACHE": str(tmp_path / "cache")}
+    p = subprocess.Popen([sys.executable, "-m", "sim.run", "fleet.num_clients=6", "sim.num_rounds=4",
+                          f"hydra.run.dir={run_dir}"], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while not (metrics.is_file() and metrics.read_text().strip()):
+        assert p.poll() is None and time.monotonic() < deadline
+        time.sleep(0.02)
+    workers = _client_workers()
+    assert workers
+    os.kill(workers[0], signal.SIGKILL)
+    out, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err[-2000:]
+    rounds = [json.loads(ln) for ln in metrics.read_text().splitlines()]
+    assert [r["round"] for r in rounds] == [1, 2, 3, 4]
+    lost = sum(r["train_errors"] + r["eval_errors"] for r in rounds)
+    assert lost >= 1  # the killed worker's reply is recorded as lost ...
+    assert lost <= 2 and rounds[-1]["eval_errors"] == 0 and rounds[-1]["eval_devices"] == 6  # ... and replaced
+    assert json.loads((run_dir / "summary.json").read_text())["num_test_samples"] > 0
