@@ -13,6 +13,7 @@ restarted after round k.
 """
 from __future__ import annotations
 
+import copy
 import json
 import os
 import tempfile
@@ -107,3 +108,55 @@ def load_optimizer(opt: torch.optim.Optimizer, arrays: dict[str, np.ndarray]) ->
         state.setdefault(int(idx), {})[name] = torch.from_numpy(np.array(v))
     sd["state"] = state
     opt.load_state_dict(sd)
+
+
+# Keys that may differ between a run and its resumption (they do not change the numbers).
+RESUME_FREE = ("resume", "progress", "verbose", "plots", "backend", "ray_address", "num_cpus", "round_timeout",
+               "checkpoint", "client_resources", "cache_dir")
+
+
+def comparable(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The config without the keys a resumed run may change (:data:`RESUME_FREE`), with
+    ``servers.routing=auto`` resolved as the run resolves it."""
+    from sim.schema import routing_of
+
+    out = copy.deepcopy(cfg)
+    out["servers"]["routing"] = routing_of(out["servers"])
+    for k in RESUME_FREE:
+        out["sim"].pop(k, None)
+    return out
+
+
+def _first_difference(a: Any, b: Any, path: str = "") -> str | None:
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in sorted(set(a) | set(b)):
+            d = _first_difference(a.get(k), b.get(k), f"{path}.{k}" if path else str(k))
+            if d:
+                return d
+        return None
+    return None if a == b else f"{path} ({a!r} in the run, {b!r} now)"
+
+
+def open_for_resume(cfg: dict[str, Any], run_dir: Path) -> tuple[tuple[dict, dict], int]:
+    """Load ``run_dir``'s checkpoint and check it belongs to this config.
+
+    Returns:
+        ``((arrays, meta), finished_round)``.
+
+    Raises:
+        ConfigError: no run or checkpoint there, an unreadable checkpoint, or a different config.
+    """
+    from sim.schema import ConfigError
+
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise ConfigError(f"sim.resume={run_dir} is not a directory: give the run directory to continue")
+    try:
+        arrays, meta = load(run_dir)
+    except CheckpointError as exc:
+        raise ConfigError(str(exc)) from None
+    diff = _first_difference(meta["config"], comparable(cfg))
+    if diff:
+        raise ConfigError(f"{run_dir} was run with a different config: {diff}; resume with the run's own "
+                          "overrides (see its .hydra/overrides.yaml)")
+    return (arrays, meta), int(meta["round"])

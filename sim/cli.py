@@ -7,6 +7,9 @@ Hydra's multi-line composition errors are condensed into one line.
 """
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 from typing import Any, Iterable
 
 from sim.schema import ConfigError, register, validate
@@ -118,4 +121,10 @@ def precheck(argv: list[str]) -> None:
     except HydraException as exc:
         raise ConfigError(one_line(exc)) from None
     for combo in combos:
-        compose_checked(combo)
+        cfg = compose_checked(combo)
+        if cfg["sim"]["resume"]:
+            if len(combos) > 1 or "-m" in argv or "--multirun" in argv:
+                raise ConfigError("sim.resume continues one run: give one run directory, without -m or sweeps")
+            from sim.checkpoint import open_for_resume
+
+            open_for_resume(cfg, Path(os.path.expanduser(str(cfg["sim"]["resume"]))))

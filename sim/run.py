@@ -74,7 +74,7 @@ def simulate(cfg: dict[str, Any], run_dir: Path, console: Any | None = None) -> 
     finished, ckpt = 0, None
     if resume:
         run_dir = Path(os.path.expanduser(str(resume)))
-        ckpt, finished = open_checkpoint(cfg, run_dir)
+        ckpt, finished = checkpoint.open_for_resume(cfg, run_dir)
         if finished >= num_rounds:
             if (run_dir / "summary.json").is_file():
                 console.print(f"{run_dir} already finished all {num_rounds} rounds; its summary.json stands",
@@ -131,7 +131,7 @@ def simulate(cfg: dict[str, Any], run_dir: Path, console: Any | None = None) -> 
             strat_arrays, strat_meta = state["strategy"].checkpoint()
             checkpoint.save(run_dir, {**checkpoint.prefixed("pool", pool_arrays),
                                       **checkpoint.prefixed("strategy", strat_arrays)},
-                            {"round": record["round"], "config": comparable(cfg), "pool": pool_meta,
+                            {"round": record["round"], "config": checkpoint.comparable(cfg), "pool": pool_meta,
                              "strategy": strat_meta})
         progress.advance(task)
         if record.get("system_accuracy") is not None:
@@ -209,53 +209,6 @@ def simulate(cfg: dict[str, Any], run_dir: Path, console: Any | None = None) -> 
     recorder.write_json("timing.json", {"backend": cfg["sim"]["backend"], **timing})
     terminal.print_summary(console, summary, run_dir, sim_seconds, timing["total_s"])
     return summary
-
-
-# Keys that may differ between a run and its resumption (they do not change the numbers).
-RESUME_FREE = ("resume", "progress", "verbose", "plots", "backend", "ray_address", "num_cpus", "round_timeout",
-               "checkpoint", "client_resources", "cache_dir")
-
-
-def comparable(cfg: dict[str, Any]) -> dict[str, Any]:
-    """The config without the keys a resumed run may change (:data:`RESUME_FREE`)."""
-    out = copy.deepcopy(cfg)
-    for k in RESUME_FREE:
-        out["sim"].pop(k, None)
-    return out
-
-
-def _first_difference(a: Any, b: Any, path: str = "") -> str | None:
-    if isinstance(a, dict) and isinstance(b, dict):
-        for k in sorted(set(a) | set(b)):
-            d = _first_difference(a.get(k), b.get(k), f"{path}.{k}" if path else str(k))
-            if d:
-                return d
-        return None
-    return None if a == b else f"{path} ({a!r} in the run, {b!r} now)"
-
-
-def open_checkpoint(cfg: dict[str, Any], run_dir: Path) -> tuple[tuple[dict, dict], int]:
-    """Load ``run_dir``'s checkpoint and check it belongs to this config.
-
-    Returns:
-        ``((arrays, meta), finished_round)``.
-
-    Raises:
-        ConfigError: no run or checkpoint there, an unreadable checkpoint, or a different config.
-    """
-    from sim import checkpoint
-
-    if not run_dir.is_dir():
-        raise ConfigError(f"sim.resume={run_dir} is not a directory: give the run directory to continue")
-    try:
-        arrays, meta = checkpoint.load(run_dir)
-    except checkpoint.CheckpointError as exc:
-        raise ConfigError(str(exc)) from None
-    diff = _first_difference(meta["config"], comparable(cfg))
-    if diff:
-        raise ConfigError(f"{run_dir} was run with a different config: {diff}; resume with the run's own "
-                          "overrides (see its .hydra/overrides.yaml)")
-    return (arrays, meta), int(meta["round"])
 
 
 def none_failures(f: dict[str, Any]) -> dict[str, Any]:

@@ -87,9 +87,14 @@ def test_sigterm_exits_143_and_says_how_to_resume(tmp_path):
 
 
 def test_resuming_with_another_config_or_without_a_checkpoint_is_a_one_line_error(tmp_path, uninterrupted):
+    before = {p: p.read_bytes() for p in uninterrupted.rglob("*") if p.is_file()}
     r = cli(tmp_path, *ARGS, "strategy.c_e=0.3", f"sim.resume={uninterrupted}")
     assert r.returncode == 2 and "was run with a different config: strategy.c_e" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
+    # nothing in the run directory was touched (not even Hydra's record of its config)
+    assert {p: p.read_bytes() for p in uninterrupted.rglob("*") if p.is_file()} == before
+    r = cli(tmp_path, "-m", "seed=0,1", f"sim.resume={uninterrupted}")
+    assert r.returncode == 2 and "one run" in r.stderr
     empty = tmp_path / "empty"
     empty.mkdir()
     r = cli(tmp_path, "fleet.num_clients=4", f"sim.resume={empty}")
@@ -114,7 +119,5 @@ def test_corrupt_or_truncated_checkpoint_is_refused_not_used(tmp_path):
     with pytest.raises(checkpoint.CheckpointError, match="unreadable"):
         checkpoint.load(tmp_path)
     assert checkpoint.finished_round(tmp_path) is None
-    from sim.run import open_checkpoint
-
     with pytest.raises(ConfigError, match="unreadable"):
-        open_checkpoint(small_cfg(), tmp_path)
+        checkpoint.open_for_resume(small_cfg(), tmp_path)

@@ -125,3 +125,14 @@ def test_a_worker_killed_from_outside_costs_its_replies_not_the_run(tmp_path):
     assert lost >= 1  # the killed worker's reply is recorded as lost ...
     assert lost <= 2 and rounds[-1]["eval_errors"] == 0 and rounds[-1]["eval_devices"] == 6  # ... and replaced
     assert json.loads((run_dir / "summary.json").read_text())["num_test_samples"] > 0
+
+
+def test_a_ray_address_that_does_not_answer_fails_in_seconds_with_one_line(tmp_path):
+    env = {**os.environ, "L2H_SIM_CACHE": str(tmp_path / "cache")}
+    t0 = time.monotonic()
+    r = subprocess.run([sys.executable, "-m", "sim.run", "fleet.num_clients=2", "sim.num_rounds=1",
+                        "sim.ray_address=127.0.0.1:9", f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and time.monotonic() - t0 < 60
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "no Ray cluster answers at 127.0.0.1:9" in lines[0], r.stderr
