@@ -202,8 +202,9 @@ def replace_dead_workers() -> None:
     import ray
     from flwr.simulation.ray_transport.ray_actor import BasicActorPool
 
-    if getattr(BasicActorPool, "_replaces_dead_actors", False):
-        return
+    if getattr(BasicActorPool, "_replaces_dead_actors", False) or not hasattr(
+            BasicActorPool, "fetch_result_and_return_actor_to_pool"):
+        return  # already applied, or a Flower whose pool works differently
     fetch = BasicActorPool.fetch_result_and_return_actor_to_pool
 
     def fetch_or_replace(self: Any, future: Any) -> Any:

@@ -17,7 +17,7 @@ from tests.conftest import small_cfg
 
 # Several servers, MEL, asynchronous rejectors, a crash with recovery from checkpoint and query
 # drops: everything that carries state from one round to the next.
-ARGS = ["fleet.num_clients=4", "sim.num_rounds=4", "servers.count=2", "servers.training=mel", "strategy.staleness=2",
+ARGS = ["fleet.num_clients=4", "sim.num_rounds=5", "servers.count=2", "servers.training=mel", "strategy.staleness=2",
         "failures=crash_recover", "failures.round=2", "failures.recover_after=1", "failures.query_drop_q=0.1",
         "failures.reference=false"]
 
@@ -58,8 +58,10 @@ def uninterrupted(tmp_path_factory):
     return tmp / "run"
 
 
-@pytest.mark.parametrize("backend", ["ray", "inprocess"])
+@pytest.mark.parametrize("backend", ["ray"])
 def test_sigint_then_resume_equals_the_uninterrupted_run(tmp_path, uninterrupted, backend):
+    """The uninterrupted run is in-process, the interrupted and resumed one on Ray: equality also
+    shows that Flower on Ray and the in-process backend agree with MEL servers and failures."""
     run_dir = tmp_path / "run"
     r = interrupt(tmp_path, run_dir, ARGS + [f"sim.backend={backend}"], signal.SIGINT, after_lines=2)
     assert r.returncode == 130, r.stderr[-2000:]
@@ -81,7 +83,8 @@ def test_sigint_then_resume_equals_the_uninterrupted_run(tmp_path, uninterrupted
 
 def test_sigterm_exits_143_and_says_how_to_resume(tmp_path):
     run_dir = tmp_path / "run"
-    r = interrupt(tmp_path, run_dir, ["fleet.num_clients=4", "sim.num_rounds=4", "sim.backend=inprocess"],
+    # many rounds, so the signal lands well before the run would end on its own
+    r = interrupt(tmp_path, run_dir, ["fleet.num_clients=4", "sim.num_rounds=50", "sim.backend=inprocess"],
                   signal.SIGTERM, after_lines=1)
     assert r.returncode == 143 and "interrupted (SIGTERM)" in r.stderr and "sim.resume=" in r.stderr
 

@@ -62,7 +62,7 @@ def _build(cache_dir, q):
         from clients.legacy import build_fleet
         from sim.data import prepare
 
-        cfg = small_cfg(**{"fleet.num_clients": 6})
+        cfg = small_cfg(**{"fleet": "uniform", "fleet.num_clients": 2})
         prep = prepare(cfg, cache_dir)
         fleet = build_fleet(cfg, prep, cache_dir)
         q.put(("ok", str(fleet.path), fleet.legacy_accuracy.tolist()))
@@ -106,7 +106,7 @@ def _client_workers():
 def test_a_worker_killed_from_outside_costs_its_replies_not_the_run(tmp_path):
     run_dir = tmp_path / "run"
     env = {**os.environ, "L2H_SIM_CACHE": str(tmp_path / "cache")}
-    p = subprocess.Popen([sys.executable, "-m", "sim.run", "fleet.num_clients=6", "sim.num_rounds=4",
+    p = subprocess.Popen([sys.executable, "-m", "sim.run", "fleet.num_clients=4", "sim.num_rounds=3",
                           f"hydra.run.dir={run_dir}"], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, text=True)
     metrics = run_dir / "metrics.jsonl"
@@ -120,10 +120,10 @@ def test_a_worker_killed_from_outside_costs_its_replies_not_the_run(tmp_path):
     out, err = p.communicate(timeout=300)
     assert p.returncode == 0, err[-2000:]
     rounds = [json.loads(ln) for ln in metrics.read_text().splitlines()]
-    assert [r["round"] for r in rounds] == [1, 2, 3, 4]
+    assert [r["round"] for r in rounds] == [1, 2, 3]
     lost = sum(r["train_errors"] + r["eval_errors"] for r in rounds)
     assert lost >= 1  # the killed worker's reply is recorded as lost ...
-    assert lost <= 2 and rounds[-1]["eval_errors"] == 0 and rounds[-1]["eval_devices"] == 6  # ... and replaced
+    assert lost <= 2 and rounds[-1]["eval_errors"] == 0 and rounds[-1]["eval_devices"] == 4  # ... and replaced
     assert json.loads((run_dir / "summary.json").read_text())["num_test_samples"] > 0
 
 
