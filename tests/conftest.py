@@ -6,6 +6,12 @@ os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
 
 
+@pytest.fixture(scope="session")
+def shared_cache(tmp_path_factory):
+    """One dataset/fleet cache for the tests that do not test caching (built once, reused)."""
+    return tmp_path_factory.mktemp("shared-cache")
+
+
 @pytest.fixture
 def cache_dir(tmp_path):
     d = tmp_path / "cache"

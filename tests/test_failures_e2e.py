@@ -70,10 +70,10 @@ def ray_local():
     ray.shutdown()
 
 
-def test_cli_mel_crash_stop_reports_resilience(tmp_path):
+def test_cli_mel_crash_stop_reports_resilience(tmp_path, shared_cache):
     """The issue's command, on a small fleet: the all-up reference, the schedule and the plots."""
     run_dir = tmp_path / "run"
-    env = {**os.environ, "L2H_SIM_CACHE": str(tmp_path / "cache")}
+    env = {**os.environ, "L2H_SIM_CACHE": str(shared_cache)}
     r = subprocess.run([sys.executable, "-m", "sim.run", "servers.count=3", "servers.training=mel",
                         "failures=crash_stop", "failures.round=2", "fleet.num_clients=4", "sim.num_rounds=3",
                         "sim.backend=inprocess", f"hydra.run.dir={run_dir}"],

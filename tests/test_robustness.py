@@ -103,9 +103,9 @@ def _client_workers():
     return pids
 
 
-def test_a_worker_killed_from_outside_costs_its_replies_not_the_run(tmp_path):
+def test_a_worker_killed_from_outside_costs_its_replies_not_the_run(tmp_path, shared_cache):
     run_dir = tmp_path / "run"
-    env = {**os.environ, "L2H_SIM_CACHE": str(tmp_path / "cache")}
+    env = {**os.environ, "L2H_SIM_CACHE": str(shared_cache)}
     p = subprocess.Popen([sys.executable, "-m", "sim.run", "fleet.num_clients=4", "sim.num_rounds=3",
                           f"hydra.run.dir={run_dir}"], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, text=True)
@@ -127,8 +127,8 @@ def test_a_worker_killed_from_outside_costs_its_replies_not_the_run(tmp_path):
     assert json.loads((run_dir / "summary.json").read_text())["num_test_samples"] > 0
 
 
-def test_a_ray_address_that_does_not_answer_fails_in_seconds_with_one_line(tmp_path):
-    env = {**os.environ, "L2H_SIM_CACHE": str(tmp_path / "cache")}
+def test_a_ray_address_that_does_not_answer_fails_in_seconds_with_one_line(tmp_path, shared_cache):
+    env = {**os.environ, "L2H_SIM_CACHE": str(shared_cache)}
     t0 = time.monotonic()
     r = subprocess.run([sys.executable, "-m", "sim.run", "fleet.num_clients=2", "sim.num_rounds=1",
                         "sim.ray_address=127.0.0.1:9", f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path, env=env,
