@@ -158,6 +158,17 @@ class HelperServer:
         self.model.eval()
         return float(local.detach())
 
+    def step_batch(self, y: np.ndarray, feat_grad: np.ndarray | None, weight: float, peer_probs: np.ndarray | None,
+                   next_x: np.ndarray | None) -> tuple[float, tuple[np.ndarray, np.ndarray] | None]:
+        """:meth:`backward_batch` for the pending batch, then :meth:`forward_batch` on ``next_x`` (if
+        given), in one call: the pool's joint training needs one round trip per minibatch.
+
+        Returns:
+            The local loss of the finished batch, and the next batch's ``(features, logits)``.
+        """
+        loss = self.backward_batch(y, feat_grad, weight, peer_probs)
+        return loss, (self.forward_batch(next_x) if next_x is not None else None)
+
     # ---- answers and state ------------------------------------------------------------------
     def predict(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Trunk features ``(N, F)`` and logits ``(N, K)`` on ``x: (N, C, H, W)`` (after the injected

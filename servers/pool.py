@@ -347,45 +347,49 @@ class ServerPool:
         x_all, y_all = self.shared.x, self.shared.y
         n, bs = len(y_all), int(self.scfg["batch_size"])
         gen = torch.Generator().manual_seed(derive_seed(self.seed, "pool-fit", server_round))
-        mel = self.scfg["mel"]
-        subsets = all_subsets(members) if self.combiners is not None else []
-        last = float("nan")
-        for _ in range(int(self.scfg["epochs"])):
+        batches = []  # (epoch, sample indices), in training order
+        for epoch in range(int(self.scfg["epochs"])):
             order = torch.randperm(n, generator=gen).numpy()
-            total, count = 0.0, 0
-            for start in range(0, n, bs):
-                idx = np.sort(order[start:start + bs])
-                xb, yb = x_all[idx], y_all[idx]
-                out, failed = gather({s: self.handles[s].submit("forward_batch", xb) for s in members}, None)
-                if failed:
-                    self.dead |= set(failed)
-                    members = [s for s in members if s in out]
-                    subsets = [a for a in subsets if set(a) <= set(members)]
-                    if not members:
-                        return last
-                grads: dict[int, np.ndarray | None] = {s: None for s in members}
-                comb_loss = 0.0
-                if subsets:
-                    feats = {s: torch.from_numpy(np.array(out[s][0])).requires_grad_(True) for s in members}
-                    loss = mel_combiner_loss(self.combiners, feats, torch.from_numpy(yb), subsets,
-                                             float(mel["combiner_weight"]))
-                    self.comb_opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    self.comb_opt.step()
-                    comb_loss = float(loss.detach())
-                    grads = {s: feats[s].grad.numpy() for s in members}
-                peers: dict[int, np.ndarray | None] = {s: None for s in members}
-                if self.training == "dml" and len(members) > 1:
-                    probs = {s: torch.softmax(torch.from_numpy(np.array(out[s][1])), 1).numpy() for s in members}
-                    peers = {s: np.stack([probs[p] for p in members if p != s]) for s in members}
-                weight = float(mel["standalone_weight"]) if self.training == "mel" else 1.0
-                res, failed = gather({s: self.handles[s].submit("backward_batch", yb, grads[s], weight, peers[s])
-                                      for s in members}, None)
-                self.dead |= set(failed)
-                members = [s for s in members if s in res]
-                total += (sum(res.values()) + comb_loss) * len(idx)
-                count += len(idx)
-            last = total / max(count, 1)
+            batches += [(epoch, np.sort(order[start:start + bs])) for start in range(0, n, bs)]
+        mel = self.scfg["mel"]
+        weight = float(mel["standalone_weight"]) if self.training == "mel" else 1.0
+        subsets = all_subsets(members) if self.combiners is not None else []
+        # One actor call per minibatch: finishing batch k and starting batch k+1 travel together,
+        # and each actor still runs backward(k) before forward(k+1), so the arithmetic is the same.
+        out, failed = gather({s: self.handles[s].submit("forward_batch", x_all[batches[0][1]]) for s in members},
+                             None)
+        last, total, count = float("nan"), 0.0, 0
+        for k, (epoch, idx) in enumerate(batches):
+            self.dead |= set(failed)
+            members = [s for s in members if s in out]
+            subsets = [a for a in subsets if set(a) <= set(members)]
+            if not members:
+                return last
+            yb = y_all[idx]
+            grads: dict[int, np.ndarray | None] = {s: None for s in members}
+            comb_loss = 0.0
+            if subsets:
+                feats = {s: torch.from_numpy(np.array(out[s][0])).requires_grad_(True) for s in members}
+                loss = mel_combiner_loss(self.combiners, feats, torch.from_numpy(yb), subsets,
+                                         float(mel["combiner_weight"]))
+                self.comb_opt.zero_grad(set_to_none=True)
+                loss.backward()
+                self.comb_opt.step()
+                comb_loss = float(loss.detach())
+                grads = {s: feats[s].grad.numpy() for s in members}
+            peers: dict[int, np.ndarray | None] = {s: None for s in members}
+            if self.training == "dml" and len(members) > 1:
+                probs = {s: torch.softmax(torch.from_numpy(np.array(out[s][1])), 1).numpy() for s in members}
+                peers = {s: np.stack([probs[p] for p in members if p != s]) for s in members}
+            x_next = x_all[batches[k + 1][1]] if k + 1 < len(batches) else None
+            res, failed = gather({s: self.handles[s].submit("step_batch", yb, grads[s], weight, peers[s], x_next)
+                                  for s in members}, None)
+            total += (sum(r[0] for r in res.values()) + comb_loss) * len(idx)
+            count += len(idx)
+            out = {s: r[1] for s, r in res.items()}
+            if k + 1 == len(batches) or batches[k + 1][0] != epoch:
+                last, total, count = total / max(count, 1), 0.0, 0
+        self.dead |= set(failed)
         return last
 
     def end_round(self) -> None:
