@@ -137,11 +137,22 @@ def _first_difference(a: Any, b: Any, path: str = "") -> str | None:
     return None if a == b else f"{path} ({a!r} in the run, {b!r} now)"
 
 
-def open_for_resume(cfg: dict[str, Any], run_dir: Path) -> tuple[tuple[dict, dict], int]:
+def reference_started(cfg: dict[str, Any], run_dir: Path) -> bool:
+    """True when a run with failures was stopped during its all-up reference run: the main
+    directory has no checkpoint yet, ``reference/`` has one (or has finished)."""
+    ref = Path(run_dir) / "reference"
+    return (cfg["failures"]["name"] != "none" and bool(cfg["failures"]["reference"])
+            and not (Path(run_dir) / CHECKPOINT).is_file()
+            and ((ref / CHECKPOINT).is_file() or (ref / "summary.json").is_file()))
+
+
+def open_for_resume(cfg: dict[str, Any], run_dir: Path) -> tuple[tuple[dict, dict] | None, int]:
     """Load ``run_dir``'s checkpoint and check it belongs to this config.
 
     Returns:
-        ``((arrays, meta), finished_round)``.
+        ``((arrays, meta), finished_round)``; ``(None, 0)`` when the run was stopped during its
+        all-up reference run (:func:`reference_started`): the reference is resumed (its own
+        checkpoint is checked then), and the run with failures starts from round 1.
 
     Raises:
         ConfigError: no run or checkpoint there, an unreadable checkpoint, or a different config.
@@ -151,6 +162,8 @@ def open_for_resume(cfg: dict[str, Any], run_dir: Path) -> tuple[tuple[dict, dic
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise ConfigError(f"sim.resume={run_dir} is not a directory: give the run directory to continue")
+    if reference_started(cfg, run_dir):
+        return None, 0
     try:
         arrays, meta = load(run_dir)
     except CheckpointError as exc:

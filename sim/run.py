@@ -75,14 +75,15 @@ def simulate(cfg: dict[str, Any], run_dir: Path, console: Any | None = None) -> 
     if resume:
         run_dir = Path(os.path.expanduser(str(resume)))
         ckpt, finished = checkpoint.open_for_resume(cfg, run_dir)
-        if finished >= num_rounds:
+        if ckpt is not None and finished >= num_rounds:
             if (run_dir / "summary.json").is_file():
                 console.print(f"{run_dir} already finished all {num_rounds} rounds; its summary.json stands",
                               soft_wrap=True)
                 return json.loads((run_dir / "summary.json").read_text())
             raise ConfigError(f"{run_dir} finished all {num_rounds} rounds but has no summary.json: "
                               "run it again without sim.resume")
-        console.print(f"[bold]resuming[/bold] {run_dir} after round {finished} of {num_rounds}", soft_wrap=True)
+        console.print(f"[bold]resuming[/bold] {run_dir} after round {finished} of {num_rounds}" if ckpt is not None
+                      else f"[bold]resuming[/bold] {run_dir}: its all-up reference run first", soft_wrap=True)
     reference = None
     if cfg["failures"]["name"] != "none" and cfg["failures"]["reference"]:
         ref_dir = Path(run_dir) / "reference"
@@ -251,12 +252,17 @@ def _interrupted_message() -> str:
     run_dir = _CURRENT.get("run_dir")
     if run_dir is None:
         return f"interrupted ({name}) before the run started"
+    args = [a for a in sys.argv[1:] if not a.startswith(("sim.resume=", "hydra.run.dir=", "-m", "--multirun"))]
+    command = f"python -m sim.run {' '.join(args + [f'sim.resume={run_dir}'])}"
     done = finished_round(run_dir)
     if done is None:
+        ref = finished_round(run_dir / "reference")
+        if ref is not None:
+            return (f"interrupted ({name}) during the all-up reference run, after its round {ref} (saved in "
+                    f"{run_dir / 'reference'}); resume with:\n  {command}")
         return f"interrupted ({name}) before the first round finished; nothing to resume in {run_dir}"
-    args = [a for a in sys.argv[1:] if not a.startswith(("sim.resume=", "hydra.run.dir=", "-m", "--multirun"))]
     return (f"interrupted ({name}) after round {done}: rounds 1-{done} are saved in {run_dir} (metrics.jsonl, "
-            f"checkpoint.npz); resume with:\n  python -m sim.run {' '.join(args + [f'sim.resume={run_dir}'])}")
+            f"checkpoint.npz); resume with:\n  {command}")
 
 
 def main() -> None:

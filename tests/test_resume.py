@@ -34,11 +34,12 @@ def env() -> dict:
     return {**os.environ, "L2H_SIM_CACHE": str(CACHE[0])}
 
 
-def interrupt(tmp_path: Path, run_dir: Path, args: list[str], sig: int, after_lines: int) -> subprocess.CompletedProcess:
-    """Start a real run, send ``sig`` once metrics.jsonl has ``after_lines`` rounds, wait for it to exit."""
+def interrupt(tmp_path: Path, run_dir: Path, args: list[str], sig: int, after_lines: int,
+              watch: str = "metrics.jsonl") -> subprocess.CompletedProcess:
+    """Start a real run, send ``sig`` once ``run_dir/watch`` has ``after_lines`` rounds, wait for it to exit."""
     p = subprocess.Popen([sys.executable, "-m", "sim.run", *args, f"hydra.run.dir={run_dir}"], cwd=tmp_path,
                          env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    metrics = run_dir / "metrics.jsonl"
+    metrics = run_dir / watch
     deadline = time.monotonic() + 300
     while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= after_lines):
         assert p.poll() is None, p.communicate()[1][-2000:]
@@ -87,6 +88,21 @@ def test_sigint_then_resume_equals_the_uninterrupted_run(tmp_path, uninterrupted
     assert f"resuming {run_dir} after round {done}" in r.stdout
     assert json.loads((run_dir / "summary.json").read_text()) == json.loads((uninterrupted / "summary.json").read_text())
     assert rounds_without_time(run_dir / "metrics.jsonl") == rounds_without_time(uninterrupted / "metrics.jsonl")
+
+
+def test_stopped_during_the_reference_run_resumes_from_there(tmp_path, uninterrupted):
+    """Ctrl-C while the all-up reference of a failure run is going: the reference resumes, then
+    the run with failures runs; its numbers equal the same run made without the reference."""
+    args = [a for a in ARGS if a != "failures.reference=false"] + ["sim.backend=inprocess"]
+    run_dir = tmp_path / "run"
+    r = interrupt(tmp_path, run_dir, args, signal.SIGINT, after_lines=2, watch="reference/metrics.jsonl")
+    assert r.returncode == 130 and "during the all-up reference run" in r.stderr, r.stderr[-2000:]
+    r = cli(tmp_path, *args, f"sim.resume={run_dir}")
+    assert r.returncode == 0, r.stderr[-2000:]
+    s = json.loads((run_dir / "summary.json").read_text())
+    base = json.loads((uninterrupted / "summary.json").read_text())
+    assert {k: v for k, v in s.items() if k != "resilience"} == {k: v for k, v in base.items() if k != "resilience"}
+    assert s["resilience"]["same_test_samples"] and s["resilience"]["fraction_kept"] is not None
 
 
 def test_sigterm_exits_143_and_says_how_to_resume(tmp_path):
