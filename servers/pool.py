@@ -202,9 +202,24 @@ class ServerPool:
 
     def where(self) -> dict[str, str]:
         """Which torch device each live server's network runs on (``cpu`` / ``cuda:0``)."""
-        live = {s: h.submit("where") for s, h in self.handles.items() if s not in self.dead}
-        res, _ = gather(live, 30.0)
+        res = self.call("where", [s for s in self.handles if s not in self.dead], timeout=30.0)
         return {str(s): v for s, v in sorted(res.items())}
+
+    def call(self, method: str, servers: Sequence[int], *args: Any, timeout: float | None = None,
+             each: Callable[[int], tuple] | None = None) -> dict[int, Any]:
+        """Call ``method`` on each of ``servers`` in parallel and wait (up to ``timeout``).
+
+        Args:
+            args: the same arguments for every server, or ``each(s)``: server s's arguments.
+
+        Returns:
+            ``server -> result`` for the servers that answered; those whose actor is gone are
+            marked dead, those slower than ``timeout`` are left out.
+        """
+        res, failed = gather({s: self.handles[s].submit(method, *(each(s) if each else args)) for s in servers},
+                             timeout)
+        self.dead |= {s for s, why in failed.items() if why == "dead"}
+        return res
 
     def shutdown(self) -> None:
         """Kill every server actor (end of run, or an interrupted one)."""
@@ -232,10 +247,10 @@ class ServerPool:
                 self.handles[s] = self._new_handle(s)
                 self.dead.discard(s)
                 if faults.recover_from == "checkpoint" and s in self.checkpoints:
-                    gather({s: self.handles[s].submit("load_state", self.checkpoints[s])}, None)
+                    self.call("load_state", [s], self.checkpoints[s])
         self.outage = set(faults.outage)
         live = [s for s in range(self.num_servers) if s not in self.dead]
-        gather({s: self.handles[s].submit("set_delay", float(faults.slow.get(s, 0.0))) for s in live}, None)
+        self.call("set_delay", live, each=lambda s: (float(faults.slow.get(s, 0.0)),))
         self.load[:] = 0
         self.failovers = Counter()
         self.train_rerouted = 0
@@ -249,9 +264,7 @@ class ServerPool:
     def health(self) -> list[int]:
         """Ping every live, reachable server; a dead actor is marked dead, a slow one is down."""
         live = [s for s in range(self.num_servers) if s not in self.dead and s not in self.outage]
-        ok, failed = gather({s: self.handles[s].submit("ping") for s in live}, self.timeout)
-        self.dead |= {s for s, why in failed.items() if why == "dead"}
-        return sorted(ok)
+        return sorted(self.call("ping", live, timeout=self.timeout))
 
     def reachable(self, device: int) -> list[int]:
         """Servers ``device`` can reach this round: up, and not cut off by a network partition."""
@@ -266,8 +279,7 @@ class ServerPool:
     def snapshot(self) -> dict[str, np.ndarray]:
         """Weights of the up servers (``s{i}.<param>``) and, for MEL, the combiner heads
         (``comb.<param>``): what a device needs to predict every routing option itself."""
-        res, failed = gather({s: self.handles[s].submit("weights") for s in self.up}, None)
-        self.dead |= {s for s, why in failed.items() if why == "dead"}
+        res = self.call("weights", self.up)
         out = {f"s{s}.{k}": v for s, w in sorted(res.items()) for k, v in w.items()}
         if self.combiners is not None:
             out.update({f"comb.{k}": v.detach().numpy().copy() for k, v in self.combiners.state_dict().items()})
@@ -318,12 +330,8 @@ class ServerPool:
                     rows[s].append(row)
                 row += 1
         if self.training == "independent":
-            adds = {s: self.handles[s].submit("add", ids[r], x[r], y[r]) for s, r in rows.items() if r}
-            _, failed = gather(adds, None)
-            self.dead |= set(failed)
-            fit_on = [s for s in self.up if s not in self.dead]
-            res, failed = gather({s: self.handles[s].submit("fit", server_round) for s in fit_on}, None)
-            self.dead |= set(failed)
+            self.call("add", [s for s, r in rows.items() if r], each=lambda s: (ids[rows[s]], x[rows[s]], y[rows[s]]))
+            res = self.call("fit", [s for s in self.up if s not in self.dead], server_round)
             losses = [r["server_loss"] for r in res.values() if np.isfinite(r["server_loss"])]
             size = int(sum(r["buffer_size"] for r in res.values()))
             return {"server_loss": float(np.mean(losses)) if losses else float("nan"), "buffer_size": size,
@@ -356,11 +364,9 @@ class ServerPool:
         subsets = all_subsets(members) if self.combiners is not None else []
         # One actor call per minibatch: finishing batch k and starting batch k+1 travel together,
         # and each actor still runs backward(k) before forward(k+1), so the arithmetic is the same.
-        out, failed = gather({s: self.handles[s].submit("forward_batch", x_all[batches[0][1]]) for s in members},
-                             None)
+        out = self.call("forward_batch", members, x_all[batches[0][1]])
         last, total, count = float("nan"), 0.0, 0
         for k, (epoch, idx) in enumerate(batches):
-            self.dead |= set(failed)
             members = [s for s in members if s in out]
             subsets = [a for a in subsets if set(a) <= set(members)]
             if not members:
@@ -382,21 +388,17 @@ class ServerPool:
                 probs = {s: torch.softmax(torch.from_numpy(np.array(out[s][1])), 1).numpy() for s in members}
                 peers = {s: np.stack([probs[p] for p in members if p != s]) for s in members}
             x_next = x_all[batches[k + 1][1]] if k + 1 < len(batches) else None
-            res, failed = gather({s: self.handles[s].submit("step_batch", yb, grads[s], weight, peers[s], x_next)
-                                  for s in members}, None)
+            res = self.call("step_batch", members, each=lambda s: (yb, grads[s], weight, peers[s], x_next))
             total += (sum(r[0] for r in res.values()) + comb_loss) * len(idx)
             count += len(idx)
             out = {s: r[1] for s, r in res.items()}
             if k + 1 == len(batches) or batches[k + 1][0] != epoch:
                 last, total, count = total / max(count, 1), 0.0, 0
-        self.dead |= set(failed)
         return last
 
     def end_round(self) -> None:
         """Checkpoint every up server (what crash-recover ``from checkpoint`` restores)."""
-        res, failed = gather({s: self.handles[s].submit("state") for s in self.up}, None)
-        self.checkpoints.update(res)
-        self.dead |= {s for s, why in failed.items() if why == "dead"}
+        self.checkpoints.update(self.call("state", self.up))
 
     # ---- checkpoint / resume ------------------------------------------------------------------
     def checkpoint(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
@@ -406,8 +408,7 @@ class ServerPool:
         from sim.checkpoint import optimizer_arrays, prefixed
 
         live = [s for s in range(self.num_servers) if s not in self.dead]
-        res, failed = gather({s: self.handles[s].submit("full_state") for s in live}, None)
-        self.dead |= set(failed)
+        res = self.call("full_state", live)
         arrays: dict[str, np.ndarray] = {}
         for s, st in res.items():
             arrays.update(prefixed(f"server{s}", st))
@@ -429,7 +430,7 @@ class ServerPool:
             self.handles[s].kill()
             self.dead.add(s)
         live = [s for s in range(self.num_servers) if s not in self.dead]
-        gather({s: self.handles[s].submit("load_full_state", sub(arrays, f"server{s}")) for s in live}, None)
+        self.call("load_full_state", live, each=lambda s: (sub(arrays, f"server{s}"),))
         self.checkpoints = {int(s): sub(arrays, f"recovery{s}") for s in meta["recovery"]}
         if self.combiners is not None:
             self.combiners.load_state_dict({k: torch.from_numpy(np.array(v))
@@ -439,6 +440,14 @@ class ServerPool:
             self.shared.add(arrays["shared/ids"], arrays["shared/x"], arrays["shared/y"])
 
     # ---- answering deferred queries -------------------------------------------------------------
+    def outputs(self, x: np.ndarray, timeout: float | None) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
+        """Trunk features ``(N, F)`` and logits ``(N, K)`` on ``x`` of every up server that answers
+        within ``timeout``, as ``server -> tensor`` dicts."""
+        res = self.call("predict", self.up, x, timeout=timeout)
+        # np.array copies: Ray hands back read-only arrays.
+        return ({s: torch.from_numpy(np.array(r[0])) for s, r in sorted(res.items())},
+                {s: torch.from_numpy(np.array(r[1])) for s, r in sorted(res.items())})
+
     def answer(self, server_round: int, x: np.ndarray, device: np.ndarray, route: np.ndarray, defer: np.ndarray,
                m_pred: np.ndarray) -> dict[str, np.ndarray]:
         """Answer test samples with failover.
@@ -456,11 +465,7 @@ class ServerPool:
             server answered it), ``failover (N,)`` (kind index into ``("none",) + FAILOVER_KINDS``).
         """
         n = len(x)
-        res, failed = gather({s: self.handles[s].submit("predict", x) for s in self.up}, self.timeout)
-        self.dead |= {s for s, why in failed.items() if why == "dead"}
-        answered = sorted(res)
-        feats = {s: torch.from_numpy(np.array(res[s][0])) for s in answered}  # Ray hands back read-only arrays
-        logits = {s: torch.from_numpy(np.array(res[s][1])) for s in answered}
+        feats, logits = self.outputs(x, self.timeout)  # the servers that answered
         rng = np.random.default_rng(derive_seed(self.seed, "query-drop", server_round))
         dropped = rng.random((n, self.num_servers)) < float(self.faults.query_drop)
         kinds = ("none",) + FAILOVER_KINDS
@@ -485,14 +490,14 @@ class ServerPool:
             else:
                 want = [self._assign(reach, rr)]
                 rr += 1
-            got = [s for s in want if s in res and not dropped[i, s]]
+            got = [s for s in want if s in logits and not dropped[i, s]]
             # MEL's chain is judged against the whole pool: an ensemble of fewer than all S servers
             # is a failover; a single-server request fails over only if that server did not answer.
             full = self.num_servers if self.routing == "all" else len(want)
             if got:
                 k = "none" if len(got) == full else ("subset" if len(got) >= 2 else "standalone")
             else:
-                others = [s for s in reach if s in res and not dropped[i, s]]
+                others = [s for s in reach if s in logits and not dropped[i, s]]
                 got = [min(others, key=lambda s: (self.load[s], s))] if others else []
                 k = "standalone" if got else "legacy"
             if defer[i]:
@@ -515,17 +520,15 @@ class ServerPool:
         """Server-only accuracy of each up standalone server and each ensemble of >= 2 up servers on
         ``x, y`` (the standalone-vs-ensemble table of MEL), and MEL's resilience ratio: mean
         standalone accuracy / accuracy of the ensemble of all up servers."""
-        res, _ = gather({s: self.handles[s].submit("predict", x) for s in self.up}, None)
-        feats = {s: torch.from_numpy(np.array(r[0])) for s, r in res.items()}
-        logits = {s: torch.from_numpy(np.array(r[1])) for s, r in res.items()}
+        feats, logits = self.outputs(x, None)
         out: dict[str, Any] = {"standalone": {}, "ensemble": {}}
-        for s in sorted(res):
+        for s in sorted(logits):
             out["standalone"][str(s)] = float((logits[s].argmax(1).numpy() == y).mean())
-        for a in all_subsets(sorted(res)):
+        for a in all_subsets(sorted(logits)):
             out["ensemble"][subset_key(a)] = float(
                 (ensemble_probs(a, feats, logits, self.combiners).argmax(1).numpy() == y).mean())
-        full = subset_key(sorted(res))
-        if len(res) >= 2:
+        full = subset_key(sorted(logits))
+        if len(logits) >= 2:
             mean_alone = float(np.mean(list(out["standalone"].values())))
             out["standalone_over_ensemble"] = mean_alone / out["ensemble"][full] if out["ensemble"][full] else None
         return out

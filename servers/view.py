@@ -12,7 +12,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from servers.models import Combiners, ServerNet, ensemble_probs
+from servers.models import Combiners, ServerNet
 
 
 class PoolView:
@@ -54,16 +54,11 @@ class PoolView:
         return self
 
     @torch.no_grad()
-    def outputs(self, x: torch.Tensor, servers: Sequence[int]) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
+    def outputs(self, x: torch.Tensor, servers: Sequence[int]
+                ) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
         """Trunk features ``(N, F)`` and logits ``(N, K)`` of each of ``servers`` on ``x``."""
         feats, logits = {}, {}
         for s in servers:
             f = self.nets[s].trunk(x)
             feats[s], logits[s] = f, self.nets[s].head(f)
         return feats, logits
-
-    @torch.no_grad()
-    def ensemble(self, x: torch.Tensor, servers: Sequence[int]) -> torch.Tensor:
-        """Probabilities ``(N, K)`` of the ensemble the pool would answer with for ``servers``."""
-        feats, logits = self.outputs(x, servers)
-        return ensemble_probs(servers, feats, logits, self.combiners)

@@ -23,6 +23,7 @@ from flwr.serverapp import Grid, ServerApp
 from clients.device import Device, Rejector
 from clients.legacy import load_legacy
 from servers.view import PoolView
+from sim.failures import cut_off
 from sim.data import device_data, load_prepared
 from strategies import l2h
 
@@ -58,7 +59,12 @@ def get_view(spec: dict[str, Any], arrays: ArrayRecord) -> PoolView:
     return rt["view"].load({k: arrays[k].numpy() for k in arrays.keys()})
 
 
-def _rejector(spec: dict[str, Any], device: Device, context: Context, create: bool) -> Rejector | None:
+def _rejector(spec: dict[str, Any], device: Device, msg: Message, context: Context, create: bool
+              ) -> Rejector | None:
+    """The device's rejector: from the message (a resumed run hands it back), else from its
+    context, else a new one (``create``) or None."""
+    if "rejector" in msg.content:
+        context.state["rejector"] = msg.content["rejector"]
     hp = spec["strategy"]["rejector"]
     outputs = l2h.num_options(spec["servers"])
     if "rejector" not in context.state:
@@ -79,7 +85,7 @@ def _faults(msg: Message, pid: int) -> list[int]:
     faults = json.loads(str(msg.content["config"]["faults"]))
     if pid in faults["dropout"]:
         raise DeviceDropout(f"device {pid} dropped out (injected failure)")
-    cut = {s for devs, srvs in faults["partition"] if pid in devs for s in srvs}
+    cut = cut_off(faults["partition"], pid)
     return [s for s in faults["up"] if s not in cut]
 
 
@@ -118,9 +124,7 @@ def train(msg: Message, context: Context) -> Message:
     reachable = _faults(msg, pid)
     device = get_device(spec, pid)
     view = get_view(spec, msg.content["server"])
-    if "rejector" in msg.content:  # a resumed run hands the device its rejector back
-        context.state["rejector"] = msg.content["rejector"]
-    rejector = _rejector(spec, device, context, create=True)
+    rejector = _rejector(spec, device, msg, context, create=True)
     defer, route, explore, metrics = l2h.client_train(device, rejector, view, reachable, spec["strategy"],
                                                       spec["servers"], spec["num_classes"], rnd, spec["seed"])
     state = context.state["rejector"] = ArrayRecord(torch_state_dict=rejector.state_dict())
@@ -138,9 +142,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     pid = int(context.node_config["partition-id"])
     reachable = _faults(msg, pid)
     device = get_device(spec, pid)
-    if "rejector" in msg.content:
-        context.state["rejector"] = msg.content["rejector"]
-    rejector = _rejector(spec, device, context, create=False)
+    rejector = _rejector(spec, device, msg, context, create=False)
     rec = l2h.client_evaluate(device, rejector, reachable, spec["strategy"], spec["servers"])
     info = MetricRecord({"device": pid, "num_examples": len(rec["y"])})
     return Message(RecordDict({"samples": _arrays(rec), "info": info}), reply_to=msg)

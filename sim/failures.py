@@ -61,7 +61,12 @@ class RoundFaults:
 
     def cut_servers(self, device: int) -> set[int]:
         """Servers ``device`` cannot reach this round (network partition)."""
-        return {s for devs, srvs in self.partition if device in devs for s in srvs}
+        return cut_off(self.partition, device)
+
+
+def cut_off(partition: list, device: int) -> set[int]:
+    """Servers that ``device`` cannot reach under ``partition`` (a list of ``[devices, servers]``)."""
+    return {s for devs, srvs in partition if device in devs for s in srvs}
 
 
 def _in(t: int, start: int, end: int | None) -> bool:

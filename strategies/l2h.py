@@ -28,6 +28,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, Met
 from flwr.serverapp import Grid
 
 from clients.device import Device, Rejector
+from servers.models import ensemble_probs
 from servers.pool import ServerPool
 from servers.view import PoolView
 from sim.failures import RoundFaults
@@ -98,7 +99,7 @@ def client_train(device: Device, rejector: Rejector, view: PoolView, reachable: 
     if not reach:
         loss = float("nan")  # nothing to defer to: the rejector is left as it is
     else:
-        _, logits = view.outputs(x, reach)
+        feats_s, logits = view.outputs(x, reach)
         wrong = {s: (logits[s].argmax(1) != y).float() for s in reach}
         if num_options(servers_cfg) > 2:
             costs = torch.zeros(len(y), num_options(servers_cfg))
@@ -112,7 +113,7 @@ def client_train(device: Device, rejector: Rejector, view: PoolView, reachable: 
                 return multi_server_rejector_loss(rejector(f), c, avail)
         else:
             if routing_of(servers_cfg) == "all":
-                probs = view.ensemble(x, reach)
+                probs = ensemble_probs(reach, feats_s, logits, view.combiners)
                 e_wrong = (probs.argmax(1) != y).float()
             else:  # one server (learned, S=1) or pool-chosen: the expected error over the servers
                 probs = torch.stack([torch.softmax(logits[s], 1) for s in reach]).mean(0)
