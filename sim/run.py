@@ -260,7 +260,7 @@ def _interrupted_message() -> str:
         if ref is not None:
             return (f"interrupted ({name}) during the all-up reference run, after its round {ref} (saved in "
                     f"{run_dir / 'reference'}); resume with:\n  {command}")
-        return f"interrupted ({name}) before the first round finished; nothing to resume in {run_dir}"
+        return f"interrupted ({name}) before the first round was checkpointed; nothing to resume in {run_dir}"
     return (f"interrupted ({name}) after round {done}: rounds 1-{done} are saved in {run_dir} (metrics.jsonl, "
             f"checkpoint.npz); resume with:\n  {command}")
 
