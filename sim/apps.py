@@ -20,12 +20,12 @@ from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordD
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
-from clients.device import Device, Rejector
+from clients.device import Device
 from clients.legacy import load_legacy
 from servers.view import PoolView
 from sim.failures import cut_off
 from sim.data import device_data, load_prepared
-from strategies import l2h
+from strategies.registry import device_side
 
 _WORKER: dict[str, Any] = {}
 _SPECS: dict[str, dict[str, Any]] = {}
@@ -59,21 +59,17 @@ def get_view(spec: dict[str, Any], arrays: ArrayRecord) -> PoolView:
     return rt["view"].load({k: arrays[k].numpy() for k in arrays.keys()})
 
 
-def _rejector(spec: dict[str, Any], device: Device, msg: Message, context: Context, create: bool
-              ) -> Rejector | None:
-    """The device's rejector: from the message (a resumed run hands it back), else from its
+def _learner(spec: dict[str, Any], device: Device, msg: Message, context: Context, create: bool
+             ) -> torch.nn.Module | None:
+    """The device's trained part (its rejector; for L2D its classifier + deferral model): from the
+    message (a resumed run hands it back; FedAvg sends the group's average), else from its
     context, else a new one (``create``) or None."""
+    method = device_side(spec["strategy"]["name"])
     if "rejector" in msg.content:
         context.state["rejector"] = msg.content["rejector"]
-    hp = spec["strategy"]["rejector"]
-    outputs = l2h.num_options(spec["servers"])
     if "rejector" not in context.state:
-        if not create:
-            return None
-        return device.new_rejector(hp["inputs"], int(hp["hidden"]), spec["seed"], outputs)
-    rej = Rejector(device.features("test", hp["inputs"]).shape[1], int(hp["hidden"]), outputs)
-    rej.load_state_dict(context.state["rejector"].to_torch_state_dict())
-    return rej
+        return method.new_learner(device, spec) if create else None
+    return method.load_learner(device, spec, context.state["rejector"].to_torch_state_dict())
 
 
 class DeviceDropout(RuntimeError):
@@ -124,16 +120,19 @@ def train(msg: Message, context: Context) -> Message:
     reachable = _faults(msg, pid)
     device = get_device(spec, pid)
     view = get_view(spec, msg.content["server"])
-    rejector = _rejector(spec, device, msg, context, create=True)
-    defer, route, explore, metrics = l2h.client_train(device, rejector, view, reachable, spec["strategy"],
-                                                      spec["servers"], spec["num_classes"], rnd, spec["seed"])
-    state = context.state["rejector"] = ArrayRecord(torch_state_dict=rejector.state_dict())
+    learner = _learner(spec, device, msg, context, create=True)
+    method = device_side(spec["strategy"]["name"])
+    defer, route, explore, metrics = method.client_train(device, learner, view, reachable, spec["strategy"],
+                                                         spec["servers"], spec["num_classes"], rnd, spec["seed"])
     send = defer | explore
     d = device.data
     samples = _arrays({"ids": d.ids_rejector[send], "x": d.x_rejector[send], "y": d.y_rejector[send],
                        "route": route[send], "explore": explore[send]})
     info = MetricRecord({"device": pid, "num_examples": len(defer), **metrics})
-    return Message(RecordDict({"samples": samples, "info": info, "rejector": state}), reply_to=msg)
+    content = RecordDict({"samples": samples, "info": info})
+    if learner is not None:
+        content["rejector"] = context.state["rejector"] = ArrayRecord(torch_state_dict=learner.state_dict())
+    return Message(content, reply_to=msg)
 
 
 @app.evaluate()
@@ -142,8 +141,9 @@ def evaluate(msg: Message, context: Context) -> Message:
     pid = int(context.node_config["partition-id"])
     reachable = _faults(msg, pid)
     device = get_device(spec, pid)
-    rejector = _rejector(spec, device, msg, context, create=False)
-    rec = l2h.client_evaluate(device, rejector, reachable, spec["strategy"], spec["servers"])
+    learner = _learner(spec, device, msg, context, create=False)
+    rec = device_side(spec["strategy"]["name"]).client_evaluate(device, learner, reachable, spec["strategy"],
+                                                                spec["servers"], spec["seed"])
     info = MetricRecord({"device": pid, "num_examples": len(rec["y"])})
     return Message(RecordDict({"samples": _arrays(rec), "info": info}), reply_to=msg)
 

@@ -99,10 +99,15 @@ class FleetStrategy(Strategy):
         out = []
         for d in devices:
             c = content
-            if d in self.restore_pending:
-                c = RecordDict({**dict(content.items()), "rejector": self.restore_pending[d]})
+            state = self.restore_pending[d] if d in self.restore_pending else self.personal(d)
+            if state is not None:
+                c = RecordDict({**dict(content.items()), "rejector": state})
             out.append(grid.create_message(c, msg_type, self.node_of[d], str(round_)))
         return out
+
+    def personal(self, device: int) -> ArrayRecord | None:
+        """A state to hand ``device`` with its next message (e.g. a FedAvg average); None: none."""
+        return None
 
     def acknowledge(self, ok: list[tuple[int, Message]]) -> None:
         """Devices that answered have their restored state: stop resending it."""
