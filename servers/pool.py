@@ -159,6 +159,7 @@ class ServerPool:
         self.outage: set[int] = set()
         self.up: list[int] = []
         self.checkpoints: dict[int, dict[str, np.ndarray]] = {}
+        self.initial: dict[int, dict[str, np.ndarray]] = {}  # installed start states (L2D's fixed experts)
         self.combiners: Combiners | None = None
         self.comb_opt: torch.optim.Optimizer | None = None
         self.shared = ReplayBuffer(int(s["buffer_size"])) if self.training != "independent" else None
@@ -199,6 +200,13 @@ class ServerPool:
                 f"{len(failed)} of {self.num_servers} helper server actors did not start within {timeout:g}s: "
                 f"the Ray cluster may not have servers.resources (num_cpus={r['num_cpus']}, "
                 f"num_gpus={r['num_gpus']}) free for each server")
+
+    def install(self, states: list[dict[str, np.ndarray]]) -> None:
+        """Load a start state into every server (``net.<param>`` arrays, as :meth:`HelperServer.state`):
+        L2D's pretrained fixed experts. A server recovering "from scratch" gets it back."""
+        self.initial = {s: st for s, st in enumerate(states)}
+        self.call("load_state", list(self.initial), each=lambda s: (self.initial[s],))
+        self.checkpoints.update(self.initial)
 
     def where(self) -> dict[str, str]:
         """Which torch device each live server's network runs on (``cpu`` / ``cuda:0``)."""
@@ -248,6 +256,8 @@ class ServerPool:
                 self.dead.discard(s)
                 if faults.recover_from == "checkpoint" and s in self.checkpoints:
                     self.call("load_state", [s], self.checkpoints[s])
+                elif s in self.initial:  # "scratch": the state the run started with
+                    self.call("load_state", [s], self.initial[s])
         self.outage = set(faults.outage)
         live = [s for s in range(self.num_servers) if s not in self.dead]
         self.call("set_delay", live, each=lambda s: (float(faults.slow.get(s, 0.0)),))
