@@ -26,6 +26,8 @@ class Rejector(nn.Module):
     def __init__(self, in_dim: int, hidden: int = 64, outputs: int = 2):
         super().__init__()
         self.net = nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(), nn.Linear(hidden, outputs))
+        # Bounded reject rate: [threshold t, calibration defer rate rho] (strategies/bounded.py); NaN: unfitted.
+        self.register_buffer("bound", torch.full((2,), float("nan")))
 
     def forward(self, feats: torch.Tensor) -> torch.Tensor:
         return self.net(feats)

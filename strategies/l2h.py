@@ -34,6 +34,7 @@ from servers.view import PoolView
 from sim.failures import RoundFaults
 from sim.schema import routing_of
 from sim.training import derive_seed, train_minibatch
+from strategies import bounded
 from strategies.base import FleetStrategy, resumable
 from strategies.l2h_losses import (binary_alpha, binary_rejector_loss, l2h_weights, masked_decision,
                                    multi_server_rejector_loss, multiclass_rejector_loss)
@@ -69,6 +70,21 @@ def availability_mask(servers_cfg: dict[str, Any], reachable: list[int]) -> torc
     mask[0] = True
     mask[[1 + s for s in reachable]] = True
     return mask
+
+
+def server_error(feats_s: dict[int, torch.Tensor], logits: dict[int, torch.Tensor], y: torch.Tensor,
+                 reach: list[int], view: PoolView, servers_cfg: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    """What a deferred sample gets from the reachable servers: ``e_wrong (N,)`` (1 if the answer is
+    wrong; the expected error over the servers when the pool picks one) and ``probs (N, K)``.
+
+    ``routing=all`` (MEL, ensembles): the ensemble's answer. Otherwise (one server, or a server
+    the pool chooses): the mean over the reachable servers.
+    """
+    if routing_of(servers_cfg) == "all":
+        probs = ensemble_probs(reach, feats_s, logits, view.combiners)
+        return (probs.argmax(1) != y).float(), probs
+    probs = torch.stack([torch.softmax(logits[s], 1) for s in reach]).mean(0)
+    return torch.stack([(logits[s].argmax(1) != y).float() for s in reach]).mean(0), probs
 
 
 def client_train(device: Device, rejector: Rejector, view: PoolView, reachable: list[int], hp: dict[str, Any],
@@ -112,12 +128,7 @@ def client_train(device: Device, rejector: Rejector, view: PoolView, reachable: 
             def loss_fn(f, c):
                 return multi_server_rejector_loss(rejector(f), c, avail)
         else:
-            if routing_of(servers_cfg) == "all":
-                probs = ensemble_probs(reach, feats_s, logits, view.combiners)
-                e_wrong = (probs.argmax(1) != y).float()
-            else:  # one server (learned, S=1) or pool-chosen: the expected error over the servers
-                probs = torch.stack([torch.softmax(logits[s], 1) for s in reach]).mean(0)
-                e_wrong = torch.stack([wrong[s] for s in reach]).mean(0)
+            e_wrong, probs = server_error(feats_s, logits, y, reach, view, servers_cfg)
             c_defer = float(np.mean([prices[s] for s in reach]))
             e_err = float(e_wrong.mean())
             if resolve_surrogate(hp["surrogate"], num_classes) == "multiclass":
@@ -134,17 +145,53 @@ def client_train(device: Device, rejector: Rejector, view: PoolView, reachable: 
                 def loss_fn(f, mw, em):
                     return binary_rejector_loss(rejector(f), mw, em, c_defer, c_1, float(hp["binary_beta"]), alpha)
 
+        cal = calibration_split(hp, len(y), seed, device.device_id, server_round)
         rh = hp["rejector"]
         rejector.train()
-        loss = train_minibatch(rejector.parameters(), tensors, loss_fn, epochs=int(rh["epochs"]),
-                               batch_size=int(rh["batch_size"]), lr=float(rh["lr"]),
+        loss = train_minibatch(rejector.parameters(), tuple(t[~cal] for t in tensors), loss_fn,
+                               epochs=int(rh["epochs"]), batch_size=int(rh["batch_size"]), lr=float(rh["lr"]),
                                seed=derive_seed(seed, "rejector", device.device_id, server_round))
+        if cal.any():
+            fit_bound(rejector, feats[cal], avail, servers_cfg, hp)
     defer, route = decide(rejector, feats, avail, servers_cfg)
+    defer = bound_decisions(rejector, feats, defer, avail, hp, seed, device.device_id, server_round, "train")
     rng = np.random.default_rng(derive_seed(seed, "explore", device.device_id, server_round))
     explore = (~defer) & (rng.random(len(defer)) < float(hp["explore"])) & bool(reach)
     metrics = {"rejector_loss": loss, "train_defer_rate": float(defer.mean()),
                "train_legacy_error": float(m_wrong.mean()), "train_server_error": e_err}
     return defer, route, explore, metrics
+
+
+def calibration_split(hp: dict[str, Any], n: int, seed: int, device_id: int, server_round: int) -> np.ndarray:
+    """``(n,)`` bool: the calibration samples held out of the rejector split when a reject-rate
+    bound is set (``strategy.max_defer_rate``), else all False."""
+    if hp.get("max_defer_rate") is None or n < 2:
+        return np.zeros(n, dtype=bool)
+    rng = np.random.default_rng(derive_seed(seed, "calibration", device_id, server_round))
+    return bounded.calibration_mask(n, float(hp["calibration"]), rng)
+
+
+@torch.no_grad()
+def fit_bound(rejector: torch.nn.Module, feats_cal: torch.Tensor, avail: torch.Tensor, servers_cfg: dict[str, Any],
+              hp: dict[str, Any]) -> None:
+    """Fit the reject-rate bound ``(t, rho)`` on the calibration features ``(M, D)`` into ``rejector.bound``."""
+    rejector.eval()
+    _, score = masked_decision(rejector(feats_cal), avail)
+    defer, _ = decide(rejector, feats_cal, avail, servers_cfg)
+    t, rho = bounded.fit(score.numpy(), defer, float(hp["max_defer_rate"]))
+    rejector.bound.copy_(torch.tensor([t, rho]))
+
+
+@torch.no_grad()
+def bound_decisions(rejector: torch.nn.Module, feats: torch.Tensor, defer: np.ndarray, avail: torch.Tensor,
+                    hp: dict[str, Any], seed: int, device_id: int, server_round: int, split: str) -> np.ndarray:
+    """The rejector's decisions ``(N,)`` after the reject-rate bound (unchanged when none is set)."""
+    if hp.get("max_defer_rate") is None:
+        return defer
+    rejector.eval()
+    _, score = masked_decision(rejector(feats), avail)
+    rng = np.random.default_rng(derive_seed(seed, "bound", device_id, server_round, split))
+    return bounded.apply(score.numpy(), defer, rejector.bound, hp, rng)
 
 
 @torch.no_grad()
@@ -167,7 +214,7 @@ def decide(rejector: Rejector, feats: torch.Tensor, avail: torch.Tensor, servers
 
 @torch.no_grad()
 def client_evaluate(device: Device, rejector: Rejector | None, reachable: list[int], hp: dict[str, Any],
-                    servers_cfg: dict[str, Any]) -> dict[str, np.ndarray]:
+                    servers_cfg: dict[str, Any], seed: int = 0) -> dict[str, np.ndarray]:
     """The device's decisions on its test split; the pool answers the deferred samples.
 
     A device whose rejector has never been trained (not yet sampled) keeps every sample local
@@ -189,6 +236,7 @@ def client_evaluate(device: Device, rejector: Rejector | None, reachable: list[i
         feats = device.features("test", hp["rejector"]["inputs"])
         _, score = masked_decision(rejector(feats), avail)
         defer, route = decide(rejector, feats, avail, servers_cfg)
+        defer = bound_decisions(rejector, feats, defer, avail, hp, seed, device.device_id, 0, "test")
     return {
         "device": np.full(len(x), device.device_id, dtype=np.int64),
         "y": device.data.y_test.astype(np.int64),
@@ -257,7 +305,8 @@ class L2HStrategy(FleetStrategy):
             b["device"] = dev
             batches.append(b)
             losses.append(float(reply.content["info"]["rejector_loss"]))
-            self.rejectors[dev] = reply.content["rejector"]
+            if "rejector" in reply.content:
+                self.rejectors[dev] = reply.content["rejector"]
         sent = int(sum(len(b["ids"]) for b in batches))
         explored = int(sum(b["explore"].sum() for b in batches))
         fit = self.pool.train(server_round, batches)
@@ -308,3 +357,16 @@ class L2HStrategy(FleetStrategy):
             self.rejectors[int(d)] = self.restore_pending[int(d)] = rec
         if meta["stale"]:
             self.stale = ArrayRecord({k: Array(np.array(v)) for k, v in sub(arrays, "stale").items()})
+
+
+def new_learner(device: Device, spec: dict[str, Any]) -> Rejector:
+    """A new rejector for ``device``: ``num_options`` outputs, seeded per device."""
+    hp = spec["strategy"]["rejector"]
+    return device.new_rejector(hp["inputs"], int(hp["hidden"]), spec["seed"], num_options(spec["servers"]))
+
+
+def load_learner(device: Device, spec: dict[str, Any], state: dict[str, torch.Tensor]) -> Rejector:
+    """The rejector with a saved ``state_dict``."""
+    rejector = new_learner(device, spec)
+    rejector.load_state_dict(state)
+    return rejector
