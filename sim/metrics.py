@@ -54,6 +54,48 @@ def accuracy_at_rates(priority: np.ndarray, m_ok: np.ndarray, e_ok: np.ndarray, 
     return (m_ok.sum() + gain[ks]) / max(n, 1)
 
 
+FIXED_RATES = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+
+
+def aurc(score: np.ndarray, m_ok: np.ndarray) -> dict[str, float]:
+    """Area under the risk-coverage curve of the local model, ranked by the deferral score.
+
+    Definition used (the discrete form of Geifman, Uziel & El-Yaniv 2019, "Bias-reduced uncertainty
+    estimation for deep neural classifiers", ICLR, section 3): sort the N samples by the deferral
+    score, lowest first (kept first); for every coverage k/N, k = 1..N, the selective risk is the
+    local model's error rate on the k kept samples; ``AURC = (1/N) * sum_k risk(k)``.
+    ``E-AURC = AURC - AURC*``, with AURC* that of the ideal ranking (every sample the local model
+    gets right kept before any it gets wrong), so E-AURC is 0 for a perfect ranking and does not
+    depend on the local model's accuracy. Ties in the score are broken by sample order. Lower is
+    better for both. The local model is the legacy model (L2D: the device's trained classifier).
+
+    Args:
+        score: ``(N,)`` deferral score (higher = deferred first). m_ok: ``(N,)`` bool, local model right.
+
+    Returns:
+        ``{"aurc": float, "e_aurc": float}`` (NaN when N = 0).
+    """
+    n = len(score)
+    if n == 0:
+        return {"aurc": float("nan"), "e_aurc": float("nan")}
+    order = np.argsort(score, kind="stable")
+    k = np.arange(1, n + 1)
+    risk = np.cumsum(~m_ok[order]) / k
+    ideal = np.cumsum(np.sort(~m_ok)) / k  # False (right) first
+    a, a_star = float(risk.mean()), float(ideal.mean())
+    return {"aurc": a, "e_aurc": a - a_star}
+
+
+def fairness(rows: list[dict[str, Any]], key: str = "system_accuracy") -> dict[str, float]:
+    """Per-device spread of ``key`` over the fleet's devices: worst, 10th percentile (linear
+    interpolation), median, mean and standard deviation. ``rows``: :func:`per_device` output."""
+    v = np.array([r[key] for r in rows if r[key] is not None and np.isfinite(r[key])], dtype=float)
+    if not v.size:
+        return {k: float("nan") for k in ("worst", "p10", "median", "mean", "std")}
+    return {"worst": float(v.min()), "p10": float(np.percentile(v, 10)), "median": float(np.median(v)),
+            "mean": float(v.mean()), "std": float(v.std())}
+
+
 def pooled_metrics(rec: dict[str, np.ndarray], c_e: float, c_1: float, curve_points: int = 21) -> dict[str, Any]:
     """All fleet metrics from pooled evaluation records.
 
@@ -66,6 +108,8 @@ def pooled_metrics(rec: dict[str, np.ndarray], c_e: float, c_1: float, curve_poi
         Dict with ``system_accuracy``, ``defer_rate``, ``served_defer_rate`` (deferred and answered
         by a server, not by the legacy fallback), ``coverage``, ``l01_cost``,
         ``legacy_accuracy``, ``server_accuracy``, ``oracle_accuracy``, ``num_samples``,
+        ``accuracy_at_defer_rate`` (system accuracy when the top 10%, ..., 90% of the deferral
+        score are deferred), ``aurc`` and ``e_aurc`` (:func:`aurc`),
         ``baselines`` (``confidence`` global threshold, ``confidence_per_device``, ``random``
         expectation -- all at the same defer rate as the rejector), ``table`` (kept/deferred,
         METHODS.md section 1) and ``curves`` (accuracy vs defer rate: rejector score threshold
@@ -93,6 +137,7 @@ def pooled_metrics(rec: dict[str, np.ndarray], c_e: float, c_1: float, curve_poi
                 "difference": (ea - ma) if mask.any() else float("nan")}
 
     rates = np.linspace(0.0, 1.0, curve_points)
+    fixed = accuracy_at_rates(rec["score"], m_ok, e_ok, np.array(FIXED_RATES))
     served = rec["served"].astype(bool) if "served" in rec else np.ones(n, dtype=bool)
     return {
         "served_defer_rate": float((defer & served).mean()) if n else float("nan"),
@@ -111,6 +156,8 @@ def pooled_metrics(rec: dict[str, np.ndarray], c_e: float, c_1: float, curve_poi
             "random": {"system_accuracy": random_acc, "defer_rate": rate},
         },
         "table": {"kept": subset(~defer), "deferred": subset(defer)},
+        "accuracy_at_defer_rate": {f"{r:.1f}": float(a) for r, a in zip(FIXED_RATES, fixed)},
+        **aurc(rec["score"], m_ok),
         "curves": {
             "defer_rate": rates.tolist(),
             "rejector": accuracy_at_rates(rec["score"], m_ok, e_ok, rates).tolist(),

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from sim.cache import atomic_write_text
+from sim.metrics import fairness
 
 SUMMARY_KEYS = ("system_accuracy", "legacy_accuracy", "server_accuracy", "oracle_accuracy", "defer_rate",
                 "coverage", "l01_cost")
@@ -108,6 +109,11 @@ def build_summary(cfg: dict[str, Any], metrics: dict[str, Any], rows: list[dict[
         **{key: metrics[key] for key in SUMMARY_KEYS},
         "served_defer_rate": metrics["served_defer_rate"],
         "baselines": metrics["baselines"], "table": metrics["table"], "curves": metrics["curves"],
+        "accuracy_at_defer_rate": metrics["accuracy_at_defer_rate"], "aurc": metrics["aurc"],
+        "e_aurc": metrics["e_aurc"], "fairness": fairness(rows),
+        "staleness": int(s["staleness"]), "max_defer_rate": s["max_defer_rate"],
+        "bound": s["bound"] if s["max_defer_rate"] is not None else None,
+        "num_servers": int(cfg["servers"]["count"]),
         "num_clients": len(acc), "num_rounds": int(cfg["sim"]["num_rounds"]), "seed": int(cfg["seed"]),
         "num_test_samples": metrics["num_samples"], "num_classes": num_classes,
         "strategy": s["name"], "c_e": float(s["c_e"]), "c_1": float(s["c_1"]),

@@ -62,7 +62,8 @@ def simulate(cfg: dict[str, Any], run_dir: Path, console: Any | None = None) -> 
     from sim.resilience import resilience_summary, servers_summary, test_set_digest
     from sim.results import Recorder, build_summary
     from sim.failures import build_schedule, schedule_json
-    from strategies.l2h import L2HStrategy, resolve_surrogate
+    from strategies.l2h import resolve_surrogate
+    from strategies.registry import server_side
     from strategies.l2h_losses import binary_alpha
 
     validate(cfg)
@@ -116,6 +117,15 @@ def simulate(cfg: dict[str, Any], run_dir: Path, console: Any | None = None) -> 
         raise ConfigError(str(exc)) from None
     acc = fleet.legacy_accuracy
     terminal.print_fleet(console, cfg, prep, fleet)
+    experts = None
+    if s["name"] == "l2d":
+        from servers.experts import pretrain_experts
+
+        experts, experts_meta = pretrain_experts(cfg, prep, fleet, cache_dir)
+        timing["experts_s"] = time.perf_counter() - t_start - timing["prepare_data_s"] - timing["legacy_fleet_s"]
+        console.print(f"L2D experts (fixed): pretrained on the held-out pool of {experts_meta['pool_size']} samples, "
+                      f"train accuracy {', '.join(f'{a:.3f}' for a in experts_meta['train_accuracy'])}",
+                      soft_wrap=True)
 
     recorder = Recorder(run_dir, keep_rounds=finished if resume else None)
     schedule = build_schedule(cfg["failures"], int(cfg["servers"]["count"]), len(acc), num_rounds, int(cfg["seed"]))
@@ -148,7 +158,9 @@ def simulate(cfg: dict[str, Any], run_dir: Path, console: Any | None = None) -> 
         pool = state["pool"] = ServerPool(cfg, prep.in_shape, num_classes, placement)
         try:
             pool.wait_ready(min(120.0, float(cfg["sim"]["round_timeout"])))
-            strategy = state["strategy"] = L2HStrategy(cfg, pool, schedule, on_round)
+            if experts is not None:
+                pool.install(experts)
+            strategy = state["strategy"] = server_side(s["name"])(cfg, pool, schedule, on_round)
             strategy.spec_json = spec_json
             if ckpt is not None:
                 arrays, meta = ckpt

@@ -81,6 +81,15 @@ class RejectorConfig:
 
 
 @dataclass
+class L2DConfig:
+    loss: str = "ce_cost"  # ce (Mozannar-Sontag, alpha) | ce_cost (cost-sensitive, c_e and c_1) | ova (Verma-Nalisnick)
+    alpha: float = 1.0  # ce: weight of the classifier term when the expert is right (1 = consistent)
+    fedavg: bool = False  # devices of the same architecture average their models with FedAvg each round
+    expert_epochs: int = 30  # pretraining of the fixed expert(s) on the held-out pool (cached)
+    expert_lr: float = 0.001
+
+
+@dataclass
 class StrategyConfig:
     name: str = MISSING
     c_e: float = 0.1  # price of one deferral
@@ -92,6 +101,14 @@ class StrategyConfig:
     explore: float = 0.2  # fraction of kept samples also sent to the server
     staleness: int = 1  # S: the rejector trains against a server copy refreshed every S rounds
     rejector: RejectorConfig = field(default_factory=RejectorConfig)
+    # Baselines (METHODS.md section 4): random / confidence defer this fraction (confidence: unless tau is set)
+    defer_rate: float = 0.3
+    tau: Optional[float] = None  # confidence: defer iff the legacy max-softmax < tau (null: fit to defer_rate)
+    # Bounded reject rate (L2H scenario 3): defer at most this fraction (null: no bound)
+    max_defer_rate: Optional[float] = None
+    bound: str = "quantile"  # quantile (threshold fitted on a calibration split) | stochastic (post-hoc thinning)
+    calibration: float = 0.25  # fraction of the rejector split held out to fit the bound
+    l2d: L2DConfig = field(default_factory=L2DConfig)
 
 
 @dataclass
@@ -213,10 +230,17 @@ def register() -> None:
     cs.store(name="base_config", node=Config)
 
 
+STRATEGY_NAMES = ("l2h", "l2d", "legacy_only", "server_only", "random", "confidence", "compare_confidence",
+                  "dml", "mel")
+"""``strategy=`` choices. ``dml`` and ``mel`` are L2H with mutually learning helper servers
+(configs/strategy/dml.yaml, mel.yaml set ``servers.training`` and ``servers.count``)."""
+
 KNOWN = {
     "data.source": ("sklearn", "hf", "file"),
     "data.partition.name": ("iid", "dirichlet", "pathological"),
-    "strategy.name": ("l2h",),
+    "strategy.name": STRATEGY_NAMES,
+    "strategy.bound": ("quantile", "stochastic"),
+    "strategy.l2d.loss": ("ce", "ce_cost", "ova"),
     "strategy.weights": ("shifted", "paper", "repo"),
     "strategy.surrogate": ("auto", "multiclass", "binary"),
     "strategy.rejector.inputs": ("sample", "legacy", "sample+legacy"),
@@ -262,6 +286,16 @@ def validate(cfg: Any) -> None:
     need(cfg["strategy"]["staleness"] >= 1, "strategy.staleness", "S must be >= 1 (1 = synchronous)")
     need(cfg["strategy"]["binary_beta"] > 0, "strategy.binary_beta", "must be > 0")
     need(0 < cfg["strategy"]["binary_p"] < 1, "strategy.binary_p", "must be in (0, 1)")
+    need(0 <= cfg["strategy"]["defer_rate"] <= 1, "strategy.defer_rate", "must be in [0, 1]")
+    need(cfg["strategy"]["tau"] is None or 0 <= cfg["strategy"]["tau"] <= 1, "strategy.tau",
+         "a max-softmax threshold must be in [0, 1] (or null)")
+    need(cfg["strategy"]["max_defer_rate"] is None or 0 <= cfg["strategy"]["max_defer_rate"] <= 1,
+         "strategy.max_defer_rate", "delta must be in [0, 1] (or null: no bound)")
+    need(0 < cfg["strategy"]["calibration"] < 1, "strategy.calibration", "must be in (0, 1)")
+    l2d = cfg["strategy"]["l2d"]
+    need(l2d["alpha"] >= 0, "strategy.l2d.alpha", "must be >= 0")
+    need(l2d["expert_epochs"] >= 1, "strategy.l2d.expert_epochs", "must be >= 1")
+    need(l2d["expert_lr"] > 0, "strategy.l2d.expert_lr", "must be > 0")
     rej = cfg["strategy"]["rejector"]
     for k in ("hidden", "epochs", "batch_size"):
         need(rej[k] >= 1, f"strategy.rejector.{k}", "must be >= 1")

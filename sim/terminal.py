@@ -79,14 +79,19 @@ def _fmt(v: float | None) -> str:
 
 def print_summary(console: Any, summary: dict[str, Any], run_dir: Path, sim_s: float, total_s: float) -> None:
     """The final metrics with the matched-rate baselines, and the kept/deferred table."""
-    t = Table(title=f"L2H fleet summary ({summary['num_clients']} devices, {summary['num_rounds']} rounds, "
-                    f"seed {summary['seed']})")
+    t = Table(title=f"{summary['strategy']} fleet summary ({summary['num_clients']} devices, "
+                    f"{summary['num_rounds']} rounds, seed {summary['seed']})")
     t.add_column("metric")
     t.add_column("value", justify="right")
     for key in SUMMARY_KEYS:
         t.add_row(key, f"{summary[key]:.4f}")
+    if summary.get("max_defer_rate") is not None:
+        t.add_row(f"requested max defer rate ({summary['bound']})", f"{summary['max_defer_rate']:.4f}")
     for name in ("confidence", "confidence_per_device", "random"):
         t.add_row(f"{name} @ same defer rate", f"{summary['baselines'][name]['system_accuracy']:.4f}")
+    t.add_row("AURC / E-AURC (local risk vs coverage)", f"{_fmt(summary['aurc'])} / {_fmt(summary['e_aurc'])}")
+    fair = summary["fairness"]
+    t.add_row("device system acc: worst / 10th pct", f"{_fmt(fair['worst'])} / {_fmt(fair['p10'])}")
     console.print(t)
     tb = Table(title="kept / deferred test samples (METHODS.md section 1)")
     for col in ("samples", "n", "legacy acc", "server acc", "server - legacy"):
