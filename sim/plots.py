@@ -150,3 +150,64 @@ def plot_mode_comparison(rows: list[dict[str, Any]], path: Path) -> Path:
     ax.set_ylim(0, 1)
     ax.legend(fontsize=8)
     return _finish(fig, ax, "failure state", "system accuracy", "Accuracy per failure state by server training", path)
+
+
+# ---- report figures (python -m sim.report) ---------------------------------------------------------
+def plot_report_curves(groups: list[dict[str, Any]], labels: list[str], path: Path) -> Path:
+    """Accuracy vs defer rate: each configuration's curve (top-k of its deferral score, mean over
+    seeds) and its operating point (mean defer rate, mean system accuracy, with std error bars)."""
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for i, (g, lab) in enumerate(zip(groups, labels)):
+        color = f"C{i % 10}"
+        rates, acc = g["_curve"]
+        ax.plot(rates, acc, color=color, lw=1.5, label=f"{lab} (n={g['n']})")
+        ax.errorbar([g["defer_rate_mean"]], [g["system_accuracy_mean"]], xerr=[g["defer_rate_std"]],
+                    yerr=[g["system_accuracy_std"]], color=color, marker="o", ms=7, capsize=3)
+    ax.set_xlim(-0.02, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    ax.text(0.01, 0.99, "lines: top-k of each method's deferral score\ndots: its own decisions (± std over seeds)",
+            transform=ax.transAxes, va="top", fontsize=8)
+    return _finish(fig, ax, "defer rate", "system accuracy", "System accuracy vs defer rate", path)
+
+
+def plot_report_sweep(groups: list[dict[str, Any]], key: str, series_keys: list[str], xlabel: str, path: Path
+                      ) -> Path:
+    """System accuracy and defer rate vs ``key`` (mean ± std over seeds), one line per setting of
+    ``series_keys`` (e.g. per strategy)."""
+    series: dict[str, list[dict[str, Any]]] = {}
+    for g in groups:
+        name = ", ".join(f"{g[k]}" if k == "strategy" else f"{k}={g[k]}" for k in series_keys
+                         if g[k] is not None) or "runs"
+        series.setdefault(name, []).append(g)
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for i, (name, gs) in enumerate(sorted(series.items())):
+        gs = sorted(gs, key=lambda g: float(g[key]))
+        x = [float(g[key]) for g in gs]
+        for a, col in ((ax, "system_accuracy"), (ax2, "defer_rate")):
+            a.errorbar(x, [g[f"{col}_mean"] for g in gs], yerr=[g[f"{col}_std"] for g in gs], marker="o",
+                       capsize=3, color=f"C{i % 10}", label=name)
+    ax2.set_xlabel(xlabel)
+    ax2.set_ylabel("defer rate")
+    ax2.set_ylim(-0.02, 1.02)
+    ax2.grid(alpha=0.3)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _finish(fig, ax, xlabel, "system accuracy", f"System accuracy and defer rate vs {key} (mean ± std)", path)
+
+
+def plot_report_bounded(groups: list[dict[str, Any]], path: Path) -> Path:
+    """Achieved test defer rate vs the requested bound delta, per method, with the line y = x."""
+    fig, ax = plt.subplots(figsize=(6, 5))
+    bounded = [g for g in groups if g["max_defer_rate"] is not None]
+    methods = sorted({str(g["bound"]) for g in bounded})
+    for i, m in enumerate(methods):
+        gs = sorted((g for g in bounded if str(g["bound"]) == m), key=lambda g: float(g["max_defer_rate"]))
+        ax.errorbar([float(g["max_defer_rate"]) for g in gs], [g["defer_rate_mean"] for g in gs],
+                    yerr=[g["defer_rate_std"] for g in gs], marker="o", capsize=3, color=f"C{i}", label=m)
+    top = max(float(g["max_defer_rate"]) for g in bounded)
+    ax.plot([0, top], [0, top], "k--", lw=1, label="achieved = requested")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return _finish(fig, ax, "requested max defer rate delta", "achieved test defer rate",
+                   "Bounded reject rate (mean ± std over seeds)", path)
