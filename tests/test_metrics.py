@@ -56,3 +56,26 @@ def test_per_device_rows():
     assert [r["device"] for r in rows] == [0, 1]
     assert rows[1]["system_accuracy"] == pytest.approx(2 / 3) and rows[1]["legacy_accuracy"] == pytest.approx(1 / 3)
     assert rows[0]["group"] == "a" and rows[1]["defer_rate"] == pytest.approx(2 / 3)
+
+
+def test_aurc_by_hand_and_e_aurc_of_the_ideal_ranking_is_zero():
+    from sim.metrics import aurc
+
+    # 4 samples, local model right on samples 0 and 2; score ranks 3, 1, 0, 2 deferred first,
+    # so the kept order (lowest score first) is 2, 0, 1, 3: risks 0/1, 0/2, 1/3, 2/4.
+    score = np.array([0.2, 0.7, 0.1, 0.9])
+    m_ok = np.array([True, False, True, False])
+    got = aurc(score, m_ok)
+    assert np.isclose(got["aurc"], (0 + 0 + 1 / 3 + 2 / 4) / 4)
+    assert np.isclose(got["e_aurc"], 0.0)  # this ranking is ideal
+    worst = aurc(-score, m_ok)  # wrong ones kept first: risks 1, 1, 2/3, 2/4
+    assert np.isclose(worst["aurc"], (1 + 1 + 2 / 3 + 2 / 4) / 4) and worst["e_aurc"] > 0
+
+
+def test_fairness_worst_and_tenth_percentile():
+    from sim.metrics import fairness
+
+    rows = [{"system_accuracy": v} for v in np.linspace(0.5, 0.95, 10)]
+    f = fairness(rows)
+    assert f["worst"] == 0.5 and np.isclose(f["p10"], np.percentile(np.linspace(0.5, 0.95, 10), 10))
+    assert np.isclose(f["p10"], 0.545)

@@ -1,0 +1,183 @@
+"""Every strategy runs on a real small fleet and does what its name says (in-process backend:
+identical results to Flower on Ray, tests/test_e2e.py)."""
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from tests.test_e2e import small_cfg
+
+
+def run(tmp_path, shared_cache, name="run", **over):
+    from rich.console import Console
+
+    from sim.run import simulate
+
+    cfg = small_cfg(**{"sim.cache_dir": str(shared_cache), "sim.backend": "inprocess", **over})
+    out = tmp_path / name
+    summary = simulate(cfg, out, console=Console(file=open(os.devnull, "w")))
+    rounds = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return summary, rounds, out
+
+
+def noise(p, n):
+    return 3 * math.sqrt(p * (1 - p) / n)
+
+
+def test_legacy_only_and_server_only(tmp_path, shared_cache):
+    s, _, _ = run(tmp_path, shared_cache, "legacy", strategy="legacy_only")
+    assert s["defer_rate"] == 0 and s["system_accuracy"] == s["legacy_accuracy"]
+    s, _, _ = run(tmp_path, shared_cache, "server", strategy="server_only")
+    assert s["defer_rate"] == 1 and s["system_accuracy"] == s["server_accuracy"]
+
+
+def test_random_and_confidence_defer_at_the_requested_rate(tmp_path, shared_cache):
+    s, _, _ = run(tmp_path, shared_cache, "random", strategy="random", **{"strategy.defer_rate": 0.5})
+    assert abs(s["defer_rate"] - 0.5) <= noise(0.5, s["num_test_samples"])
+    # confidence with tau fitted on each device's rejector split to defer 30%
+    s, _, _ = run(tmp_path, shared_cache, "conf", strategy="confidence", **{"strategy.defer_rate": 0.3})
+    assert abs(s["defer_rate"] - 0.3) <= noise(0.3, s["num_test_samples"]) + 0.05
+
+
+def test_baseline_rules_on_one_device():
+    from clients.device import Device
+    from clients.zoo import build_model
+    from sim.data import DeviceData
+    from strategies.baselines import confidence_tau, rule
+
+    rng = np.random.default_rng(0)
+    x = rng.random((200, 1, 8, 8), dtype=np.float32)
+    y = rng.integers(0, 10, 200)
+    data = DeviceData(x, y, x, y, np.arange(200), x[:100], y[:100])
+    torch.manual_seed(0)
+    dev = Device.create(0, data, build_model("logreg", (1, 8, 8), 10))
+    conf = torch.softmax(dev.legacy_test, 1).max(1).values.numpy()
+    hp = {"name": "confidence", "tau": 0.15, "defer_rate": 0.3, "rejector": {"inputs": "legacy"}}
+    defer, score = rule("confidence", dev, None, "test", hp, rng)
+    assert (defer == (conf < 0.15)).all() and np.allclose(score, 1 - conf)
+    hp["tau"] = None
+    tau = confidence_tau(dev, hp)
+    rej_conf = torch.softmax(dev.legacy_rejector, 1).max(1).values.numpy()
+    assert abs((rej_conf < tau).mean() - 0.3) <= 0.01
+    # CompareConfidence: defer iff the estimate of P(server correct) beats the legacy confidence
+    est = torch.nn.Linear(10, 1)
+    torch.nn.init.zeros_(est.weight)
+    torch.nn.init.constant_(est.bias, 0.0)  # P_hat = 0.5 everywhere
+
+    def learner(f):
+        return est(f)
+
+    learner.eval = lambda: None
+    defer, score = rule("compare_confidence", dev, learner, "test", {"rejector": {"inputs": "legacy"}}, rng)
+    assert (defer == (conf < 0.5)).all()
+    never, _ = rule("compare_confidence", dev, None, "test", {"rejector": {"inputs": "legacy"}}, rng)
+    assert not never.any()  # an untrained estimator defers nothing
+
+
+def test_compare_confidence_runs_and_learns(tmp_path, shared_cache):
+    s, rounds, _ = run(tmp_path, shared_cache, "cc", strategy="compare_confidence", **{"sim.num_rounds": 3})
+    assert all(np.isfinite(r["rejector_loss"]) for r in rounds)
+    assert 0 < s["defer_rate"] <= 1
+
+
+def test_l2d_experts_stay_fixed_and_the_classifier_trains(tmp_path, shared_cache):
+    base, _, _ = run(tmp_path, shared_cache, "legacy", strategy="legacy_only")
+    s, rounds, _ = run(tmp_path, shared_cache, "l2d", strategy="l2d", **{"sim.num_rounds": 3})
+    # the fixed expert answers the same test samples identically every round
+    assert len({r["server_accuracy"] for r in rounds}) == 1
+    assert all(r["samples_sent"] == 0 for r in rounds)  # nothing is sent to a fixed expert to learn from
+    # the device's classifier started from its legacy model and was trained: its accuracy moved
+    assert s["legacy_accuracy"] != base["legacy_accuracy"]
+    assert 0 < s["defer_rate"] < 1
+    assert list((shared_cache / "experts").iterdir())  # the experts are cached
+
+
+@pytest.mark.parametrize("loss", ["ce", "ova"])
+def test_l2d_other_losses_run(tmp_path, shared_cache, loss):
+    s, _, _ = run(tmp_path, shared_cache, loss, strategy="l2d", **{"strategy.l2d.loss": loss})
+    assert 0 <= s["defer_rate"] <= 1 and s["system_accuracy"] >= s["legacy_accuracy"] - 0.05
+
+
+def test_l2d_fedavg_averages_devices_of_the_same_architecture(tmp_path, shared_cache):
+    _, _, out = run(tmp_path, shared_cache, "fed", strategy="l2d", **{"strategy.l2d.fedavg": "true"})
+    with np.load(out / "checkpoint.npz", allow_pickle=False) as z:
+        state = {k: z[k] for k in z.files}
+
+    def model(d):
+        return {k.split("/", 2)[2]: v for k, v in state.items() if k.startswith(f"strategy/rejector{d}/")}
+
+    # default fleet, 4 devices: 0 logreg, 1 mlp-32, 2 cnn-8, 3 mlp-32 -> devices 1 and 3 share a model
+    m1, m3 = model(1), model(3)
+    assert m1 and set(m1) == set(m3) and all(np.array_equal(m1[k], m3[k], equal_nan=True) for k in m1)
+    assert set(model(0)) != set(m1) or any(not np.array_equal(model(0)[k], m1[k]) for k in m1)
+
+
+def test_l2d_never_defers_to_a_dead_expert(tmp_path, shared_cache):
+    s, rounds, _ = run(tmp_path, shared_cache, "dead", strategy="l2d", failures="crash_stop",
+                       **{"servers.count": 2, "failures.servers": "[1]", "failures.round": 1,
+                          "failures.reference": "false"})
+    assert all(r["load"][1] == 0 for r in rounds)
+    assert s["defer_rate"] > 0  # it still defers, to expert 0
+
+
+@pytest.mark.parametrize("bound", ["quantile", "stochastic"])
+def test_bounded_reject_rate_end_to_end(tmp_path, shared_cache, bound):
+    delta = 0.1
+    s, _, _ = run(tmp_path, shared_cache, bound, **{"strategy.c_e": 0.0, "strategy.max_defer_rate": delta,
+                                                    "strategy.bound": bound, "sim.num_rounds": 3})
+    assert s["max_defer_rate"] == delta and s["bound"] == bound
+    assert s["defer_rate"] <= delta + noise(delta, s["num_test_samples"])
+
+
+def test_report_on_two_small_runs(tmp_path, shared_cache):
+    run(tmp_path, shared_cache, "a", **{"seed": 0})
+    run(tmp_path, shared_cache, "b", strategy="confidence", **{"seed": 1, "strategy.c_e": 0.2})
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "summary.json").write_text("{not json")
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    out = tmp_path / "report"
+    r = subprocess.run([sys.executable, "-m", "sim.report", str(tmp_path / "a"), str(tmp_path / "b"),
+                        str(tmp_path / "broken"), "--out", str(out)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.count("warning:") == 1 and "broken" in r.stderr
+    rows = (out / "report.csv").read_text().splitlines()
+    assert len(rows) == 3 and rows[0].startswith("run,seed,strategy")
+    md = (out / "report.md").read_text()
+    assert "| l2h |" in md.replace("| l2h | 0.1", "| l2h |") and "confidence" in md
+    for name in ("accuracy_vs_defer_rate.png", "accuracy_vs_c_e.png"):
+        assert (out / name).stat().st_size > 10_000
+    assert {p: p.read_bytes() for p in before} == before  # the runs were not touched
+    bad = subprocess.run([sys.executable, "-m", "sim.report", str(tmp_path / "nope")], capture_output=True,
+                         text=True, timeout=60)
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and bad.stderr.startswith("error: ")
+
+
+PRESETS = Path(__file__).resolve().parents[1] / "configs" / "experiment"
+
+
+@pytest.mark.parametrize("preset", sorted(p.stem for p in PRESETS.glob("*.yaml")))
+def test_experiment_presets_compose_for_every_swept_value(preset):
+    from sim.cli import compose_checked
+
+    params = yaml.safe_load((PRESETS / f"{preset}.yaml").read_text())["hydra"]["sweeper"]["params"]
+    for key, values in params.items():
+        for v in str(values).split(","):
+            cfg = compose_checked([f"experiment={preset}", f"{key}={v}"])
+            assert str(cfg[key.split(".")[0]] if "." not in key else cfg[key.split(".")[0]][key.split(".", 1)[1]]) \
+                in (v, str(float(v)) if v.replace(".", "").isdigit() else v) or key == "strategy"
+
+
+def test_mutual_learning_strategy_names_set_the_servers():
+    from sim.cli import compose_checked
+
+    dml = compose_checked(["strategy=dml"])
+    assert dml["strategy"]["name"] == "dml" and dml["servers"]["training"] == "dml" and dml["servers"]["count"] == 2
+    mel = compose_checked(["strategy=mel", "servers.count=3"])
+    assert mel["servers"]["training"] == "mel" and mel["servers"]["count"] == 3
