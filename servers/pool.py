@@ -25,6 +25,8 @@ in the ServerApp's process and:
 """
 from __future__ import annotations
 
+import time
+
 from collections import Counter
 from typing import Any, Callable, Sequence
 
@@ -122,7 +124,16 @@ def gather(futures: dict[int, Any], timeout: float | None) -> tuple[dict[int, An
         import ray
 
         refs = list(ray_refs.values())
-        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout)
+        # Wait in short slices so a stop (Ctrl-C / SIGTERM) is seen even while an actor call is in
+        # flight: once the main thread shuts Ray down, a single unbounded ray.wait never returns.
+        deadline = None if timeout is None else time.monotonic() + timeout
+        ready: list = []
+        while True:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0.25 if left is None else min(0.25, left))
+            if len(ready) == len(refs) or (left is not None and left <= 0.25):
+                break
+            check_stop()
         ready_set = set(ready)
         for s, ref in ray_refs.items():
             if ref not in ready_set:
