@@ -124,14 +124,5 @@ def client_evaluate(device: Device, learner: Rejector | None, reachable: list[in
     rng = np.random.default_rng(derive_seed(seed, "baseline-test", hp["name"], device.device_id))
     defer, score = rule(hp["name"], device, learner, "test", hp, rng)
     defer &= bool(reachable)
-    probs = torch.softmax(device.legacy_test, 1)
-    return {
-        "device": np.full(len(defer), device.device_id, dtype=np.int64),
-        "y": device.data.y_test.astype(np.int64),
-        "m_pred": probs.argmax(1).numpy().astype(np.int64),
-        "score": score.astype(np.float32),
-        "m_conf": probs.max(1).values.numpy().astype(np.float32),
-        "defer": defer,
-        "route": np.full(len(defer), -1, dtype=np.int64),
-        "x": device.data.x_test,
-    }
+    return l2h.test_record(device, torch.softmax(device.legacy_test, 1), score, defer,
+                           np.full(len(defer), -1, dtype=np.int64))

@@ -35,7 +35,7 @@ from clients.legacy import assign_groups
 from servers.view import PoolView
 from sim.training import derive_seed, train_minibatch
 from strategies import bounded, l2d_losses
-from strategies.l2h import L2HStrategy, calibration_split, server_costs
+from strategies.l2h import L2HStrategy, calibration_split, server_costs, test_record
 from strategies.base import resumable
 
 
@@ -169,16 +169,7 @@ def client_evaluate(device: Device, model: L2DModel | None, reachable: list[int]
             rng = np.random.default_rng(derive_seed(seed, "bound", device.device_id, 0, "test"))
             defer = bounded.apply(score, defer, model.bound, hp, rng)
         route = expert.numpy().astype(np.int64)
-    return {
-        "device": np.full(n, device.device_id, dtype=np.int64),
-        "y": device.data.y_test.astype(np.int64),
-        "m_pred": probs.argmax(1).numpy().astype(np.int64),
-        "score": np.asarray(score, dtype=np.float32),
-        "m_conf": probs.max(1).values.numpy().astype(np.float32),
-        "defer": defer,
-        "route": route,
-        "x": x,
-    }
+    return test_record(device, probs, score, defer, route)
 
 
 def architecture_groups(cfg: dict[str, Any]) -> list[str]:

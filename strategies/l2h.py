@@ -237,11 +237,22 @@ def client_evaluate(device: Device, rejector: Rejector | None, reachable: list[i
         _, score = masked_decision(rejector(feats), avail)
         defer, route = decide(rejector, feats, avail, servers_cfg)
         defer = bound_decisions(rejector, feats, defer, avail, hp, seed, device.device_id, 0, "test")
+    return test_record(device, probs, score.numpy(), defer, route)
+
+
+def test_record(device: Device, probs: torch.Tensor, score: np.ndarray, defer: np.ndarray, route: np.ndarray
+                ) -> dict[str, np.ndarray]:
+    """A device's evaluation record on its test split (every strategy returns this shape).
+
+    Args:
+        probs: ``(N_test, K)`` the local model's softmax. score, defer, route: ``(N_test,)``.
+    """
+    x = device.data.x_test
     return {
         "device": np.full(len(x), device.device_id, dtype=np.int64),
         "y": device.data.y_test.astype(np.int64),
         "m_pred": probs.argmax(1).numpy().astype(np.int64),
-        "score": score.numpy().astype(np.float32),
+        "score": np.asarray(score, dtype=np.float32),
         "m_conf": probs.max(1).values.numpy().astype(np.float32),
         "defer": defer,
         "route": route,
