@@ -16,8 +16,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from servers.losses import dml_loss
-from servers.models import ServerNet
+from servers.losses import dml_loss, sfsl_distillation_loss
+from servers.models import MultiExitNet, make_server_net
 from sim.training import derive_seed, predict_logits, train_minibatch
 
 
@@ -80,7 +80,9 @@ class HelperServer:
                                 else "cpu")
         with torch.random.fork_rng():
             torch.manual_seed(derive_seed(seed, "server-init", index))
-            self.model = ServerNet(cfg["arch"], tuple(in_shape), num_classes, int(cfg["hidden"])).to(self.dev)
+            self.model = make_server_net(cfg, tuple(in_shape), num_classes).to(self.dev)
+        # Cooperative learning: server 0 is the Leader (labels only), the others are Teammates.
+        self.teammate = cfg.get("training") == "coop" and index > 0
         self.opt = torch.optim.Adam(self.model.parameters(), lr=float(cfg["lr"]))
         self.buffer = ReplayBuffer(int(cfg["buffer_size"]))
         self.delay_s = 0.0
@@ -125,30 +127,35 @@ class HelperServer:
         """Start a joint step on ``x: (B, C, H, W)``: returns trunk features ``(B, F)`` and logits
         ``(B, K)``; the graph is kept for :meth:`backward_batch`."""
         self.model.train()
-        feats = self.model.trunk(torch.from_numpy(x).to(self.dev))
-        logits = self.model.head(feats)
-        self._pending = (feats, logits)
-        return feats.detach().cpu().numpy(), logits.detach().cpu().numpy()
+        feats, exits = self.model.forward_exits(torch.from_numpy(x).to(self.dev))
+        self._pending = (feats, exits)
+        return feats.detach().cpu().numpy(), exits[-1].detach().cpu().numpy()
 
     def backward_batch(self, y: np.ndarray, feat_grad: np.ndarray | None, weight: float,
                        peer_probs: np.ndarray | None) -> float:
         """Finish the joint step: one optimizer step on
         ``weight * CE(h_s(f_s), y)`` (+ the DML term when ``peer_probs: (P, B, K)`` is given)
         ``+ <feat_grad, f_s>`` (the gradient the pool's MEL combiner heads send back for this
-        server's features, ``(B, F)``). Returns the local loss (without the combiner part).
+        server's features, ``(B, F)``); a cooperative-learning Teammate adds the SFSL distillation
+        into its shallower exits (:func:`servers.losses.sfsl_distillation_loss`). Returns the local
+        loss (without the combiner part).
 
         Raises:
             RuntimeError: no :meth:`forward_batch` preceded this call.
         """
         if self._pending is None:
             raise RuntimeError("backward_batch without forward_batch")
-        feats, logits = self._pending
+        feats, exits = self._pending
         self._pending = None
+        logits = exits[-1]
         yt = torch.from_numpy(y).to(self.dev)
         if peer_probs is not None and len(peer_probs):
             local = dml_loss(logits, yt, torch.from_numpy(peer_probs).to(self.dev))
         else:
             local = F.cross_entropy(logits, yt)
+        if self.teammate and len(exits) > 1:
+            local = local + sfsl_distillation_loss(exits[:-1], logits, yt, self.model.fractions()[:-1],
+                                                   float(self.cfg["coop"]["temperature"]))
         total = weight * local
         if feat_grad is not None:
             total = total + (feats * torch.from_numpy(feat_grad).to(self.dev)).sum()
@@ -170,17 +177,19 @@ class HelperServer:
         return loss, (self.forward_batch(next_x) if next_x is not None else None)
 
     # ---- answers and state ------------------------------------------------------------------
-    def predict(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def predict(self, x: np.ndarray) -> tuple[np.ndarray, ...]:
         """Trunk features ``(N, F)`` and logits ``(N, K)`` on ``x: (N, C, H, W)`` (after the injected
-        delay)."""
+        delay); a multi-exit (cooperative-learning) server adds every exit's logits ``(D, N, K)``,
+        shallowest first, so the pool can serve at a lower depth."""
         time.sleep(self.delay_s)
         self.model.eval()
         with torch.no_grad():
             xt = torch.from_numpy(np.asarray(x)).to(self.dev)
-            feats = torch.cat([self.model.trunk(xt[i:i + 4096]) for i in range(0, len(xt), 4096)]) if len(xt) \
-                else torch.empty(0, self.model.feature_dim, device=self.dev)
-            logits = self.model.head(feats)
-        return feats.cpu().numpy(), logits.cpu().numpy()
+            parts = [self.model.forward_exits(xt[i:i + 4096]) for i in range(0, max(len(xt), 1), 4096)]
+            feats = torch.cat([p[0] for p in parts])
+            exits = torch.stack([torch.cat([p[1][d] for p in parts]) for d in range(len(parts[0][1]))])
+        out = (feats.cpu().numpy(), exits[-1].cpu().numpy())
+        return out + (exits.cpu().numpy(),) if isinstance(self.model, MultiExitNet) else out
 
     def weights(self) -> dict[str, np.ndarray]:
         """The network's ``state_dict`` as NumPy arrays (what devices receive)."""

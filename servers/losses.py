@@ -1,7 +1,10 @@
-"""Joint training losses of several helper servers: MEL (subset-sum) and DML (mutual KL).
+"""Joint training losses of several helper servers: MEL (subset-sum), DML (mutual KL) and the
+sub-network distillation of cooperative learning.
 
 Sources: MEL -- Gudipaty et al. 2025, arXiv 2506.20094 (METHODS.md section 5; authors' code
 umassos/iobt25-demo). DML -- Zhang et al. 2018, arXiv 1706.00384, eq. (10) (METHODS.md section 6).
+Cooperative learning -- arXiv 2312.08532 (METHODS.md section 6; its exact formulas and
+temperature were not available, the choices made are in :func:`sfsl_distillation_loss`).
 """
 from __future__ import annotations
 
@@ -47,3 +50,41 @@ def dml_loss(logits: torch.Tensor, y: torch.Tensor, peer_probs: torch.Tensor) ->
     # KL(p_l || p_k) = sum_c p_l (log p_l - log p_k); batch mean, averaged over the peers.
     kl = (peer_probs * (torch.log(peer_probs.clamp_min(1e-12)) - logp.unsqueeze(0))).sum(-1).mean(-1)
     return ce + kl.mean()
+
+
+def sfsl_distillation_loss(sub_logits: Sequence[torch.Tensor], teacher_logits: torch.Tensor, y: torch.Tensor,
+                           fractions: Sequence[float], temperature: float) -> torch.Tensor:
+    """Cooperative learning's sub-network term with the Scaling Factor Sensitive Loss (SFSL) weights.
+
+    ``sum_d (1 / f_d) * [CE(z_d, y) + T^2 KL(softmax(t / T) || softmax(z_d / T))]`` over the
+    sub-networks ``d`` (depth fraction ``f_d < 1``), where ``t`` is the full network's logits
+    (the teacher, treated as a constant).
+
+    Source: arXiv 2312.08532 (Teammates distil into their own shallower sub-networks; SFSL divides
+    a sub-network's loss by its scaling factor). Choices where the paper's formulas were not
+    available: Hinton et al.'s ``T^2``-scaled KL at temperature ``T`` (``servers.coop.temperature``;
+    3 as in ONE), plus the label cross-entropy (so an untrained teacher early on cannot pull the
+    exits away from the labels); every exit is trained at every step (the paper samples one
+    scaling factor per epoch; with a small MLP every depth costs little).
+
+    Args:
+        sub_logits: the sub-networks' logits, each ``(B, K)``. teacher_logits: ``(B, K)``.
+        y: ``(B,)``. fractions: ``f_d`` in (0, 1] per sub-network. temperature: ``T > 0``.
+
+    Returns:
+        A scalar (0 without sub-networks).
+
+    Raises:
+        ValueError: ``len(fractions) != len(sub_logits)`` or a fraction outside (0, 1].
+    """
+    if len(fractions) != len(sub_logits):
+        raise ValueError(f"{len(sub_logits)} sub-networks but {len(fractions)} depth fractions")
+    if any(not 0 < f <= 1 for f in fractions):
+        raise ValueError(f"depth fractions must be in (0, 1], got {list(fractions)}")
+    t = float(temperature)
+    teacher = torch.softmax(teacher_logits.detach() / t, dim=1)
+    total = torch.zeros((), device=teacher_logits.device)
+    for z, f in zip(sub_logits, fractions):
+        kd = F.kl_div(F.log_softmax(z / t, dim=1), teacher, reduction="batchmean") * t * t
+        total = total + (F.cross_entropy(z, y) + kd) / f
+    return total

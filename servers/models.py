@@ -5,6 +5,10 @@ MEL (Gudipaty et al. 2025, arXiv 2506.20094; METHODS.md section 5) gives each se
 a combiner head ``h_A`` on the concatenated trunk features ``[f_s(x) for s in A]``. Independent
 and DML servers use the same network (their heads only); their ensemble is the mean of the
 members' softmax outputs.
+
+Cooperative learning (arXiv 2312.08532; METHODS.md section 6) needs networks that can answer at
+several depths: :class:`MultiExitNet` is an MLP of ``D`` hidden blocks with an exit head after
+each one. :func:`make_server_net` picks the network a pool's ``servers.training`` needs.
 """
 from __future__ import annotations
 
@@ -46,6 +50,84 @@ class ServerNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.trunk(x))
+
+    def forward_exits(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Trunk features ``(B, F)`` and the logits of every exit (one: the head), ``[(B, K)]``."""
+        f = self.trunk(x)
+        return f, [self.head(f)]
+
+
+class MultiExitNet(nn.Module):
+    """An MLP of ``depth`` hidden blocks (Linear + ReLU, width ``hidden``) with an exit head after each.
+
+    Exit ``d`` (1-based) is the sub-network of depth fraction ``d / depth``; the last exit is the
+    full network. ``trunk``/``head`` are the full network's, so the pool and the devices use it
+    like a :class:`ServerNet`. Shapes: ``x (B, C, H, W) -> features (B, hidden)``, each exit
+    ``(B, K)``.
+
+    Args:
+        in_shape: ``(C, H, W)``. num_classes: K. hidden: block width. depth: number of blocks (>= 1).
+
+    Raises:
+        ValueError: ``depth < 1``.
+    """
+
+    def __init__(self, in_shape: Sequence[int], num_classes: int, hidden: int, depth: int):
+        super().__init__()
+        if depth < 1:
+            raise ValueError(f"a multi-exit network needs depth >= 1, got {depth}")
+        c, h, w = in_shape
+        widths = [c * h * w] + [hidden] * depth
+        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(a, b), nn.ReLU()) for a, b in zip(widths, widths[1:]))
+        self.exits = nn.ModuleList(nn.Linear(hidden, num_classes) for _ in range(depth))
+        self.feature_dim = hidden
+
+    @property
+    def depth(self) -> int:
+        return len(self.blocks)
+
+    def fractions(self) -> list[float]:
+        """Depth fraction of each exit, ``[1/D, 2/D, ..., 1]``."""
+        return [(d + 1) / self.depth for d in range(self.depth)]
+
+    @property
+    def head(self) -> nn.Module:
+        return self.exits[-1]
+
+    def trunk(self, x: torch.Tensor) -> torch.Tensor:
+        """Features of the full network ``(B, hidden)``."""
+        return self._features(x)[-1]
+
+    def _features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        out, f = [], x.flatten(1)
+        for block in self.blocks:
+            f = block(f)
+            out.append(f)
+        return out
+
+    def forward_exits(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Full-network features ``(B, hidden)`` and every exit's logits, shallowest first,
+        ``D x (B, K)`` (one pass: exit d reuses blocks 1..d)."""
+        feats = self._features(x)
+        return feats[-1], [e(f) for e, f in zip(self.exits, feats)]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.trunk(x))
+
+
+def make_server_net(cfg: dict, in_shape: Sequence[int], num_classes: int) -> nn.Module:
+    """The network of a helper server of the ``servers`` config ``cfg``: a :class:`MultiExitNet`
+    of ``servers.coop.depth`` blocks for cooperative learning (``training=coop``), else a
+    :class:`ServerNet` of ``servers.arch``.
+
+    Raises:
+        ValueError: ``training=coop`` with an arch other than ``mlp``, or as :class:`ServerNet`.
+    """
+    if cfg.get("training") == "coop":
+        if cfg["arch"] != "mlp":
+            raise ValueError(f"servers.training=coop builds multi-exit MLPs: set servers.arch=mlp (got {cfg['arch']})")
+        return MultiExitNet(in_shape, num_classes, int(cfg["hidden"]), int(cfg["coop"]["depth"]))
+    return ServerNet(cfg["arch"], tuple(in_shape), num_classes, int(cfg["hidden"]))
 
 
 def subset_key(subset: Iterable[int]) -> str:

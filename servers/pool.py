@@ -18,7 +18,12 @@ in the ServerApp's process and:
   parallel; ``mel`` -- trunks and standalone heads on the actors, MEL combiner heads here, joined
   per minibatch (features go from the actors to the pool, the combiner loss's feature gradients
   go back); ``dml`` -- per minibatch each actor gets its peers' softmax outputs for the mutual KL
-  term. MEL and DML train on one shared buffer of every deferred sample (kept here);
+  term; ``coop`` -- cooperative learning (arXiv 2312.08532): server 0 is the Leader (labels only),
+  the others are Teammates with multi-exit networks (mutual KL with each other and the Leader,
+  SFSL distillation into their shallower exits). MEL, DML and coop train on one shared buffer of
+  every deferred sample (kept here);
+- serves cooperative-learning Teammates at a depth that drops under load or cost pressure
+  (:func:`serving_fraction`);
 - answers deferred test queries with failover: the ensemble of all servers -> the ensemble of
   the servers that answered (``subset``) -> a surviving standalone server (``standalone``) -> the
   device's own legacy model (``legacy``). Every failover of a deferred sample is counted by kind.
@@ -41,8 +46,28 @@ from sim.failures import RoundFaults
 from sim.training import derive_seed
 
 ROUTINGS = ("learned", "round_robin", "least_loaded", "all")
-TRAININGS = ("independent", "mel", "dml")
+TRAININGS = ("independent", "mel", "dml", "coop")
 FAILOVER_KINDS = ("subset", "standalone", "legacy")
+
+
+def serving_fraction(load: int, fractions: Sequence[float], max_fraction: float = 1.0,
+                     capacity: float | None = None) -> float:
+    """The depth a multi-exit (cooperative-learning) server answers at this round.
+
+    Compute per answer is taken as proportional to depth, so a server with ``capacity``
+    full-depth answers per round can serve ``load`` answers at depth fraction ``f`` iff
+    ``load * f <= capacity``. Returns the deepest exit ``f <= max_fraction`` (cost pressure:
+    ``servers.coop.serve_depth``) that fits the capacity (``servers.coop.capacity``; None:
+    unlimited), or the shallowest exit when none fits.
+
+    Args:
+        load: deferred samples routed to the server this round (>= 0). fractions: the exits'
+            depth fractions, ascending, last 1.0.
+    """
+    allowed = [f for f in fractions if f <= max_fraction + 1e-9] or [min(fractions)]
+    if capacity is not None:
+        allowed = [f for f in allowed if load * f <= capacity] or [min(fractions)]
+    return max(allowed)
 
 
 class ServerUnavailable(RuntimeError):
@@ -184,6 +209,8 @@ class ServerPool:
         self.failovers: Counter = Counter()  # this round, by kind
         self.train_rerouted = 0
         self.faults = RoundFaults(round=0)
+        self.exits: dict[int, torch.Tensor] = {}  # coop: every exit's test logits (D, N, K), per server
+        self.depth: dict[int, float] = {}  # coop: each Teammate's serving depth fraction this round
 
     # ---- lifecycle ----------------------------------------------------------------------------
     def _new_handle(self, index: int) -> Any:
@@ -382,6 +409,7 @@ class ServerPool:
             batches += [(epoch, np.sort(order[start:start + bs])) for start in range(0, n, bs)]
         mel = self.scfg["mel"]
         weight = float(mel["standalone_weight"]) if self.training == "mel" else 1.0
+        learners = [s for s in members if self.training == "dml" or (self.training == "coop" and s != 0)]
         subsets = all_subsets(members) if self.combiners is not None else []
         # One actor call per minibatch: finishing batch k and starting batch k+1 travel together,
         # and each actor still runs backward(k) before forward(k+1), so the arithmetic is the same.
@@ -405,9 +433,9 @@ class ServerPool:
                 comb_loss = float(loss.detach())
                 grads = {s: feats[s].grad.numpy() for s in members}
             peers: dict[int, np.ndarray | None] = {s: None for s in members}
-            if self.training == "dml" and len(members) > 1:
+            if learners and len(members) > 1:  # DML: every peer; coop: Teammates learn from peers and Leader
                 probs = {s: torch.softmax(torch.from_numpy(np.array(out[s][1])), 1).numpy() for s in members}
-                peers = {s: np.stack([probs[p] for p in members if p != s]) for s in members}
+                peers.update({s: np.stack([probs[p] for p in members if p != s]) for s in learners if s in members})
             x_next = x_all[batches[k + 1][1]] if k + 1 < len(batches) else None
             res = self.call("step_batch", members, each=lambda s: (yb, grads[s], weight, peers[s], x_next))
             total += (sum(r[0] for r in res.values()) + comb_loss) * len(idx)
@@ -465,6 +493,7 @@ class ServerPool:
         """Trunk features ``(N, F)`` and logits ``(N, K)`` on ``x`` of every up server that answers
         within ``timeout``, as ``server -> tensor`` dicts."""
         res = self.call("predict", self.up, x, timeout=timeout)
+        self.exits = {s: torch.from_numpy(np.array(r[2])) for s, r in sorted(res.items()) if len(r) > 2}
         # np.array copies: Ray hands back read-only arrays.
         return ({s: torch.from_numpy(np.array(r[0])) for s, r in sorted(res.items())},
                 {s: torch.from_numpy(np.array(r[1])) for s, r in sorted(res.items())})
@@ -530,6 +559,16 @@ class ServerPool:
             if got:
                 served[i] = True
                 groups.setdefault(tuple(got), []).append(int(i))
+        self.depth = {}
+        if self.training == "coop":  # Teammates answer at the depth their load allows; the Leader at full depth
+            c = self.scfg["coop"]
+            for s, ex in self.exits.items():
+                if s == 0:
+                    continue
+                fracs = [(d + 1) / len(ex) for d in range(len(ex))]
+                f = serving_fraction(int(self.load[s]), fracs, float(c["serve_depth"]), c["capacity"])
+                self.depth[s] = f
+                logits[s] = ex[fracs.index(f)]
         for subset, rows in groups.items():
             idx = torch.tensor(rows)
             probs = ensemble_probs(subset, {s: feats[s][idx] for s in subset}, {s: logits[s][idx] for s in subset},
@@ -548,6 +587,9 @@ class ServerPool:
         for a in all_subsets(sorted(logits)):
             out["ensemble"][subset_key(a)] = float(
                 (ensemble_probs(a, feats, logits, self.combiners).argmax(1).numpy() == y).mean())
+        if self.exits:  # coop: accuracy of every Teammate exit (the accuracy-vs-depth curve)
+            out["exits"] = {str(s): {f"{(d + 1) / len(ex):g}": float((ex[d].argmax(1).numpy() == y).mean())
+                                     for d in range(len(ex))} for s, ex in self.exits.items() if s != 0}
         full = subset_key(sorted(logits))
         if len(logits) >= 2:
             mean_alone = float(np.mean(list(out["standalone"].values())))

@@ -12,7 +12,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from servers.models import Combiners, ServerNet
+from servers.models import Combiners, make_server_net
 
 
 class PoolView:
@@ -24,7 +24,7 @@ class PoolView:
 
     def __init__(self, servers_cfg: dict[str, Any], in_shape: Sequence[int], num_classes: int):
         self.cfg, self.in_shape, self.num_classes = servers_cfg, tuple(in_shape), num_classes
-        self.nets: dict[int, ServerNet] = {}
+        self.nets: dict[int, torch.nn.Module] = {}
         self.combiners: Combiners | None = None
         self.present: list[int] = []
 
@@ -40,7 +40,7 @@ class PoolView:
                 per.setdefault(int(head[1:]), {})[rest] = torch.from_numpy(np.asarray(v))
         for s, sd in per.items():
             if s not in self.nets:
-                self.nets[s] = ServerNet(self.cfg["arch"], self.in_shape, self.num_classes, int(self.cfg["hidden"]))
+                self.nets[s] = make_server_net(self.cfg, self.in_shape, self.num_classes)
             self.nets[s].load_state_dict(sd)
             self.nets[s].eval()
         self.present = sorted(per)

@@ -124,13 +124,23 @@ class MELConfig:
 
 
 @dataclass
+class CoopConfig:
+    """Cooperative learning (arXiv 2312.08532): Teammates' multi-exit networks and serving depth."""
+    depth: int = 4  # hidden blocks of each server's MLP, one exit after each (depth fractions 1/D ... 1)
+    temperature: float = 3.0  # distillation temperature of the sub-network term (not given in the paper)
+    serve_depth: float = 1.0  # cost pressure: Teammates answer at most at this depth fraction
+    capacity: Optional[float] = None  # full-depth answers per Teammate per round; above it the depth drops
+
+
+@dataclass
 class ServersConfig:
     name: str = MISSING
     count: int = 1  # S helper servers, each a Ray actor
     routing: str = "auto"  # auto (mel: all, else learned) | learned | round_robin | least_loaded | all
-    training: str = "independent"  # independent | mel | dml
+    training: str = "independent"  # independent | mel | dml | coop
     c_e: Optional[List[float]] = None  # per-server deferral price (null: strategy.c_e for every server)
     mel: MELConfig = field(default_factory=MELConfig)
+    coop: CoopConfig = field(default_factory=CoopConfig)
     arch: str = "mlp"
     hidden: int = 128
     buffer_size: int = 5000  # bounded replay buffer of deferred samples, per server
@@ -231,9 +241,9 @@ def register() -> None:
 
 
 STRATEGY_NAMES = ("l2h", "l2d", "legacy_only", "server_only", "random", "confidence", "compare_confidence",
-                  "dml", "mel")
-"""``strategy=`` choices. ``dml`` and ``mel`` are L2H with mutually learning helper servers
-(configs/strategy/dml.yaml, mel.yaml set ``servers.training`` and ``servers.count``)."""
+                  "dml", "mel", "coop")
+"""``strategy=`` choices. ``dml``, ``mel`` and ``coop`` are L2H with mutually learning helper
+servers (configs/strategy/{dml,mel,coop}.yaml set ``servers.training`` and ``servers.count``)."""
 
 KNOWN = {
     "data.source": ("sklearn", "hf", "file"),
@@ -246,7 +256,7 @@ KNOWN = {
     "strategy.rejector.inputs": ("sample", "legacy", "sample+legacy"),
     "servers.arch": ("logreg", "mlp", "cnn"),
     "servers.routing": ("auto", "learned", "round_robin", "least_loaded", "all"),
-    "servers.training": ("independent", "mel", "dml"),
+    "servers.training": ("independent", "mel", "dml", "coop"),
     "failures.name": ("none", "crash_stop", "crash_recover", "transient", "query_drop", "partition", "slow",
                       "device_dropout", "random"),
     "failures.recover_from": ("checkpoint", "scratch"),
@@ -317,6 +327,16 @@ def validate(cfg: Any) -> None:
                           "least_loaded or all with several servers")
     for k in ("standalone_weight", "combiner_weight"):
         need(sv["mel"][k] >= 0, f"servers.mel.{k}", "must be >= 0")
+    if sv["training"] == "coop":
+        c = sv["coop"]
+        need(sv["count"] >= 2, "servers.count", "cooperative learning needs a Leader and at least one Teammate (3: "
+                                                "the paper's two Teammates)")
+        need(sv["arch"] == "mlp", "servers.arch", "cooperative learning builds multi-exit MLPs: use servers.arch=mlp")
+        need(1 <= c["depth"] <= 16, "servers.coop.depth", "must be 1 to 16 blocks")
+        need(c["temperature"] > 0, "servers.coop.temperature", "must be > 0")
+        need(0 < c["serve_depth"] <= 1, "servers.coop.serve_depth", "must be a depth fraction in (0, 1]")
+        need(c["capacity"] is None or c["capacity"] > 0, "servers.coop.capacity", "must be > 0 answers per round "
+                                                                                   "(null: unlimited)")
     for k in ("num_cpus", "num_gpus"):
         need(sv["resources"][k] >= 0, f"servers.resources.{k}", "must be >= 0")
     validate_failures(cfg)

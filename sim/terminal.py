@@ -68,6 +68,8 @@ def round_line(record: dict[str, Any], num_rounds: int) -> str:
         line += "  up " + "".join("+" if a else "-" for a in avail)
         if fo:
             line += "  failover " + " ".join(f"{k}={v}" for k, v in sorted(fo.items()))
+        if record.get("serve_depth"):
+            line += "  depth " + " ".join(f"s{k}={v:g}" for k, v in record["serve_depth"].items())
         if errors:
             line += f"  device errors {errors}"
     return line + f"  [{record['elapsed_s']:.1f}s]"
@@ -120,4 +122,7 @@ def print_summary(console: Any, summary: dict[str, Any], run_dir: Path, sim_s: f
             parts = [f"server {k} {v:.3f}" for k, v in table["standalone"].items()]
             parts += [f"ensemble {k} {v:.3f}" for k, v in table.get("ensemble", {}).items()]
             console.print("servers alone (final test samples): " + ", ".join(parts), soft_wrap=True)
+        for s, accs in (table.get("exits") or {}).items():
+            console.print(f"teammate {s} by depth fraction: " + ", ".join(f"{f} {a:.3f}" for f, a in accs.items()),
+                          soft_wrap=True)
     console.print(f"results in {run_dir}  (simulation {sim_s:.1f}s, total {total_s:.1f}s)", soft_wrap=True)

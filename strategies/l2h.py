@@ -346,6 +346,8 @@ class L2HStrategy(FleetStrategy):
             "load": self.pool.load.tolist(),
             "failovers": {k: int(v) for k, v in sorted(self.pool.failovers.items())},
             "servers_dead": sorted(self.pool.dead),
+            # coop: each Teammate's serving depth fraction this round (drops under load / cost pressure)
+            **({"serve_depth": {str(k): v for k, v in self.pool.depth.items()}} if self.pool.depth else {}),
         }
 
     def checkpoint(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:

@@ -14,7 +14,7 @@ def device_side(name: str) -> ModuleType:
     """The device-side module of ``strategy.name``. Raises ValueError for an unknown name."""
     from strategies import baselines, l2d, l2h
 
-    if name in ("l2h", "dml", "mel"):
+    if name in ("l2h", "dml", "mel", "coop"):
         return l2h
     if name == "l2d":
         return l2d

@@ -167,7 +167,8 @@ def test_dml_loss_is_ce_plus_mean_kl_from_peers():
     assert torch.allclose(dml_loss(logits, y, same), F.cross_entropy(logits, y), atol=1e-6)
 
 
-@pytest.mark.parametrize("training,routing", [("independent", "learned"), ("mel", "all"), ("dml", "least_loaded")])
+@pytest.mark.parametrize("training,routing", [("independent", "learned"), ("mel", "all"), ("dml", "least_loaded"),
+                                              ("coop", "learned")])
 def test_random_fault_schedules_never_break_the_pool(training, routing):
     """Property: over many seeded random schedules, every round completes, every deferred sample
     gets an answer (a server's or the legacy model's), and the failover kinds are consistent."""

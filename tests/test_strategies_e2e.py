@@ -181,3 +181,16 @@ def test_mutual_learning_strategy_names_set_the_servers():
     assert dml["strategy"]["name"] == "dml" and dml["servers"]["training"] == "dml" and dml["servers"]["count"] == 2
     mel = compose_checked(["strategy=mel", "servers.count=3"])
     assert mel["servers"]["training"] == "mel" and mel["servers"]["count"] == 3
+
+
+def test_coop_runs_end_to_end_and_reports_depth_and_exits(tmp_path, shared_cache):
+    """Devices rebuild the multi-exit Teammates from the broadcast; under a tight capacity the
+    Teammates' serving depth drops below 1 and the summary carries the accuracy of every exit."""
+    s, rounds, _ = run(tmp_path, shared_cache, "coop", strategy="coop",
+                       **{"servers.coop.capacity": 0.5, "servers.routing": "round_robin", "sim.num_rounds": 3})
+    loaded = [(r["load"][int(t)], f) for r in rounds for t, f in (r.get("serve_depth") or {}).items()]
+    assert any(n > 0 for n, _ in loaded)
+    assert all((f < 1.0) == (n > 0) for n, f in loaded)  # any answer exceeds half a full-depth answer
+    exits = s["servers"]["table"]["exits"]
+    assert set(exits) == {"1", "2"} and all(len(v) == 4 for v in exits.values())
+    assert 0 <= s["system_accuracy"] <= 1 and s["num_servers"] == 3
