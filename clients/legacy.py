@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from clients.zoo import build_model
 from sim.cache import build_entry, content_key
 from sim.data import Prepared, data_key, device_data
-from sim.training import derive_seed, predict_logits, train_minibatch
+from sim.training import derive_seed, predict_logits, train_minibatch, train_stacked
 
 FLEET_VERSION = 1
 
@@ -61,19 +61,34 @@ class Fleet:
     built: bool
 
 
-def pretrain_legacy(data_x: np.ndarray, data_y: np.ndarray, group: dict[str, Any], in_shape, num_classes: int,
-                    seed: int) -> torch.nn.Module:
-    """Train one legacy model (cross-entropy, Adam) on its pretraining samples; returns it frozen."""
-    torch.manual_seed(derive_seed(seed, "legacy-init"))
-    model = build_model(group["arch"], in_shape, num_classes, hidden=int(group["hidden"]))
-    x, y = torch.from_numpy(data_x), torch.from_numpy(data_y)
-    model.train()
-    train_minibatch(model.parameters(), (x, y), lambda xb, yb: F.cross_entropy(model(xb), yb),
-                    epochs=int(group["epochs"]), batch_size=32, lr=float(group["lr"]), seed=derive_seed(seed, "legacy"))
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model
+def pretrain_legacy(xs: np.ndarray, ys: np.ndarray, group: dict[str, Any], in_shape, num_classes: int,
+                    seeds: list[int], batched: bool = True) -> list[torch.nn.Module]:
+    """Train the legacy models of devices of one group with equally many pretraining samples.
+
+    Model i is initialised from ``seeds[i]`` and trained with cross-entropy and Adam (batch 32,
+    ``group.epochs``, ``group.lr``) on ``xs[i]: (n, C, H, W)``, ``ys[i]: (n,)``; all M models train
+    together (:func:`sim.training.train_stacked`), or one after the other with
+    :func:`sim.training.train_minibatch` when ``batched`` is False (``fleet.pretrain=sequential``:
+    the same training up to float rounding). Returns the M models, frozen.
+    """
+    models = []
+    for s in seeds:
+        torch.manual_seed(derive_seed(s, "legacy-init"))
+        models.append(build_model(group["arch"], in_shape, num_classes, hidden=int(group["hidden"])))
+    xt, yt = torch.from_numpy(np.ascontiguousarray(xs)), torch.from_numpy(np.ascontiguousarray(ys))
+    hp = {"epochs": int(group["epochs"]), "batch_size": 32, "lr": float(group["lr"])}
+    if batched:
+        train_stacked(models, xt, yt, seeds=[derive_seed(s, "legacy") for s in seeds], **hp)
+    else:
+        for model, x, y, s in zip(models, xt, yt, seeds):
+            model.train()
+            train_minibatch(model.parameters(), (x, y), lambda xb, yb, m=model: F.cross_entropy(m(xb), yb),
+                            seed=derive_seed(s, "legacy"), **hp)
+    for model in models:
+        model.eval()
+        for p in model.parameters():
+            p.requires_grad_(False)
+    return models
 
 
 def build_fleet(cfg: dict[str, Any], prep: Prepared, cache_dir: Path) -> Fleet:
@@ -89,25 +104,34 @@ def build_fleet(cfg: dict[str, Any], prep: Prepared, cache_dir: Path) -> Fleet:
     n = int(fleet_cfg["num_clients"])
     group_cfgs = [dict(g) for g in fleet_cfg["groups"]]
     groups = assign_groups(n, [g["share"] for g in group_cfgs])
+    batched = fleet_cfg.get("pretrain", "batched") == "batched"
     key = {"v": FLEET_VERSION, "data": data_key(cfg), "groups": group_cfgs}
+    if batched:  # a different float rounding, so a different entry (sequential keeps the earlier key)
+        key["pretrain"] = "batched"
     entry = cache_dir / "fleets" / f"{cfg['data']['name']}-{n}-{content_key(key)}"
     built = {"flag": False}
 
     def build(tmp: Path) -> dict[str, Any]:
         built["flag"] = True
-        accs, sizes = [], []
+        # Devices of one group with equally many pretraining samples train together (one batch).
+        data, buckets = {}, {}
         for dev in range(n):
             g = group_cfgs[groups[dev]]
             d = device_data(prep, dev, g, cfg["seed"])
             n_pre = max(1, int(round(g["pretrain_fraction"] * len(d.y_legacy))))
             order = np.random.default_rng(derive_seed(cfg["seed"], "pretrain-subset", dev)).permutation(len(d.y_legacy))
             sel = np.sort(order[:n_pre])
-            model = pretrain_legacy(d.x_legacy[sel], d.y_legacy[sel], g, prep.in_shape, prep.num_classes,
-                                    derive_seed(cfg["seed"], dev))
-            torch.save(model.state_dict(), tmp / legacy_file(dev))
-            pred = predict_logits(model, torch.from_numpy(d.x_test)).argmax(1).numpy()
-            accs.append(float((pred == d.y_test).mean()))
-            sizes.append(int(n_pre))
+            data[dev] = (d.x_legacy[sel], d.y_legacy[sel], d.x_test, d.y_test)
+            buckets.setdefault((groups[dev], n_pre), []).append(dev)
+        accs, sizes = [0.0] * n, [0] * n
+        for (gi, n_pre), devs in sorted(buckets.items()):
+            models = pretrain_legacy(np.stack([data[v][0] for v in devs]), np.stack([data[v][1] for v in devs]),
+                                     group_cfgs[gi], prep.in_shape, prep.num_classes,
+                                     [derive_seed(cfg["seed"], v) for v in devs], batched)
+            for dev, model in zip(devs, models):
+                torch.save(model.state_dict(), tmp / legacy_file(dev))
+                pred = predict_logits(model, torch.from_numpy(data[dev][2])).argmax(1).numpy()
+                accs[dev], sizes[dev] = float((pred == data[dev][3]).mean()), int(n_pre)
         return {"key": key, "legacy_accuracy": accs, "pretrain_size": sizes}
 
     manifest = build_entry(entry, build, "legacy fleet")

@@ -190,7 +190,8 @@ def partition(y: np.ndarray, pcfg: Any, num_clients: int, seed: int) -> list[np.
     from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, PathologicalPartitioner
 
     if len(y) < num_clients:
-        raise DataError(f"the dataset has {len(y)} samples for {num_clients} devices: lower fleet.num_clients")
+        raise DataError(f"the dataset has {len(y)} samples for {num_clients} devices: lower fleet.num_clients "
+                        "or use data.partition.name=sampled (devices draw from shared pools)")
     name = pcfg["name"]
     if name == "iid":
         part = IidPartitioner(num_partitions=num_clients)
@@ -206,7 +207,7 @@ def partition(y: np.ndarray, pcfg: Any, num_clients: int, seed: int) -> list[np.
                                        class_assignment_mode="random", seed=seed)
         order = np.arange(len(y))
     else:
-        raise DataError(f"data.partition.name={name!r} is invalid: choose iid, dirichlet or pathological")
+        raise DataError(f"data.partition.name={name!r} is invalid: choose iid, dirichlet, pathological or sampled")
     part.dataset = Dataset.from_dict({"label": y[order].tolist(), "_idx": order.tolist()})
     try:
         parts = [np.sort(np.asarray(part.load_partition(i)["_idx"], dtype=np.int64)) for i in range(num_clients)]
@@ -215,6 +216,51 @@ def partition(y: np.ndarray, pcfg: Any, num_clients: int, seed: int) -> list[np.
         raise DataError(f"partitioner {name!r} failed for {num_clients} devices ({msg}): "
                         "lower fleet.num_clients or relax data.partition") from None
     return parts
+
+
+def sampled_rows(n: int, pcfg: Any, num_clients: int, fractions: tuple[float, float, float],
+                 seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The ``sampled`` partition: every device draws its own samples from a shared pool, so a fleet
+    can have more devices than the dataset has samples / 3 (1000 devices on digits' 1797 images).
+
+    The dataset's unique samples are first split once, globally, into legacy / rejector / test
+    pools by ``fractions``; each device then draws ``round(f * samples_per_device)`` samples
+    (at least one per split) from each pool, without replacement within the device, independently
+    of the other devices. Devices therefore share images, but a test image is never in any
+    device's legacy or rejector split (nor, through deferrals, in a helper server's buffer).
+
+    Args:
+        n: dataset size. pcfg: ``data.partition`` (``samples_per_device``). num_clients: devices.
+        fractions: ``(legacy, rejector, test)``. seed: run seed.
+
+    Returns:
+        ``(rows (M,), owner (M,), split (M,))``: the dataset index, device and SPLIT_* code of each
+        of the ``M = num_clients * samples_per_device`` (approximately) materialised rows.
+
+    Raises:
+        DataError: a global pool smaller than what one device draws from it.
+    """
+    per = int(pcfg["samples_per_device"])
+    rng = np.random.default_rng(derive_seed(seed, "sampled-pools"))
+    order = rng.permutation(n)
+    n_leg, n_test = int(round(fractions[0] * n)), int(round(fractions[2] * n))
+    pools = {SPLIT_LEGACY: order[:n_leg], SPLIT_TEST: order[n_leg:n_leg + n_test],
+             SPLIT_REJECTOR: order[n_leg + n_test:]}
+    take = {code: max(1, int(round(f * per))) for code, f in
+            ((SPLIT_LEGACY, fractions[0]), (SPLIT_REJECTOR, fractions[1]), (SPLIT_TEST, fractions[2]))}
+    for code, k in take.items():
+        if k > len(pools[code]):
+            raise DataError(f"data.partition.samples_per_device={per} draws {k} samples per device from a global "
+                            f"split of {len(pools[code])}: lower samples_per_device")
+    rows, owner, split = [], [], []
+    for dev in range(num_clients):
+        drng = np.random.default_rng(derive_seed(seed, "sampled", dev))
+        for code in (SPLIT_LEGACY, SPLIT_REJECTOR, SPLIT_TEST):
+            pick = np.sort(drng.choice(pools[code], size=take[code], replace=False))
+            rows.append(pick)
+            owner.append(np.full(len(pick), dev, dtype=np.int32))
+            split.append(np.full(len(pick), code, dtype=np.int8))
+    return np.concatenate(rows), np.concatenate(owner), np.concatenate(split)
 
 
 def split_device(indices: np.ndarray, fractions: tuple[float, float, float], seed: int, device: int) -> np.ndarray:
@@ -226,7 +272,7 @@ def split_device(indices: np.ndarray, fractions: tuple[float, float, float], see
     n = len(indices)
     if n < 3:
         raise DataError(f"device {device} got {n} samples, fewer than the 3 needed for legacy/rejector/test "
-                        "splits: lower fleet.num_clients or use an iid partition")
+                        "splits: lower fleet.num_clients, use an iid partition or data.partition.name=sampled")
     rng = np.random.default_rng(derive_seed(seed, "split", device))
     order = rng.permutation(n)
     n_legacy = max(1, int(round(fractions[0] * n)))
@@ -289,13 +335,18 @@ def prepare(cfg: Any, cache_dir: Path) -> Prepared:
         x, y = load_source(cfg["data"])
         x, y, k = select(x, y, cfg["data"], cfg["seed"])
         n_dev = cfg["fleet"]["num_clients"]
-        parts = partition(y, cfg["data"]["partition"], n_dev, cfg["seed"])
-        owner = np.full(len(y), -1, dtype=np.int32)
-        split = np.full(len(y), -1, dtype=np.int8)
         fr = cfg["data"]["split"]
-        for dev, idx in enumerate(parts):
-            owner[idx] = dev
-            split[idx] = split_device(idx, (fr["legacy"], fr["rejector"], fr["test"]), cfg["seed"], dev)
+        fractions = (fr["legacy"], fr["rejector"], fr["test"])
+        if cfg["data"]["partition"]["name"] == "sampled":  # devices share a pool: rows are materialised
+            rows, owner, split = sampled_rows(len(y), cfg["data"]["partition"], n_dev, fractions, cfg["seed"])
+            x, y = x[rows], y[rows]
+        else:
+            parts = partition(y, cfg["data"]["partition"], n_dev, cfg["seed"])
+            owner = np.full(len(y), -1, dtype=np.int32)
+            split = np.full(len(y), -1, dtype=np.int8)
+            for dev, idx in enumerate(parts):
+                owner[idx] = dev
+                split[idx] = split_device(idx, fractions, cfg["seed"], dev)
         for name, arr in (("x", x), ("y", y), ("owner", owner), ("split", split)):
             np.save(tmp / f"{name}.npy", arr)
         return {"num_classes": k, "key": key}

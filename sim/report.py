@@ -35,8 +35,8 @@ import numpy as np
 
 from sim.cache import atomic_write_text
 
-GROUP_KEYS = ("strategy", "c_e", "c_1", "staleness", "max_defer_rate", "bound", "num_servers", "failures",
-              "num_clients", "num_rounds")
+GROUP_KEYS = ("strategy", "c_e", "c_1", "staleness", "max_defer_rate", "bound", "num_servers", "serve_depth",
+              "capacity", "failures", "num_clients", "num_rounds")
 """What identifies a configuration (everything but the seed)."""
 
 VALUE_KEYS = ("system_accuracy", "defer_rate", "coverage", "l01_cost", "legacy_accuracy", "server_accuracy",
@@ -79,6 +79,7 @@ def run_row(run: Path) -> dict[str, Any]:
             "run": str(run), "seed": s["seed"], "strategy": s["strategy"], "c_e": s["c_e"], "c_1": s["c_1"],
             "staleness": s.get("staleness", 1), "max_defer_rate": s.get("max_defer_rate"),
             "bound": s.get("bound"), "num_servers": s.get("num_servers", 1),
+            "serve_depth": s.get("serve_depth"), "capacity": s.get("capacity"),
             "failures": (s.get("resilience") or {}).get("failures", "none"),
             "num_clients": s["num_clients"], "num_rounds": s["num_rounds"],
             **{k: s[k] for k in ("system_accuracy", "defer_rate", "coverage", "l01_cost", "legacy_accuracy",

@@ -114,6 +114,9 @@ def build_summary(cfg: dict[str, Any], metrics: dict[str, Any], rows: list[dict[
         "staleness": int(s["staleness"]), "max_defer_rate": s["max_defer_rate"],
         "bound": s["bound"] if s["max_defer_rate"] is not None else None,
         "num_servers": int(cfg["servers"]["count"]),
+        # cooperative learning: the Teammates' serving-depth limits (cost pressure, capacity)
+        "serve_depth": float(cfg["servers"]["coop"]["serve_depth"]) if cfg["servers"]["training"] == "coop" else None,
+        "capacity": cfg["servers"]["coop"]["capacity"] if cfg["servers"]["training"] == "coop" else None,
         "num_clients": len(acc), "num_rounds": int(cfg["sim"]["num_rounds"]), "seed": int(cfg["seed"]),
         "num_test_samples": metrics["num_samples"], "num_classes": num_classes,
         "strategy": s["name"], "c_e": float(s["c_e"]), "c_1": float(s["c_1"]),

@@ -23,10 +23,11 @@ class ConfigError(ValueError):
 
 @dataclass
 class PartitionConfig:
-    name: str = "iid"  # iid | dirichlet | pathological
+    name: str = "iid"  # iid | dirichlet | pathological | sampled (devices draw from shared pools)
     alpha: float = 0.5  # dirichlet concentration
     classes_per_device: int = 2  # pathological
     min_partition_size: int = 10  # dirichlet
+    samples_per_device: int = 20  # sampled: samples each device draws (split by data.split)
 
 
 @dataclass
@@ -69,6 +70,9 @@ class FleetConfig:
     name: str = MISSING
     num_clients: int = 10
     groups: List[DeviceGroupConfig] = field(default_factory=list)
+    # batched: same-shaped legacy models pretrain together (torch.func); sequential: one by one, as
+    # before 2026-11-21 (the same training up to float rounding; reproduces earlier figures exactly)
+    pretrain: str = "batched"
 
 
 @dataclass
@@ -247,7 +251,8 @@ servers (configs/strategy/{dml,mel,coop}.yaml set ``servers.training`` and ``ser
 
 KNOWN = {
     "data.source": ("sklearn", "hf", "file"),
-    "data.partition.name": ("iid", "dirichlet", "pathological"),
+    "data.partition.name": ("iid", "dirichlet", "pathological", "sampled"),
+    "fleet.pretrain": ("batched", "sequential"),
     "strategy.name": STRATEGY_NAMES,
     "strategy.bound": ("quantile", "stochastic"),
     "strategy.l2d.loss": ("ce", "ce_cost", "ova"),
@@ -290,6 +295,8 @@ def validate(cfg: Any) -> None:
         need(_get(cfg, key) in options, key, f"choose one of {', '.join(options)}")
     need(cfg["fleet"]["num_clients"] >= 1, "fleet.num_clients", "need at least 1 device")
     need(cfg["sim"]["num_rounds"] >= 1, "sim.num_rounds", "need at least 1 round")
+    need(cfg["data"]["partition"]["samples_per_device"] >= 3, "data.partition.samples_per_device",
+         "need at least 3 samples per device (legacy, rejector and test splits)")
     need(cfg["strategy"]["c_e"] >= 0, "strategy.c_e", "the deferral cost must be >= 0")
     need(cfg["strategy"]["c_1"] >= 0, "strategy.c_1", "the server-error cost must be >= 0")
     need(0 <= cfg["strategy"]["explore"] <= 1, "strategy.explore", "must be in [0, 1]")

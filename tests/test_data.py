@@ -156,3 +156,29 @@ def test_changed_local_file_is_not_served_from_a_stale_cache(tmp_path):
     np.savez(path, x=rng.random((50, 4)), y=np.arange(50) % 2)
     second = prepare(cfg, tmp_path / "cache")
     assert second.path != first.path and len(second.y) == 50
+
+
+def test_sampled_partition_shares_images_but_never_a_test_image():
+    from sim.data import SPLIT_LEGACY, SPLIT_REJECTOR, SPLIT_TEST, sampled_rows
+
+    n, devices = 100, 300  # more devices than samples / 3
+    rows, owner, split = sampled_rows(n, {"samples_per_device": 10}, devices, (0.4, 0.4, 0.2), seed=0)
+    again = sampled_rows(n, {"samples_per_device": 10}, devices, (0.4, 0.4, 0.2), seed=0)
+    assert all(np.array_equal(a, b) for a, b in zip((rows, owner, split), again))
+    assert np.bincount(owner, minlength=devices).tolist() == [10] * devices
+    for dev in (0, 150, 299):
+        mine = split[owner == dev]
+        assert [(mine == c).sum() for c in (SPLIT_LEGACY, SPLIT_REJECTOR, SPLIT_TEST)] == [4, 4, 2]
+        assert len(np.unique(rows[owner == dev])) == 10  # no image twice on one device
+    test_images = set(rows[split == SPLIT_TEST].tolist())
+    assert not test_images & set(rows[split != SPLIT_TEST].tolist())
+    assert len(set(rows.tolist())) > 0.9 * n  # the devices together use nearly the whole pool
+
+
+def test_sampled_partition_runs_a_fleet_larger_than_the_dataset_allows(cache_dir):
+    cfg = small_cfg(**{"fleet.num_clients": 700, "data.partition.name": "sampled",
+                       "data.partition.samples_per_device": 5})
+    prep = prepare(cfg, cache_dir)
+    assert len(prep.y) == 700 * 5 and prep.owner.max() == 699
+    with pytest.raises(Exception, match="samples_per_device"):
+        small_cfg(**{"data.partition.name": "sampled", "data.partition.samples_per_device": 2})
