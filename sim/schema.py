@@ -334,16 +334,17 @@ def validate(cfg: Any) -> None:
                           "least_loaded or all with several servers")
     for k in ("standalone_weight", "combiner_weight"):
         need(sv["mel"][k] >= 0, f"servers.mel.{k}", "must be >= 0")
+    c = sv["coop"]
     if sv["training"] == "coop":
-        c = sv["coop"]
         need(sv["count"] >= 2, "servers.count", "cooperative learning needs a Leader and at least one Teammate (3: "
                                                 "the paper's two Teammates)")
         need(sv["arch"] == "mlp", "servers.arch", "cooperative learning builds multi-exit MLPs: use servers.arch=mlp")
-        need(1 <= c["depth"] <= 16, "servers.coop.depth", "must be 1 to 16 blocks")
-        need(c["temperature"] > 0, "servers.coop.temperature", "must be > 0")
-        need(0 < c["serve_depth"] <= 1, "servers.coop.serve_depth", "must be a depth fraction in (0, 1]")
-        need(c["capacity"] is None or c["capacity"] > 0, "servers.coop.capacity", "must be > 0 answers per round "
-                                                                                   "(null: unlimited)")
+    # checked whatever the training, so a bad value is caught before someone switches to coop
+    need(1 <= c["depth"] <= 16, "servers.coop.depth", "must be 1 to 16 blocks")
+    need(c["temperature"] > 0, "servers.coop.temperature", "must be > 0")
+    need(0 < c["serve_depth"] <= 1, "servers.coop.serve_depth", "must be a depth fraction in (0, 1]")
+    need(c["capacity"] is None or c["capacity"] > 0, "servers.coop.capacity", "must be > 0 answers per round "
+                                                                               "(null: unlimited)")
     for k in ("num_cpus", "num_gpus"):
         need(sv["resources"][k] >= 0, f"servers.resources.{k}", "must be >= 0")
     validate_failures(cfg)
