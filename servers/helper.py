@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from servers.losses import dml_loss, sfsl_distillation_loss
-from servers.models import MultiExitNet, make_server_net
+from servers.models import COOP_LEADER, MultiExitNet, make_server_net
 from sim.training import derive_seed, predict_logits, train_minibatch
 
 
@@ -81,8 +81,8 @@ class HelperServer:
         with torch.random.fork_rng():
             torch.manual_seed(derive_seed(seed, "server-init", index))
             self.model = make_server_net(cfg, tuple(in_shape), num_classes).to(self.dev)
-        # Cooperative learning: server 0 is the Leader (labels only), the others are Teammates.
-        self.teammate = cfg.get("training") == "coop" and index > 0
+        # Cooperative learning: the Leader learns from labels only, the Teammates also from their peers.
+        self.teammate = cfg.get("training") == "coop" and index != COOP_LEADER
         self.opt = torch.optim.Adam(self.model.parameters(), lr=float(cfg["lr"]))
         self.buffer = ReplayBuffer(int(cfg["buffer_size"]))
         self.delay_s = 0.0

@@ -57,6 +57,15 @@ class ServerNet(nn.Module):
         return f, [self.head(f)]
 
 
+COOP_LEADER = 0
+"""The index of cooperative learning's Leader; every other server of a coop pool is a Teammate."""
+
+
+def depth_fractions(depth: int) -> list[float]:
+    """Depth fraction of each of ``depth`` exits, shallowest first: ``[1/D, 2/D, ..., 1]``."""
+    return [(d + 1) / depth for d in range(depth)]
+
+
 class MultiExitNet(nn.Module):
     """An MLP of ``depth`` hidden blocks (Linear + ReLU, width ``hidden``) with an exit head after each.
 
@@ -88,7 +97,7 @@ class MultiExitNet(nn.Module):
 
     def fractions(self) -> list[float]:
         """Depth fraction of each exit, ``[1/D, 2/D, ..., 1]``."""
-        return [(d + 1) / self.depth for d in range(self.depth)]
+        return depth_fractions(self.depth)
 
     @property
     def head(self) -> nn.Module:

@@ -40,7 +40,7 @@ import torch
 
 from servers.helper import HelperServer, ReplayBuffer
 from servers.losses import mel_combiner_loss
-from servers.models import Combiners, all_subsets, ensemble_probs, subset_key
+from servers.models import COOP_LEADER, Combiners, all_subsets, depth_fractions, ensemble_probs, subset_key
 from sim.engine import check_stop
 from sim.failures import RoundFaults
 from sim.training import derive_seed
@@ -409,7 +409,7 @@ class ServerPool:
             batches += [(epoch, np.sort(order[start:start + bs])) for start in range(0, n, bs)]
         mel = self.scfg["mel"]
         weight = float(mel["standalone_weight"]) if self.training == "mel" else 1.0
-        learners = [s for s in members if self.training == "dml" or (self.training == "coop" and s != 0)]
+        learners = [s for s in members if self.training == "dml" or (self.training == "coop" and s != COOP_LEADER)]
         subsets = all_subsets(members) if self.combiners is not None else []
         # One actor call per minibatch: finishing batch k and starting batch k+1 travel together,
         # and each actor still runs backward(k) before forward(k+1), so the arithmetic is the same.
@@ -563,9 +563,9 @@ class ServerPool:
         if self.training == "coop":  # Teammates answer at the depth their load allows; the Leader at full depth
             c = self.scfg["coop"]
             for s, ex in self.exits.items():
-                if s == 0:
+                if s == COOP_LEADER:
                     continue
-                fracs = [(d + 1) / len(ex) for d in range(len(ex))]
+                fracs = depth_fractions(len(ex))
                 f = serving_fraction(int(self.load[s]), fracs, float(c["serve_depth"]), c["capacity"])
                 self.depth[s] = f
                 logits[s] = ex[fracs.index(f)]
@@ -588,8 +588,9 @@ class ServerPool:
             out["ensemble"][subset_key(a)] = float(
                 (ensemble_probs(a, feats, logits, self.combiners).argmax(1).numpy() == y).mean())
         if self.exits:  # coop: accuracy of every Teammate exit (the accuracy-vs-depth curve)
-            out["exits"] = {str(s): {f"{(d + 1) / len(ex):g}": float((ex[d].argmax(1).numpy() == y).mean())
-                                     for d in range(len(ex))} for s, ex in self.exits.items() if s != 0}
+            out["exits"] = {str(s): {f"{f:g}": float((ex[d].argmax(1).numpy() == y).mean())
+                                     for d, f in enumerate(depth_fractions(len(ex)))}
+                            for s, ex in self.exits.items() if s != COOP_LEADER}
         full = subset_key(sorted(logits))
         if len(logits) >= 2:
             mean_alone = float(np.mean(list(out["standalone"].values())))
