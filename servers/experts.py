@@ -22,7 +22,7 @@ from clients.legacy import Fleet
 from servers.models import ServerNet
 from sim.cache import build_entry, content_key
 from sim.data import Prepared, data_key, device_data
-from sim.training import derive_seed, train_minibatch
+from sim.training import derive_seed, seeded, train_minibatch
 
 EXPERTS_VERSION = 1
 
@@ -68,8 +68,7 @@ def pretrain_experts(cfg: dict[str, Any], prep: Prepared, fleet: Fleet, cache_di
             rng = np.random.default_rng(derive_seed(cfg["seed"], "expert-bootstrap", s))
             idx = rng.integers(0, len(y), len(y)) if count > 1 else np.arange(len(y))
             xt, yt = torch.from_numpy(x[idx]), torch.from_numpy(y[idx])
-            with torch.random.fork_rng():
-                torch.manual_seed(derive_seed(cfg["seed"], "expert-init", s))
+            with seeded(derive_seed(cfg["seed"], "expert-init", s)):
                 net = ServerNet(sv["arch"], prep.in_shape, prep.num_classes, int(sv["hidden"]))
             net.train()
             train_minibatch(net.parameters(), (xt, yt), lambda xb, yb: F.cross_entropy(net(xb), yb),

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from servers.losses import dml_loss, sfsl_distillation_loss
 from servers.models import COOP_LEADER, MultiExitNet, make_server_net
-from sim.training import derive_seed, predict_logits, train_minibatch
+from sim.training import derive_seed, predict_logits, seeded, train_minibatch
 
 
 class ReplayBuffer:
@@ -78,8 +78,7 @@ class HelperServer:
         self.cfg, self.seed, self.index = cfg, seed, index
         self.dev = torch.device("cuda" if float(cfg["resources"]["num_gpus"]) > 0 and torch.cuda.is_available()
                                 else "cpu")
-        with torch.random.fork_rng():
-            torch.manual_seed(derive_seed(seed, "server-init", index))
+        with seeded(derive_seed(seed, "server-init", index)):
             self.model = make_server_net(cfg, tuple(in_shape), num_classes).to(self.dev)
         # Cooperative learning: the Leader learns from labels only, the Teammates also from their peers.
         self.teammate = cfg.get("training") == "coop" and index != COOP_LEADER

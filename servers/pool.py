@@ -43,7 +43,7 @@ from servers.losses import mel_combiner_loss
 from servers.models import COOP_LEADER, Combiners, all_subsets, depth_fractions, ensemble_probs, subset_key
 from sim.engine import check_stop
 from sim.failures import RoundFaults
-from sim.training import derive_seed
+from sim.training import derive_seed, seeded
 
 ROUTINGS = ("learned", "round_robin", "least_loaded", "all")
 TRAININGS = ("independent", "mel", "dml", "coop")
@@ -200,8 +200,7 @@ class ServerPool:
         self.comb_opt: torch.optim.Optimizer | None = None
         self.shared = ReplayBuffer(int(s["buffer_size"])) if self.training != "independent" else None
         if self.training == "mel" and self.num_servers >= 2:
-            with torch.random.fork_rng():
-                torch.manual_seed(derive_seed(self.seed, "combiner-init"))
+            with seeded(derive_seed(self.seed, "combiner-init")):
                 feat = HelperServer(s, in_shape, num_classes, self.seed).model.feature_dim
                 self.combiners = Combiners(self.num_servers, feat, num_classes)
             self.comb_opt = torch.optim.Adam(self.combiners.parameters(), lr=float(s["lr"]))

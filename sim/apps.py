@@ -1,12 +1,18 @@
-"""The Flower ClientApp (one legacy device per node) and ServerApp (runs a FleetStrategy).
+"""The Flower ClientApp (a node simulating one or more legacy devices) and ServerApp.
 
-A ClientApp handler finds its device by ``context.node_config["partition-id"]``. What a worker
-process needs to build a device -- the memory-mapped prepared dataset, the fleet's legacy
-models on disk -- is named in a small JSON ``spec`` carried by each message, and built devices
-are cached per worker process (legacy outputs are computed once: the models are frozen). The
-rejector lives in ``context.state`` between rounds. Each message's config also says which
-helper servers are up and which devices are cut off or drop out this round (fault injection);
-a dropped-out device's handler raises, which Flower turns into an error reply.
+A node finds its devices from ``context.node_config["partition-id"]`` and the device ids each
+message lists (``config.devices``; :mod:`sim.nodes` says which node hosts which devices). What a
+worker process needs to build a device -- the memory-mapped prepared dataset, the fleet's
+legacy models on disk -- is named in a small JSON ``spec`` carried by each message, and built
+devices are cached per worker process (legacy outputs are computed once: the models are
+frozen). Each device's rejector lives in the node's ``context.state`` (key ``rejector/<device>``)
+between rounds. Each message's config also says which helper servers are up and which devices
+are cut off or drop out this round (fault injection); a dropped-out device is left out of the
+node's reply (the strategy counts it as a failed device), its node's other devices answer.
+
+A reply carries, per answering device ``d``, ``info/<d>`` (a MetricRecord) and, when it has one,
+``rejector/<d>`` (its trained part), plus one ``samples`` ArrayRecord: the per-sample arrays of
+all its answering devices concatenated in device order, with a ``device`` column.
 """
 from __future__ import annotations
 
@@ -25,6 +31,7 @@ from clients.legacy import load_legacy
 from servers.view import PoolView
 from sim.failures import cut_off
 from sim.data import device_data, load_prepared
+from sim.nodes import hosted
 from strategies.registry import device_side
 
 _WORKER: dict[str, Any] = {}
@@ -62,18 +69,19 @@ def get_view(spec: dict[str, Any], arrays: ArrayRecord) -> PoolView:
 def _learner(spec: dict[str, Any], device: Device, msg: Message, context: Context, create: bool
              ) -> torch.nn.Module | None:
     """The device's trained part (its rejector; for L2D its classifier + deferral model): from the
-    message (a resumed run hands it back; FedAvg sends the group's average), else from its
+    message (a resumed run hands it back; FedAvg sends the group's average), else from its node's
     context, else a new one (``create``) or None."""
     method = device_side(spec["strategy"]["name"])
-    if "rejector" in msg.content:
-        context.state["rejector"] = msg.content["rejector"]
-    if "rejector" not in context.state:
+    key = f"rejector/{device.device_id}"
+    if key in msg.content:
+        context.state[key] = msg.content[key]
+    if key not in context.state:
         return method.new_learner(device, spec) if create else None
-    return method.load_learner(device, spec, context.state["rejector"].to_torch_state_dict())
+    return method.load_learner(device, spec, context.state[key].to_torch_state_dict())
 
 
 class DeviceDropout(RuntimeError):
-    """Injected device dropout: the handler fails, Flower sends an error reply, the worker lives on."""
+    """Injected device dropout: the device does not answer this round; its node's others do."""
 
 
 def _faults(msg: Message, pid: int) -> list[int]:
@@ -83,10 +91,6 @@ def _faults(msg: Message, pid: int) -> list[int]:
         raise DeviceDropout(f"device {pid} dropped out (injected failure)")
     cut = cut_off(faults["partition"], pid)
     return [s for s in faults["up"] if s not in cut]
-
-
-def _arrays(d: dict[str, np.ndarray]) -> ArrayRecord:
-    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in d.items()})
 
 
 def message_spec(msg: Message) -> dict[str, Any]:
@@ -99,11 +103,59 @@ def message_spec(msg: Message) -> dict[str, Any]:
     return spec
 
 
+def message_devices(msg: Message, context: Context) -> list[int]:
+    """The devices a message asks this node to work for (``config.devices``).
+
+    Raises:
+        ValueError: a listed device is not one this node hosts (a strategy/engine mismatch).
+    """
+    node = int(context.node_config["partition-id"])
+    devices = [int(d) for d in json.loads(str(msg.content["config"]["devices"]))]
+    spec = message_spec(msg)
+    own = hosted(node, int(spec["devices_per_node"]), len(spec["groups"]))
+    stray = [d for d in devices if d not in own]
+    if stray:
+        raise ValueError(f"node {node} hosts devices {own.start}..{own.stop - 1}, was sent device {stray[0]}")
+    return devices
+
+
+DeviceWork = Callable[[dict[str, Any], Device, Message, Context, list[int]],
+                      tuple[dict[str, np.ndarray], dict[str, Any], torch.nn.Module | None]]
+
+
+def _node_reply(msg: Message, context: Context, work: DeviceWork) -> Message:
+    """Run ``work`` for each device the message lists and pack one reply (see module docstring).
+
+    ``work(spec, device, msg, context, reachable)`` returns the device's per-sample arrays (same
+    keys for every device), its info metrics and its trained part (or None). Injected dropouts
+    skip the device; any other error fails the whole node's reply, as Flower reports it.
+    """
+    spec = message_spec(msg)
+    content = RecordDict()
+    parts: list[dict[str, np.ndarray]] = []
+    for d in message_devices(msg, context):
+        try:
+            reachable = _faults(msg, d)
+        except DeviceDropout:
+            continue
+        device = get_device(spec, d)
+        rows, info, learner = work(spec, device, msg, context, reachable)
+        parts.append({"device": np.full(len(next(iter(rows.values()))), d, dtype=np.int64), **rows})
+        content[f"info/{d}"] = MetricRecord({"device": d, **info})
+        if learner is not None:
+            content[f"rejector/{d}"] = context.state[f"rejector/{d}"] = ArrayRecord(
+                torch_state_dict=learner.state_dict())
+    if parts:
+        content["samples"] = ArrayRecord({k: Array(np.ascontiguousarray(np.concatenate([p[k] for p in parts])))
+                                          for k in parts[0]})
+    return Message(content, reply_to=msg)
+
+
 app = ClientApp()
-"""The ClientApp of every device. Module-level, so Ray pickles it by reference (a few bytes per
+"""The ClientApp of every node. Module-level, so Ray pickles it by reference (a few bytes per
 message) instead of by value; what a run needs travels in each message's ``config.spec``:
 ``key``, ``data_path``, ``fleet_path``, ``groups``, ``group_cfgs``, ``in_shape``,
-``num_classes``, ``seed``, ``strategy``, ``servers``, ``torch_threads``."""
+``num_classes``, ``seed``, ``strategy``, ``servers``, ``torch_threads``, ``devices_per_node``."""
 
 
 @app.query()
@@ -112,40 +164,40 @@ def query(msg: Message, context: Context) -> Message:
     return Message(RecordDict({"info": MetricRecord({"partition_id": pid})}), reply_to=msg)
 
 
-@app.train()
-def train(msg: Message, context: Context) -> Message:
-    spec = message_spec(msg)
-    pid = int(context.node_config["partition-id"])
-    rnd = int(msg.content["config"]["round"])
-    reachable = _faults(msg, pid)
-    device = get_device(spec, pid)
+def _train_device(spec: dict[str, Any], device: Device, msg: Message, context: Context, reachable: list[int]
+                  ) -> tuple[dict[str, np.ndarray], dict[str, Any], torch.nn.Module | None]:
+    """One device's training round: the samples it sends (deferred + explored) and its metrics."""
     view = get_view(spec, msg.content["server"])
     learner = _learner(spec, device, msg, context, create=True)
     method = device_side(spec["strategy"]["name"])
     defer, route, explore, metrics = method.client_train(device, learner, view, reachable, spec["strategy"],
-                                                         spec["servers"], spec["num_classes"], rnd, spec["seed"])
+                                                         spec["servers"], spec["num_classes"],
+                                                         int(msg.content["config"]["round"]), spec["seed"])
     send = defer | explore
     d = device.data
-    samples = _arrays({"ids": d.ids_rejector[send], "x": d.x_rejector[send], "y": d.y_rejector[send],
-                       "route": route[send], "explore": explore[send]})
-    info = MetricRecord({"device": pid, "num_examples": len(defer), **metrics})
-    content = RecordDict({"samples": samples, "info": info})
-    if learner is not None:
-        content["rejector"] = context.state["rejector"] = ArrayRecord(torch_state_dict=learner.state_dict())
-    return Message(content, reply_to=msg)
+    rows = {"ids": d.ids_rejector[send], "x": d.x_rejector[send], "y": d.y_rejector[send],
+            "route": route[send], "explore": explore[send]}
+    return rows, {"num_examples": len(defer), **metrics}, learner
+
+
+def _evaluate_device(spec: dict[str, Any], device: Device, msg: Message, context: Context, reachable: list[int]
+                     ) -> tuple[dict[str, np.ndarray], dict[str, Any], None]:
+    """One device's evaluation: its per-sample decisions on its test split (``DEVICE_FIELDS`` + x)."""
+    learner = _learner(spec, device, msg, context, create=False)
+    rec = device_side(spec["strategy"]["name"]).client_evaluate(device, learner, reachable, spec["strategy"],
+                                                                spec["servers"], spec["seed"])
+    rec.pop("device")
+    return rec, {"num_examples": len(rec["y"])}, None
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    return _node_reply(msg, context, _train_device)
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    spec = message_spec(msg)
-    pid = int(context.node_config["partition-id"])
-    reachable = _faults(msg, pid)
-    device = get_device(spec, pid)
-    learner = _learner(spec, device, msg, context, create=False)
-    rec = device_side(spec["strategy"]["name"]).client_evaluate(device, learner, reachable, spec["strategy"],
-                                                                spec["servers"], spec["seed"])
-    info = MetricRecord({"device": pid, "num_examples": len(rec["y"])})
-    return Message(RecordDict({"samples": _arrays(rec), "info": info}), reply_to=msg)
+    return _node_reply(msg, context, _evaluate_device)
 
 
 def make_server_app(run: Callable[[Grid], None]) -> ServerApp:

@@ -112,7 +112,7 @@ def load_optimizer(opt: torch.optim.Optimizer, arrays: dict[str, np.ndarray]) ->
 
 # Keys that may differ between a run and its resumption (they do not change the numbers).
 RESUME_FREE = ("resume", "progress", "verbose", "plots", "backend", "ray_address", "num_cpus", "round_timeout",
-               "checkpoint", "client_resources", "cache_dir")
+               "checkpoint", "client_resources", "cache_dir", "devices_per_node", "max_nodes")
 
 
 def comparable(cfg: dict[str, Any]) -> dict[str, Any]:

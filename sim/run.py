@@ -57,6 +57,7 @@ def simulate(cfg: dict[str, Any], run_dir: Path, console: Any | None = None) -> 
     from sim.apps import app as client_app
     from sim.data import prepare
     from sim.metrics import per_device
+    from sim.nodes import devices_per_node, num_nodes
     from flwr.app import ArrayRecord
 
     from sim.resilience import resilience_summary, servers_summary, test_set_digest
@@ -178,17 +179,19 @@ def simulate(cfg: dict[str, Any], run_dir: Path, console: Any | None = None) -> 
         finally:
             pool.shutdown()
 
+    per_node = devices_per_node(len(acc), cfg["sim"]["devices_per_node"], int(cfg["sim"]["max_nodes"]))
     spec = {
         "key": f"{run_dir}:{time.time_ns()}",
         "data_path": str(prep.path), "fleet_path": str(fleet.path),
         "groups": fleet.groups, "group_cfgs": fleet.group_cfgs,
         "in_shape": list(prep.in_shape), "num_classes": num_classes, "seed": int(cfg["seed"]),
         "strategy": cfg["strategy"], "servers": cfg["servers"], "torch_threads": int(cfg["sim"]["torch_threads"]),
+        "devices_per_node": per_node,
     }
     spec_json = json.dumps(spec, sort_keys=True)
     t_sim = time.perf_counter()
     with progress:
-        engine.run(cfg["sim"], server_main, client_app, len(acc))
+        engine.run(cfg["sim"], server_main, client_app, num_nodes(len(acc), per_node))
     strategy = state["strategy"]
     sim_seconds = time.perf_counter() - t_sim
     timing["engine_stop_s"] = sim_seconds - sum(timing.get(p, 0.0) for p in ("engine_start_s", "handshake_s",

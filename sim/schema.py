@@ -161,6 +161,8 @@ class SimConfig:
     fraction_train: float = 1.0
     fraction_evaluate: float = 1.0
     eval_every: int = 1  # evaluate every k rounds (the last round is always evaluated)
+    devices_per_node: Optional[int] = None  # devices one Flower node simulates (null: ceil(N / max_nodes))
+    max_nodes: int = 100  # with devices_per_node=null: at most this many Flower nodes
     ray_address: Optional[str] = None  # None: start a local Ray; "auto" or "host:port": join
     client_resources: ResourcesConfig = field(default_factory=ResourcesConfig)
     num_cpus: Optional[int] = None  # CPUs a local Ray may use (None: all)
@@ -354,6 +356,9 @@ def validate(cfg: Any) -> None:
     for k in ("fraction_train", "fraction_evaluate"):
         need(0 < cfg["sim"][k] <= 1, f"sim.{k}", "must be in (0, 1]")
     need(cfg["sim"]["eval_every"] >= 1, "sim.eval_every", "must be >= 1")
+    need(cfg["sim"]["devices_per_node"] is None or cfg["sim"]["devices_per_node"] >= 1, "sim.devices_per_node",
+         "must be >= 1 or null (automatic: ceil(num_clients / sim.max_nodes))")
+    need(cfg["sim"]["max_nodes"] >= 1, "sim.max_nodes", "must be >= 1")
     need(cfg["sim"]["torch_threads"] >= 1, "sim.torch_threads", "must be >= 1")
     need(cfg["sim"]["round_timeout"] > 0, "sim.round_timeout", "must be > 0 seconds")
     need(cfg["sim"]["client_resources"]["num_cpus"] > 0, "sim.client_resources.num_cpus", "must be > 0")

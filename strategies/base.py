@@ -1,10 +1,12 @@
 """What every fleet strategy shares on the ServerApp side (a Flower Message-API Strategy).
 
-- A handshake (one ``query`` message per node) maps Flower's random node ids to device
-  (partition) ids, so device sampling is seeded and reproducible.
+- A handshake (one ``query`` message per node) maps Flower's random node ids to node
+  (partition) ids; each node hosts a block of devices (:mod:`sim.nodes`), and a round sends one
+  message per node that hosts a sampled device. Device sampling is seeded and reproducible.
 - Seeded device sampling per round; replies sorted by device id before they are used, so the
   result never depends on the order replies arrive in.
-- Error replies (a device that failed a round) are counted, never fatal.
+- Failed devices (an error reply fails every device of its node; a dropped-out device is left
+  out of its node's reply) are counted, never fatal.
 - Evaluation replies carry per-sample records and the test samples; the strategy's
   :meth:`FleetStrategy.answer` (the server pool) answers them, :mod:`sim.metrics` computes every
   metric from the pooled records, and each round ends with one record passed to ``on_round``.
@@ -12,8 +14,10 @@
 from __future__ import annotations
 
 import functools
+import json
 import math
 import time
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
 import numpy as np
@@ -22,12 +26,73 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from sim.metrics import pooled_metrics
+from sim.nodes import by_node, devices_per_node, num_nodes
 from sim.training import derive_seed
 
 
 DEVICE_FIELDS = ("device", "y", "m_pred", "score", "m_conf", "defer", "route")
 """Per-sample fields a device returns from evaluation (plus the samples ``x``); the strategy adds
 ``e_pred`` and ``served`` (:meth:`FleetStrategy.answer`)."""
+
+
+@dataclass
+class DeviceReplies:
+    """The devices that answered a round, unpacked from their nodes' replies.
+
+    Attributes:
+        devices: answering device ids, sorted.
+        samples: per-sample arrays of all answering devices concatenated, rows sorted by device
+            (stable: each device's rows in the order it sent them); ``samples["device"]`` names
+            each row's device. Empty when no device sent a row.
+        info: per device, its info metrics (``num_examples`` and the method's metrics).
+        learners: per device that sent one, its trained part (rejector / L2D model state).
+        errors: sampled devices that did not answer (error replies and dropouts).
+    """
+
+    devices: list[int] = field(default_factory=list)
+    samples: dict[str, np.ndarray] = field(default_factory=dict)
+    info: dict[int, MetricRecord] = field(default_factory=dict)
+    learners: dict[int, ArrayRecord] = field(default_factory=dict)
+    errors: int = 0
+
+    def rows(self, device: int) -> dict[str, np.ndarray]:
+        """The sample arrays of one device (views into :attr:`samples`; empty arrays if it sent none)."""
+        if not self.samples:
+            return {}
+        col = self.samples["device"]
+        lo, hi = np.searchsorted(col, device, "left"), np.searchsorted(col, device, "right")
+        return {k: v[lo:hi] for k, v in self.samples.items()}
+
+
+def unpack_replies(replies: Iterable[Message], sent: Iterable[int]) -> DeviceReplies:
+    """Per-device view of node replies (:mod:`sim.apps` packs them); never depends on arrival order.
+
+    Args:
+        replies: the round's node replies. sent: the devices the round's messages listed.
+    """
+    out = DeviceReplies()
+    parts: list[dict[str, np.ndarray]] = []
+    for r in replies:
+        if r.has_error():
+            continue
+        for key in r.content.keys():
+            if key.startswith("info/"):
+                d = int(key[5:])
+                out.info[d] = r.content[key]
+                if f"rejector/{d}" in r.content:
+                    out.learners[d] = r.content[f"rejector/{d}"]
+        if "samples" in r.content:
+            rec = r.content["samples"]
+            parts.append({k: rec[k].numpy() for k in rec.keys()})
+    out.devices = sorted(out.info)
+    out.errors = len(set(sent)) - len(out.devices)
+    if parts:
+        cat = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+        order = np.argsort(cat["device"], kind="stable")
+        if not np.array_equal(order, np.arange(len(order))):
+            cat = {k: v[order] for k, v in cat.items()}
+        out.samples = cat
+    return out
 
 
 def resumable(hook: Callable) -> Callable:
@@ -55,7 +120,11 @@ class FleetStrategy(Strategy):
         self.num_rounds = int(cfg["sim"]["num_rounds"])
         self.seed = int(cfg["seed"])
         self.on_round = on_round
-        self.node_of: dict[int, int] = {}
+        self.per_node = devices_per_node(self.num_clients, cfg["sim"]["devices_per_node"],
+                                         int(cfg["sim"]["max_nodes"]))
+        self.num_nodes = num_nodes(self.num_clients, self.per_node)
+        self.node_of: dict[int, int] = {}  # node (partition id) -> Flower node id
+        self.sent: list[int] = []  # devices the last configure_* call sent messages for
         self.train_record: dict[str, Any] = {}
         self.last_eval: dict[str, np.ndarray] | None = None
         self.last_x: np.ndarray | None = None
@@ -73,18 +142,18 @@ class FleetStrategy(Strategy):
 
     # ---- Flower plumbing -------------------------------------------------------------------
     def handshake(self, grid: Grid, timeout: float) -> None:
-        """Ask every node for its partition id. Raises RuntimeError if devices are missing."""
+        """Ask every node for its partition id. Raises RuntimeError if nodes are missing."""
         deadline = time.monotonic() + timeout
         # The simulation registers its nodes concurrently with the ServerApp's start: wait for all.
-        while len(nodes := sorted(grid.get_node_ids())) < self.num_clients and time.monotonic() < deadline:
+        while len(nodes := sorted(grid.get_node_ids())) < self.num_nodes and time.monotonic() < deadline:
             time.sleep(0.05)
         msgs = [grid.create_message(RecordDict(), MessageType.QUERY, nid, "handshake") for nid in nodes]
         for reply in grid.send_and_receive(msgs, timeout=timeout):
             if not reply.has_error():
                 self.node_of[int(reply.content["info"]["partition_id"])] = reply.metadata.src_node_id
-        missing = sorted(set(range(self.num_clients)) - set(self.node_of))
+        missing = sorted(set(range(self.num_nodes)) - set(self.node_of))
         if missing:
-            raise RuntimeError(f"{len(missing)} device(s) did not answer the start-up handshake (first: {missing[0]})")
+            raise RuntimeError(f"{len(missing)} node(s) did not answer the start-up handshake (first: {missing[0]})")
 
     def sample(self, server_round: int, fraction: float, tag: str) -> list[int]:
         """Seeded sample of ``ceil(fraction * N)`` device ids, sorted."""
@@ -96,35 +165,34 @@ class FleetStrategy(Strategy):
 
     def messages(self, grid: Grid, devices: Iterable[int], msg_type: str, content: RecordDict, round_: int
                  ) -> list[Message]:
+        """One message per node hosting any of ``devices``: ``content`` plus the node's device list
+        (``config.devices``) and, per device that has one, a state to hand it (``rejector/<d>``)."""
         out = []
-        for d in devices:
-            c = content
-            state = self.restore_pending[d] if d in self.restore_pending else self.personal(d)
-            if state is not None:
-                c = RecordDict({**dict(content.items()), "rejector": state})
-            out.append(grid.create_message(c, msg_type, self.node_of[d], str(round_)))
+        self.sent = sorted(devices)
+        for node, devs in by_node(self.sent, self.per_node).items():
+            config = ConfigRecord({**dict(content["config"].items()), "devices": json.dumps(devs)})
+            c = RecordDict({**dict(content.items()), "config": config})
+            for d in devs:
+                state = self.restore_pending[d] if d in self.restore_pending else self.personal(d)
+                if state is not None:
+                    c[f"rejector/{d}"] = state
+            out.append(grid.create_message(c, msg_type, self.node_of[node], str(round_)))
         return out
 
     def personal(self, device: int) -> ArrayRecord | None:
         """A state to hand ``device`` with its next message (e.g. a FedAvg average); None: none."""
         return None
 
-    def acknowledge(self, ok: list[tuple[int, Message]]) -> None:
+    def acknowledge(self, got: DeviceReplies) -> None:
         """Devices that answered have their restored state: stop resending it."""
-        for d, _ in ok:
+        for d in got.devices:
             self.restore_pending.pop(d, None)
 
-    @staticmethod
-    def ok_replies(replies: Iterable[Message]) -> tuple[list[tuple[int, Message]], int]:
-        """Successful replies as ``(device, message)`` sorted by device, and the number of error replies."""
-        ok, errors = [], 0
-        for r in replies:
-            if r.has_error():
-                errors += 1
-            else:
-                ok.append((int(r.content["info"]["device"]), r))
-        ok.sort(key=lambda t: t[0])
-        return ok, errors
+    def collect(self, replies: Iterable[Message]) -> DeviceReplies:
+        """The round's replies per device (:func:`unpack_replies`); restored states acknowledged."""
+        got = unpack_replies(replies, self.sent)
+        self.acknowledge(got)
+        return got
 
     def summary(self) -> None:  # Strategy API; the run prints its own summary
         return None
@@ -153,20 +221,19 @@ class FleetStrategy(Strategy):
     @resumable
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         record = {"round": server_round, **self.train_record}
-        ok, errors = self.ok_replies(replies)
-        self.acknowledge(ok)
+        got = self.collect(replies)
         metrics = None
-        if ok:
-            pooled = {f: np.concatenate([r.content["samples"][f].numpy() for _, r in ok]) for f in DEVICE_FIELDS}
-            x = np.concatenate([r.content["samples"]["x"].numpy() for _, r in ok])
+        if got.devices:
+            pooled = {f: got.samples[f] for f in DEVICE_FIELDS}
+            x = got.samples["x"]
             record.update(self.answer(server_round, pooled, x))
             self.last_x = x
             s = self.cfg["strategy"]
             metrics = pooled_metrics(pooled, float(s["c_e"]), float(s["c_1"]))
             self.last_eval, self.last_metrics = pooled, metrics
             record.update({k: v for k, v in metrics.items() if k != "curves"})
-        record["eval_devices"] = len(ok)
-        record["eval_errors"] = errors
+        record["eval_devices"] = len(got.devices)
+        record["eval_errors"] = got.errors
         record["elapsed_s"] = time.perf_counter() - self.t0
         self.on_round(record)
         if metrics is None:

@@ -33,7 +33,7 @@ from torch import nn
 from clients.device import Device
 from clients.legacy import assign_groups
 from servers.view import PoolView
-from sim.training import derive_seed, train_minibatch
+from sim.training import derive_seed, seeded, train_minibatch
 from strategies import bounded, l2d_losses
 from strategies.l2h import L2HStrategy, calibration_split, server_costs, test_record
 from strategies.base import resumable
@@ -72,8 +72,7 @@ def new_learner(device: Device, spec: dict[str, Any]) -> L2DModel:
     for p in classifier.parameters():
         p.requires_grad_(True)
     rh = spec["strategy"]["rejector"]
-    with torch.random.fork_rng():
-        torch.manual_seed(derive_seed(spec["seed"], "l2d-init", device.device_id))
+    with seeded(derive_seed(spec["seed"], "l2d-init", device.device_id)):
         return L2DModel(classifier, rh["inputs"], int(np.prod(spec["in_shape"])), int(spec["num_classes"]),
                         int(spec["servers"]["count"]), int(rh["hidden"]))
 
@@ -195,16 +194,15 @@ class L2DStrategy(L2HStrategy):
 
     @resumable
     def aggregate_train(self, server_round: int, replies: Iterable) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        ok, errors = self.ok_replies(replies)
-        self.acknowledge(ok)
-        losses = [float(r.content["info"]["rejector_loss"]) for _, r in ok]
-        defer_rates = [float(r.content["info"]["train_defer_rate"]) for _, r in ok]
+        got = self.collect(replies)
+        losses = [float(got.info[d]["rejector_loss"]) for d in got.devices]
+        defer_rates = [float(got.info[d]["train_defer_rate"]) for d in got.devices]
         by_group: dict[str, list[RecordDict]] = {}
-        for dev, reply in ok:
-            self.rejectors[dev] = reply.content["rejector"]
+        for dev in got.devices:
+            self.rejectors[dev] = got.learners[dev]
             by_group.setdefault(self.arch[dev], []).append(RecordDict({
-                "model": reply.content["rejector"],
-                "info": MetricRecord({"num_examples": int(reply.content["info"]["num_examples"])})}))
+                "model": got.learners[dev],
+                "info": MetricRecord({"num_examples": int(got.info[dev]["num_examples"])})}))
         if self.fedavg:
             for key, records in sorted(by_group.items()):
                 self.global_models[key] = aggregate_arrayrecords(records, "num_examples")
@@ -214,9 +212,9 @@ class L2DStrategy(L2HStrategy):
         self.pool.end_round()
         finite = [v for v in losses if np.isfinite(v)]
         self.train_record = {
-            "train_devices": len(ok), "train_errors": errors, "samples_sent": 0,
+            "train_devices": len(got.devices), "train_errors": got.errors, "samples_sent": 0,
             "rejector_loss": float(np.mean(finite)) if finite else float("nan"),
             "train_defer_rate": float(np.mean(defer_rates)) if defer_rates else float("nan"),
             "fedavg_groups": len(self.global_models),
         }
-        return None, MetricRecord({"samples_sent": 0, "train_errors": errors})
+        return None, MetricRecord({"samples_sent": 0, "train_errors": got.errors})

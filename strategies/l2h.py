@@ -305,31 +305,31 @@ class L2HStrategy(FleetStrategy):
     @resumable
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        ok, errors = self.ok_replies(replies)
-        self.acknowledge(ok)
+        got = self.collect(replies)
         batches = []
         losses = []
-        for dev, reply in ok:  # sorted by device: routing and buffers never depend on arrival order
-            s = reply.content["samples"]
-            b = {k: s[k].numpy() for k in ("ids", "x", "y", "route", "explore")}
-            b["explore"] = b["explore"].astype(bool)
-            b["device"] = dev
-            batches.append(b)
-            losses.append(float(reply.content["info"]["rejector_loss"]))
-            if "rejector" in reply.content:
-                self.rejectors[dev] = reply.content["rejector"]
+        for dev in got.devices:  # sorted by device: routing and buffers never depend on arrival order
+            rows = got.rows(dev)
+            if len(rows.get("ids", ())):
+                b = {k: rows[k] for k in ("ids", "x", "y", "route", "explore")}
+                b["explore"] = b["explore"].astype(bool)
+                b["device"] = dev
+                batches.append(b)
+            losses.append(float(got.info[dev]["rejector_loss"]))
+            if dev in got.learners:
+                self.rejectors[dev] = got.learners[dev]
         sent = int(sum(len(b["ids"]) for b in batches))
         explored = int(sum(b["explore"].sum() for b in batches))
         fit = self.pool.train(server_round, batches)
         self.pool.end_round()
         finite = [v for v in losses if np.isfinite(v)]
         self.train_record = {
-            "train_devices": len(ok), "train_errors": errors, "samples_sent": sent,
+            "train_devices": len(got.devices), "train_errors": got.errors, "samples_sent": sent,
             "samples_deferred": sent - explored, "samples_explored": explored,
             "rejector_loss": float(np.mean(finite)) if finite else float("nan"), **fit,
             "train_load": self.pool.load.tolist(),
         }
-        return None, MetricRecord({"samples_sent": sent, "train_errors": errors})
+        return None, MetricRecord({"samples_sent": sent, "train_errors": got.errors})
 
     def eval_content(self, server_round: int, arrays: ArrayRecord) -> RecordDict:
         faults = self.schedule[server_round - 1]
@@ -380,6 +380,5 @@ def new_learner(device: Device, spec: dict[str, Any]) -> Rejector:
 
 def load_learner(device: Device, spec: dict[str, Any], state: dict[str, torch.Tensor]) -> Rejector:
     """The rejector with a saved ``state_dict``."""
-    rejector = new_learner(device, spec)
-    rejector.load_state_dict(state)
-    return rejector
+    hp = spec["strategy"]["rejector"]
+    return device.load_rejector(hp["inputs"], int(hp["hidden"]), state, num_options(spec["servers"]))

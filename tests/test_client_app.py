@@ -23,7 +23,8 @@ def setup(tmp_path_factory):
     fleet = build_fleet(cfg, prep, cache)
     spec = {"key": "test", "data_path": str(prep.path), "fleet_path": str(fleet.path), "groups": fleet.groups,
             "group_cfgs": fleet.group_cfgs, "in_shape": list(prep.in_shape), "num_classes": prep.num_classes,
-            "seed": 0, "strategy": cfg["strategy"], "servers": cfg["servers"], "torch_threads": 1}
+            "seed": 0, "strategy": cfg["strategy"], "servers": cfg["servers"], "torch_threads": 1,
+            "devices_per_node": 1}
     server = HelperServer(cfg["servers"], prep.in_shape, prep.num_classes, seed=0)
     return cfg, prep, fleet, spec, server
 
@@ -36,12 +37,14 @@ def message(kind, content, node=7):
     return Message(content=content, dst_node_id=node, message_type=kind)
 
 
-def content(server, spec, up=(0,), dropout=()):
-    """A round's message content as the L2H strategy builds it: the servers' weights and the faults."""
+def content(server, spec, devices, up=(0,), dropout=()):
+    """A round's message content as the L2H strategy builds it: the servers' weights, the faults
+    and the node's devices."""
     weights = ArrayRecord({f"s0.{k}": Array(v) for k, v in server.weights().items()})
     faults = json.dumps({"up": list(up), "partition": [], "dropout": list(dropout)})
     return RecordDict({"server": weights,
-                       "config": ConfigRecord({"round": 1, "spec": json.dumps(spec), "faults": faults})})
+                       "config": ConfigRecord({"round": 1, "spec": json.dumps(spec), "faults": faults,
+                                               "devices": json.dumps(list(devices))})})
 
 
 def ctx(pid):
@@ -57,7 +60,7 @@ def test_query_returns_partition_id(setup):
 def test_train_defers_samples_of_its_rejector_split_and_keeps_rejector_in_state(setup):
     cfg, prep, fleet, spec, server = setup
     context = ctx(1)
-    reply = app(message(MessageType.TRAIN, content(server, spec)), context)
+    reply = app(message(MessageType.TRAIN, content(server, spec, [1])), context)
     assert not reply.has_error(), reply.error
     s = reply.content["samples"]
     ids, x, y, explore, route = (s[k].numpy() for k in ("ids", "x", "y", "explore", "route"))
@@ -67,12 +70,12 @@ def test_train_defers_samples_of_its_rejector_split_and_keeps_rejector_in_state(
     pos = {int(i): j for j, i in enumerate(data.ids_rejector)}
     for i, xi, yi in zip(ids, x, y):  # the sample sent is the device's (sensor-degraded) sample
         assert np.array_equal(xi, data.x_rejector[pos[int(i)]]) and yi == data.y_rejector[pos[int(i)]]
-    assert reply.content["info"]["device"] == 1
+    assert reply.content["info/1"]["device"] == 1 and (s["device"].numpy() == 1).all()
     # a cold (untrained) server is wrong almost always: the rejector learns to keep, only exploration is sent
     assert explore.mean() > 0.5
-    assert "rejector" in context.state
+    assert "rejector/1" in context.state and "rejector/1" in reply.content
     # the stored rejector is what evaluation uses
-    ev = app(message(MessageType.EVALUATE, content(server, spec)), context)
+    ev = app(message(MessageType.EVALUATE, content(server, spec, [1])), context)
     rec = {f: ev.content["samples"][f].numpy() for f in DEVICE_FIELDS + ("x",)}
     assert all(len(rec[f]) == len(data.y_test) for f in DEVICE_FIELDS)
     assert np.array_equal(rec["y"], data.y_test) and (rec["device"] == 1).all()
@@ -83,30 +86,48 @@ def test_train_defers_samples_of_its_rejector_split_and_keeps_rejector_in_state(
 def test_device_that_reaches_no_server_keeps_everything(setup):
     cfg, prep, fleet, spec, server = setup
     context = ctx(2)
-    reply = app(message(MessageType.TRAIN, content(server, spec, up=())), context)
+    reply = app(message(MessageType.TRAIN, content(server, spec, [2], up=())), context)
     assert not reply.has_error() and len(reply.content["samples"]["ids"].numpy()) == 0
-    ev = app(message(MessageType.EVALUATE, content(server, spec, up=())), context)
+    ev = app(message(MessageType.EVALUATE, content(server, spec, [2], up=())), context)
     assert not ev.content["samples"]["defer"].numpy().any()
 
 
-def test_injected_dropout_raises_in_the_handler(setup):
-    """Flower turns the exception into an error reply; the worker process keeps running."""
-    from sim.apps import DeviceDropout
-
+def test_node_of_several_devices_answers_for_each_and_skips_a_dropped_out_one(setup):
+    """A node hosting devices 2 and 3 (devices_per_node=2): device 2 drops out, device 3 answers
+    exactly as it would on a node of its own; the worker process keeps running."""
     cfg, prep, fleet, spec, server = setup
-    with pytest.raises(DeviceDropout):
-        app(message(MessageType.TRAIN, content(server, spec, dropout=(0,))), ctx(0))
+    pair = {**spec, "devices_per_node": 2, "key": "pair"}
+    reply = app(message(MessageType.TRAIN, content(server, pair, [2, 3], dropout=(2,))), ctx(1))
+    assert not reply.has_error(), reply.error
+    assert "info/3" in reply.content and "info/2" not in reply.content
+    assert (reply.content["samples"]["device"].numpy() == 3).all()
+    alone = app(message(MessageType.TRAIN, content(server, spec, [3])), ctx(3))
+    for k in ("ids", "x", "y", "route", "explore"):
+        assert np.array_equal(reply.content["samples"][k].numpy(), alone.content["samples"][k].numpy())
+    assert np.array_equal(reply.content["rejector/3"]["net.0.weight"].numpy(),
+                          alone.content["rejector/3"]["net.0.weight"].numpy())
+    # both answer when neither drops out; rows in device order
+    both = app(message(MessageType.EVALUATE, content(server, pair, [2, 3])), ctx(1))
+    dev = both.content["samples"]["device"].numpy()
+    assert set(dev.tolist()) == {2, 3} and (np.diff(dev) >= 0).all()
+
+
+def test_device_sent_to_a_node_that_does_not_host_it_fails_the_reply(setup):
+    cfg, prep, fleet, spec, server = setup
+    with pytest.raises(ValueError, match="node 0 hosts devices 0..0, was sent device 2"):
+        app(message(MessageType.TRAIN, content(server, spec, [2])), ctx(0))
 
 
 def test_untrained_device_keeps_everything_local(setup):
     cfg, prep, fleet, spec, server = setup
-    ev = app(message(MessageType.EVALUATE, content(server, spec)), ctx(3))
+    ev = app(message(MessageType.EVALUATE, content(server, spec, [3])), ctx(3))
     assert not ev.content["samples"]["defer"].numpy().any()
 
 
 def test_malformed_message_raises_in_the_handler(setup):
     """Flower turns a handler exception into an error reply; the strategy counts those (see e2e)."""
     faults = json.dumps({"up": [0], "partition": [], "dropout": []})
-    bad = RecordDict({"config": ConfigRecord({"round": 1, "spec": json.dumps(setup[3]), "faults": faults})})
+    bad = RecordDict({"config": ConfigRecord({"round": 1, "spec": json.dumps(setup[3]), "faults": faults,
+                                              "devices": "[0]"})})
     with pytest.raises(KeyError):
         app(message(MessageType.TRAIN, bad), ctx(0))

@@ -40,7 +40,7 @@ def test_every_failure_preset_runs_to_completion(tmp_path, preset, training):
     assert len(saved["rounds"]) == 3 and saved["failures"]["name"] == preset
     if preset == "device_dropout":
         rounds = [json.loads(ln) for ln in (tmp_path / preset / "metrics.jsonl").read_text().splitlines()]
-        assert sum(r["train_errors"] for r in rounds) > 0  # dropouts are error replies, counted
+        assert sum(r["train_errors"] for r in rounds) > 0  # dropouts are failed devices, counted
         assert rounds[-1]["eval_errors"] == 0 and rounds[-1]["eval_devices"] == 4  # the final round is complete
 
 
@@ -52,9 +52,11 @@ def test_every_server_dead_from_round_one_gives_exactly_the_legacy_accuracy(tmp_
     assert s["servers"]["table"]["standalone"] == {}
 
 
-def test_device_dropout_on_ray_is_error_replies_not_a_crash(tmp_path, ray_local):
+def test_device_dropout_on_ray_is_counted_not_a_crash(tmp_path, ray_local):
+    """Two devices per node (nodes {0,1} and {2,3}): each node has one device that drops out and
+    one that answers."""
     s = run(tmp_path, "drop", **{"failures": "device_dropout", "failures.dropout.devices": "[1,2]",
-                                 "failures.dropout.fraction": 0.0})
+                                 "failures.dropout.fraction": 0.0, "sim.devices_per_node": 2})
     rounds = [json.loads(ln) for ln in (tmp_path / "drop" / "metrics.jsonl").read_text().splitlines()]
     assert [r["train_errors"] for r in rounds] == [2, 2, 2] and [r["train_devices"] for r in rounds] == [2, 2, 2]
     assert [r["eval_errors"] for r in rounds] == [2, 2, 0]  # every device answers the final evaluation

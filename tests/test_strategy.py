@@ -33,7 +33,7 @@ def strategy(**over) -> tuple[L2HStrategy, InProcessGrid]:
     cfg = small_cfg(**over)
     sched = build_schedule(cfg["failures"], 1, cfg["fleet"]["num_clients"], 10, 0)
     s = L2HStrategy(cfg, StubPool(), sched, on_round=lambda r: None)
-    grid = InProcessGrid(client_app=None, num_nodes=cfg["fleet"]["num_clients"])
+    grid = InProcessGrid(client_app=None, num_nodes=s.num_nodes)
     s.node_of = {i: nid for i, nid in enumerate(sorted(grid.get_node_ids()))}
     return s, grid
 
