@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from sim.data import DeviceData
-from sim.training import derive_seed, from_state, predict_logits, seeded
+from sim.training import derive_seed, predict_logits, seeded
 
 
 class Rejector(nn.Module):
@@ -70,12 +70,3 @@ class Device:
         """A freshly initialised rejector, seeded per device (independent of worker placement)."""
         with seeded(derive_seed(seed, "rejector-init", self.device_id)):
             return Rejector(self.features("test", inputs).shape[1], hidden, outputs)
-
-    def load_rejector(self, inputs: str, hidden: int, state: dict[str, torch.Tensor], outputs: int = 2) -> Rejector:
-        """A rejector with a saved ``state_dict`` (no initialisation to overwrite).
-
-        Raises:
-            RuntimeError: ``state`` is not a rejector of this shape.
-        """
-        return from_state(lambda: Rejector(self.features("test", inputs).shape[1], hidden, outputs), state)
-

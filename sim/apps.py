@@ -43,7 +43,8 @@ def _runtime(spec: dict[str, Any]) -> dict[str, Any]:
     if _WORKER.get("key") != spec["key"]:
         torch.set_num_threads(int(spec["torch_threads"]))
         _WORKER.clear()
-        _WORKER.update(key=spec["key"], prep=load_prepared(Path(spec["data_path"])), devices={}, view=None)
+        _WORKER.update(key=spec["key"], prep=load_prepared(Path(spec["data_path"])), devices={}, learners={},
+                       view=None)
     return _WORKER
 
 
@@ -70,14 +71,25 @@ def _learner(spec: dict[str, Any], device: Device, msg: Message, context: Contex
              ) -> torch.nn.Module | None:
     """The device's trained part (its rejector; for L2D its classifier + deferral model): from the
     message (a resumed run hands it back; FedAvg sends the group's average), else from its node's
-    context, else a new one (``create``) or None."""
+    context, else a new one (``create``) or None.
+
+    The state always comes from the message or the context; the module holding it is reused per
+    worker and device (loading a state into an existing module is a copy, building one is not).
+    """
     method = device_side(spec["strategy"]["name"])
     key = f"rejector/{device.device_id}"
     if key in msg.content:
         context.state[key] = msg.content[key]
+    modules = _runtime(spec)["learners"]
     if key not in context.state:
-        return method.new_learner(device, spec) if create else None
-    return method.load_learner(device, spec, context.state[key].to_torch_state_dict())
+        learner = method.new_learner(device, spec) if create else None
+    elif (learner := modules.get(device.device_id)) is not None:
+        learner.load_state_dict(context.state[key].to_torch_state_dict())
+    else:
+        learner = method.load_learner(device, spec, context.state[key].to_torch_state_dict())
+    if learner is not None:
+        modules[device.device_id] = learner
+    return learner
 
 
 class DeviceDropout(RuntimeError):

@@ -90,6 +90,40 @@ def prefixed(prefix: str, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray
     return {f"{prefix}/{k}": v for k, v in arrays.items()}
 
 
+def stack_states(states: dict[int, dict[str, np.ndarray]], prefix: str) -> dict[str, np.ndarray]:
+    """Many small same-shaped states (one per device) as a few stacked arrays, for :func:`save`.
+
+    States with the same names, shapes and dtypes form a group ``g``: ``{prefix}/{g}/devices``
+    ``(n,)`` and, per name, ``{prefix}/{g}/{name}`` ``(n, *shape)``. A thousand devices' rejectors
+    are a handful of arrays instead of thousands of zip entries (the checkpoint is written every
+    round). :func:`unstack_states` inverts it.
+    """
+    groups: dict[tuple, list[int]] = {}
+    for d in sorted(states):
+        sig = tuple((k, v.shape, v.dtype.str) for k, v in sorted(states[d].items()))
+        groups.setdefault(sig, []).append(d)
+    out: dict[str, np.ndarray] = {}
+    for g, (sig, devices) in enumerate(groups.items()):
+        out[f"{prefix}/{g}/devices"] = np.asarray(devices, dtype=np.int64)
+        for name, _, _ in sig:
+            out[f"{prefix}/{g}/{name}"] = np.stack([states[d][name] for d in devices])
+    return out
+
+
+def unstack_states(arrays: dict[str, np.ndarray], prefix: str) -> dict[int, dict[str, np.ndarray]]:
+    """Invert :func:`stack_states`: ``{device: {name: array}}`` (arrays are views of the stacks)."""
+    groups: dict[str, dict[str, np.ndarray]] = {}
+    for key, v in sub(arrays, prefix).items():
+        g, _, name = key.partition("/")
+        groups.setdefault(g, {})[name] = v
+    out: dict[int, dict[str, np.ndarray]] = {}
+    for g in groups.values():
+        devices = g.pop("devices")
+        for i, d in enumerate(devices.tolist()):
+            out[int(d)] = {name: v[i] for name, v in g.items()}
+    return out
+
+
 def optimizer_arrays(opt: torch.optim.Optimizer) -> dict[str, np.ndarray]:
     """The tensors of an optimizer's per-parameter state (Adam: step, exp_avg, exp_avg_sq)."""
     out = {}

@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import hashlib
 from contextlib import contextmanager
-from typing import Callable, Iterator, Mapping, Sequence, TypeVar
+from typing import Callable, Iterator, Sequence
 
 import torch
 
-M = TypeVar("M", bound=torch.nn.Module)
 
 
 def derive_seed(*parts: object) -> int:
@@ -37,19 +36,6 @@ def seeded(seed: int) -> Iterator[None]:
     with torch.random.fork_rng(devices=[]):
         torch.random.default_generator.manual_seed(seed)
         yield
-
-
-def from_state(build: Callable[[], M], state: Mapping[str, torch.Tensor]) -> M:
-    """``build()`` with ``state`` as its parameters and buffers, skipping the random initialisation
-    the state would overwrite (the module is made on the meta device and takes ``state``'s tensors).
-
-    Raises:
-        RuntimeError: ``state`` does not match the module (missing / unexpected keys, shapes).
-    """
-    with torch.device("meta"):
-        module = build()
-    module.load_state_dict(state, assign=True)
-    return module
 
 
 def train_minibatch(

@@ -45,10 +45,10 @@ def new_learner(device: Device, spec: dict[str, Any]) -> Rejector | None:
 
 
 def load_learner(device: Device, spec: dict[str, Any], state: dict[str, torch.Tensor]) -> Rejector | None:
-    if spec["strategy"]["name"] != "compare_confidence":
-        return None
-    hp = spec["strategy"]["rejector"]
-    return device.load_rejector(hp["inputs"], int(hp["hidden"]), state, outputs=1)
+    learner = new_learner(device, spec)
+    if learner is not None:
+        learner.load_state_dict(state)
+    return learner
 
 
 def confidence_tau(device: Device, hp: dict[str, Any]) -> float:

@@ -35,7 +35,7 @@ from clients.legacy import assign_groups
 from servers.view import PoolView
 from sim.training import derive_seed, seeded, train_minibatch
 from strategies import bounded, l2d_losses
-from strategies.l2h import L2HStrategy, calibration_split, server_costs, test_record
+from strategies.l2h import L2HStrategy, calibration_split, record_arrays, server_costs, test_record
 from strategies.base import resumable
 
 
@@ -199,16 +199,17 @@ class L2DStrategy(L2HStrategy):
         defer_rates = [float(got.info[d]["train_defer_rate"]) for d in got.devices]
         by_group: dict[str, list[RecordDict]] = {}
         for dev in got.devices:
-            self.rejectors[dev] = got.learners[dev]
+            self.rejectors[dev] = record_arrays(got.learners[dev])
             by_group.setdefault(self.arch[dev], []).append(RecordDict({
                 "model": got.learners[dev],
                 "info": MetricRecord({"num_examples": int(got.info[dev]["num_examples"])})}))
         if self.fedavg:
             for key, records in sorted(by_group.items()):
                 self.global_models[key] = aggregate_arrayrecords(records, "num_examples")
+            averages = {key: record_arrays(rec) for key, rec in self.global_models.items()}
             for dev in range(self.num_clients):  # every device of a group evaluates with its average
-                if self.arch[dev] in self.global_models:
-                    self.rejectors[dev] = self.global_models[self.arch[dev]]
+                if self.arch[dev] in averages:
+                    self.rejectors[dev] = averages[self.arch[dev]]
         self.pool.end_round()
         finite = [v for v in losses if np.isfinite(v)]
         self.train_record = {

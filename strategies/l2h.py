@@ -31,6 +31,7 @@ from clients.device import Device, Rejector
 from servers.models import ensemble_probs
 from servers.pool import ServerPool
 from servers.view import PoolView
+from sim.checkpoint import stack_states
 from sim.failures import RoundFaults
 from sim.schema import routing_of
 from sim.training import derive_seed, train_minibatch
@@ -260,6 +261,11 @@ def test_record(device: Device, probs: torch.Tensor, score: np.ndarray, defer: n
     }
 
 
+def record_arrays(record: ArrayRecord) -> dict[str, np.ndarray]:
+    """An ArrayRecord's arrays by name (decoded once)."""
+    return {k: record[k].numpy() for k in record.keys()}
+
+
 def faults_config(faults: RoundFaults, up: list[int], final: bool) -> str:
     """What devices learn of this round's faults (JSON in the message config): the servers up,
     the network partition, and which devices drop out (none in the final evaluation, so the final
@@ -282,7 +288,8 @@ class L2HStrategy(FleetStrategy):
         self.staleness = int(cfg["strategy"]["staleness"])
         self.stale: ArrayRecord | None = None
         self.faults_json = "{}"
-        self.rejectors: dict[int, ArrayRecord] = {}  # each device's latest rejector (for checkpoints)
+        # Each device's latest rejector state (for checkpoints), as arrays: converted once on receipt.
+        self.rejectors: dict[int, dict[str, np.ndarray]] = {}
 
     def config(self, server_round: int) -> ConfigRecord:
         rec = super().config(server_round)
@@ -317,7 +324,7 @@ class L2HStrategy(FleetStrategy):
                 batches.append(b)
             losses.append(float(got.info[dev]["rejector_loss"]))
             if dev in got.learners:
-                self.rejectors[dev] = got.learners[dev]
+                self.rejectors[dev] = record_arrays(got.learners[dev])
         sent = int(sum(len(b["ids"]) for b in batches))
         explored = int(sum(b["explore"].sum() for b in batches))
         fit = self.pool.train(server_round, batches)
@@ -353,21 +360,23 @@ class L2HStrategy(FleetStrategy):
     def checkpoint(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         """The strategy's part of a checkpoint: every device's latest rejector and the stale server
         copy devices train against (``staleness > 1``)."""
-        arrays: dict[str, np.ndarray] = {}
-        for d, rec in self.rejectors.items():
-            arrays.update({f"rejector{d}/{k}": rec[k].numpy() for k in rec.keys()})
+        arrays: dict[str, np.ndarray] = stack_states(self.rejectors, "rejectors")
         if self.stale is not None:
             arrays.update({f"stale/{k}": self.stale[k].numpy() for k in self.stale.keys()})
         return arrays, {"rejectors": sorted(self.rejectors), "stale": self.stale is not None}
 
     def restore(self, arrays: dict[str, np.ndarray], meta: dict[str, Any], finished_round: int) -> None:
         """Continue after ``finished_round``: devices get their rejectors back with their next message."""
-        from sim.checkpoint import sub
+        from sim.checkpoint import CheckpointError, sub, unstack_states
 
         self.offset = finished_round
-        for d in meta["rejectors"]:
-            rec = ArrayRecord({k: Array(np.array(v)) for k, v in sub(arrays, f"rejector{d}").items()})
-            self.rejectors[int(d)] = self.restore_pending[int(d)] = rec
+        states = unstack_states(arrays, "rejectors")
+        if sorted(states) != sorted(int(d) for d in meta["rejectors"]):
+            raise CheckpointError("the checkpoint's device states are missing or in an older format; "
+                                  "start the run again without sim.resume")
+        for d, st in states.items():
+            self.rejectors[d] = st
+            self.restore_pending[d] = ArrayRecord({k: Array(np.array(v)) for k, v in st.items()})
         if meta["stale"]:
             self.stale = ArrayRecord({k: Array(np.array(v)) for k, v in sub(arrays, "stale").items()})
 
@@ -380,5 +389,6 @@ def new_learner(device: Device, spec: dict[str, Any]) -> Rejector:
 
 def load_learner(device: Device, spec: dict[str, Any], state: dict[str, torch.Tensor]) -> Rejector:
     """The rejector with a saved ``state_dict``."""
-    hp = spec["strategy"]["rejector"]
-    return device.load_rejector(hp["inputs"], int(hp["hidden"]), state, num_options(spec["servers"]))
+    rejector = new_learner(device, spec)
+    rejector.load_state_dict(state)
+    return rejector

@@ -149,3 +149,23 @@ def test_corrupt_or_truncated_checkpoint_is_refused_not_used(tmp_path):
     assert checkpoint.finished_round(tmp_path) is None
     with pytest.raises(ConfigError, match="unreadable"):
         checkpoint.open_for_resume(small_cfg(), tmp_path)
+
+
+def test_device_states_are_stacked_per_shape_and_unstacked_exactly(tmp_path):
+    """Checkpoints keep a thousand devices' rejectors as a few stacked arrays (one per shape group)."""
+    from sim import checkpoint
+
+    rng = np.random.default_rng(0)
+    states = {d: {"w": rng.normal(size=(3, 4 if d % 2 else 6)).astype(np.float32), "b": rng.normal(size=3)}
+              for d in (0, 3, 4, 7, 9)}
+    stacked = checkpoint.stack_states(states, "rejectors")
+    assert len(stacked) == 2 * 3  # two shape groups: devices, w, b each
+    checkpoint.save(tmp_path, stacked, {"round": 1})
+    arrays, _ = checkpoint.load(tmp_path)
+    back = checkpoint.unstack_states(arrays, "rejectors")
+    assert sorted(back) == sorted(states)
+    for d, st in states.items():
+        assert back[d].keys() == st.keys()
+        for k in st:
+            assert back[d][k].dtype == st[k].dtype and np.array_equal(back[d][k], st[k])
+    assert checkpoint.unstack_states({}, "rejectors") == {}
