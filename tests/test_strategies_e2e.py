@@ -107,11 +107,13 @@ def test_l2d_other_losses_run(tmp_path, shared_cache, loss):
 
 def test_l2d_fedavg_averages_devices_of_the_same_architecture(tmp_path, shared_cache):
     _, _, out = run(tmp_path, shared_cache, "fed", strategy="l2d", **{"strategy.l2d.fedavg": "true"})
-    with np.load(out / "checkpoint.npz", allow_pickle=False) as z:
-        state = {k: z[k] for k in z.files}
+    from sim import checkpoint
+
+    arrays, _ = checkpoint.load(out)
+    states = checkpoint.unstack_states(checkpoint.sub(arrays, "strategy"), "rejectors")
 
     def model(d):
-        return {k.split("/", 2)[2]: v for k, v in state.items() if k.startswith(f"strategy/rejector{d}/")}
+        return states.get(d, {})
 
     # default fleet, 4 devices: 0 logreg, 1 mlp-32, 2 cnn-8, 3 mlp-32 -> devices 1 and 3 share a model
     m1, m3 = model(1), model(3)
