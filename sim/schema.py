@@ -162,7 +162,7 @@ class SimConfig:
     fraction_evaluate: float = 1.0
     eval_every: int = 1  # evaluate every k rounds (the last round is always evaluated)
     devices_per_node: Optional[int] = None  # devices one Flower node simulates (null: ceil(N / max_nodes))
-    max_nodes: int = 100  # with devices_per_node=null: at most this many Flower nodes
+    max_nodes: int = 10  # with devices_per_node=null: at most this many Flower nodes
     ray_address: Optional[str] = None  # None: start a local Ray; "auto" or "host:port": join
     client_resources: ResourcesConfig = field(default_factory=ResourcesConfig)
     num_cpus: Optional[int] = None  # CPUs a local Ray may use (None: all)

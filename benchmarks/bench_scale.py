@@ -1,0 +1,145 @@
+"""Thousand-device scale: the issue's targets measured in one command, printed as markdown tables.
+
+What it runs (every run a fresh ``python -m sim.run`` process, as a user runs it; peak memory is
+the largest PSS sum over the whole process tree -- driver and every Ray process -- sampled every
+0.1 s, see bench_overhead.py):
+
+1. Legacy fleet build for ``--target`` devices: cold (empty cache) and warm (the same command
+   again); ``legacy_fleet_s`` from each run's timing.json.
+2. For each fleet size in ``--devices``: the workload of the issue's target command
+   (``sim.num_rounds=20 sim.fraction_train=0.1``, every device evaluated every round and in the
+   last, digits, the default fleet mix, ``data.partition.name=sampled`` because 1797 images cannot
+   be split disjointly over a thousand devices) with ``sim.backend=ray`` (Flower's simulation
+   engine on Ray, the default) and ``sim.backend=inprocess`` (the same strategy and ClientApp
+   handlers called in one process: the plain loop, no federation). Wall time, peak memory, the
+   ratio, the phases, and whether both gave the same summary.json.
+3. The floor: Flower on Ray with a no-op ClientApp (bench_flower_floor.py) for the same number of
+   Flower nodes and rounds, so the report can say what is Flower's and Ray's and what is ours.
+
+Usage:
+    python benchmarks/bench_scale.py                      # 100 300 1000 3000 devices, 1 repeat
+    python benchmarks/bench_scale.py --devices 100 1000 --repeats 3
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench_overhead import run_once  # noqa: E402
+from sim.nodes import devices_per_node, num_nodes  # noqa: E402
+
+WORKLOAD = ["sim.num_rounds=20", "sim.fraction_train=0.1", "data.partition.name=sampled"]
+PHASES = ("engine_start_s", "handshake_s", "rounds_s", "engine_stop_s", "total_s")
+MAX_NODES = 10  # configs/sim/default.yaml
+
+
+def floor(nodes: int, rounds: int) -> tuple[float, dict]:
+    """One no-op Flower-on-Ray run with ``nodes`` nodes (a fresh process): wall seconds and phases."""
+    t0 = time.perf_counter()
+    out = subprocess.run([sys.executable, str(Path(__file__).parent / "bench_flower_floor.py"), "--one", str(nodes),
+                          "--rounds", str(rounds)], capture_output=True, text=True, check=True).stdout
+    return time.perf_counter() - t0, json.loads(out.strip().splitlines()[-1])
+
+
+def med(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--devices", type=int, nargs="+", default=[100, 300, 1000, 3000])
+    ap.add_argument("--target", type=int, default=1000, help="fleet size of the build and target rows")
+    ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "scale.json")
+    ns = ap.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="l2h-scale-"))
+    env = {**os.environ, "L2H_SIM_CACHE": str(work / "cache"), "FLWR_TELEMETRY_ENABLED": "0"}
+    results: dict = {"cpus": os.cpu_count(), "workload": WORKLOAD, "repeats": ns.repeats, "sizes": {}}
+
+    # 1. fleet build, cold then warm (one-round in-process runs; only legacy_fleet_s is read)
+    one = [f"fleet.num_clients={ns.target}", "data.partition.name=sampled", "sim.num_rounds=1", "sim.backend=inprocess"]
+    cold = run_once(one, env, work)[3]["legacy_fleet_s"]
+    warm = [run_once(one, env, work)[3]["legacy_fleet_s"] for _ in range(ns.repeats)]
+    results["build"] = {"devices": ns.target, "cold_s": cold, "warm_s": med(warm)}
+    print(f"fleet build, {ns.target} devices: cold {cold:.1f} s, warm {med(warm):.2f} s", flush=True)
+
+    # 2. the workload per fleet size, both backends; 3. the floor at the same node count
+    for n in ns.devices:
+        if n != ns.target:
+            run_once([f"fleet.num_clients={n}", "data.partition.name=sampled", "sim.num_rounds=1",
+                      "sim.backend=inprocess"], env, work)  # build + cache this fleet first
+        runs: dict[str, list] = {"inprocess": [], "ray": []}
+        for _ in range(ns.repeats):
+            for backend in ("ray", "inprocess"):
+                runs[backend].append(run_once([f"fleet.num_clients={n}", *WORKLOAD, f"sim.backend={backend}"],
+                                              env, work))
+        nodes = num_nodes(n, devices_per_node(n, None, MAX_NODES))
+        floors = [floor(nodes, 20) for _ in range(ns.repeats)]
+        row = {b: {"wall_s": med([r[0] for r in v]), "peak_mib": med([r[1] for r in v]),
+                   "phases": {k: med([r[3][k] for r in v]) for k in PHASES},
+                   "system_accuracy": v[0][2]["system_accuracy"]} for b, v in runs.items()}
+        row["same_result"] = all(r[2] == runs["inprocess"][0][2] for r in runs["ray"] + runs["inprocess"])
+        row["nodes"] = nodes
+        row["floor"] = {"wall_s": med([f[0] for f in floors]),
+                        "phases": {k: med([f[1][k] for f in floors]) for k in PHASES}}
+        results["sizes"][str(n)] = row
+        print(f"devices={n}: ray {[round(r[0], 1) for r in runs['ray']]} s, "
+              f"in-process {[round(r[0], 1) for r in runs['inprocess']]} s, floor {row['floor']['wall_s']:.1f} s",
+              flush=True)
+    ns.out.parent.mkdir(parents=True, exist_ok=True)
+    ns.out.write_text(json.dumps(results, indent=2, sort_keys=True))
+    report(results)
+
+
+def report(res: dict) -> None:
+    """Print the markdown tables of benchmarks/README.md from a results dict."""
+    b = res["build"]
+    sizes = res["sizes"]
+    rep = f"medians of {res['repeats']} runs" if res["repeats"] > 1 else "single runs"
+    print(f"\nWorkload: `{' '.join(res['workload'])}`, digits, default fleet mix; {res['cpus']} CPUs; {rep}.\n")
+    print("| target | measured | met |")
+    print("|---|---:|:---:|")
+    t = sizes.get(str(b["devices"]))
+    if t:
+        print(f"| {b['devices']} devices, 20 rounds, Flower on Ray: wall < 300 s | {t['ray']['wall_s']:.1f} s | "
+              f"{'yes' if t['ray']['wall_s'] < 300 else 'NO'} |")
+        print(f"| same run: peak memory, all processes < 4096 MiB | {t['ray']['peak_mib']:.0f} MiB | "
+              f"{'yes' if t['ray']['peak_mib'] < 4096 else 'NO'} |")
+    for n in ("100", str(b["devices"])):
+        if n in sizes:
+            ratio = sizes[n]["ray"]["wall_s"] / sizes[n]["inprocess"]["wall_s"]
+            print(f"| overhead at {n} devices: Ray wall / in-process wall < 1.5 | {ratio:.2f} | "
+                  f"{'yes' if ratio < 1.5 else 'NO'} |")
+    print(f"| build {b['devices']} legacy models < 60 s | {b['cold_s']:.1f} s | {'yes' if b['cold_s'] < 60 else 'NO'} |")
+    print(f"| reuse the cache < 5 s | {b['warm_s']:.2f} s | {'yes' if b['warm_s'] < 5 else 'NO'} |")
+    print("\n| devices | Flower nodes | Ray wall s | in-process wall s | ratio | Ray peak MiB | in-process peak MiB "
+          "| same result |")
+    print("|---:|---:|---:|---:|---:|---:|---:|:---:|")
+    for n, r in sorted(sizes.items(), key=lambda kv: int(kv[0])):
+        print(f"| {n} | {r['nodes']} | {r['ray']['wall_s']:.1f} | {r['inprocess']['wall_s']:.1f} | "
+              f"{r['ray']['wall_s'] / r['inprocess']['wall_s']:.2f} | {r['ray']['peak_mib']:.0f} | "
+              f"{r['inprocess']['peak_mib']:.0f} | {'yes' if r['same_result'] else 'NO'} |")
+    print("\nWhere the time goes (seconds; the rest of the wall time is Python start-up and imports)\n")
+    print("| devices | run | " + " | ".join(PHASES) + " |")
+    print("|---:|---|" + "---:|" * len(PHASES))
+    for n, r in sorted(sizes.items(), key=lambda kv: int(kv[0])):
+        for name, ph in (("Ray", r["ray"]["phases"]), ("in-process", r["inprocess"]["phases"]),
+                         (f"no-op floor, {r['nodes']} nodes", r["floor"]["phases"])):
+            print(f"| {n} | {name} | " + " | ".join(f"{ph[k]:.1f}" for k in PHASES) + " |")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "--report":
+        report(json.loads(Path(sys.argv[2]).read_text()))
+    else:
+        main()
