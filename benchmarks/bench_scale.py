@@ -120,7 +120,8 @@ def report(res: dict) -> None:
             ratio = sizes[n]["ray"]["wall_s"] / sizes[n]["inprocess"]["wall_s"]
             print(f"| overhead at {n} devices: Ray wall / in-process wall < 1.5 | {ratio:.2f} | "
                   f"{'yes' if ratio < 1.5 else 'NO'} |")
-    print(f"| build {b['devices']} legacy models < 60 s | {b['cold_s']:.1f} s | {'yes' if b['cold_s'] < 60 else 'NO'} |")
+    print(f"| build {b['devices']} legacy models < 60 s | {b['cold_s']:.1f} s | "
+          f"{'yes' if b['cold_s'] < 60 else 'NO'} |")
     print(f"| reuse the cache < 5 s | {b['warm_s']:.2f} s | {'yes' if b['warm_s'] < 5 else 'NO'} |")
     print("\n| devices | Flower nodes | Ray wall s | in-process wall s | ratio | Ray peak MiB | in-process peak MiB "
           "| same result |")
