@@ -37,10 +37,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench_overhead import run_once  # noqa: E402
 from sim.nodes import devices_per_node, num_nodes  # noqa: E402
+from sim.cli import compose_checked  # noqa: E402
 
 WORKLOAD = ["sim.num_rounds=20", "sim.fraction_train=0.1", "data.partition.name=sampled"]
 PHASES = ("engine_start_s", "handshake_s", "rounds_s", "engine_stop_s", "total_s")
-MAX_NODES = 10  # configs/sim/default.yaml
+MAX_NODES = int(compose_checked([])["sim"]["max_nodes"])  # the configs' default: the runs set none
 
 
 def floor(nodes: int, rounds: int) -> tuple[float, dict]:

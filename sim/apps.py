@@ -115,7 +115,7 @@ def message_spec(msg: Message) -> dict[str, Any]:
     return spec
 
 
-def message_devices(msg: Message, context: Context) -> list[int]:
+def message_devices(spec: dict[str, Any], msg: Message, context: Context) -> list[int]:
     """The devices a message asks this node to work for (``config.devices``).
 
     Raises:
@@ -123,7 +123,6 @@ def message_devices(msg: Message, context: Context) -> list[int]:
     """
     node = int(context.node_config["partition-id"])
     devices = [int(d) for d in json.loads(str(msg.content["config"]["devices"]))]
-    spec = message_spec(msg)
     own = hosted(node, int(spec["devices_per_node"]), len(spec["groups"]))
     stray = [d for d in devices if d not in own]
     if stray:
@@ -145,7 +144,7 @@ def _node_reply(msg: Message, context: Context, work: DeviceWork) -> Message:
     spec = message_spec(msg)
     content = RecordDict()
     parts: list[dict[str, np.ndarray]] = []
-    for d in message_devices(msg, context):
+    for d in message_devices(spec, msg, context):
         try:
             reachable = _faults(msg, d)
         except DeviceDropout:

@@ -40,7 +40,6 @@ class DeviceReplies:
     """The devices that answered a round, unpacked from their nodes' replies.
 
     Attributes:
-        devices: answering device ids, sorted.
         samples: per-sample arrays of all answering devices concatenated, rows sorted by device
             (stable: each device's rows in the order it sent them); ``samples["device"]`` names
             each row's device. Empty when no device sent a row.
@@ -49,14 +48,19 @@ class DeviceReplies:
         errors: sampled devices that did not answer (error replies and dropouts).
     """
 
-    devices: list[int] = field(default_factory=list)
     samples: dict[str, np.ndarray] = field(default_factory=dict)
     info: dict[int, MetricRecord] = field(default_factory=dict)
     learners: dict[int, ArrayRecord] = field(default_factory=dict)
     errors: int = 0
 
+    @property
+    def devices(self) -> list[int]:
+        """The answering device ids, sorted."""
+        return sorted(self.info)
+
     def rows(self, device: int) -> dict[str, np.ndarray]:
-        """The sample arrays of one device (views into :attr:`samples`; empty arrays if it sent none)."""
+        """The sample arrays of one device (views into :attr:`samples`: empty arrays if it sent
+        none while others did, an empty dict if no device sent a row)."""
         if not self.samples:
             return {}
         col = self.samples["device"]
@@ -84,8 +88,7 @@ def unpack_replies(replies: Iterable[Message], sent: Iterable[int]) -> DeviceRep
         if "samples" in r.content:
             rec = r.content["samples"]
             parts.append({k: rec[k].numpy() for k in rec.keys()})
-    out.devices = sorted(out.info)
-    out.errors = len(set(sent)) - len(out.devices)
+    out.errors = len(set(sent)) - len(out.info)
     if parts:
         cat = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
         order = np.argsort(cat["device"], kind="stable")

@@ -27,6 +27,17 @@ def test_bad_layout_is_a_value_error(bad):
         devices_per_node(**bad)
 
 
+@pytest.mark.parametrize("key", ["sim.devices_per_node", "sim.max_nodes"])
+def test_bad_layout_config_is_a_one_line_error_naming_the_key(key):
+    from sim.schema import ConfigError, validate
+
+    cfg = small_cfg()
+    cfg["sim"][key.split(".")[1]] = 0
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")) as exc:
+        validate(cfg)
+    assert "\n" not in str(exc.value)
+
+
 def _run(tmp_path, name, cache, **over):
     from sim.run import simulate
 
