@@ -1,0 +1,111 @@
+"""Golden outputs: the exact results of a fixed set of small runs, recorded to pin behaviour.
+
+Each case is a list of Hydra overrides on a 4-device fleet (12 for the sampled-partition case),
+3 rounds, run in-process; a few cases also run on Flower + Ray and must give the same files.
+For each case, ``tests/golden/<name>.json`` holds the run's ``summary.json`` and its per-round
+records (``metrics.jsonl`` without wall-clock times). ``tests/test_golden.py`` reruns every case
+and compares to the last digit.
+
+A change that is *meant* to move results regenerates every file with one command, in the same
+commit, and says in its message which numbers moved and why::
+
+    python -m tests.golden            # all cases
+    python -m tests.golden l2h mel    # some cases
+
+Exact float equality needs the same arithmetic: the files record the torch version and the CPU
+kernel family (``torch.backends.cpu.get_cpu_capability()``) they were made with; on a machine
+where either differs the comparison is skipped with that reason instead of failing on rounding.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).parent
+
+BASE = ["fleet.num_clients=4", "sim.num_rounds=3", "sim.backend=inprocess", "sim.progress=false", "sim.plots=false",
+        "seed=1"]
+
+CASES: dict[str, list[str]] = {
+    # every strategy
+    "l2h": [],
+    "l2d": ["strategy=l2d"],
+    "legacy_only": ["strategy=legacy_only"],
+    "server_only": ["strategy=server_only"],
+    "random": ["strategy=random"],
+    "confidence": ["strategy=confidence"],
+    "compare_confidence": ["strategy=compare_confidence"],
+    "dml": ["strategy=dml"],
+    "mel_crash_stop": ["strategy=mel", "failures=crash_stop", "failures.servers=[1]", "failures.round=2"],
+    "coop": ["strategy=coop"],
+    # L2H variants
+    "l2h_binary": ["data.classes=[3,8]"],
+    "l2h_bounded_quantile": ["strategy.max_defer_rate=0.2"],
+    "l2h_bounded_stochastic": ["strategy.max_defer_rate=0.2", "strategy.bound=stochastic"],
+    "l2h_stale_dirichlet": ["sim.num_rounds=5", "strategy.staleness=2", "sim.fraction_train=0.5",
+                            "data.partition.name=dirichlet"],
+    "l2h_repo_weights_sample_inputs": ["strategy.weights=repo", "strategy.rejector.inputs=sample"],
+    "l2d_ova_fedavg_2experts": ["strategy=l2d", "strategy.l2d.loss=ova", "strategy.l2d.fedavg=true",
+                                "servers.count=2"],
+    # routings x failures
+    "round_robin_crash_recover": ["sim.num_rounds=5", "servers.count=2", "servers.routing=round_robin",
+                                  "failures=crash_recover", "failures.round=1", "failures.recover_after=1"],
+    "learned_partition": ["servers.count=2", "servers.routing=learned", "failures=partition",
+                          "failures.partition.devices=[0,1]", "failures.partition.start=1"],
+    "least_loaded_transient": ["sim.num_rounds=5", "servers.count=2", "servers.routing=least_loaded",
+                               "failures=transient", "failures.outage_p=0.5", "failures.query_drop_q=0.2"],
+    "ensemble_slow": ["servers.count=2", "servers.routing=all", "failures=slow", "failures.slow.start=1",
+                      "failures.slow.delay_s=5"],
+    "dropout_per_server_prices": ["servers.count=2", "servers.c_e=[0.05,0.2]", "failures=device_dropout",
+                                  "failures.dropout.fraction=0.5"],
+    "random_failures_sampled": ["fleet.num_clients=12", "data.partition.name=sampled", "failures=random",
+                                "servers.count=2", "sim.devices_per_node=3"],
+}
+"""Every strategy; every ``servers.training`` (independent, mel, dml, coop); four routings;
+seven failure kinds; both surrogates; both bounds; staleness, partial participation, three
+partitions, per-server prices, several devices per node."""
+
+RAY_CASES = ("l2h", "mel_crash_stop")
+"""Cases also run on Flower + Ray: they must give the in-process golden file exactly."""
+
+
+def machine() -> dict[str, str]:
+    """What exact float equality depends on."""
+    import torch
+
+    return {"torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability()}
+
+
+def run_case(name: str, run_dir: Path, cache_dir: Path, backend: str = "inprocess") -> dict[str, Any]:
+    """Run case ``name`` into ``run_dir``; returns ``{"summary": ..., "rounds": [...]}``."""
+    from rich.console import Console
+
+    from sim.cli import compose_checked
+    from sim.run import simulate
+
+    overrides = BASE + CASES[name] + [f"sim.cache_dir={cache_dir}", f"sim.backend={backend}"]
+    with open(os.devnull, "w") as sink:
+        simulate(compose_checked(overrides), run_dir, console=Console(file=sink))
+    return read_run(run_dir)
+
+
+def read_run(run_dir: Path) -> dict[str, Any]:
+    """A run directory's summary and per-round records, wall-clock times left out."""
+    rounds = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    for r in rounds:
+        r.pop("elapsed_s", None)
+    return {"summary": json.loads((run_dir / "summary.json").read_text()), "rounds": rounds}
+
+
+def golden_path(name: str) -> Path:
+    return HERE / f"{name}.json"
+
+
+def load(name: str) -> dict[str, Any]:
+    return json.loads(golden_path(name).read_text())
+
+
+def dump(obj: dict[str, Any]) -> str:
+    return json.dumps(obj, indent=1, sort_keys=True) + "\n"
