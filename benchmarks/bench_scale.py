@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench_overhead import run_once  # noqa: E402
-from sim.nodes import devices_per_node, num_nodes  # noqa: E402
+from sim.core.nodes import devices_per_node, num_nodes  # noqa: E402
 from sim.cli import compose_checked  # noqa: E402
 
 WORKLOAD = ["sim.num_rounds=20", "sim.fraction_train=0.1", "data.partition.name=sampled"]

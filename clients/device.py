@@ -15,8 +15,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from sim.data import DeviceData
-from sim.training import derive_seed, predict_logits, seeded
+from sim.core.data import DeviceData
+from sim.core.seeding import derive_seed, seeded
+from sim.core.training import predict_logits
 
 
 class Rejector(nn.Module):

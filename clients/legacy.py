@@ -15,9 +15,11 @@ import torch
 import torch.nn.functional as F
 
 from clients.zoo import build_model
-from sim.cache import build_entry, content_key
-from sim.data import Prepared, data_key, device_data
-from sim.training import derive_seed, predict_logits, train_minibatch, train_stacked
+from sim.core.cache import build_entry, content_key
+from sim.core.config import DataConfig, DeviceGroupConfig, FleetConfig, Pretrain, plain
+from sim.core.data import Prepared, data_key, device_data
+from sim.core.seeding import derive_seed
+from sim.core.training import predict_logits, train_minibatch, train_stacked
 
 FLEET_VERSION = 1
 
@@ -47,7 +49,7 @@ class Fleet:
 
     Attributes:
         path: cache entry holding one state_dict per device.
-        groups: group index per device; group_cfgs: the fleet's group configs.
+        groups: group index per device; group_cfgs: the fleet's group configs (``fleet.groups``).
         legacy_accuracy: ``(num_clients,)`` accuracy of each legacy model on its own test split.
         pretrain_size: ``(num_clients,)`` samples each legacy model was trained on.
         built: True when this call trained the models (False: reused from cache).
@@ -55,28 +57,28 @@ class Fleet:
 
     path: Path
     groups: list[int]
-    group_cfgs: list[dict[str, Any]]
+    group_cfgs: list[DeviceGroupConfig]
     legacy_accuracy: np.ndarray
     pretrain_size: np.ndarray
     built: bool
 
 
-def pretrain_legacy(xs: np.ndarray, ys: np.ndarray, group: dict[str, Any], in_shape, num_classes: int,
+def pretrain_legacy(xs: np.ndarray, ys: np.ndarray, group: DeviceGroupConfig, in_shape, num_classes: int,
                     seeds: list[int], batched: bool = True) -> list[torch.nn.Module]:
     """Train the legacy models of devices of one group with equally many pretraining samples.
 
     Model i is initialised from ``seeds[i]`` and trained with cross-entropy and Adam (batch 32,
     ``group.epochs``, ``group.lr``) on ``xs[i]: (n, C, H, W)``, ``ys[i]: (n,)``; all M models train
-    together (:func:`sim.training.train_stacked`), or one after the other with
-    :func:`sim.training.train_minibatch` when ``batched`` is False (``fleet.pretrain=sequential``:
+    together (:func:`sim.core.training.train_stacked`), or one after the other with
+    :func:`sim.core.training.train_minibatch` when ``batched`` is False (``fleet.pretrain=sequential``:
     the same training up to float rounding). Returns the M models, frozen.
     """
     models = []
     for s in seeds:
         torch.manual_seed(derive_seed(s, "legacy-init"))
-        models.append(build_model(group["arch"], in_shape, num_classes, hidden=int(group["hidden"])))
+        models.append(build_model(group.arch, in_shape, num_classes, hidden=int(group.hidden)))
     xt, yt = torch.from_numpy(np.ascontiguousarray(xs)), torch.from_numpy(np.ascontiguousarray(ys))
-    hp = {"epochs": int(group["epochs"]), "batch_size": 32, "lr": float(group["lr"])}
+    hp = {"epochs": int(group.epochs), "batch_size": 32, "lr": float(group.lr)}
     if batched:
         train_stacked(models, xt, yt, seeds=[derive_seed(s, "legacy") for s in seeds], **hp)
     else:
@@ -91,24 +93,25 @@ def pretrain_legacy(xs: np.ndarray, ys: np.ndarray, group: dict[str, Any], in_sh
     return models
 
 
-def build_fleet(cfg: dict[str, Any], prep: Prepared, cache_dir: Path) -> Fleet:
+def build_fleet(fleet_cfg: FleetConfig, data_cfg: DataConfig, prep: Prepared, seed: int, cache_dir: Path) -> Fleet:
     """Build (or reuse from cache) the frozen legacy model of every device.
 
     Args:
-        cfg: the whole run config (plain dict). prep: the prepared dataset. cache_dir: cache root.
+        fleet_cfg: the ``fleet`` config. data_cfg: the ``data`` config (part of the cache key).
+        prep: the prepared dataset. seed: the run seed. cache_dir: cache root.
 
     Returns:
         The :class:`Fleet`. A corrupt cache entry is rebuilt with a warning.
     """
-    fleet_cfg = cfg["fleet"]
-    n = int(fleet_cfg["num_clients"])
-    group_cfgs = [dict(g) for g in fleet_cfg["groups"]]
-    groups = assign_groups(n, [g["share"] for g in group_cfgs])
-    batched = fleet_cfg.get("pretrain", "batched") == "batched"
-    key = {"v": FLEET_VERSION, "data": data_key(cfg), "groups": group_cfgs}
+    n = int(fleet_cfg.num_clients)
+    group_cfgs = list(fleet_cfg.groups)
+    groups = assign_groups(n, [g.share for g in group_cfgs])
+    batched = fleet_cfg.pretrain == Pretrain.batched
+    key: dict[str, Any] = {"v": FLEET_VERSION, "data": data_key(data_cfg, n, seed),
+                           "groups": [plain(g) for g in group_cfgs]}
     if batched:  # a different float rounding, so a different entry (sequential keeps the earlier key)
         key["pretrain"] = "batched"
-    entry = cache_dir / "fleets" / f"{cfg['data']['name']}-{n}-{content_key(key)}"
+    entry = cache_dir / "fleets" / f"{data_cfg.name}-{n}-{content_key(key)}"
     built = {"flag": False}
 
     def build(tmp: Path) -> dict[str, Any]:
@@ -117,9 +120,9 @@ def build_fleet(cfg: dict[str, Any], prep: Prepared, cache_dir: Path) -> Fleet:
         data, buckets = {}, {}
         for dev in range(n):
             g = group_cfgs[groups[dev]]
-            d = device_data(prep, dev, g, cfg["seed"])
-            n_pre = max(1, int(round(g["pretrain_fraction"] * len(d.y_legacy))))
-            order = np.random.default_rng(derive_seed(cfg["seed"], "pretrain-subset", dev)).permutation(len(d.y_legacy))
+            d = device_data(prep, dev, g, seed)
+            n_pre = max(1, int(round(g.pretrain_fraction * len(d.y_legacy))))
+            order = np.random.default_rng(derive_seed(seed, "pretrain-subset", dev)).permutation(len(d.y_legacy))
             sel = np.sort(order[:n_pre])
             data[dev] = (d.x_legacy[sel], d.y_legacy[sel], d.x_test, d.y_test)
             buckets.setdefault((groups[dev], n_pre), []).append(dev)
@@ -127,7 +130,7 @@ def build_fleet(cfg: dict[str, Any], prep: Prepared, cache_dir: Path) -> Fleet:
         for (gi, n_pre), devs in sorted(buckets.items()):
             models = pretrain_legacy(np.stack([data[v][0] for v in devs]), np.stack([data[v][1] for v in devs]),
                                      group_cfgs[gi], prep.in_shape, prep.num_classes,
-                                     [derive_seed(cfg["seed"], v) for v in devs], batched)
+                                     [derive_seed(seed, v) for v in devs], batched)
             for dev, model in zip(devs, models):
                 torch.save(model.state_dict(), tmp / legacy_file(dev))
                 pred = predict_logits(model, torch.from_numpy(data[dev][2])).argmax(1).numpy()
@@ -140,9 +143,9 @@ def build_fleet(cfg: dict[str, Any], prep: Prepared, cache_dir: Path) -> Fleet:
                  built["flag"])
 
 
-def load_legacy(path: Path, device: int, group: dict[str, Any], in_shape, num_classes: int) -> torch.nn.Module:
+def load_legacy(path: Path, device: int, group: DeviceGroupConfig, in_shape, num_classes: int) -> torch.nn.Module:
     """Load a device's frozen legacy model from the fleet cache (weights only, no unpickling)."""
-    model = build_model(group["arch"], tuple(in_shape), num_classes, hidden=int(group["hidden"]))
+    model = build_model(group.arch, tuple(in_shape), num_classes, hidden=int(group.hidden))
     model.load_state_dict(torch.load(Path(path) / legacy_file(device), weights_only=True))
     model.eval()
     for p in model.parameters():

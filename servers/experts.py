@@ -1,6 +1,6 @@
 """Fixed experts for Learning to Defer: helper servers pretrained once, before the simulation.
 
-In L2D (METHODS.md section 3) the expert is fixed and the device learns around it. Here each
+In L2D (docs/methods.md §3) the expert is fixed and the device learns around it. Here each
 helper server is pretrained on the *held-out pool*: the legacy splits of every device, as each
 device's sensor sees them (the data the fleet was pretrained on; never a rejector or test split,
 so the expert's errors on the devices' rejector splits are honest held-out errors). With several
@@ -20,9 +20,11 @@ import torch.nn.functional as F
 
 from clients.legacy import Fleet
 from servers.models import ServerNet
-from sim.cache import build_entry, content_key
-from sim.data import Prepared, data_key, device_data
-from sim.training import derive_seed, seeded, train_minibatch
+from sim.core.cache import build_entry, content_key
+from sim.core.config import DataConfig, ServersConfig, plain
+from sim.core.data import Prepared, data_key, device_data
+from sim.core.seeding import derive_seed, seeded
+from sim.core.training import train_minibatch
 
 EXPERTS_VERSION = 1
 
@@ -31,49 +33,50 @@ def expert_file(index: int) -> str:
     return f"expert_{index:02d}.npz"
 
 
-def held_out_pool(cfg: dict[str, Any], prep: Prepared, fleet: Fleet) -> tuple[np.ndarray, np.ndarray]:
+def held_out_pool(prep: Prepared, fleet: Fleet, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """The legacy splits of every device through its sensor: ``x (M, C, H, W)``, ``y (M,)``."""
     xs, ys = [], []
     for dev, g in enumerate(fleet.groups):
-        d = device_data(prep, dev, fleet.group_cfgs[g], cfg["seed"])
+        d = device_data(prep, dev, fleet.group_cfgs[g], seed)
         xs.append(d.x_legacy)
         ys.append(d.y_legacy)
     return np.concatenate(xs), np.concatenate(ys)
 
 
-def pretrain_experts(cfg: dict[str, Any], prep: Prepared, fleet: Fleet, cache_dir: Path
-                     ) -> tuple[list[dict[str, np.ndarray]], dict[str, Any]]:
+def pretrain_experts(sv: ServersConfig, epochs: int, lr: float, data_cfg: DataConfig, prep: Prepared, fleet: Fleet,
+                     seed: int, cache_dir: Path) -> tuple[list[dict[str, np.ndarray]], dict[str, Any]]:
     """Train (or load from the cache) one fixed expert per helper server.
 
     Args:
-        cfg: the run config (plain dict): ``servers`` (arch, hidden, count, batch_size),
-            ``strategy.l2d`` (expert_epochs, expert_lr), ``seed``. prep, fleet: the data and fleet.
+        sv: the ``servers`` config (arch, hidden, count, batch_size). epochs, lr: the experts'
+            pretraining (``strategy.l2d.expert_epochs`` / ``expert_lr``). data_cfg: the ``data``
+            config (part of the cache key). prep, fleet: the data and fleet. seed: run seed.
         cache_dir: cache root.
 
     Returns:
         ``(states, meta)``: per server a :meth:`HelperServer.state`-style dict (``net.<param>``
         arrays), and ``meta`` (``pool_size``, each expert's ``train_accuracy``).
     """
-    sv, l2d = cfg["servers"], cfg["strategy"]["l2d"]
-    count = int(sv["count"])
-    key = {"v": EXPERTS_VERSION, "data": data_key(cfg), "groups": fleet.group_cfgs, "n": len(fleet.groups),
-           "arch": sv["arch"], "hidden": int(sv["hidden"]), "count": count, "batch_size": int(sv["batch_size"]),
-           "epochs": int(l2d["expert_epochs"]), "lr": float(l2d["expert_lr"])}
-    entry = Path(cache_dir) / "experts" / f"{cfg['data']['name']}-{content_key(key)}"
+    count = int(sv.count)
+    key = {"v": EXPERTS_VERSION, "data": data_key(data_cfg, len(fleet.groups), seed),
+           "groups": [plain(g) for g in fleet.group_cfgs], "n": len(fleet.groups), "arch": str(sv.arch),
+           "hidden": int(sv.hidden), "count": count, "batch_size": int(sv.batch_size), "epochs": int(epochs),
+           "lr": float(lr)}
+    entry = Path(cache_dir) / "experts" / f"{data_cfg.name}-{content_key(key)}"
 
     def build(tmp: Path) -> dict[str, Any]:
-        x, y = held_out_pool(cfg, prep, fleet)
+        x, y = held_out_pool(prep, fleet, seed)
         accs = []
         for s in range(count):
-            rng = np.random.default_rng(derive_seed(cfg["seed"], "expert-bootstrap", s))
+            rng = np.random.default_rng(derive_seed(seed, "expert-bootstrap", s))
             idx = rng.integers(0, len(y), len(y)) if count > 1 else np.arange(len(y))
             xt, yt = torch.from_numpy(x[idx]), torch.from_numpy(y[idx])
-            with seeded(derive_seed(cfg["seed"], "expert-init", s)):
-                net = ServerNet(sv["arch"], prep.in_shape, prep.num_classes, int(sv["hidden"]))
+            with seeded(derive_seed(seed, "expert-init", s)):
+                net = ServerNet(sv.arch, prep.in_shape, prep.num_classes, int(sv.hidden))
             net.train()
             train_minibatch(net.parameters(), (xt, yt), lambda xb, yb: F.cross_entropy(net(xb), yb),
-                            epochs=int(l2d["expert_epochs"]), batch_size=int(sv["batch_size"]),
-                            lr=float(l2d["expert_lr"]), seed=derive_seed(cfg["seed"], "expert-fit", s))
+                            epochs=int(epochs), batch_size=int(sv.batch_size), lr=float(lr),
+                            seed=derive_seed(seed, "expert-fit", s))
             net.eval()
             with torch.no_grad():
                 accs.append(float((net(xt).argmax(1) == yt).float().mean()))

@@ -10,7 +10,6 @@ gradients and probabilities -- never as models.
 from __future__ import annotations
 
 import time
-from typing import Any
 
 import numpy as np
 import torch
@@ -18,7 +17,10 @@ import torch.nn.functional as F
 
 from servers.losses import dml_loss, sfsl_distillation_loss
 from servers.models import COOP_LEADER, MultiExitNet, make_server_net
-from sim.training import derive_seed, predict_logits, seeded, train_minibatch
+from sim.core.arrays import load_optimizer, optimizer_arrays, prefixed, sub
+from sim.core.config import ServersConfig, Training
+from sim.core.seeding import derive_seed, seeded
+from sim.core.training import predict_logits, train_minibatch
 
 
 class ReplayBuffer:
@@ -72,18 +74,18 @@ class HelperServer:
     the CPU; everything it returns is a NumPy array on the CPU.
     """
 
-    def __init__(self, cfg: dict[str, Any], in_shape, num_classes: int, seed: int, index: int = 0,
+    def __init__(self, cfg: ServersConfig, in_shape, num_classes: int, seed: int, index: int = 0,
                  torch_threads: int = 1):
         torch.set_num_threads(int(torch_threads))
         self.cfg, self.seed, self.index = cfg, seed, index
-        self.dev = torch.device("cuda" if float(cfg["resources"]["num_gpus"]) > 0 and torch.cuda.is_available()
+        self.dev = torch.device("cuda" if float(cfg.resources.num_gpus) > 0 and torch.cuda.is_available()
                                 else "cpu")
         with seeded(derive_seed(seed, "server-init", index)):
             self.model = make_server_net(cfg, tuple(in_shape), num_classes).to(self.dev)
         # Cooperative learning: the Leader learns from labels only, the Teammates also from their peers.
-        self.teammate = cfg.get("training") == "coop" and index != COOP_LEADER
-        self.opt = torch.optim.Adam(self.model.parameters(), lr=float(cfg["lr"]))
-        self.buffer = ReplayBuffer(int(cfg["buffer_size"]))
+        self.teammate = cfg.training == Training.coop and index != COOP_LEADER
+        self.opt = torch.optim.Adam(self.model.parameters(), lr=float(cfg.lr))
+        self.buffer = ReplayBuffer(int(cfg.buffer_size))
         self.delay_s = 0.0
         self._pending: tuple[torch.Tensor, torch.Tensor] | None = None
 
@@ -116,7 +118,7 @@ class HelperServer:
         y = torch.from_numpy(self.buffer.y).to(self.dev)
         self.model.train()
         loss = train_minibatch(self.opt, (x, y), lambda xb, yb: F.cross_entropy(self.model(xb), yb),
-                               epochs=int(self.cfg["epochs"]), batch_size=int(self.cfg["batch_size"]),
+                               epochs=int(self.cfg.epochs), batch_size=int(self.cfg.batch_size),
                                seed=derive_seed(self.seed, "server-fit", self.index, server_round))
         self.model.eval()
         return {"server_loss": loss, "buffer_size": len(self.buffer)}
@@ -154,7 +156,7 @@ class HelperServer:
             local = F.cross_entropy(logits, yt)
         if self.teammate and len(exits) > 1:
             local = local + sfsl_distillation_loss(exits[:-1], logits, yt, self.model.fractions()[:-1],
-                                                   float(self.cfg["coop"]["temperature"]))
+                                                   float(self.cfg.coop.temperature))
         total = weight * local
         if feat_grad is not None:
             total = total + (feats * torch.from_numpy(feat_grad).to(self.dev)).sum()
@@ -208,19 +210,15 @@ class HelperServer:
         self.buffer = ReplayBuffer(self.buffer.capacity)
         if "buffer.ids" in state:
             self.buffer.add(state["buffer.ids"], state["buffer.x"], state["buffer.y"])
-        self.opt = torch.optim.Adam(self.model.parameters(), lr=float(self.cfg["lr"]))
+        self.opt = torch.optim.Adam(self.model.parameters(), lr=float(self.cfg.lr))
 
     def full_state(self) -> dict[str, np.ndarray]:
         """:meth:`state` plus the optimizer's state (``opt.*``): what a resumed run needs to continue
         exactly (a crash-recover checkpoint deliberately leaves the optimizer out)."""
-        from sim.checkpoint import optimizer_arrays, prefixed
-
         return {**self.state(), **prefixed("opt", optimizer_arrays(self.opt))}
 
     def load_full_state(self, state: dict[str, np.ndarray]) -> None:
         """Restore :meth:`full_state`."""
-        from sim.checkpoint import load_optimizer, sub
-
         self.load_state(state)
         load_optimizer(self.opt, sub(state, "opt"))
 

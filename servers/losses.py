@@ -1,9 +1,9 @@
 """Joint training losses of several helper servers: MEL (subset-sum), DML (mutual KL) and the
 sub-network distillation of cooperative learning.
 
-Sources: MEL -- Gudipaty et al. 2025, arXiv 2506.20094 (METHODS.md section 5; authors' code
-umassos/iobt25-demo). DML -- Zhang et al. 2018, arXiv 1706.00384, eq. (10) (METHODS.md section 6).
-Cooperative learning -- arXiv 2312.08532 (METHODS.md section 6; its exact formulas and
+Sources: MEL -- Gudipaty et al. 2025, arXiv 2506.20094 (docs/methods.md §5; authors' code
+umassos/iobt25-demo). DML -- Zhang et al. 2018, arXiv 1706.00384, eq. (10) (docs/methods.md §6).
+Cooperative learning -- arXiv 2312.08532 (docs/methods.md §6; its exact formulas and
 temperature were not available, the choices made are in :func:`sfsl_distillation_loss`).
 """
 from __future__ import annotations

@@ -1,12 +1,12 @@
 """Helper-server networks as trunk + standalone head, and the MEL combiner heads.
 
-MEL (Gudipaty et al. 2025, arXiv 2506.20094; METHODS.md section 5) gives each server a trunk
+MEL (Gudipaty et al. 2025, arXiv 2506.20094; docs/methods.md §5) gives each server a trunk
 ``f_s`` with its own standalone head ``h_s``, and, for every subset ``A`` of two or more servers,
 a combiner head ``h_A`` on the concatenated trunk features ``[f_s(x) for s in A]``. Independent
 and DML servers use the same network (their heads only); their ensemble is the mean of the
 members' softmax outputs.
 
-Cooperative learning (arXiv 2312.08532; METHODS.md section 6) needs networks that can answer at
+Cooperative learning (arXiv 2312.08532; docs/methods.md §6) needs networks that can answer at
 several depths: :class:`MultiExitNet` is an MLP of ``D`` hidden blocks with an exit head after
 each one. :func:`make_server_net` picks the network a pool's ``servers.training`` needs.
 """
@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from clients.zoo import LogReg, MLP, SmallCNN, build_model
+from sim.core.config import ServersConfig, Training
 
 
 def split_model(model: nn.Module) -> tuple[nn.Module, nn.Module]:
@@ -124,7 +125,7 @@ class MultiExitNet(nn.Module):
         return self.head(self.trunk(x))
 
 
-def make_server_net(cfg: dict, in_shape: Sequence[int], num_classes: int) -> nn.Module:
+def make_server_net(cfg: ServersConfig, in_shape: Sequence[int], num_classes: int) -> nn.Module:
     """The network of a helper server of the ``servers`` config ``cfg``: a :class:`MultiExitNet`
     of ``servers.coop.depth`` blocks for cooperative learning (``training=coop``), else a
     :class:`ServerNet` of ``servers.arch``.
@@ -132,11 +133,11 @@ def make_server_net(cfg: dict, in_shape: Sequence[int], num_classes: int) -> nn.
     Raises:
         ValueError: ``training=coop`` with an arch other than ``mlp``, or as :class:`ServerNet`.
     """
-    if cfg.get("training") == "coop":
-        if cfg["arch"] != "mlp":
-            raise ValueError(f"servers.training=coop builds multi-exit MLPs: set servers.arch=mlp (got {cfg['arch']})")
-        return MultiExitNet(in_shape, num_classes, int(cfg["hidden"]), int(cfg["coop"]["depth"]))
-    return ServerNet(cfg["arch"], tuple(in_shape), num_classes, int(cfg["hidden"]))
+    if cfg.training == Training.coop:
+        if cfg.arch != "mlp":
+            raise ValueError(f"servers.training=coop builds multi-exit MLPs: set servers.arch=mlp (got {cfg.arch})")
+        return MultiExitNet(in_shape, num_classes, int(cfg.hidden), int(cfg.coop.depth))
+    return ServerNet(cfg.arch, tuple(in_shape), num_classes, int(cfg.hidden))
 
 
 def subset_key(subset: Iterable[int]) -> str:

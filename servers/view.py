@@ -7,12 +7,13 @@ errors its rejector loss needs); the answers it gets at test time come from the 
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
 
 from servers.models import Combiners, make_server_net
+from sim.core.config import ServersConfig
 
 
 class PoolView:
@@ -22,7 +23,7 @@ class PoolView:
         servers_cfg: the ``servers`` config. in_shape: ``(C, H, W)``. num_classes: K.
     """
 
-    def __init__(self, servers_cfg: dict[str, Any], in_shape: Sequence[int], num_classes: int):
+    def __init__(self, servers_cfg: ServersConfig, in_shape: Sequence[int], num_classes: int):
         self.cfg, self.in_shape, self.num_classes = servers_cfg, tuple(in_shape), num_classes
         self.nets: dict[int, torch.nn.Module] = {}
         self.combiners: Combiners | None = None
@@ -47,7 +48,7 @@ class PoolView:
         if comb:
             if self.combiners is None:
                 feat = self.nets[self.present[0]].feature_dim
-                self.combiners = Combiners(int(self.cfg["count"]), feat, self.num_classes)
+                self.combiners = Combiners(int(self.cfg.count), feat, self.num_classes)
             self.combiners.load_state_dict(comb)
         else:
             self.combiners = None

@@ -1,10 +1,11 @@
 """The Flower ClientApp (a node simulating one or more legacy devices) and ServerApp.
 
 A node finds its devices from ``context.node_config["partition-id"]`` and the device ids each
-message lists (``config.devices``; :mod:`sim.nodes` says which node hosts which devices). What a
+message lists (``config.devices``; :mod:`sim.core.nodes` says which node hosts which devices). What a
 worker process needs to build a device -- the memory-mapped prepared dataset, the fleet's
-legacy models on disk -- is named in a small JSON ``spec`` carried by each message, and built
-devices are cached per worker process (legacy outputs are computed once: the models are
+legacy models on disk, the method's and the servers' config -- is named in a small JSON ``spec``
+carried by each message; the method (:class:`strategies.method.DeviceMethod`) and built devices
+are cached per worker process (legacy outputs are computed once: the models are
 frozen). Each device's rejector lives in the node's ``context.state`` (key ``rejector/<device>``)
 between rounds. Each message's config also says which helper servers are up and which devices
 are cut off or drop out this round (fault injection); a dropped-out device is left out of the
@@ -29,22 +30,30 @@ from flwr.serverapp import Grid, ServerApp
 from clients.device import Device
 from clients.legacy import load_legacy
 from servers.view import PoolView
-from sim.failures import cut_off
-from sim.data import device_data, load_prepared
-from sim.nodes import hosted
-from strategies.registry import device_side
+from sim.core.config import DeviceGroupConfig, ServersConfig, from_plain
+from sim.core.data import device_data, load_prepared
+from sim.core.faults import cut_off
+from sim.core.nodes import hosted
+from strategies.method import DeviceMethod, RoundContext
+from strategies.registry import method as method_of
 
 _WORKER: dict[str, Any] = {}
 _SPECS: dict[str, dict[str, Any]] = {}
 
 
 def _runtime(spec: dict[str, Any]) -> dict[str, Any]:
-    """Per-worker-process cache for one run (keyed by the run's spec key)."""
+    """Per-worker-process cache for one run (keyed by the run's spec key): the prepared data, the
+    method, the servers' config, the fleet's group configs, built devices and learner modules."""
     if _WORKER.get("key") != spec["key"]:
         torch.set_num_threads(int(spec["torch_threads"]))
         _WORKER.clear()
+        servers = from_plain(ServersConfig, spec["servers"])
+        m = method_of(spec["strategy"]["name"])
+        device_method = m.device(from_plain(m.config, spec["strategy"]), servers, int(spec["seed"]),
+                                 int(spec["num_classes"]))
         _WORKER.update(key=spec["key"], prep=load_prepared(Path(spec["data_path"])), devices={}, learners={},
-                       view=None)
+                       view=None, method=device_method, servers=servers,
+                       groups=[from_plain(DeviceGroupConfig, g) for g in spec["group_cfgs"]])
     return _WORKER
 
 
@@ -52,7 +61,7 @@ def get_device(spec: dict[str, Any], device_id: int) -> Device:
     rt = _runtime(spec)
     dev = rt["devices"].get(device_id)
     if dev is None:
-        group = spec["group_cfgs"][spec["groups"][device_id]]
+        group = rt["groups"][spec["groups"][device_id]]
         data = device_data(rt["prep"], device_id, group, spec["seed"])
         legacy = load_legacy(Path(spec["fleet_path"]), device_id, group, spec["in_shape"], spec["num_classes"])
         dev = rt["devices"][device_id] = Device.create(device_id, data, legacy)
@@ -63,7 +72,7 @@ def get_view(spec: dict[str, Any], arrays: ArrayRecord) -> PoolView:
     """The servers' networks with the received weights (modules reused per worker)."""
     rt = _runtime(spec)
     if rt["view"] is None:
-        rt["view"] = PoolView(spec["servers"], spec["in_shape"], spec["num_classes"])
+        rt["view"] = PoolView(rt["servers"], spec["in_shape"], spec["num_classes"])
     return rt["view"].load({k: arrays[k].numpy() for k in arrays.keys()})
 
 
@@ -76,17 +85,18 @@ def _learner(spec: dict[str, Any], device: Device, msg: Message, context: Contex
     The state always comes from the message or the context; the module holding it is reused per
     worker and device (loading a state into an existing module is a copy, building one is not).
     """
-    method = device_side(spec["strategy"]["name"])
+    rt = _runtime(spec)
+    method: DeviceMethod = rt["method"]
     key = f"rejector/{device.device_id}"
     if key in msg.content:
         context.state[key] = msg.content[key]
-    modules = _runtime(spec)["learners"]
+    modules = rt["learners"]
     if key not in context.state:
-        learner = method.new_learner(device, spec) if create else None
+        learner = method.new_learner(device) if create else None
     elif (learner := modules.get(device.device_id)) is not None:
         learner.load_state_dict(context.state[key].to_torch_state_dict())
     else:
-        learner = method.load_learner(device, spec, context.state[key].to_torch_state_dict())
+        learner = method.load_learner(device, context.state[key].to_torch_state_dict())
     if learner is not None:
         modules[device.device_id] = learner
     return learner
@@ -179,24 +189,21 @@ def _train_device(spec: dict[str, Any], device: Device, msg: Message, context: C
                   ) -> tuple[dict[str, np.ndarray], dict[str, Any], torch.nn.Module | None]:
     """One device's training round: the samples it sends (deferred + explored) and its metrics."""
     view = get_view(spec, msg.content["server"])
-    learner = _learner(spec, device, msg, context, create=True)
-    method = device_side(spec["strategy"]["name"])
-    defer, route, explore, metrics = method.client_train(device, learner, view, reachable, spec["strategy"],
-                                                         spec["servers"], spec["num_classes"],
-                                                         int(msg.content["config"]["round"]), spec["seed"])
-    send = defer | explore
+    ctx = RoundContext(device, _learner(spec, device, msg, context, create=True), reachable,
+                       int(msg.content["config"]["round"]), view)
+    res = _runtime(spec)["method"].train(ctx)
+    send = res.defer | res.explore
     d = device.data
     rows = {"ids": d.ids_rejector[send], "x": d.x_rejector[send], "y": d.y_rejector[send],
-            "route": route[send], "explore": explore[send]}
-    return rows, {"num_examples": len(defer), **metrics}, learner
+            "route": res.route[send], "explore": res.explore[send]}
+    return rows, {"num_examples": len(res.defer), **res.metrics}, ctx.learner
 
 
 def _evaluate_device(spec: dict[str, Any], device: Device, msg: Message, context: Context, reachable: list[int]
                      ) -> tuple[dict[str, np.ndarray], dict[str, Any], None]:
     """One device's evaluation: its per-sample decisions on its test split (``DEVICE_FIELDS`` + x)."""
-    learner = _learner(spec, device, msg, context, create=False)
-    rec = device_side(spec["strategy"]["name"]).client_evaluate(device, learner, reachable, spec["strategy"],
-                                                                spec["servers"], spec["seed"])
+    ctx = RoundContext(device, _learner(spec, device, msg, context, create=False), reachable, 0)
+    rec = _runtime(spec)["method"].evaluate(ctx)
     rec.pop("device")
     return rec, {"num_examples": len(rec["y"])}, None
 

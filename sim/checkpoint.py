@@ -13,7 +13,6 @@ restarted after round k.
 """
 from __future__ import annotations
 
-import copy
 import json
 import os
 import tempfile
@@ -22,7 +21,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
+
+from sim.core.config import Config, FailureKind, plain
+from sim.core.errors import ConfigError
 
 CHECKPOINT = "checkpoint.npz"
 META = "__meta__"
@@ -80,82 +81,16 @@ def finished_round(run_dir: Path) -> int | None:
         return None
 
 
-def sub(arrays: dict[str, np.ndarray], prefix: str) -> dict[str, np.ndarray]:
-    """The entries under ``prefix/``, with the prefix removed."""
-    p = prefix + "/"
-    return {k[len(p):]: v for k, v in arrays.items() if k.startswith(p)}
-
-
-def prefixed(prefix: str, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    return {f"{prefix}/{k}": v for k, v in arrays.items()}
-
-
-def stack_states(states: dict[int, dict[str, np.ndarray]], prefix: str) -> dict[str, np.ndarray]:
-    """Many small same-shaped states (one per device) as a few stacked arrays, for :func:`save`.
-
-    States with the same names, shapes and dtypes form a group ``g``: ``{prefix}/{g}/devices``
-    ``(n,)`` and, per name, ``{prefix}/{g}/{name}`` ``(n, *shape)``. A thousand devices' rejectors
-    are a handful of arrays instead of thousands of zip entries (the checkpoint is written every
-    round). :func:`unstack_states` inverts it.
-    """
-    groups: dict[tuple, list[int]] = {}
-    for d in sorted(states):
-        sig = tuple((k, v.shape, v.dtype.str) for k, v in sorted(states[d].items()))
-        groups.setdefault(sig, []).append(d)
-    out: dict[str, np.ndarray] = {}
-    for g, (sig, devices) in enumerate(groups.items()):
-        out[f"{prefix}/{g}/devices"] = np.asarray(devices, dtype=np.int64)
-        for name, _, _ in sig:
-            out[f"{prefix}/{g}/{name}"] = np.stack([states[d][name] for d in devices])
-    return out
-
-
-def unstack_states(arrays: dict[str, np.ndarray], prefix: str) -> dict[int, dict[str, np.ndarray]]:
-    """Invert :func:`stack_states`: ``{device: {name: array}}`` (arrays are views of the stacks)."""
-    groups: dict[str, dict[str, np.ndarray]] = {}
-    for key, v in sub(arrays, prefix).items():
-        g, _, name = key.partition("/")
-        groups.setdefault(g, {})[name] = v
-    out: dict[int, dict[str, np.ndarray]] = {}
-    for g in groups.values():
-        devices = g.pop("devices")
-        for i, d in enumerate(devices.tolist()):
-            out[int(d)] = {name: v[i] for name, v in g.items()}
-    return out
-
-
-def optimizer_arrays(opt: torch.optim.Optimizer) -> dict[str, np.ndarray]:
-    """The tensors of an optimizer's per-parameter state (Adam: step, exp_avg, exp_avg_sq)."""
-    out = {}
-    for idx, st in opt.state_dict()["state"].items():
-        for k, v in st.items():
-            out[f"{idx}.{k}"] = (v.detach().cpu().numpy() if torch.is_tensor(v) else np.asarray(v)).copy()
-    return out
-
-
-def load_optimizer(opt: torch.optim.Optimizer, arrays: dict[str, np.ndarray]) -> None:
-    """Restore :func:`optimizer_arrays` into ``opt`` (its hyperparameters are kept as constructed)."""
-    sd = opt.state_dict()
-    state: dict[int, dict[str, torch.Tensor]] = {}
-    for key, v in arrays.items():
-        idx, _, name = key.partition(".")
-        state.setdefault(int(idx), {})[name] = torch.from_numpy(np.array(v))
-    sd["state"] = state
-    opt.load_state_dict(sd)
-
-
 # Keys that may differ between a run and its resumption (they do not change the numbers).
 RESUME_FREE = ("resume", "progress", "verbose", "plots", "backend", "ray_address", "num_cpus", "round_timeout",
                "checkpoint", "client_resources", "cache_dir", "devices_per_node", "max_nodes")
 
 
-def comparable(cfg: dict[str, Any]) -> dict[str, Any]:
-    """The config without the keys a resumed run may change (:data:`RESUME_FREE`), with
-    ``servers.routing=auto`` resolved as the run resolves it."""
-    from sim.schema import routing_of
-
-    out = copy.deepcopy(cfg)
-    out["servers"]["routing"] = routing_of(out["servers"])
+def comparable(cfg: Config) -> dict[str, Any]:
+    """The config as plain values without the keys a resumed run may change (:data:`RESUME_FREE`),
+    with ``servers.routing=auto`` resolved as the run resolves it."""
+    out = plain(cfg)
+    out["servers"]["routing"] = str(cfg.servers.resolved_routing)
     for k in RESUME_FREE:
         out["sim"].pop(k, None)
     return out
@@ -171,16 +106,16 @@ def _first_difference(a: Any, b: Any, path: str = "") -> str | None:
     return None if a == b else f"{path} ({a!r} in the run, {b!r} now)"
 
 
-def reference_started(cfg: dict[str, Any], run_dir: Path) -> bool:
+def reference_started(cfg: Config, run_dir: Path) -> bool:
     """True when a run with failures was stopped during its all-up reference run: the main
     directory has no checkpoint yet, ``reference/`` has one (or has finished)."""
     ref = Path(run_dir) / "reference"
-    return (cfg["failures"]["name"] != "none" and bool(cfg["failures"]["reference"])
+    return (cfg.failures.name != FailureKind.none and cfg.failures.reference
             and not (Path(run_dir) / CHECKPOINT).is_file()
             and ((ref / CHECKPOINT).is_file() or (ref / "summary.json").is_file()))
 
 
-def open_for_resume(cfg: dict[str, Any], run_dir: Path) -> tuple[tuple[dict, dict] | None, int]:
+def open_for_resume(cfg: Config, run_dir: Path) -> tuple[tuple[dict, dict] | None, int]:
     """Load ``run_dir``'s checkpoint and check it belongs to this config.
 
     Returns:
@@ -191,8 +126,6 @@ def open_for_resume(cfg: dict[str, Any], run_dir: Path) -> tuple[tuple[dict, dic
     Raises:
         ConfigError: no run or checkpoint there, an unreadable checkpoint, or a different config.
     """
-    from sim.schema import ConfigError
-
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise ConfigError(f"sim.resume={run_dir} is not a directory: give the run directory to continue")

@@ -10,9 +10,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from typing import Any, Iterable
+from typing import Iterable
 
-from sim.schema import ConfigError, register, validate
+from sim.core.config import Config, register, to_config
+from sim.core.errors import ConfigError
+from strategies.config import register_all
 
 CONFIG_MODULE = "configs"
 CONFIG_NAME = "config"
@@ -22,6 +24,9 @@ FLAGS_WITH_VALUE = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "-
 
 def one_line(exc: BaseException) -> str:
     """Condense a Hydra/OmegaConf exception into one readable line."""
+    choice = _bad_choice(exc.__cause__ or exc)
+    if choice:
+        return choice
     text = str(exc)
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
     if "Available options" in text:
@@ -41,6 +46,17 @@ def one_line(exc: BaseException) -> str:
         if cause_lines:
             msg = f"{msg}: {cause_lines[0]}"
     return msg
+
+
+def _bad_choice(exc: BaseException) -> str | None:
+    """OmegaConf's error for a value outside an enum, as ``key='value' is invalid: choose one of ...``."""
+    import re
+
+    m = re.match(r"Invalid value '(.*)', expected one of \[(.*)\]", str(exc))
+    key = getattr(exc, "full_key", None)
+    if not m or not key:
+        return None
+    return f"{key}={m.group(1)!r} is invalid: choose one of {m.group(2)}"
 
 
 def user_overrides(argv: Iterable[str]) -> list[str]:
@@ -85,8 +101,8 @@ def _expand(overrides: list[str]) -> list[list[str]]:
     return combos
 
 
-def compose_checked(overrides: list[str]) -> dict[str, Any]:
-    """Compose the config for ``overrides`` and check its values; returns it as a plain dict.
+def compose_checked(overrides: list[str]) -> Config:
+    """Compose the config for ``overrides`` and check its values; returns the typed config.
 
     Raises:
         ConfigError: one line, for any composition, type or range error.
@@ -94,21 +110,21 @@ def compose_checked(overrides: list[str]) -> dict[str, Any]:
     from hydra import compose, initialize_config_module
     from hydra.core.global_hydra import GlobalHydra
     from hydra.errors import HydraException
-    from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
     register()
+    register_all()
     GlobalHydra.instance().clear()
     try:
         with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
             cfg = compose(config_name=CONFIG_NAME, overrides=overrides)
-        plain = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+        return to_config(cfg)
+    except ConfigError:
+        raise
     except (HydraException, OmegaConfBaseException, ValueError) as exc:
         raise ConfigError(one_line(exc)) from None
     finally:
         GlobalHydra.instance().clear()
-    validate(plain)
-    return plain  # type: ignore[return-value]
 
 
 def precheck(argv: list[str]) -> None:
@@ -122,9 +138,9 @@ def precheck(argv: list[str]) -> None:
         raise ConfigError(one_line(exc)) from None
     for combo in combos:
         cfg = compose_checked(combo)
-        if cfg["sim"]["resume"]:
+        if cfg.sim.resume:
             if len(combos) > 1 or "-m" in argv or "--multirun" in argv:
                 raise ConfigError("sim.resume continues one run: give one run directory, without -m or sweeps")
             from sim.checkpoint import open_for_resume
 
-            open_for_resume(cfg, Path(os.path.expanduser(str(cfg["sim"]["resume"]))))
+            open_for_resume(cfg, Path(os.path.expanduser(str(cfg.sim.resume))))

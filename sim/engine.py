@@ -25,28 +25,18 @@ os.environ.setdefault("RAY_ENABLE_AUTO_CONNECT", "0")
 os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
 
 
+from sim.core.config import Backend, ResourcesConfig, SimConfig  # noqa: E402
+from sim.core.stop import SIGNAL, STOP, Interrupted  # noqa: E402
+
+
 class EngineError(RuntimeError):
     """The simulation engine could not start or run (one line: what and how to fix)."""
 
 
-class Interrupted(RuntimeError):
-    """The run was asked to stop (Ctrl-C / SIGTERM): the round in progress is abandoned."""
-
-
-STOP = threading.Event()
-"""Set when the run must stop; the ServerApp thread checks it while it waits for replies and
-before each call to a server actor."""
-SIGNAL: list[int] = []
 DISPATCH = threading.Event()
 """Set when the ServerApp has pushed messages: the simulation engine's dispatcher looks for them
 at once instead of at its next 0.1 s poll (:func:`dispatch_on_push`)."""
 _SERVER_THREADS: list[threading.Thread] = []
-
-
-def check_stop() -> None:
-    """Raise :class:`Interrupted` if the run is stopping (called by long-running ServerApp work)."""
-    if STOP.is_set():
-        raise Interrupted("the run is stopping")
 
 
 def _on_signal(signum: int, frame: Any) -> None:
@@ -248,7 +238,7 @@ def dispatch_on_push() -> None:
     vce_api._dispatch_on_push = True
 
 
-def run_fleet(server_app: Any, client_app: Any, num_clients: int, client_resources: dict[str, float],
+def run_fleet(server_app: Any, client_app: Any, num_clients: int, client_resources: ResourcesConfig,
               verbose: bool) -> None:
     """Run ``server_app`` against ``num_clients`` virtual nodes of ``client_app`` on Ray.
 
@@ -260,8 +250,8 @@ def run_fleet(server_app: Any, client_app: Any, num_clients: int, client_resourc
     quiet_logs(verbose)
     replace_dead_workers()
     dispatch_on_push()
-    backend_config = {"client_resources": {"num_cpus": float(client_resources["num_cpus"]),
-                                           "num_gpus": float(client_resources["num_gpus"])}}
+    backend_config = {"client_resources": {"num_cpus": float(client_resources.num_cpus),
+                                           "num_gpus": float(client_resources.num_gpus)}}
     with warnings.catch_warnings():
         if not verbose:
             warnings.simplefilter("ignore")
@@ -269,7 +259,7 @@ def run_fleet(server_app: Any, client_app: Any, num_clients: int, client_resourc
                        backend_name="ray", backend_config=backend_config, verbose_logging=verbose)
 
 
-def run(sim_cfg: dict[str, Any], server_main: Any, client_app: Any, num_clients: int) -> None:
+def run(sim_cfg: SimConfig, server_main: Any, client_app: Any, num_clients: int) -> None:
     """Run a fleet: ``server_main(grid)`` drives ``num_clients`` nodes of ``client_app``.
 
     ``sim.backend=ray``: Flower's simulation engine on Ray (started or joined here, shut down
@@ -279,7 +269,7 @@ def run(sim_cfg: dict[str, Any], server_main: Any, client_app: Any, num_clients:
         EngineError: Ray could not start, or the simulation failed (the ServerApp's own error in
             the message).
     """
-    if sim_cfg["backend"] == "inprocess":
+    if sim_cfg.backend == Backend.inprocess:
         from sim.inprocess import InProcessGrid
 
         server_main(InProcessGrid(client_app, num_clients))
@@ -290,10 +280,9 @@ def run(sim_cfg: dict[str, Any], server_main: Any, client_app: Any, num_clients:
         _SERVER_THREADS.append(threading.current_thread())
         server_main(StoppableGrid(grid))
 
-    with ray_session(sim_cfg["ray_address"], sim_cfg["num_cpus"], sim_cfg["verbose"]):
+    with ray_session(sim_cfg.ray_address, sim_cfg.num_cpus, sim_cfg.verbose):
         try:
-            run_fleet(make_server_app(main), client_app, num_clients, sim_cfg["client_resources"],
-                      sim_cfg["verbose"])
+            run_fleet(make_server_app(main), client_app, num_clients, sim_cfg.client_resources, sim_cfg.verbose)
         except KeyboardInterrupt:
             # The ServerApp thread stops at its next check and shuts the server pool down; wait for
             # it while Ray is still up, so nothing it does in between can hang on a dead cluster.

@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from sim.cache import atomic_write_text
+from sim.core.cache import atomic_write_text
 
 GROUP_KEYS = ("strategy", "c_e", "c_1", "staleness", "max_defer_rate", "bound", "num_servers", "serve_depth",
               "capacity", "failures", "num_clients", "num_rounds")

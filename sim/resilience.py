@@ -3,7 +3,7 @@
 - ``resilience.fraction_kept`` = the run's final system accuracy / the system accuracy of the
   same seed with every server up, on the same test samples (every device is evaluated in the
   final round, and ``test_set_digest`` checks the samples are the same). It is MEL's "accuracy
-  kept under failures" (Gudipaty et al. 2025, METHODS.md sections 5 and 7) measured end to end:
+  kept under failures" (Gudipaty et al. 2025; docs/methods.md, "Resilience") measured end to end:
   rejectors, routing and the legacy fallback included.
 - ``resilience.accuracy_by_state``: mean system accuracy over the evaluated rounds in each
   availability state (``all up``, ``down 0``, ``down 0,2``, ...).
@@ -18,6 +18,8 @@ from collections import Counter
 from typing import Any
 
 import numpy as np
+
+from sim.core.config import Config, FailureKind
 
 
 def state_label(availability: list[int]) -> str:
@@ -38,23 +40,23 @@ def _evaluated(rounds: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [r for r in rounds if r.get("system_accuracy") is not None and r.get("availability") is not None]
 
 
-def servers_summary(cfg: dict[str, Any], rounds: list[dict[str, Any]], table: dict[str, Any] | None,
+def servers_summary(cfg: Config, rounds: list[dict[str, Any]], table: dict[str, Any] | None,
                     dead: list[int]) -> dict[str, Any]:
     """``summary.servers``: the pool's setup, who is alive at the end, total load, the MEL table."""
-    s = cfg["servers"]
-    load = np.zeros(int(s["count"]), dtype=np.int64)
+    s = cfg.servers
+    load = np.zeros(int(s.count), dtype=np.int64)
     for r in rounds:
         load += np.asarray(r.get("train_load", [0] * len(load)), dtype=np.int64)
     ev = _evaluated(rounds)
     return {
-        "count": int(s["count"]), "routing": s["routing"], "training": s["training"],
+        "count": int(s.count), "routing": str(s.resolved_routing), "training": str(s.training),
         "dead_at_end": dead, "available_at_end": ev[-1]["availability"] if ev else None,
         "train_load": load.tolist(),
         "table": table,
     }
 
 
-def resilience_summary(cfg: dict[str, Any], rounds: list[dict[str, Any]], summary: dict[str, Any],
+def resilience_summary(cfg: Config, rounds: list[dict[str, Any]], summary: dict[str, Any],
                        reference: dict[str, Any] | None) -> dict[str, Any]:
     """``summary.resilience`` (see the module docstring)."""
     ev = _evaluated(rounds)
@@ -68,10 +70,10 @@ def resilience_summary(cfg: dict[str, Any], rounds: list[dict[str, Any]], summar
     if reference is not None:
         all_up = reference["system_accuracy"]
         same = reference.get("test_set_digest") == summary["test_set_digest"]
-    elif cfg["failures"]["name"] == "none":
+    elif cfg.failures.name == FailureKind.none:
         all_up, same = acc, True
     return {
-        "failures": cfg["failures"]["name"],
+        "failures": str(cfg.failures.name),
         "system_accuracy": acc,
         "all_up_accuracy": all_up,
         "fraction_kept": (acc / all_up) if all_up and same else None,

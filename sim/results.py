@@ -16,8 +16,9 @@ from typing import Any
 
 import numpy as np
 
-from sim.cache import atomic_write_text
-from sim.metrics import fairness
+from sim.core.cache import atomic_write_text
+from sim.core.config import Config, Training
+from sim.core.metrics import fairness
 
 SUMMARY_KEYS = ("system_accuracy", "legacy_accuracy", "server_accuracy", "oracle_accuracy", "defer_rate",
                 "coverage", "l01_cost")
@@ -97,29 +98,31 @@ class Recorder:
         return path
 
 
-def build_summary(cfg: dict[str, Any], metrics: dict[str, Any], rows: list[dict[str, Any]],
+def build_summary(cfg: Config, metrics: dict[str, Any], rows: list[dict[str, Any]],
                   legacy_accuracy: np.ndarray, num_classes: int) -> dict[str, Any]:
     """The run's summary.json: final pooled metrics, run identity, fleet spread, per-device extremes.
 
     Only seed-determined numbers (no wall-clock times), so the same seed gives the same file.
     """
     acc = np.asarray(legacy_accuracy)
-    s = cfg["strategy"]
+    s = cfg.strategy
+    delta = getattr(s, "max_defer_rate", None)
+    coop = cfg.servers.training == Training.coop
     return {
         **{key: metrics[key] for key in SUMMARY_KEYS},
         "served_defer_rate": metrics["served_defer_rate"],
         "baselines": metrics["baselines"], "table": metrics["table"], "curves": metrics["curves"],
         "accuracy_at_defer_rate": metrics["accuracy_at_defer_rate"], "aurc": metrics["aurc"],
         "e_aurc": metrics["e_aurc"], "fairness": fairness(rows),
-        "staleness": int(s["staleness"]), "max_defer_rate": s["max_defer_rate"],
-        "bound": s["bound"] if s["max_defer_rate"] is not None else None,
-        "num_servers": int(cfg["servers"]["count"]),
+        "staleness": int(s.staleness), "max_defer_rate": delta,
+        "bound": str(s.bound) if delta is not None else None,
+        "num_servers": int(cfg.servers.count),
         # cooperative learning: the Teammates' serving-depth limits (cost pressure, capacity)
-        "serve_depth": float(cfg["servers"]["coop"]["serve_depth"]) if cfg["servers"]["training"] == "coop" else None,
-        "capacity": cfg["servers"]["coop"]["capacity"] if cfg["servers"]["training"] == "coop" else None,
-        "num_clients": len(acc), "num_rounds": int(cfg["sim"]["num_rounds"]), "seed": int(cfg["seed"]),
+        "serve_depth": float(cfg.servers.coop.serve_depth) if coop else None,
+        "capacity": cfg.servers.coop.capacity if coop else None,
+        "num_clients": len(acc), "num_rounds": int(cfg.sim.num_rounds), "seed": int(cfg.seed),
         "num_test_samples": metrics["num_samples"], "num_classes": num_classes,
-        "strategy": s["name"], "c_e": float(s["c_e"]), "c_1": float(s["c_1"]),
+        "strategy": s.name, "c_e": float(s.c_e), "c_1": float(s.c_1),
         "fleet": {"legacy_accuracy_min": float(acc.min()), "legacy_accuracy_median": float(np.median(acc)),
                   "legacy_accuracy_max": float(acc.max())},
         "devices": {"worst_system_accuracy": min(r["system_accuracy"] for r in rows),

@@ -10,37 +10,37 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextC
     TimeRemainingColumn
 from rich.table import Table
 
+from sim.core.config import Config, FailureKind
+from sim.core.faults import describe
 from sim.results import SUMMARY_KEYS
 
 
-def print_fleet(console: Any, cfg: dict[str, Any], prep: Any, fleet: Any) -> None:
+def print_fleet(console: Any, cfg: Config, prep: Any, fleet: Any) -> None:
     """The fleet's legacy-accuracy spread, overall and per device group."""
     acc = fleet.legacy_accuracy
     console.print(
-        f"[bold]fleet[/bold]: {len(acc)} legacy devices on {cfg['data']['name']} ({prep.num_classes} classes, "
-        f"{int((np.asarray(prep.owner) >= 0).sum())} samples, partition={cfg['data']['partition']['name']}); "
+        f"[bold]fleet[/bold]: {len(acc)} legacy devices on {cfg.data.name} ({prep.num_classes} classes, "
+        f"{int((np.asarray(prep.owner) >= 0).sum())} samples, partition={cfg.data.partition.name}); "
         f"legacy accuracy min {acc.min():.3f} / median {np.median(acc):.3f} / max {acc.max():.3f} "
         f"({'built' if fleet.built else 'from cache'})", soft_wrap=True)
     for gi, g in enumerate(fleet.group_cfgs):
         members = [d for d, gg in enumerate(fleet.groups) if gg == gi]
         if members:
-            console.print(f"  group {g['name']:<16} {len(members):>4} devices, arch={g['arch']}, "
+            console.print(f"  group {g.name:<16} {len(members):>4} devices, arch={g.arch}, "
                           f"legacy accuracy mean {acc[members].mean():.3f}")
 
 
-def print_servers(console: Any, cfg: dict[str, Any], schedule: list[Any]) -> None:
+def print_servers(console: Any, cfg: Config, schedule: list[Any]) -> None:
     """The helper-server pool and, when failures are injected, the failure schedule."""
-    from sim.failures import describe
-
-    sv, f = cfg["servers"], cfg["failures"]
-    if int(sv["count"]) > 1 or f["name"] != "none":
-        console.print(f"[bold]servers[/bold]: {sv['count']} x {sv['arch']} (hidden {sv['hidden']}), "
-                      f"training={sv['training']}, routing={sv['routing']}", soft_wrap=True)
-    if f["name"] == "none":
+    sv, f = cfg.servers, cfg.failures
+    if int(sv.count) > 1 or f.name != FailureKind.none:
+        console.print(f"[bold]servers[/bold]: {sv.count} x {sv.arch} (hidden {sv.hidden}), "
+                      f"training={sv.training}, routing={sv.resolved_routing}", soft_wrap=True)
+    if f.name == FailureKind.none:
         return
     drop = max((r.query_drop for r in schedule), default=0.0)
-    console.print(f"[bold]failures[/bold]: {f['name']}" + (f", per-query drop q={drop:g}" if drop else "")
-                  + f", query timeout {float(f['query_timeout_s']):g}s", soft_wrap=True)
+    console.print(f"[bold]failures[/bold]: {f.name}" + (f", per-query drop q={drop:g}" if drop else "")
+                  + f", query timeout {float(f.query_timeout_s):g}s", soft_wrap=True)
     lines = [(r.round, describe(r)) for r in schedule if describe(r)]
     for t, text in lines:
         console.print(f"  round {t:>3}: {text}", soft_wrap=True)
@@ -95,7 +95,7 @@ def print_summary(console: Any, summary: dict[str, Any], run_dir: Path, sim_s: f
     fair = summary["fairness"]
     t.add_row("device system acc: worst / 10th pct", f"{_fmt(fair['worst'])} / {_fmt(fair['p10'])}")
     console.print(t)
-    tb = Table(title="kept / deferred test samples (METHODS.md section 1)")
+    tb = Table(title="kept / deferred test samples")
     for col in ("samples", "n", "legacy acc", "server acc", "server - legacy"):
         tb.add_column(col, justify="right")
     for name in ("kept", "deferred"):

@@ -1,14 +1,14 @@
 """What every fleet strategy shares on the ServerApp side (a Flower Message-API Strategy).
 
 - A handshake (one ``query`` message per node) maps Flower's random node ids to node
-  (partition) ids; each node hosts a block of devices (:mod:`sim.nodes`), and a round sends one
+  (partition) ids; each node hosts a block of devices (:mod:`sim.core.nodes`), and a round sends one
   message per node that hosts a sampled device. Device sampling is seeded and reproducible.
 - Seeded device sampling per round; replies sorted by device id before they are used, so the
   result never depends on the order replies arrive in.
 - Failed devices (an error reply fails every device of its node; a dropped-out device is left
   out of its node's reply) are counted, never fatal.
 - Evaluation replies carry per-sample records and the test samples; the strategy's
-  :meth:`FleetStrategy.answer` (the server pool) answers them, :mod:`sim.metrics` computes every
+  :meth:`FleetStrategy.answer` (the server pool) answers them, :mod:`sim.core.metrics` computes every
   metric from the pooled records, and each round ends with one record passed to ``on_round``.
 """
 from __future__ import annotations
@@ -25,9 +25,10 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from sim.metrics import pooled_metrics
-from sim.nodes import by_node, devices_per_node, num_nodes
-from sim.training import derive_seed
+from sim.core.config import Config
+from sim.core.metrics import pooled_metrics
+from sim.core.nodes import by_node, devices_per_node, num_nodes
+from sim.core.seeding import derive_seed
 
 
 DEVICE_FIELDS = ("device", "y", "m_pred", "score", "m_conf", "defer", "route")
@@ -69,7 +70,7 @@ class DeviceReplies:
 
 
 def unpack_replies(replies: Iterable[Message], sent: Iterable[int]) -> DeviceReplies:
-    """Per-device view of node replies (:mod:`sim.apps` packs them); never depends on arrival order.
+    """Per-device view of node replies (the ClientApp packs them); never depends on arrival order.
 
     Args:
         replies: the round's node replies. sent: the devices the round's messages listed.
@@ -113,18 +114,17 @@ class FleetStrategy(Strategy):
     """Base class: handshake, sampling, reply handling, pooled evaluation, round records.
 
     Args:
-        cfg: the run config (plain dict).
+        cfg: the run config (it orchestrates the run: fleet size, rounds, sampling, costs).
         on_round: called with each finished round's record (a JSON-able dict).
     """
 
-    def __init__(self, cfg: dict[str, Any], on_round: Callable[[dict[str, Any]], None]):
+    def __init__(self, cfg: Config, on_round: Callable[[dict[str, Any]], None]):
         self.cfg = cfg
-        self.num_clients = int(cfg["fleet"]["num_clients"])
-        self.num_rounds = int(cfg["sim"]["num_rounds"])
-        self.seed = int(cfg["seed"])
+        self.num_clients = int(cfg.fleet.num_clients)
+        self.num_rounds = int(cfg.sim.num_rounds)
+        self.seed = int(cfg.seed)
         self.on_round = on_round
-        self.per_node = devices_per_node(self.num_clients, cfg["sim"]["devices_per_node"],
-                                         int(cfg["sim"]["max_nodes"]))
+        self.per_node = devices_per_node(self.num_clients, cfg.sim.devices_per_node, int(cfg.sim.max_nodes))
         self.num_nodes = num_nodes(self.num_clients, self.per_node)
         self.node_of: dict[int, int] = {}  # node (partition id) -> Flower node id
         self.sent: list[int] = []  # devices the last configure_* call sent messages for
@@ -202,7 +202,7 @@ class FleetStrategy(Strategy):
 
     # ---- evaluation (shared by every strategy) ---------------------------------------------
     def is_eval_round(self, server_round: int) -> bool:
-        return server_round == self.num_rounds or server_round % int(self.cfg["sim"]["eval_every"]) == 0
+        return server_round == self.num_rounds or server_round % int(self.cfg.sim.eval_every) == 0
 
     def eval_content(self, server_round: int, arrays: ArrayRecord) -> RecordDict:
         return RecordDict({"server": arrays, "config": self.config(server_round)})
@@ -213,7 +213,7 @@ class FleetStrategy(Strategy):
         if not self.is_eval_round(server_round):
             return []
         last = server_round == self.num_rounds
-        devices = self.sample(server_round, 1.0 if last else float(self.cfg["sim"]["fraction_evaluate"]), "eval")
+        devices = self.sample(server_round, 1.0 if last else float(self.cfg.sim.fraction_evaluate), "eval")
         return self.messages(grid, devices, MessageType.EVALUATE, self.eval_content(server_round, arrays),
                              server_round)
 
@@ -231,8 +231,8 @@ class FleetStrategy(Strategy):
             x = got.samples["x"]
             record.update(self.answer(server_round, pooled, x))
             self.last_x = x
-            s = self.cfg["strategy"]
-            metrics = pooled_metrics(pooled, float(s["c_e"]), float(s["c_1"]))
+            s = self.cfg.strategy
+            metrics = pooled_metrics(pooled, float(s.c_e), float(s.c_1))
             self.last_eval, self.last_metrics = pooled, metrics
             record.update({k: v for k, v in metrics.items() if k != "curves"})
         record["eval_devices"] = len(got.devices)

@@ -1,22 +1,23 @@
-"""Baselines every comparison should carry (METHODS.md section 4), as fleet strategies.
+"""Baselines every comparison should carry (docs/methods.md, "Baselines"), as methods of their own.
 
-The helper servers are the same trained pool as in L2H (they learn from the samples deferred to
-them, plus the exploration fraction); only the device's deferral rule differs:
+The helper servers are the same trained pool as in L2H (:class:`strategies.l2h.L2HStrategy`: they
+learn from the samples sent to them, plus the exploration fraction); only the device's deferral
+rule differs:
 
-- ``legacy_only``: never defer (defer rate 0): the legacy model alone.
-- ``server_only``: always defer (defer rate 1): the helper servers alone.
-- ``random``: defer each sample independently with probability ``strategy.defer_rate``.
-- ``confidence``: defer iff the legacy model's max softmax is below ``tau``; ``tau`` is
+- :class:`LegacyOnly`: never defer (defer rate 0): the legacy model alone.
+- :class:`ServerOnly`: always defer (defer rate 1): the helper servers alone.
+- :class:`RandomDeferral`: defer each sample independently with probability ``strategy.defer_rate``.
+- :class:`Confidence`: defer iff the legacy model's max softmax is below ``tau``; ``tau`` is
   ``strategy.tau``, or (null) fitted per device as the ``defer_rate`` quantile of the legacy
   confidence on its rejector split, so about ``defer_rate`` of its samples are deferred.
-- ``compare_confidence``: CompareConfidence (Raghu, Blumer, Corrado, Kleinberg, Obermeyer,
-  Mullainathan 2019, "The algorithmic automation problem", arXiv 1903.12220): each device learns
+- :class:`CompareConfidence` (Raghu, Blumer, Corrado, Kleinberg, Obermeyer, Mullainathan 2019,
+  "The algorithmic automation problem", arXiv 1903.12220): each device learns
   ``P(server correct | x)`` (a small MLP on the rejector features, binary cross-entropy against
   whether the servers' answer was right on its rejector split) and defers iff that estimate
   exceeds the legacy max softmax.
 
 Each run's summary also carries the confidence and random baselines at the learned rejector's
-own defer rate (:mod:`sim.metrics`), i.e. "matched" in METHODS.md's sense.
+own defer rate (:mod:`sim.core.metrics`), i.e. "matched".
 
 Deferral scores (for the accuracy-coverage curve; higher = deferred first): ``1 - m_conf`` for
 legacy_only, server_only and confidence; the random draw for random;
@@ -24,105 +25,130 @@ legacy_only, server_only and confidence; the random draw for random;
 """
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from clients.device import Device, Rejector
-from servers.view import PoolView
-from sim.training import derive_seed, train_minibatch
-from strategies import l2h
+from sim.core.seeding import derive_seed
+from sim.core.training import train_minibatch
+from strategies.config import BaselineConfig
+from strategies.method import DeviceMethod, RoundContext, TrainResult
+from strategies.records import no_route, server_error, test_record, train_metrics
 
 
-def new_learner(device: Device, spec: dict[str, Any]) -> Rejector | None:
-    """compare_confidence: the device's estimator of P(server correct), one logit; others: None."""
-    if spec["strategy"]["name"] != "compare_confidence":
-        return None
-    hp = spec["strategy"]["rejector"]
-    return device.new_rejector(hp["inputs"], int(hp["hidden"]), spec["seed"], outputs=1)
+class Baseline(DeviceMethod):
+    """A fixed deferral rule; subclasses give :meth:`rule`. The servers' error on the rejector split
+    is measured (reported as ``train_server_error``) whenever a server is reachable."""
+
+    config_class = BaselineConfig
+    cfg: BaselineConfig
+
+    def rule(self, device: Device, learner: nn.Module | None, split: str, rng: np.random.Generator
+             ) -> tuple[np.ndarray, np.ndarray]:
+        """``defer (N,)`` bool and deferral ``score (N,)`` on ``split`` (``rejector`` | ``test``)."""
+        raise NotImplementedError
+
+    def learn(self, ctx: RoundContext, feats_target: torch.Tensor) -> float:
+        """Train the device's learner against ``1 - e_wrong`` (CompareConfidence); returns its loss."""
+        return float("nan")
+
+    def train(self, ctx: RoundContext) -> TrainResult:
+        device = ctx.device
+        y = torch.from_numpy(device.data.y_rejector)
+        reach = ctx.reachable_in_view()
+        loss, e_err = float("nan"), float("nan")
+        if reach and (ctx.learner is not None or not isinstance(self, LegacyOnly)):
+            feats_s, logits = ctx.view.outputs(torch.from_numpy(device.data.x_rejector), reach)
+            e_wrong, _ = server_error(ctx.view, feats_s, logits, y, reach, self.servers)
+            e_err = float(e_wrong.mean())
+            loss = self.learn(ctx, 1.0 - e_wrong)
+        rng = np.random.default_rng(derive_seed(self.seed, "baseline", self.cfg.name, device.device_id, ctx.round))
+        defer, _ = self.rule(device, ctx.learner, "rejector", rng)
+        defer &= bool(reach)
+        explore = (~defer) & (rng.random(len(defer)) < float(self.cfg.explore)) & bool(reach)
+        m_wrong = (device.legacy_rejector.argmax(1) != y).float()
+        return TrainResult(defer, no_route(len(defer)), explore, train_metrics(loss, defer, m_wrong, e_err))
+
+    @torch.no_grad()
+    def evaluate(self, ctx: RoundContext) -> dict[str, np.ndarray]:
+        rng = np.random.default_rng(derive_seed(self.seed, "baseline-test", self.cfg.name, ctx.device.device_id))
+        defer, score = self.rule(ctx.device, ctx.learner, "test", rng)
+        defer &= bool(ctx.reachable)
+        return test_record(ctx.device, torch.softmax(ctx.device.legacy_test, 1), score, defer, no_route(len(defer)))
 
 
-def load_learner(device: Device, spec: dict[str, Any], state: dict[str, torch.Tensor]) -> Rejector | None:
-    learner = new_learner(device, spec)
-    if learner is not None:
-        learner.load_state_dict(state)
-    return learner
+def legacy_confidence(device: Device, split: str) -> np.ndarray:
+    """The legacy model's max softmax ``(N,)`` on ``split``."""
+    return torch.softmax(getattr(device, f"legacy_{split}"), 1).max(1).values.numpy()
 
 
-def confidence_tau(device: Device, hp: dict[str, Any]) -> float:
+class LegacyOnly(Baseline):
+    """Never defer."""
+
+    def rule(self, device, learner, split, rng):
+        m_conf = legacy_confidence(device, split)
+        return np.zeros(len(m_conf), dtype=bool), 1.0 - m_conf
+
+
+class ServerOnly(Baseline):
+    """Always defer."""
+
+    def rule(self, device, learner, split, rng):
+        m_conf = legacy_confidence(device, split)
+        return np.ones(len(m_conf), dtype=bool), 1.0 - m_conf
+
+
+class RandomDeferral(Baseline):
+    """Defer each sample with probability ``strategy.defer_rate`` (the smallest method: docs/adding.md)."""
+
+    def rule(self, device, learner, split, rng):
+        u = rng.random(len(getattr(device.data, f"y_{split}")))
+        return u < float(self.cfg.defer_rate), u
+
+
+def confidence_tau(device: Device, cfg: BaselineConfig) -> float:
     """The confidence threshold: ``strategy.tau``, or the ``defer_rate`` quantile of the legacy max
     softmax on the device's rejector split (the legacy model is frozen: the same every round)."""
-    if hp.get("tau") is not None:
-        return float(hp["tau"])
-    conf = torch.softmax(device.legacy_rejector, 1).max(1).values.numpy()
-    return float(np.quantile(conf, float(hp["defer_rate"]))) if len(conf) else 0.0
+    if cfg.tau is not None:
+        return float(cfg.tau)
+    conf = legacy_confidence(device, "rejector")
+    return float(np.quantile(conf, float(cfg.defer_rate))) if len(conf) else 0.0
 
 
-@torch.no_grad()
-def rule(name: str, device: Device, learner: Rejector | None, split: str, hp: dict[str, Any],
-         rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """The baseline's ``defer (N,)`` bool and deferral ``score (N,)`` on ``split`` (rejector | test)."""
-    m_conf = torch.softmax(getattr(device, f"legacy_{split}"), 1).max(1).values.numpy()
-    n = len(m_conf)
-    if name == "legacy_only":
-        return np.zeros(n, dtype=bool), 1.0 - m_conf
-    if name == "server_only":
-        return np.ones(n, dtype=bool), 1.0 - m_conf
-    if name == "random":
-        u = rng.random(n)
-        return u < float(hp["defer_rate"]), u
-    if name == "confidence":
-        return m_conf < confidence_tau(device, hp), 1.0 - m_conf
-    if name == "compare_confidence":
+class Confidence(Baseline):
+    """Defer iff the legacy max softmax is below tau."""
+
+    def rule(self, device, learner, split, rng):
+        m_conf = legacy_confidence(device, split)
+        return m_conf < confidence_tau(device, self.cfg), 1.0 - m_conf
+
+
+class CompareConfidence(Baseline):
+    """Defer iff the learned estimate of P(server correct | x) exceeds the legacy max softmax."""
+
+    def new_learner(self, device: Device) -> Rejector:
+        """The device's estimator of P(server correct): one logit, seeded per device."""
+        rh = self.cfg.rejector
+        return device.new_rejector(rh.inputs, int(rh.hidden), self.seed, outputs=1)
+
+    def learn(self, ctx: RoundContext, target: torch.Tensor) -> float:
+        rh, learner = self.cfg.rejector, ctx.learner
+        feats = ctx.device.features("rejector", rh.inputs)
+        learner.train()
+        return train_minibatch(
+            learner.parameters(), (feats, target),
+            lambda f, t: F.binary_cross_entropy_with_logits(learner(f)[:, 0], t),
+            epochs=int(rh.epochs), batch_size=int(rh.batch_size), lr=float(rh.lr),
+            seed=derive_seed(self.seed, "compare-confidence", ctx.device.device_id, ctx.round))
+
+    @torch.no_grad()
+    def rule(self, device, learner, split, rng):
+        m_conf = legacy_confidence(device, split)
         if learner is None:  # never trained: nothing known about the servers, keep local
-            return np.zeros(n, dtype=bool), -m_conf
+            return np.zeros(len(m_conf), dtype=bool), -m_conf
         learner.eval()
-        p_server = torch.sigmoid(learner(device.features(split, hp["rejector"]["inputs"]))[:, 0]).numpy()
+        p_server = torch.sigmoid(learner(device.features(split, self.cfg.rejector.inputs))[:, 0]).numpy()
         score = p_server - m_conf
         return score > 0, score
-    raise ValueError(f"unknown baseline {name!r}")
-
-
-def client_train(device: Device, learner: Rejector | None, view: PoolView, reachable: list[int], hp: dict[str, Any],
-                 servers_cfg: dict[str, Any], num_classes: int, server_round: int, seed: int
-                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, float]]:
-    """One device's round: decide which rejector-split samples to send (same returns as
-    :func:`strategies.l2h.client_train`); compare_confidence also trains its estimator."""
-    name = hp["name"]
-    y = torch.from_numpy(device.data.y_rejector)
-    reach = [s for s in reachable if s in view.present]
-    loss, e_err = float("nan"), float("nan")
-    if reach and (learner is not None or name != "legacy_only"):
-        feats_s, logits = view.outputs(torch.from_numpy(device.data.x_rejector), reach)
-        e_wrong, _ = l2h.server_error(feats_s, logits, y, reach, view, servers_cfg)
-        e_err = float(e_wrong.mean())
-        if learner is not None:
-            rh = hp["rejector"]
-            feats = device.features("rejector", rh["inputs"])
-            learner.train()
-            loss = train_minibatch(
-                learner.parameters(), (feats, 1.0 - e_wrong),
-                lambda f, t: F.binary_cross_entropy_with_logits(learner(f)[:, 0], t),
-                epochs=int(rh["epochs"]), batch_size=int(rh["batch_size"]), lr=float(rh["lr"]),
-                seed=derive_seed(seed, "compare-confidence", device.device_id, server_round))
-    rng = np.random.default_rng(derive_seed(seed, "baseline", name, device.device_id, server_round))
-    defer, _ = rule(name, device, learner, "rejector", hp, rng)
-    defer &= bool(reach)
-    route = np.full(len(defer), -1, dtype=np.int64)
-    explore = (~defer) & (rng.random(len(defer)) < float(hp["explore"])) & bool(reach)
-    m_wrong = (device.legacy_rejector.argmax(1) != y).float()
-    return defer, route, explore, {"rejector_loss": loss, "train_defer_rate": float(defer.mean()),
-                                   "train_legacy_error": float(m_wrong.mean()), "train_server_error": e_err}
-
-
-@torch.no_grad()
-def client_evaluate(device: Device, learner: Rejector | None, reachable: list[int], hp: dict[str, Any],
-                    servers_cfg: dict[str, Any], seed: int = 0) -> dict[str, np.ndarray]:
-    """The device's decisions on its test split (same record as :func:`strategies.l2h.client_evaluate`)."""
-    rng = np.random.default_rng(derive_seed(seed, "baseline-test", hp["name"], device.device_id))
-    defer, score = rule(hp["name"], device, learner, "test", hp, rng)
-    defer &= bool(reachable)
-    return l2h.test_record(device, torch.softmax(device.legacy_test, 1), score, defer,
-                           np.full(len(defer), -1, dtype=np.int64))

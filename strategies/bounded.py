@@ -1,7 +1,7 @@
 """Bounded reject rate: defer at most a fraction delta of the samples (L2H scenario 3).
 
 Source: Wu et al., ICLR 2025 (arXiv 2501.13810), the "bounded reject rate" scenario; the post-hoc
-rules are those of the authors' public code (METHODS.md section 1). Two methods, chosen with
+rules are those of the authors' public code (docs/methods.md, "Bounded reject rate"). Two methods, chosen with
 ``strategy.bound`` and applied after the rejector is trained (``strategy.max_defer_rate = delta``):
 
 - ``quantile``: on a calibration split held out of the device's rejector split
@@ -17,10 +17,11 @@ The fitted ``(t, rho)`` live in the rejector's ``bound`` buffer, so they travel 
 """
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 import torch
+
+from sim.core.config import Bound, BoundedConfig
+from sim.core.seeding import derive_seed
 
 
 def calibration_mask(n: int, fraction: float, rng: np.random.Generator) -> np.ndarray:
@@ -47,22 +48,31 @@ def fit(score_cal: np.ndarray, defer_cal: np.ndarray, delta: float) -> tuple[flo
     return t, float(np.mean(defer_cal))
 
 
-def apply(score: np.ndarray, defer: np.ndarray, bound: torch.Tensor, hp: dict[str, Any], rng: np.random.Generator
+def apply(score: np.ndarray, defer: np.ndarray, bound: torch.Tensor, cfg: BoundedConfig, rng: np.random.Generator
           ) -> np.ndarray:
     """The bounded decisions ``(N,)`` bool from the rejector's ``score (N,)`` and ``defer (N,)``.
 
     Args:
         bound: the rejector's ``(2,)`` buffer ``[t, rho]`` (NaN: never fitted -> no bound applied).
-        hp: the ``strategy`` config (``max_defer_rate``, ``bound``). rng: seeded per device/round.
+        cfg: the method's config (``max_defer_rate``, ``bound``). rng: seeded per device/round.
     """
-    delta = hp.get("max_defer_rate")
+    delta = cfg.max_defer_rate
     t, rho = float(bound[0]), float(bound[1])
     if delta is None or not np.isfinite(rho):
         return defer
-    if hp["bound"] == "quantile":
+    if cfg.bound == Bound.quantile:
         return defer & (score > t)
     u = rng.random(len(defer))
     if rho > delta:
         return defer & (u < delta / rho)
     fill = (delta - rho) / (1.0 - rho) if rho < 1 else 0.0
     return defer | (u < fill)
+
+
+def calibration_split(cfg: BoundedConfig, n: int, seed: int, device_id: int, server_round: int) -> np.ndarray:
+    """``(n,)`` bool: the calibration samples held out of the rejector split when a reject-rate
+    bound is set (``strategy.max_defer_rate``), else all False."""
+    if cfg.max_defer_rate is None or n < 2:
+        return np.zeros(n, dtype=bool)
+    rng = np.random.default_rng(derive_seed(seed, "calibration", device_id, server_round))
+    return calibration_mask(n, float(cfg.calibration), rng)

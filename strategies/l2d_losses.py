@@ -1,4 +1,4 @@
-"""Learning-to-Defer surrogate losses and decision rules (METHODS.md section 3).
+"""Learning-to-Defer surrogate losses and decision rules (docs/methods.md §3).
 
 The device's model outputs ``K + S`` logits ``g``: K class logits, then one deferral logit per
 helper server (expert) j. ``expert_ok (N, S)`` is 1 where expert j's prediction equals the label.
@@ -53,7 +53,7 @@ def ce_loss(logits: torch.Tensor, y: torch.Tensor, expert_ok: torch.Tensor, avai
 def l2d_costs(y: torch.Tensor, expert_ok: torch.Tensor, num_classes: int, c_e: Sequence[float], c_1: float
               ) -> torch.Tensor:
     """Per-sample cost of each action ``(N, K+S)``: predicting class k costs ``1[k != y]``; deferring
-    to expert j costs ``c_e[j] + c_1 * 1[M_j != y]`` (the L2H pricing, METHODS.md section 1)."""
+    to expert j costs ``c_e[j] + c_1 * 1[M_j != y]`` (the L2H pricing, docs/methods.md §1)."""
     cls = 1.0 - F.one_hot(y, num_classes).float()
     ex = torch.tensor([float(c) for c in c_e])[None, :] + c_1 * (1.0 - expert_ok)
     return torch.cat([cls, ex], dim=1)

@@ -1,6 +1,6 @@
 """Learning-to-Help rejector losses (the rejector's half of the stage-switching surrogate).
 
-Notation (METHODS.md): legacy model m, helper server e, rejector logits ``r: (N, 2)`` with
+Notation (docs/methods.md): legacy model m, helper server e, rejector logits ``r: (N, 2)`` with
 index 0 = keep LOCAL and 1 = DEFER, ``psi = softmax(r)``. Costs: ``cost0 = 1[m(x) != y]`` (keep),
 ``cost1 = c_e + c_1 * 1[e(x) != y]`` (defer). The server's indicators come from the current
 (or, asynchronously, a stale) server and carry no gradient.
@@ -20,7 +20,7 @@ def l2h_weights(m_wrong: torch.Tensor, e_wrong: torch.Tensor, c_e: float, c_1: f
     """Per-sample weights ``(w0, w1)`` of the weighted 2-class cross-entropy, each ``(N,)``.
 
     Source: Wu, Li, Dong, Sathyavageeswaran, Sarwate, "Learning to Help in Multi-Class
-    Settings", ICLR 2025 (arXiv 2501.13810), stage-switching surrogate; METHODS.md section 1.
+    Settings", ICLR 2025 (arXiv 2501.13810), stage-switching surrogate; docs/methods.md §1.
 
     Variants:
         ``shifted`` (default): ``w_j = max(cost0, cost1) - cost_j`` -- non-negative, and the
@@ -30,7 +30,7 @@ def l2h_weights(m_wrong: torch.Tensor, e_wrong: torch.Tensor, c_e: float, c_1: f
             unbounded below.
         ``repo``: ``w0 = 1[m == y]``, ``w1 = 1 - c_e + c_1*1[e != y]`` (repo
             YuWuOfRutgers/L2H_multi, train_edgenet.py): defers *more* when the server is wrong.
-        METHODS.md gives only ``w1`` for the last two; ``w0 = 1 - cost0`` is our reading, the one
+        The sources give only ``w1`` for the last two; ``w0 = 1 - cost0`` is our reading, the one
         that makes ``paper`` consistent (``w1 - w0 = cost0 - cost1``).
 
     Args:
@@ -66,7 +66,7 @@ def binary_alpha(c_e: float, c_1: float, beta: float, p: float) -> float:
     """``alpha = (beta/2) * (c_e + 2*sqrt((p - c_e)(c_1 + c_e - p))) / p``.
 
     Source: Wu & Sarwate 2024, "Learning To Help: Training Models to Assist Legacy Devices"
-    (arXiv 2409.16253); METHODS.md section 2. Chosen so the surrogate's decision boundary matches
+    (arXiv 2409.16253); docs/methods.md §2. Chosen so the surrogate's decision boundary matches
     the Bayes rule where ``P(m wrong|x) = p``.
 
     Raises:
@@ -83,7 +83,7 @@ def binary_rejector_loss(logits: torch.Tensor, m_wrong: torch.Tensor, e_margin: 
     """Mean binary L2H surrogate over the batch, with the server fixed (stage-switching).
 
     ``L_S = c_1*exp(beta/2*(-e*y - r)) + c_e*exp(-r) + 1[m*y <= 0]*exp(alpha*r)``
-    (Wu & Sarwate 2024, arXiv 2409.16253; METHODS.md section 2), with the real-valued rejector
+    (Wu & Sarwate 2024, arXiv 2409.16253; docs/methods.md §2), with the real-valued rejector
     ``r = logit_0 - logit_1`` (``r > 0`` keeps the sample local) and ``e*y`` the server's signed
     margin ``(2*P_e(y) - 1)`` in (-1, 1) (the authors' ``2*sigmoid - 1`` squashing).
 
@@ -97,7 +97,7 @@ def binary_rejector_loss(logits: torch.Tensor, m_wrong: torch.Tensor, e_margin: 
 
 def l01_cost(defer: torch.Tensor, m_wrong: torch.Tensor, e_wrong: torch.Tensor, c_e: float, c_1: float
              ) -> torch.Tensor:
-    """Per-sample 0-1 L2H cost ``1[r=0]*1[m!=y] + 1[r=1]*(c_e + c_1*1[e!=y])`` (METHODS.md section 1), ``(N,)``."""
+    """Per-sample 0-1 L2H cost ``1[r=0]*1[m!=y] + 1[r=1]*(c_e + c_1*1[e!=y])`` (docs/methods.md §1), ``(N,)``."""
     defer = defer.float()
     return (1 - defer) * m_wrong + defer * (c_e + c_1 * e_wrong)
 
@@ -107,7 +107,7 @@ def multi_server_rejector_loss(logits: torch.Tensor, costs: torch.Tensor, availa
 
     ``L = -sum_j (max_{j' avail} cost_j' - cost_j) * log softmax_j(r)``, the softmax and the max
     taken over the available options only. Source: the cost-sensitive multi-action surrogate of
-    Mozannar & Sontag 2020 (arXiv 2006.01862; METHODS.md section 3) with the multiple-expert
+    Mozannar & Sontag 2020 (arXiv 2006.01862; docs/methods.md §3) with the multiple-expert
     form of Verma, Barrejon & Nalisnick 2023 (arXiv 2210.16955), adapted to L2H: the actions
     are LOCAL (cost ``1[m(x) != y]``) and each helper server s (cost ``c_e[s] + c_1*1[e_s(x) != y]``).
     Its minimiser picks the option of least expected cost; with one server it is exactly the

@@ -1,31 +1,53 @@
-"""Which module implements each strategy's device side and which class its ServerApp side.
+"""Every method by name: its device side, its ServerApp side and its config class.
 
-A strategy's device module provides ``new_learner(device, spec)``, ``load_learner(device, spec,
-state)`` (the device's trained part: a rejector, an estimator, the L2D model; None for rules with
-nothing to learn), ``client_train(...)`` and ``client_evaluate(...)`` with the signatures of
-:mod:`strategies.l2h`.
+``strategy=<name>`` picks one. ``dml``, ``mel`` and ``coop`` are L2H with mutually learning helper
+servers (their YAMLs also set ``servers.training`` and ``servers.count``). Adding a method is one
+module in strategies/, its config class in :mod:`strategies.config`, one YAML in configs/strategy/
+and one line here (docs/adding.md).
 """
 from __future__ import annotations
 
-from types import ModuleType
+from dataclasses import dataclass
+
+from sim.core.config import StrategyConfig
+from strategies.baselines import CompareConfidence, Confidence, LegacyOnly, RandomDeferral, ServerOnly
+from strategies.config import CONFIGS, BaselineConfig, L2DConfig, L2HConfig
+from strategies.l2d import L2DMethod, L2DStrategy
+from strategies.l2h import L2HMethod, L2HStrategy
+from strategies.method import DeviceMethod
+from strategies.pool_strategy import PoolStrategy
 
 
-def device_side(name: str) -> ModuleType:
-    """The device-side module of ``strategy.name``. Raises ValueError for an unknown name."""
-    from strategies import baselines, l2d, l2h
+@dataclass(frozen=True)
+class Method:
+    """A method's parts: ``device`` (runs on every device), ``server`` (the ServerApp strategy),
+    ``config`` (its ``strategy`` config class)."""
 
-    if name in ("l2h", "dml", "mel", "coop"):
-        return l2h
-    if name == "l2d":
-        return l2d
-    if name in ("legacy_only", "server_only", "random", "confidence", "compare_confidence"):
-        return baselines
-    raise ValueError(f"unknown strategy {name!r}")
+    device: type[DeviceMethod]
+    server: type[PoolStrategy]
+    config: type[StrategyConfig]
 
 
-def server_side(name: str) -> type:
-    """The ServerApp strategy class of ``strategy.name``."""
-    from strategies.l2d import L2DStrategy
-    from strategies.l2h import L2HStrategy
+METHODS: dict[str, Method] = {
+    "l2h": Method(L2HMethod, L2HStrategy, L2HConfig),
+    "dml": Method(L2HMethod, L2HStrategy, L2HConfig),
+    "mel": Method(L2HMethod, L2HStrategy, L2HConfig),
+    "coop": Method(L2HMethod, L2HStrategy, L2HConfig),
+    "l2d": Method(L2DMethod, L2DStrategy, L2DConfig),
+    "legacy_only": Method(LegacyOnly, L2HStrategy, BaselineConfig),
+    "server_only": Method(ServerOnly, L2HStrategy, BaselineConfig),
+    "random": Method(RandomDeferral, L2HStrategy, BaselineConfig),
+    "confidence": Method(Confidence, L2HStrategy, BaselineConfig),
+    "compare_confidence": Method(CompareConfidence, L2HStrategy, BaselineConfig),
+}
 
-    return L2DStrategy if name == "l2d" else L2HStrategy
+
+def method(name: str) -> Method:
+    """The method called ``name``.
+
+    Raises:
+        KeyError: an unknown name (the config schema refuses it first: ``strategy.name``).
+    """
+    return METHODS[name]
+
+assert METHODS.keys() == CONFIGS.keys(), "strategies.config.CONFIGS and METHODS name the same methods"

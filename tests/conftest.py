@@ -26,3 +26,17 @@ def small_cfg(**over):
     base = {"fleet.num_clients": 4, "sim.num_rounds": 2, "sim.progress": "false", "sim.plots": "false"}
     base.update(over)
     return compose_checked([f"{k}={v}" for k, v in base.items()])
+
+
+def prepare_for(cfg, cache_dir):
+    """The prepared dataset of a composed config."""
+    from sim.core.data import prepare
+
+    return prepare(cfg.data, cfg.fleet.num_clients, cfg.seed, cache_dir)
+
+
+def fleet_for(cfg, prep, cache_dir):
+    """The legacy fleet of a composed config."""
+    from clients.legacy import build_fleet
+
+    return build_fleet(cfg.fleet, cfg.data, prep, cfg.seed, cache_dir)

@@ -5,9 +5,14 @@ import numpy as np
 import pytest
 import torch
 
+from sim.core.config import BoundedConfig
 from strategies import bounded
 
-HP = {"max_defer_rate": None, "bound": "quantile"}
+
+def cfg(delta, method="quantile"):
+    return BoundedConfig(name="b", max_defer_rate=delta, bound=method)
+
+HP = cfg(None, "quantile")
 
 
 def scores(n, seed):
@@ -24,8 +29,7 @@ def test_bound_respected_on_a_large_sample(method, delta):
     cal = bounded.calibration_mask(n, 0.25, np.random.default_rng(1))
     t, rho = bounded.fit(s[cal], d[cal], delta)
     assert abs(rho - 0.65) < 0.01
-    hp = {"max_defer_rate": delta, "bound": method}
-    out = bounded.apply(s[~cal], d[~cal], torch.tensor([t, rho]), hp, np.random.default_rng(2))
+    out = bounded.apply(s[~cal], d[~cal], torch.tensor([t, rho]), cfg(delta, method), np.random.default_rng(2))
     rate = out.mean()
     # Sampling noise of the procedure: the threshold is estimated on m calibration samples and the
     # rate measured on n test samples.
@@ -41,10 +45,10 @@ def test_quantile_never_adds_deferrals_and_stochastic_fills_the_budget():
     d = s > 0.8  # the rejector wants about 10%
     cal = bounded.calibration_mask(n, 0.5, np.random.default_rng(4))
     t, rho = bounded.fit(s[cal], d[cal], 0.3)
-    q = bounded.apply(s[~cal], d[~cal], torch.tensor([t, rho]), {"max_defer_rate": 0.3, "bound": "quantile"},
+    q = bounded.apply(s[~cal], d[~cal], torch.tensor([t, rho]), cfg(0.3, "quantile"),
                       np.random.default_rng(5))
     assert (q == d[~cal]).all()  # under the bound already: unchanged
-    st = bounded.apply(s[~cal], d[~cal], torch.tensor([t, rho]), {"max_defer_rate": 0.3, "bound": "stochastic"},
+    st = bounded.apply(s[~cal], d[~cal], torch.tensor([t, rho]), cfg(0.3, "stochastic"),
                        np.random.default_rng(5))
     assert abs(st.mean() - 0.3) < 0.01 and st[d[~cal]].all()  # the paper's code flips local -> defer up to delta
 
@@ -52,7 +56,7 @@ def test_quantile_never_adds_deferrals_and_stochastic_fills_the_budget():
 def test_unfitted_or_unset_bound_changes_nothing():
     s, d = scores(1000, 6)
     nan = torch.full((2,), float("nan"))
-    assert (bounded.apply(s, d, nan, {"max_defer_rate": 0.1, "bound": "quantile"}, np.random.default_rng(0)) == d).all()
+    assert (bounded.apply(s, d, nan, cfg(0.1, "quantile"), np.random.default_rng(0)) == d).all()
     assert (bounded.apply(s, d, torch.tensor([0.5, 0.6]), HP, np.random.default_rng(0)) == d).all()
 
 

@@ -7,25 +7,25 @@ import json
 
 from flwr.app import Array, ArrayRecord
 
-from clients.legacy import build_fleet
 from servers.helper import HelperServer
 from sim.apps import app
-from sim.data import device_data, prepare
+from sim.core.config import plain
+from sim.core.data import device_data
 from strategies.base import DEVICE_FIELDS
-from tests.conftest import small_cfg
+from tests.conftest import fleet_for, prepare_for, small_cfg
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     cache = tmp_path_factory.mktemp("cache")
     cfg = small_cfg()
-    prep = prepare(cfg, cache)
-    fleet = build_fleet(cfg, prep, cache)
+    prep = prepare_for(cfg, cache)
+    fleet = fleet_for(cfg, prep, cache)
     spec = {"key": "test", "data_path": str(prep.path), "fleet_path": str(fleet.path), "groups": fleet.groups,
-            "group_cfgs": fleet.group_cfgs, "in_shape": list(prep.in_shape), "num_classes": prep.num_classes,
-            "seed": 0, "strategy": cfg["strategy"], "servers": cfg["servers"], "torch_threads": 1,
+            "group_cfgs": [plain(g) for g in fleet.group_cfgs], "in_shape": list(prep.in_shape), "num_classes": prep.num_classes,
+            "seed": 0, "strategy": plain(cfg.strategy), "servers": plain(cfg.servers), "torch_threads": 1,
             "devices_per_node": 1}
-    server = HelperServer(cfg["servers"], prep.in_shape, prep.num_classes, seed=0)
+    server = HelperServer(cfg.servers, prep.in_shape, prep.num_classes, seed=0)
     return cfg, prep, fleet, spec, server
 
 

@@ -7,8 +7,8 @@ import torch.nn.functional as F
 
 from servers.losses import sfsl_distillation_loss
 from servers.models import MultiExitNet
-from servers.pool import serving_fraction
-from sim.failures import RoundFaults
+from servers.failover import serving_fraction
+from sim.core.faults import RoundFaults
 from tests.test_pool import IN_SHAPE, K, batch, data, make_pool
 
 
@@ -97,18 +97,18 @@ def test_teammates_answer_from_a_shallower_exit_under_load():
     pool.begin_eval()
     out = pool.answer(2, x, np.zeros(n, int), np.full(n, 1), np.ones(n, bool), (y + 1) % K)
     assert pool.load[1] == n and pool.depth[1] == 1 / 3  # 30 answers * 1/3 <= 10 < 30 * 2/3
-    shallow = pool.exits[1][0].argmax(1).numpy()
-    assert np.array_equal(out["e_pred"], shallow)
+    shallow = pool.outputs(x, None).exits[1][0].argmax(1).numpy()
+    assert np.array_equal(out.e_pred, shallow)
     table = pool.table(x, y)
     assert set(table["exits"]) == {"1", "2"} and len(table["exits"]["1"]) == 3
 
 
 def test_coop_config_errors_are_one_line():
     from sim.cli import compose_checked
-    from sim.schema import ConfigError
+    from sim.core.errors import ConfigError
 
     cfg = compose_checked(["strategy=coop"])
-    assert cfg["servers"]["training"] == "coop" and cfg["servers"]["count"] == 3
+    assert cfg.servers.training == "coop" and cfg.servers.count == 3
     with pytest.raises(ConfigError, match="servers.count"):
         compose_checked(["strategy=coop", "servers.count=1"])
     with pytest.raises(ConfigError, match="servers.arch"):

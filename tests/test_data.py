@@ -2,17 +2,26 @@
 import numpy as np
 import pytest
 
-from sim.data import (SPLIT_LEGACY, SPLIT_REJECTOR, SPLIT_TEST, DataError, degrade, device_data, load_source,
-                      partition, prepare, select, split_device)
-from tests.conftest import small_cfg
+from sim.core.config import DataConfig, DataSource, DeviceGroupConfig, PartitionConfig
+from sim.core.data import SPLIT_LEGACY, SPLIT_REJECTOR, SPLIT_TEST, degrade, device_data, partition, select, split_device
+from sim.core.errors import DataError
+from sim.core.sources import load_source
+from tests.conftest import prepare_for, small_cfg
+
+
+def file_cfg(path, **kw):
+    """A ``data=local`` config naming ``path`` (which may not exist: the loader's own checks are tested)."""
+    c = DataConfig(name="local", **kw)
+    c.source, c.path = DataSource.file, str(path)
+    return c
 
 Y = np.repeat(np.arange(10), 60)
 
 
 def test_iid_partition_deterministic_disjoint_and_complete():
-    p1 = partition(Y, {"name": "iid"}, 7, seed=3)
-    p2 = partition(Y, {"name": "iid"}, 7, seed=3)
-    p3 = partition(Y, {"name": "iid"}, 7, seed=4)
+    p1 = partition(Y, PartitionConfig(name="iid"), 7, seed=3)
+    p2 = partition(Y, PartitionConfig(name="iid"), 7, seed=3)
+    p3 = partition(Y, PartitionConfig(name="iid"), 7, seed=4)
     assert all(np.array_equal(a, b) for a, b in zip(p1, p2))
     assert not all(np.array_equal(a, b) for a, b in zip(p1, p3))
     allidx = np.concatenate(p1)
@@ -22,13 +31,13 @@ def test_iid_partition_deterministic_disjoint_and_complete():
 
 
 def test_pathological_partition_limits_classes_per_device():
-    parts = partition(Y, {"name": "pathological", "classes_per_device": 2}, 5, seed=0)
+    parts = partition(Y, PartitionConfig(name="pathological", classes_per_device=2), 5, seed=0)
     assert all(len(np.unique(Y[p])) <= 2 for p in parts)
     assert len(np.unique(np.concatenate(parts))) == sum(len(p) for p in parts)
 
 
 def test_dirichlet_partition_is_skewed_and_seeded():
-    pcfg = {"name": "dirichlet", "alpha": 0.1, "min_partition_size": 5}
+    pcfg = PartitionConfig(name="dirichlet", alpha=0.1, min_partition_size=5)
     a, b = partition(Y, pcfg, 5, seed=1), partition(Y, pcfg, 5, seed=1)
     assert all(np.array_equal(x, y) for x, y in zip(a, b))
     # a small alpha concentrates each device on few classes
@@ -38,7 +47,7 @@ def test_dirichlet_partition_is_skewed_and_seeded():
 
 def test_fewer_samples_than_devices_is_a_clear_error():
     with pytest.raises(DataError, match="lower fleet.num_clients"):
-        partition(np.arange(3) % 2, {"name": "iid"}, 5, seed=0)
+        partition(np.arange(3) % 2, PartitionConfig(name="iid"), 5, seed=0)
 
 
 def test_split_device_disjoint_nonempty_and_seeded():
@@ -66,13 +75,13 @@ def test_degrade_lowres_and_noise_are_deterministic():
 
 def test_prepare_digits_is_cached_and_devices_get_disjoint_splits(cache_dir):
     cfg = small_cfg()
-    p1 = prepare(cfg, cache_dir)
-    p2 = prepare(cfg, cache_dir)
+    p1 = prepare_for(cfg, cache_dir)
+    p2 = prepare_for(cfg, cache_dir)
     assert p1.path == p2.path and p1.num_classes == 10 and p1.in_shape == (1, 8, 8)
     assert isinstance(p2.x, np.memmap)
     seen = []
     for dev in range(4):
-        d = device_data(p1, dev, {"downsample": 1, "noise_std": 0.0}, seed=0)
+        d = device_data(p1, dev, DeviceGroupConfig(name="g"), seed=0)
         assert len(d.y_legacy) and len(d.y_rejector) and len(d.y_test)
         seen.append(d.ids_rejector)
     allids = np.concatenate(seen)
@@ -97,7 +106,7 @@ def test_hub_dataset_path_reads_a_local_parquet_export(tmp_path):
     path = tmp_path / "mnist.parquet"
     labels = _write_mnist_like_parquet(path)
     cfg = small_cfg(data="mnist", **{"data.path": str(path)})
-    x, y = load_source(cfg["data"])
+    x, y = load_source(cfg.data)
     assert x.shape == (60, 1, 28, 28) and x.dtype == np.float32 and 0 <= x.min() and x.max() <= 1
     assert np.array_equal(y, labels)
 
@@ -105,7 +114,7 @@ def test_hub_dataset_path_reads_a_local_parquet_export(tmp_path):
 def test_local_npz_and_bad_files(tmp_path):
     good = tmp_path / "d.npz"
     np.savez(good, x=np.random.default_rng(0).random((30, 5)), y=np.arange(30) % 3)
-    x, y = load_source({"source": "file", "path": str(good), "image_key": "image", "label_key": "label"})
+    x, y = load_source(file_cfg(good))
     assert x.shape == (30, 1, 1, 5)
     cases = {
         tmp_path / "missing.npz": "does not exist",
@@ -120,7 +129,7 @@ def test_local_npz_and_bad_files(tmp_path):
     (tmp_path / "trunc.parquet").write_bytes(b"PAR1garbage")
     for path, msg in cases.items():
         with pytest.raises(DataError, match=msg) as err:
-            load_source({"source": "file", "path": str(path), "image_key": "image", "label_key": "label"})
+            load_source(file_cfg(path))
         assert "\n" not in str(err.value)
 
 
@@ -134,17 +143,17 @@ def test_hostile_datasets_are_rejected(tmp_path, x, y, msg):
     path = tmp_path / "bad.npz"
     np.savez(path, x=x, y=y)
     with pytest.raises(DataError, match=msg):
-        xs, ys = load_source({"source": "file", "path": str(path), "image_key": "image", "label_key": "label"})
-        select(xs, ys, {"classes": None, "max_samples": None}, 0)
+        xs, ys = load_source(file_cfg(path))
+        select(xs, ys, file_cfg(path), 0)
 
 
 def test_select_classes_makes_a_binary_task():
     x = np.zeros((20, 1, 2, 2), np.float32)
     y = np.arange(20) % 10
-    xs, ys, k = select(x, y, {"classes": [3, 8], "max_samples": None}, 0)
+    xs, ys, k = select(x, y, DataConfig(name="d", classes=[3, 8]), 0)
     assert k == 2 and sorted(set(ys.tolist())) == [0, 1] and len(ys) == 4
     with pytest.raises(DataError, match="do not occur"):
-        select(x, y, {"classes": [3, 42], "max_samples": None}, 0)
+        select(x, y, DataConfig(name="d", classes=[3, 42]), 0)
 
 
 def test_changed_local_file_is_not_served_from_a_stale_cache(tmp_path):
@@ -152,18 +161,18 @@ def test_changed_local_file_is_not_served_from_a_stale_cache(tmp_path):
     rng = np.random.default_rng(0)
     np.savez(path, x=rng.random((40, 4)), y=np.arange(40) % 2)
     cfg = small_cfg(data="local", **{"data.path": str(path)})
-    first = prepare(cfg, tmp_path / "cache")
+    first = prepare_for(cfg, tmp_path / "cache")
     np.savez(path, x=rng.random((50, 4)), y=np.arange(50) % 2)
-    second = prepare(cfg, tmp_path / "cache")
+    second = prepare_for(cfg, tmp_path / "cache")
     assert second.path != first.path and len(second.y) == 50
 
 
 def test_sampled_partition_shares_images_but_never_a_test_image():
-    from sim.data import SPLIT_LEGACY, SPLIT_REJECTOR, SPLIT_TEST, sampled_rows
+    from sim.core.data import SPLIT_LEGACY, SPLIT_REJECTOR, SPLIT_TEST, sampled_rows
 
     n, devices = 100, 300  # more devices than samples / 3
-    rows, owner, split = sampled_rows(n, {"samples_per_device": 10}, devices, (0.4, 0.4, 0.2), seed=0)
-    again = sampled_rows(n, {"samples_per_device": 10}, devices, (0.4, 0.4, 0.2), seed=0)
+    rows, owner, split = sampled_rows(n, PartitionConfig(samples_per_device=10), devices, (0.4, 0.4, 0.2), seed=0)
+    again = sampled_rows(n, PartitionConfig(samples_per_device=10), devices, (0.4, 0.4, 0.2), seed=0)
     assert all(np.array_equal(a, b) for a, b in zip((rows, owner, split), again))
     assert np.bincount(owner, minlength=devices).tolist() == [10] * devices
     for dev in (0, 150, 299):
@@ -178,7 +187,7 @@ def test_sampled_partition_shares_images_but_never_a_test_image():
 def test_sampled_partition_runs_a_fleet_larger_than_the_dataset_allows(cache_dir):
     cfg = small_cfg(**{"fleet.num_clients": 700, "data.partition.name": "sampled",
                        "data.partition.samples_per_device": 5})
-    prep = prepare(cfg, cache_dir)
+    prep = prepare_for(cfg, cache_dir)
     assert len(prep.y) == 700 * 5 and prep.owner.max() == 699
     with pytest.raises(Exception, match="samples_per_device"):
         small_cfg(**{"data.partition.name": "sampled", "data.partition.samples_per_device": 2})

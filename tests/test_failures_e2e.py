@@ -8,6 +8,8 @@ import pytest
 
 from tests.conftest import small_cfg
 
+pytestmark = pytest.mark.slow  # real runs: the full suite only (README)
+
 PRESETS = {
     "crash_stop": {"failures.servers": "[1]", "failures.round": 2},
     "crash_recover": {"failures.servers": "[0]", "failures.round": 1, "failures.recover_after": 1},

@@ -3,9 +3,8 @@ import numpy as np
 import pytest
 import torch
 
-from clients.legacy import assign_groups, build_fleet, legacy_file, load_legacy
-from sim.data import prepare
-from tests.conftest import small_cfg
+from clients.legacy import assign_groups, legacy_file, load_legacy
+from tests.conftest import fleet_for, prepare_for, small_cfg
 
 
 def test_assign_groups_is_proportional_and_interleaved():
@@ -15,13 +14,14 @@ def test_assign_groups_is_proportional_and_interleaved():
     assert assign_groups(1, [1, 1]) == [0]
 
 
+@pytest.mark.slow
 def test_fleet_is_heterogeneous_deterministic_and_cached(tmp_path):
     cfg = small_cfg(**{"fleet.num_clients": 8})
     fleets = []
     for name in ("a", "b"):
         cache = tmp_path / name
-        prep = prepare(cfg, cache)
-        fleets.append((build_fleet(cfg, prep, cache), prep))
+        prep = prepare_for(cfg, cache)
+        fleets.append((fleet_for(cfg, prep, cache), prep))
     (f1, prep), (f2, _) = fleets
     assert f1.built and f2.built
     np.testing.assert_array_equal(f1.legacy_accuracy, f2.legacy_accuracy)
@@ -33,37 +33,38 @@ def test_fleet_is_heterogeneous_deterministic_and_cached(tmp_path):
         model = load_legacy(f1.path, dev, g, prep.in_shape, prep.num_classes)
         assert not any(p.requires_grad for p in model.parameters())
     # the default fleet mixes architectures and its legacy accuracies genuinely differ
-    assert len({f1.group_cfgs[g]["arch"] for g in f1.groups}) == 3
+    assert len({f1.group_cfgs[g].arch for g in f1.groups}) == 3
     assert f1.legacy_accuracy.max() - f1.legacy_accuracy.min() > 0.1
-    again = build_fleet(cfg, prep, tmp_path / "a")
+    again = fleet_for(cfg, prep, tmp_path / "a")
     assert not again.built
     np.testing.assert_array_equal(again.legacy_accuracy, f1.legacy_accuracy)
 
 
+@pytest.mark.slow
 def test_corrupt_cache_entry_is_rebuilt_not_used(tmp_path):
     cfg = small_cfg()
-    prep = prepare(cfg, tmp_path)
-    fleet = build_fleet(cfg, prep, tmp_path)
+    prep = prepare_for(cfg, tmp_path)
+    fleet = fleet_for(cfg, prep, tmp_path)
     target = fleet.path / legacy_file(1)
     good = target.read_bytes()
     target.write_bytes(good[: len(good) // 2])  # truncated, as by a crash mid-write
     with pytest.warns(UserWarning, match="corrupt or incomplete; rebuilding"):
-        rebuilt = build_fleet(cfg, prep, tmp_path)
+        rebuilt = fleet_for(cfg, prep, tmp_path)
     assert rebuilt.built and target.read_bytes() == good
     # flipped bytes of the same size are caught by the checksum too
     target.write_bytes(bytes(255 - b for b in good))
     with pytest.warns(UserWarning, match="rebuilding"):
-        assert build_fleet(cfg, prep, tmp_path).built
+        assert fleet_for(cfg, prep, tmp_path).built
     assert target.read_bytes() == good
 
 
 def test_corrupt_dataset_cache_is_rebuilt(tmp_path):
     cfg = small_cfg()
-    p = prepare(cfg, tmp_path)
+    p = prepare_for(cfg, tmp_path)
     y = (p.path / "y.npy").read_bytes()
     (p.path / "y.npy").write_bytes(y[:-8])
     with pytest.warns(UserWarning, match="dataset cache entry"):
-        p2 = prepare(cfg, tmp_path)
+        p2 = prepare_for(cfg, tmp_path)
     assert (p2.path / "y.npy").read_bytes() == y
 
 
@@ -74,7 +75,7 @@ def test_batched_pretraining_is_the_one_by_one_training(arch):
     import torch.nn.functional as F
 
     from clients.zoo import build_model
-    from sim.training import train_minibatch, train_stacked
+    from sim.core.training import train_minibatch, train_stacked
 
     m, n = 4, 40  # n > batch 32: two steps per epoch, the second a short one
     torch.manual_seed(0)
@@ -98,10 +99,11 @@ def test_batched_pretraining_is_the_one_by_one_training(arch):
         assert moved > 0.1 and diff <= 1e-4 * moved, (arch, diff, moved)
 
 
+@pytest.mark.slow
 def test_sequential_and_batched_fleets_agree_and_are_cached_apart(tmp_path):
     cfg_b = small_cfg(**{"fleet.num_clients": 8})
     cfg_s = small_cfg(**{"fleet.num_clients": 8, "fleet.pretrain": "sequential"})
-    prep = prepare(cfg_b, tmp_path)
-    fb, fs = build_fleet(cfg_b, prep, tmp_path), build_fleet(cfg_s, prep, tmp_path)
+    prep = prepare_for(cfg_b, tmp_path)
+    fb, fs = fleet_for(cfg_b, prep, tmp_path), fleet_for(cfg_s, prep, tmp_path)
     assert fb.path != fs.path and fb.built and fs.built
     assert np.abs(fb.legacy_accuracy - fs.legacy_accuracy).max() <= 1 / 36  # at most one test sample flips

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from clients.device import Rejector
-from sim.training import train_minibatch
+from sim.core.training import train_minibatch
 from strategies.l2h_losses import (binary_alpha, binary_rejector_loss, l01_cost, l2h_weights,
                                    multiclass_rejector_loss)
 
@@ -22,7 +22,7 @@ def p_e_wrong(x: np.ndarray) -> np.ndarray:
 
 
 def bayes_defer(x: np.ndarray) -> np.ndarray:
-    """Bayes rule (METHODS.md section 1): defer iff P(m wrong|x) > c_e + c_1 * P(e wrong|x)."""
+    """Bayes rule (docs/methods.md §1): defer iff P(m wrong|x) > c_e + c_1 * P(e wrong|x)."""
     return p_m_wrong(x) > C_E + C_1 * p_e_wrong(x)
 
 

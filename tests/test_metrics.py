@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from sim.metrics import accuracy_at_rates, per_device, pooled_metrics
+from sim.core.metrics import accuracy_at_rates, per_device, pooled_metrics
 
 
 def records():
@@ -59,7 +59,7 @@ def test_per_device_rows():
 
 
 def test_aurc_by_hand_and_e_aurc_of_the_ideal_ranking_is_zero():
-    from sim.metrics import aurc
+    from sim.core.metrics import aurc
 
     # 4 samples, local model right on samples 0 and 2; score ranks 3, 1, 0, 2 deferred first,
     # so the kept order (lowest score first) is 2, 0, 1, 3: risks 0/1, 0/2, 1/3, 2/4.
@@ -73,7 +73,7 @@ def test_aurc_by_hand_and_e_aurc_of_the_ideal_ranking_is_zero():
 
 
 def test_fairness_worst_and_tenth_percentile():
-    from sim.metrics import fairness
+    from sim.core.metrics import fairness
 
     rows = [{"system_accuracy": v} for v in np.linspace(0.5, 0.95, 10)]
     f = fairness(rows)

@@ -7,8 +7,9 @@ import torch.nn.functional as F
 
 from servers.losses import dml_loss, mel_combiner_loss
 from servers.models import Combiners, ServerNet
-from servers.pool import FAILOVER_KINDS, ServerPool
-from sim.failures import RoundFaults, build_schedule
+from servers.failover import FAILOVER_KINDS
+from servers.pool import ServerPool
+from sim.core.faults import RoundFaults, build_schedule
 from tests.conftest import small_cfg
 
 KINDS = ("none",) + FAILOVER_KINDS
@@ -18,7 +19,7 @@ IN_SHAPE, K = (1, 4, 4), 3
 def make_pool(count=3, routing="all", training="independent", placement="local", **over):
     cfg = small_cfg(**{"servers.count": count, "servers.routing": routing, "servers.training": training,
                        "servers.hidden": 8, "servers.epochs": 2, "servers.batch_size": 8, **over})
-    return ServerPool(cfg, IN_SHAPE, K, placement)
+    return ServerPool(cfg.servers, IN_SHAPE, K, cfg.seed, cfg.failures.query_timeout_s, placement)
 
 
 def data(n=40, seed=0):
@@ -46,34 +47,34 @@ def test_failover_order_full_ensemble_then_subset_then_standalone_then_legacy():
     pool.begin_round(RoundFaults(round=1))
     pool.train(1, [batch(0), batch(1, seed=1)])
     out, _ = answer(pool)
-    assert (out["failover"] == KINDS.index("none")).all() and out["served"].all()
+    assert (out.failover == KINDS.index("none")).all() and out.served.all()
 
     pool.begin_round(RoundFaults(round=2, kill=[0]))
     assert pool.up == [1, 2]
     out, _ = answer(pool, round_=2)
-    assert (out["failover"] == KINDS.index("subset")).all() and out["served"].all()
+    assert (out.failover == KINDS.index("subset")).all() and out.served.all()
     assert pool.failovers["subset"] == 30
 
     pool.begin_round(RoundFaults(round=3, kill=[1]))
     out, _ = answer(pool, round_=3)
-    assert (out["failover"] == KINDS.index("standalone")).all()
+    assert (out.failover == KINDS.index("standalone")).all()
     assert pool.load.tolist() == [0, 0, 30]  # only the survivor answered
 
     pool.begin_round(RoundFaults(round=4, kill=[2]))
     out, m_pred = answer(pool, round_=4)
-    assert (out["failover"] == KINDS.index("legacy")).all() and not out["served"].any()
-    assert np.array_equal(out["e_pred"], m_pred)  # the device's own legacy answer, exactly
+    assert (out.failover == KINDS.index("legacy")).all() and not out.served.any()
+    assert np.array_equal(out.e_pred, m_pred)  # the device's own legacy answer, exactly
 
 
 def test_learned_routing_goes_to_the_chosen_server_and_a_dropped_query_fails_over():
     pool = make_pool(3, "learned")
     pool.begin_round(RoundFaults(round=1))
     out, _ = answer(pool, route=2)
-    assert pool.load.tolist() == [0, 0, 30] and (out["failover"] == 0).all()
+    assert pool.load.tolist() == [0, 0, 30] and (out.failover == 0).all()
     # every query lost: each deferred sample falls back to the legacy model
     pool.begin_round(RoundFaults(round=2, query_drop=1.0))
     out, m_pred = answer(pool, route=2, round_=2)
-    assert not out["served"].any() and np.array_equal(out["e_pred"], m_pred)
+    assert not out.served.any() and np.array_equal(out.e_pred, m_pred)
     assert pool.failovers["legacy"] == 30
 
 
@@ -105,7 +106,7 @@ def test_crash_recover_from_checkpoint_restores_the_weights_and_from_scratch_doe
     pool.train(1, [batch(0, n=40)])
     pool.end_round()
     trained = pool.handles[0].obj.weights()
-    fresh = ServerPool(pool.cfg, IN_SHAPE, K, "local").handles[0].obj.weights()
+    fresh = ServerPool(pool.cfg, IN_SHAPE, K, pool.seed, pool.timeout, "local").handles[0].obj.weights()
     pool.begin_round(RoundFaults(round=2, kill=[0]))
     assert pool.up == [1]
     pool.begin_round(RoundFaults(round=3, restart=[0], recover_from="checkpoint"))
@@ -137,7 +138,7 @@ def test_mel_split_training_step_equals_the_joint_gradient_step():
     opts = [torch.optim.Adam(nets[s].parameters(), lr=1e-3) for s in (0, 1)] + \
         [torch.optim.Adam(comb.parameters(), lr=1e-3)]
     order = np.sort(torch.randperm(30, generator=torch.Generator().manual_seed(
-        __import__("sim.training", fromlist=["derive_seed"]).derive_seed(0, "pool-fit", 1))).numpy())
+        __import__("sim.core.seeding", fromlist=["derive_seed"]).derive_seed(0, "pool-fit", 1))).numpy())
     xb, yb = torch.from_numpy(x[order]), torch.from_numpy(y[order])
     feats = {s: nets[s].trunk(xb) for s in (0, 1)}
     loss = sum(F.cross_entropy(nets[s].head(feats[s]), yb) for s in (0, 1)) + \
@@ -167,6 +168,7 @@ def test_dml_loss_is_ce_plus_mean_kl_from_peers():
     assert torch.allclose(dml_loss(logits, y, same), F.cross_entropy(logits, y), atol=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("training,routing", [("independent", "learned"), ("mel", "all"), ("dml", "least_loaded"),
                                               ("coop", "learned")])
 def test_random_fault_schedules_never_break_the_pool(training, routing):
@@ -176,7 +178,7 @@ def test_random_fault_schedules_never_break_the_pool(training, routing):
         pool = make_pool(3, routing, training, **{"servers.epochs": 1, "failures.query_timeout_s": 0.5})
         f = small_cfg(**{"failures": "random", "failures.random.crash_p": 0.3, "failures.random.outage_p": 0.2,
                          "failures.random.slow_p": 0.2, "failures.random.partition_p": 0.5,
-                         "failures.random.query_drop_q": 0.3, "servers.count": 3})["failures"]
+                         "failures.random.query_drop_q": 0.3, "servers.count": 3}).failures
         for faults in build_schedule(f, 3, 2, 6, seed):
             up = pool.begin_round(faults)
             assert set(up) <= set(range(3)) - pool.dead
@@ -185,22 +187,22 @@ def test_random_fault_schedules_never_break_the_pool(training, routing):
                                       for d in (0, 1)])
             pool.end_round()
             out, m_pred = answer(pool, round_=faults.round)
-            legacy = out["failover"] == KINDS.index("legacy")
-            assert np.array_equal(out["served"], ~legacy)
-            assert np.array_equal(out["e_pred"][~out["served"]], m_pred[~out["served"]])
-            assert ((out["e_pred"] >= 0) & (out["e_pred"] < K)).all()
+            legacy = out.failover == KINDS.index("legacy")
+            assert np.array_equal(out.served, ~legacy)
+            assert np.array_equal(out.e_pred[~out.served], m_pred[~out.served])
+            assert ((out.e_pred >= 0) & (out.e_pred < K)).all()
 
 
 def test_schedule_presets():
     cfg = small_cfg(**{"failures": "crash_recover", "failures.servers": "[0,1]", "failures.round": 2,
                        "failures.recover_after": 2, "servers.count": 2, "sim.num_rounds": 5})
-    sched = build_schedule(cfg["failures"], 2, 4, 5, 0)
+    sched = build_schedule(cfg.failures, 2, 4, 5, 0)
     assert sched[1].kill == [0, 1] and sched[3].restart == [0, 1]
     assert not any(r.kill or r.restart for i, r in enumerate(sched) if i not in (1, 3))
-    rnd = small_cfg(**{"failures": "random", "servers.count": 3})["failures"]
+    rnd = small_cfg(**{"failures": "random", "servers.count": 3}).failures
     assert build_schedule(rnd, 3, 10, 30, 7) == build_schedule(rnd, 3, 10, 30, 7)
     assert build_schedule(rnd, 3, 10, 30, 7) != build_schedule(rnd, 3, 10, 30, 8)
-    drop = small_cfg(**{"failures": "device_dropout", "failures.dropout.fraction": 0.5})["failures"]
+    drop = small_cfg(**{"failures": "device_dropout", "failures.dropout.fraction": 0.5}).failures
     assert sum(len(r.dropout) for r in build_schedule(drop, 1, 10, 10, 0)) > 20
 
 
@@ -213,6 +215,7 @@ def ray_local():
     ray.shutdown()
 
 
+@pytest.mark.slow
 def test_killed_actor_is_really_dead_and_its_samples_go_elsewhere(ray_local):
     import ray
 
@@ -229,5 +232,5 @@ def test_killed_actor_is_really_dead_and_its_samples_go_elsewhere(ray_local):
     pool.train(2, [batch(0, n=12, route=0)])  # the device still names server 0: rerouted
     assert pool.load[0] == 0 and pool.load.sum() == 12 and pool.train_rerouted == 12
     out, _ = answer(pool, route=0, round_=2)
-    assert out["served"].all() and pool.load[0] == 0
+    assert out.served.all() and pool.load[0] == 0
     pool.shutdown()

@@ -12,8 +12,10 @@ import numpy as np
 import pytest
 
 from sim import checkpoint
-from sim.schema import ConfigError
+from sim.core.errors import ConfigError
 from tests.conftest import small_cfg
+
+pytestmark = pytest.mark.slow  # real runs: the full suite only (README)
 
 # Several servers, MEL, asynchronous rejectors, a crash with recovery from checkpoint and query
 # drops: everything that carries state from one round to the next.
@@ -153,19 +155,19 @@ def test_corrupt_or_truncated_checkpoint_is_refused_not_used(tmp_path):
 
 def test_device_states_are_stacked_per_shape_and_unstacked_exactly(tmp_path):
     """Checkpoints keep a thousand devices' rejectors as a few stacked arrays (one per shape group)."""
-    from sim import checkpoint
+    from sim.core.arrays import stack_states, unstack_states
 
     rng = np.random.default_rng(0)
     states = {d: {"w": rng.normal(size=(3, 4 if d % 2 else 6)).astype(np.float32), "b": rng.normal(size=3)}
               for d in (0, 3, 4, 7, 9)}
-    stacked = checkpoint.stack_states(states, "rejectors")
+    stacked = stack_states(states, "rejectors")
     assert len(stacked) == 2 * 3  # two shape groups: devices, w, b each
     checkpoint.save(tmp_path, stacked, {"round": 1})
     arrays, _ = checkpoint.load(tmp_path)
-    back = checkpoint.unstack_states(arrays, "rejectors")
+    back = unstack_states(arrays, "rejectors")
     assert sorted(back) == sorted(states)
     for d, st in states.items():
         assert back[d].keys() == st.keys()
         for k in st:
             assert back[d][k].dtype == st[k].dtype and np.array_equal(back[d][k], st[k])
-    assert checkpoint.unstack_states({}, "rejectors") == {}
+    assert unstack_states({}, "rejectors") == {}

@@ -11,12 +11,13 @@ import time
 
 import pytest
 
-from sim.schema import ConfigError, validate
-from tests.conftest import small_cfg
+from sim.core.config import Config, from_plain, plain
+from sim.core.errors import ConfigError
+from tests.conftest import fleet_for, prepare_for, small_cfg
 
 
 def numeric_leaves(node, path=""):
-    """Dotted keys of every int/float value in the config (bools, None and lists left out)."""
+    """Dotted keys of every int/float value in a plain config (bools, None and lists left out)."""
     if isinstance(node, dict):
         for k, v in node.items():
             yield from numeric_leaves(v, f"{path}.{k}" if path else k)
@@ -36,21 +37,26 @@ def set_key(cfg, dotted, value):
     node[parts[-1]] = value
 
 
-BASE = small_cfg(**{"failures": "random", "servers.count": 2})
-NUMERIC = [k for k in numeric_leaves(BASE) if k != "seed"]
+# Every method's config: the L2H defaults, a baseline's and L2D's (each has keys of its own).
+BASES = {name: plain(small_cfg(**{"failures": "random", "servers.count": 2, "strategy": name}))
+         for name in ("l2h", "confidence", "l2d")}
+_SHARED = set(numeric_leaves(BASES["l2h"]))
+NUMERIC = sorted({("l2h", k) for k in _SHARED if k != "seed"}
+                 | {(name, k) for name in ("confidence", "l2d") for k in numeric_leaves(BASES[name]) if k not in _SHARED})
+"""Every numeric key of L2H's config, and the keys only a baseline's or L2D's config has."""
 
 
 def test_the_config_has_many_numeric_keys():
-    assert len(NUMERIC) > 40  # the enumeration below really covers the schema
+    assert len({k for _, k in NUMERIC}) > 40  # the enumeration below really covers the schema
 
 
-@pytest.mark.parametrize("key", NUMERIC)
-def test_every_numeric_value_out_of_range_is_a_one_line_error_naming_it(key):
-    cfg = copy.deepcopy(BASE)
-    validate(cfg)
+@pytest.mark.parametrize("name,key", NUMERIC)
+def test_every_numeric_value_out_of_range_is_a_one_line_error_naming_it(name, key):
+    cfg = copy.deepcopy(BASES[name])
+    from_plain(Config, cfg)  # the base config is valid
     set_key(cfg, key, -1)
     with pytest.raises(ConfigError) as exc:
-        validate(cfg)
+        from_plain(Config, cfg)
     msg = str(exc.value)
     assert "\n" not in msg
     # the message names the key (data.split.* errors name the split fractions as a group)
@@ -58,20 +64,21 @@ def test_every_numeric_value_out_of_range_is_a_one_line_error_naming_it(key):
 
 
 def _build(cache_dir, q):
-    try:
-        from clients.legacy import build_fleet
-        from sim.data import prepare
+    import torch
 
+    torch.set_num_threads(1)  # as a run does (sim.torch_threads): two jobs on two cores
+    try:
         cfg = small_cfg(**{"fleet": "uniform", "fleet.num_clients": 2})
-        prep = prepare(cfg, cache_dir)
-        fleet = build_fleet(cfg, prep, cache_dir)
+        prep = prepare_for(cfg, cache_dir)
+        fleet = fleet_for(cfg, prep, cache_dir)
         q.put(("ok", str(fleet.path), fleet.legacy_accuracy.tolist()))
     except Exception as exc:  # noqa: BLE001 -- reported to the test
         q.put(("error", repr(exc), None))
 
 
+@pytest.mark.slow
 def test_two_jobs_building_the_same_cache_entry_at_once_do_not_corrupt_it(tmp_path):
-    from sim.cache import read_verified
+    from sim.core.cache import read_verified
 
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
@@ -103,6 +110,7 @@ def _client_workers():
     return pids
 
 
+@pytest.mark.slow
 def test_a_worker_killed_from_outside_costs_its_replies_not_the_run(tmp_path, shared_cache):
     run_dir = tmp_path / "run"
     env = {**os.environ, "L2H_SIM_CACHE": str(shared_cache)}
@@ -127,6 +135,7 @@ def test_a_worker_killed_from_outside_costs_its_replies_not_the_run(tmp_path, sh
     assert json.loads((run_dir / "summary.json").read_text())["num_test_samples"] > 0
 
 
+@pytest.mark.slow
 def test_a_ray_address_that_does_not_answer_fails_in_seconds_with_one_line(tmp_path, shared_cache):
     env = {**os.environ, "L2H_SIM_CACHE": str(shared_cache)}
     t0 = time.monotonic()

@@ -31,6 +31,7 @@ def noise(p, n):
     return 3 * math.sqrt(p * (1 - p) / n)
 
 
+@pytest.mark.slow
 def test_legacy_only_and_server_only(tmp_path, shared_cache):
     s, _, _ = run(tmp_path, shared_cache, "legacy", strategy="legacy_only")
     assert s["defer_rate"] == 0 and s["system_accuracy"] == s["legacy_accuracy"]
@@ -38,6 +39,7 @@ def test_legacy_only_and_server_only(tmp_path, shared_cache):
     assert s["defer_rate"] == 1 and s["system_accuracy"] == s["server_accuracy"]
 
 
+@pytest.mark.slow
 def test_random_and_confidence_defer_at_the_requested_rate(tmp_path, shared_cache):
     s, _, _ = run(tmp_path, shared_cache, "random", strategy="random", **{"strategy.defer_rate": 0.5})
     assert abs(s["defer_rate"] - 0.5) <= noise(0.5, s["num_test_samples"])
@@ -49,8 +51,10 @@ def test_random_and_confidence_defer_at_the_requested_rate(tmp_path, shared_cach
 def test_baseline_rules_on_one_device():
     from clients.device import Device
     from clients.zoo import build_model
-    from sim.data import DeviceData
-    from strategies.baselines import confidence_tau, rule
+    from sim.core.config import ServersConfig
+    from sim.core.data import DeviceData
+    from strategies.baselines import CompareConfidence, Confidence, confidence_tau
+    from strategies.config import BaselineConfig
 
     rng = np.random.default_rng(0)
     x = rng.random((200, 1, 8, 8), dtype=np.float32)
@@ -59,34 +63,34 @@ def test_baseline_rules_on_one_device():
     torch.manual_seed(0)
     dev = Device.create(0, data, build_model("logreg", (1, 8, 8), 10))
     conf = torch.softmax(dev.legacy_test, 1).max(1).values.numpy()
-    hp = {"name": "confidence", "tau": 0.15, "defer_rate": 0.3, "rejector": {"inputs": "legacy"}}
-    defer, score = rule("confidence", dev, None, "test", hp, rng)
+    cfg = BaselineConfig(name="confidence", tau=0.15, defer_rate=0.3)
+    cfg.rejector.inputs = "legacy"
+    servers = ServersConfig(name="s")
+    defer, score = Confidence(cfg, servers, 0, 10).rule(dev, None, "test", rng)
     assert (defer == (conf < 0.15)).all() and np.allclose(score, 1 - conf)
-    hp["tau"] = None
-    tau = confidence_tau(dev, hp)
+    cfg.tau = None
+    tau = confidence_tau(dev, cfg)
     rej_conf = torch.softmax(dev.legacy_rejector, 1).max(1).values.numpy()
     assert abs((rej_conf < tau).mean() - 0.3) <= 0.01
     # CompareConfidence: defer iff the estimate of P(server correct) beats the legacy confidence
     est = torch.nn.Linear(10, 1)
     torch.nn.init.zeros_(est.weight)
     torch.nn.init.constant_(est.bias, 0.0)  # P_hat = 0.5 everywhere
-
-    def learner(f):
-        return est(f)
-
-    learner.eval = lambda: None
-    defer, score = rule("compare_confidence", dev, learner, "test", {"rejector": {"inputs": "legacy"}}, rng)
+    cc = CompareConfidence(cfg, servers, 0, 10)
+    defer, score = cc.rule(dev, est, "test", rng)
     assert (defer == (conf < 0.5)).all()
-    never, _ = rule("compare_confidence", dev, None, "test", {"rejector": {"inputs": "legacy"}}, rng)
+    never, _ = cc.rule(dev, None, "test", rng)
     assert not never.any()  # an untrained estimator defers nothing
 
 
+@pytest.mark.slow
 def test_compare_confidence_runs_and_learns(tmp_path, shared_cache):
     s, rounds, _ = run(tmp_path, shared_cache, "cc", strategy="compare_confidence", **{"sim.num_rounds": 3})
     assert all(np.isfinite(r["rejector_loss"]) for r in rounds)
     assert 0 < s["defer_rate"] <= 1
 
 
+@pytest.mark.slow
 def test_l2d_experts_stay_fixed_and_the_classifier_trains(tmp_path, shared_cache):
     base, _, _ = run(tmp_path, shared_cache, "legacy", strategy="legacy_only")
     s, rounds, _ = run(tmp_path, shared_cache, "l2d", strategy="l2d", **{"sim.num_rounds": 3})
@@ -99,18 +103,21 @@ def test_l2d_experts_stay_fixed_and_the_classifier_trains(tmp_path, shared_cache
     assert list((shared_cache / "experts").iterdir())  # the experts are cached
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("loss", ["ce", "ova"])
 def test_l2d_other_losses_run(tmp_path, shared_cache, loss):
     s, _, _ = run(tmp_path, shared_cache, loss, strategy="l2d", **{"strategy.l2d.loss": loss})
     assert 0 <= s["defer_rate"] <= 1 and s["system_accuracy"] >= s["legacy_accuracy"] - 0.05
 
 
+@pytest.mark.slow
 def test_l2d_fedavg_averages_devices_of_the_same_architecture(tmp_path, shared_cache):
     _, _, out = run(tmp_path, shared_cache, "fed", strategy="l2d", **{"strategy.l2d.fedavg": "true"})
     from sim import checkpoint
+    from sim.core.arrays import sub, unstack_states
 
     arrays, _ = checkpoint.load(out)
-    states = checkpoint.unstack_states(checkpoint.sub(arrays, "strategy"), "rejectors")
+    states = unstack_states(sub(arrays, "strategy"), "rejectors")
 
     def model(d):
         return states.get(d, {})
@@ -121,6 +128,7 @@ def test_l2d_fedavg_averages_devices_of_the_same_architecture(tmp_path, shared_c
     assert set(model(0)) != set(m1) or any(not np.array_equal(model(0)[k], m1[k]) for k in m1)
 
 
+@pytest.mark.slow
 def test_l2d_never_defers_to_a_dead_expert(tmp_path, shared_cache):
     s, rounds, _ = run(tmp_path, shared_cache, "dead", strategy="l2d", failures="crash_stop",
                        **{"servers.count": 2, "failures.servers": "[1]", "failures.round": 1,
@@ -129,6 +137,7 @@ def test_l2d_never_defers_to_a_dead_expert(tmp_path, shared_cache):
     assert s["defer_rate"] > 0  # it still defers, to expert 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("bound", ["quantile", "stochastic"])
 def test_bounded_reject_rate_end_to_end(tmp_path, shared_cache, bound):
     delta = 0.1
@@ -138,6 +147,7 @@ def test_bounded_reject_rate_end_to_end(tmp_path, shared_cache, bound):
     assert s["defer_rate"] <= delta + noise(delta, s["num_test_samples"])
 
 
+@pytest.mark.slow
 def test_report_on_two_small_runs(tmp_path, shared_cache):
     run(tmp_path, shared_cache, "a", **{"seed": 0})
     run(tmp_path, shared_cache, "b", strategy="confidence", **{"seed": 1, "strategy.c_e": 0.2})
@@ -172,19 +182,22 @@ def test_experiment_presets_compose_for_every_swept_value(preset):
     for key, values in params.items():
         for v in str(values).split(","):
             cfg = compose_checked([f"experiment={preset}", f"{key}={v}"])
-            assert str(cfg[key.split(".")[0]] if "." not in key else cfg[key.split(".")[0]][key.split(".", 1)[1]]) \
-                in (v, str(float(v)) if v.replace(".", "").isdigit() else v) or key == "strategy"
+            node = cfg
+            for part in key.split("."):
+                node = getattr(node, part)
+            assert str(node) in (v, str(float(v)) if v.replace(".", "").isdigit() else v) or key == "strategy"
 
 
 def test_mutual_learning_strategy_names_set_the_servers():
     from sim.cli import compose_checked
 
     dml = compose_checked(["strategy=dml"])
-    assert dml["strategy"]["name"] == "dml" and dml["servers"]["training"] == "dml" and dml["servers"]["count"] == 2
+    assert dml.strategy.name == "dml" and dml.servers.training == "dml" and dml.servers.count == 2
     mel = compose_checked(["strategy=mel", "servers.count=3"])
-    assert mel["servers"]["training"] == "mel" and mel["servers"]["count"] == 3
+    assert mel.servers.training == "mel" and mel.servers.count == 3
 
 
+@pytest.mark.slow
 def test_coop_runs_end_to_end_and_reports_depth_and_exits(tmp_path, shared_cache):
     """Devices rebuild the multi-exit Teammates from the broadcast; under a tight capacity the
     Teammates' serving depth drops below 1 and the summary carries the accuracy of every exit."""

@@ -3,7 +3,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord
 
 from servers.helper import ReplayBuffer
-from sim.failures import build_schedule
+from sim.core.faults import build_schedule
 from sim.inprocess import InProcessGrid
 from strategies.l2h import L2HStrategy
 from tests.conftest import small_cfg
@@ -31,7 +31,7 @@ class StubPool:
 
 def strategy(**over) -> tuple[L2HStrategy, InProcessGrid]:
     cfg = small_cfg(**over)
-    sched = build_schedule(cfg["failures"], 1, cfg["fleet"]["num_clients"], 10, 0)
+    sched = build_schedule(cfg.failures, 1, cfg.fleet.num_clients, 10, 0)
     s = L2HStrategy(cfg, StubPool(), sched, on_round=lambda r: None)
     grid = InProcessGrid(client_app=None, num_nodes=s.num_nodes)
     s.node_of = {i: nid for i, nid in enumerate(sorted(grid.get_node_ids()))}

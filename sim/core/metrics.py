@@ -1,4 +1,4 @@
-"""Fleet metrics from pooled per-sample evaluation records (METHODS.md sections 1, 4, 7).
+"""Fleet metrics from pooled per-sample evaluation records (docs/methods.md §1, §4, §7).
 
 Every device returns, for each of its test samples: its label ``y``, the legacy prediction
 ``m_pred`` and confidence ``m_conf`` (max softmax), the rejector's deferral score ``score``
@@ -33,7 +33,7 @@ def topk_defer(priority: np.ndarray, k: int) -> np.ndarray:
 
 def confidence_baseline(rec: dict[str, np.ndarray], k: int, per_device_k: dict[int, int] | None = None
                         ) -> np.ndarray:
-    """Confidence deferral (METHODS.md section 4): defer the ``k`` samples whose legacy max-softmax is
+    """Confidence deferral (docs/methods.md §4): defer the ``k`` samples whose legacy max-softmax is
     lowest (one global threshold tau), or, with ``per_device_k``, each device's own lowest ``k_d``."""
     if per_device_k is None:
         return topk_defer(-rec["m_conf"], k)
@@ -96,6 +96,24 @@ def fairness(rows: list[dict[str, Any]], key: str = "system_accuracy") -> dict[s
             "mean": float(v.mean()), "std": float(v.std())}
 
 
+def matched_baselines(rec: dict[str, np.ndarray], defer: np.ndarray, m_ok: np.ndarray, e_ok: np.ndarray
+                      ) -> dict[str, dict[str, float]]:
+    """Confidence (one global threshold, and each device's own count of deferrals) and random
+    deferral at the rejector's own defer rate ("matched", docs/methods.md "Baselines")."""
+    n, k = len(defer), int(defer.sum())
+    rate = k / n if n else float("nan")
+    per_dev_k = {int(d): int(defer[rec["device"] == d].sum()) for d in np.unique(rec["device"])}
+    conf_global = confidence_baseline(rec, k)
+    conf_dev = confidence_baseline(rec, k, per_dev_k)
+    # Random deferral at the same rate, in expectation over which k samples are drawn: exact, no noise.
+    random_acc = float(((1 - rate) * m_ok + rate * e_ok).mean()) if n else float("nan")
+    return {
+        "confidence": {"system_accuracy": _acc(system_correct(conf_global, m_ok, e_ok)), "defer_rate": rate},
+        "confidence_per_device": {"system_accuracy": _acc(system_correct(conf_dev, m_ok, e_ok)), "defer_rate": rate},
+        "random": {"system_accuracy": random_acc, "defer_rate": rate},
+    }
+
+
 def pooled_metrics(rec: dict[str, np.ndarray], c_e: float, c_1: float, curve_points: int = 21) -> dict[str, Any]:
     """All fleet metrics from pooled evaluation records.
 
@@ -112,7 +130,7 @@ def pooled_metrics(rec: dict[str, np.ndarray], c_e: float, c_1: float, curve_poi
         score are deferred), ``aurc`` and ``e_aurc`` (:func:`aurc`),
         ``baselines`` (``confidence`` global threshold, ``confidence_per_device``, ``random``
         expectation -- all at the same defer rate as the rejector), ``table`` (kept/deferred,
-        METHODS.md section 1) and ``curves`` (accuracy vs defer rate: rejector score threshold
+        docs/methods.md §1) and ``curves`` (accuracy vs defer rate: rejector score threshold
         sweep, confidence, random).
     """
     y = rec["y"]
@@ -125,11 +143,6 @@ def pooled_metrics(rec: dict[str, np.ndarray], c_e: float, c_1: float, curve_poi
     cost = np.where(defer, c_e + c_1 * (~e_ok), (~m_ok).astype(float))
     rate = k / n if n else float("nan")
 
-    per_dev_k = {int(d): int(defer[rec["device"] == d].sum()) for d in np.unique(rec["device"])}
-    conf_global = confidence_baseline(rec, k)
-    conf_dev = confidence_baseline(rec, k, per_dev_k)
-    # Random deferral at the same rate, in expectation over which k samples are drawn: exact, no noise.
-    random_acc = float(((1 - rate) * m_ok + rate * e_ok).mean()) if n else float("nan")
 
     def subset(mask: np.ndarray) -> dict[str, Any]:
         ma, ea = _acc(m_ok[mask]), _acc(e_ok[mask])
@@ -149,12 +162,7 @@ def pooled_metrics(rec: dict[str, np.ndarray], c_e: float, c_1: float, curve_poi
         "legacy_accuracy": _acc(m_ok),
         "server_accuracy": _acc(e_ok),
         "oracle_accuracy": _acc(m_ok | e_ok),
-        "baselines": {
-            "confidence": {"system_accuracy": _acc(system_correct(conf_global, m_ok, e_ok)), "defer_rate": rate},
-            "confidence_per_device": {"system_accuracy": _acc(system_correct(conf_dev, m_ok, e_ok)),
-                                      "defer_rate": rate},
-            "random": {"system_accuracy": random_acc, "defer_rate": rate},
-        },
+        "baselines": matched_baselines(rec, defer, m_ok, e_ok),
         "table": {"kept": subset(~defer), "deferred": subset(defer)},
         "accuracy_at_defer_rate": {f"{r:.1f}": float(a) for r, a in zip(FIXED_RATES, fixed)},
         **aurc(rec["score"], m_ok),

@@ -7,35 +7,9 @@ fleet's pretraining: a thousand small models are a few batched steps, not a thou
 """
 from __future__ import annotations
 
-import hashlib
-from contextlib import contextmanager
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Sequence
 
 import torch
-
-
-
-def derive_seed(*parts: object) -> int:
-    """A 63-bit seed derived deterministically from ``parts`` (seed, device id, round, tag, ...).
-
-    Used so that every random choice depends only on what it is for, never on which worker or
-    in what order the work ran.
-    """
-    digest = hashlib.sha256(repr(parts).encode()).digest()
-    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
-
-
-@contextmanager
-def seeded(seed: int) -> Iterator[None]:
-    """Draw from the CPU generator seeded with ``seed`` inside the block, global RNG state restored after.
-
-    The same numbers as ``torch.manual_seed(seed)`` inside ``torch.random.fork_rng()``, without
-    what ``torch.manual_seed`` also does: queue a CUDA re-seed, which records a Python stack
-    trace on every call (a third of the cost of building a small model; py-spy).
-    """
-    with torch.random.fork_rng(devices=[]):
-        torch.random.default_generator.manual_seed(seed)
-        yield
 
 
 def train_minibatch(

@@ -1,7 +1,6 @@
-"""Datasets, partitioning across devices, per-device splits and sensor degradation.
+"""Partitioning across devices, per-device splits and sensor degradation.
 
-Flow: :func:`load_source` reads a dataset (scikit-learn's digits, a Hugging Face dataset
-through flwr-datasets, or a local .npz/.parquet) into arrays; :func:`partition` assigns
+Flow: :func:`sim.core.sources.load_source` reads a dataset into arrays; :func:`partition` assigns
 samples to devices with flwr-datasets partitioners; :func:`prepare` splits each device's
 samples into legacy / rejector / test and caches the result as ``.npy`` files that Ray
 workers memory-map (one copy in the page cache, none per worker); :func:`device_data`
@@ -16,144 +15,24 @@ from typing import Any
 
 import numpy as np
 
-from sim.cache import build_entry, content_key
-from sim.schema import ConfigError
-from sim.training import derive_seed
+from sim.core.cache import build_entry, content_key
+from sim.core.config import DataConfig, DeviceGroupConfig, PartitionConfig, PartitionName, plain
+from sim.core.errors import DataError
+from sim.core.seeding import derive_seed
+from sim.core.sources import load_source
 
 SPLIT_LEGACY, SPLIT_REJECTOR, SPLIT_TEST = 0, 1, 2
 PREP_VERSION = 1
 
 
-class DataError(ConfigError):
-    """The dataset cannot be used as configured (one line: what is wrong, how to fix it)."""
-
-
-def _to_nchw(x: np.ndarray) -> np.ndarray:
-    """Images ``(N,H,W)``, ``(N,H,W,C)``, ``(N,C,H,W)`` or vectors ``(N,D)`` -> ``(N,C,H,W)`` float32.
-
-    Values are scaled into [0, 1] when they exceed 1: by 255 if the maximum is above 16 (8-bit
-    images), else by the maximum (e.g. digits' 0..16). Raises DataError on NaN/inf.
-    """
-    x = np.asarray(x)
-    if x.ndim == 2:
-        x = x[:, None, None, :]
-    elif x.ndim == 3:
-        x = x[:, None]
-    elif x.ndim == 4 and x.shape[-1] in (1, 3, 4) and x.shape[1] not in (1, 3, 4):
-        x = np.transpose(x, (0, 3, 1, 2))
-    elif x.ndim != 4:
-        raise DataError(f"inputs have shape {x.shape}: expected (N,D), (N,H,W), (N,H,W,C) or (N,C,H,W)")
-    x = x.astype(np.float32)
-    if not np.isfinite(x).all():
-        raise DataError("inputs contain NaN or infinite values: clean the dataset first")
-    hi = float(x.max()) if x.size else 1.0
-    if hi > 1.0:
-        x = x / (255.0 if hi > 16.0 else hi)
-    return np.ascontiguousarray(x)
-
-
-def _from_hf(ds: Any, image_key: str, label_key: str) -> tuple[np.ndarray, np.ndarray]:
-    for key in (image_key, label_key):
-        if key not in ds.column_names:
-            raise DataError(f"column {key!r} not in the dataset (columns: {', '.join(ds.column_names)}): "
-                            "set data.image_key / data.label_key")
-    images = ds[image_key]
-    x = np.stack([np.asarray(im, dtype=np.float32) for im in images])
-    y = np.asarray(ds[label_key])
-    return x, y
-
-
-def _load_file(path: Path, dcfg: Any) -> tuple[np.ndarray, np.ndarray]:
-    if not path.exists():
-        raise DataError(f"data.path {path} does not exist: give the path of a .npz or .parquet file")
-    if path.stat().st_size == 0:
-        raise DataError(f"data.path {path} is empty: regenerate or re-download the file")
-    suffix = path.suffix.lower()
-    if suffix == ".npz":
-        try:
-            with np.load(path, allow_pickle=False) as z:
-                if "x" not in z or "y" not in z:
-                    raise DataError(f"{path} lacks arrays 'x' and 'y' (has: {', '.join(z.files)})")
-                return z["x"], z["y"]
-        except DataError:
-            raise
-        except Exception as exc:  # zipfile/pickle/format errors from a truncated or foreign file
-            raise DataError(f"cannot read {path} as .npz ({type(exc).__name__}): the file is truncated or not an npz") from None
-    if suffix == ".parquet":
-        from flwr_datasets import FederatedDataset
-
-        try:
-            fds = FederatedDataset(dataset="parquet", data_files={"train": str(path)},
-                                   partitioners={"train": 1}, shuffle=False)
-            ds = fds.load_split("train")
-        except Exception as exc:
-            raise DataError(f"cannot read {path} as parquet ({type(exc).__name__}): the file is truncated or not parquet") from None
-        return _from_hf(ds, dcfg["image_key"], dcfg["label_key"])
-    raise DataError(f"data.path {path} has suffix {suffix!r}: use a .npz or .parquet file")
-
-
-def load_source(dcfg: Any) -> tuple[np.ndarray, np.ndarray]:
-    """Load the configured dataset.
-
-    Args:
-        dcfg: the ``data`` config node.
-
-    Returns:
-        ``x: (N, C, H, W)`` float32 in [0, 1] and ``y: (N,)`` int64 labels (unmapped).
-
-    Raises:
-        DataError: missing/empty/truncated/foreign file, unreachable hub dataset, bad columns, NaNs.
-    """
-    source = dcfg["source"]
-    if source == "sklearn":
-        from sklearn.datasets import load_digits
-
-        d = load_digits()
-        x, y = d.images / 16.0, d.target
-    elif source == "file" or (source == "hf" and dcfg.get("path")):
-        x, y = _load_file(Path(str(dcfg["path"])).expanduser(), dcfg)
-    elif source == "hf":
-        from flwr_datasets import FederatedDataset
-
-        try:
-            fds = FederatedDataset(dataset=dcfg["hf_name"], subset=dcfg.get("hf_subset"),
-                                   partitioners={"train": 1}, shuffle=False)
-            ds = fds.load_split("train")
-        except Exception as exc:
-            raise DataError(
-                f"cannot load {dcfg['hf_name']!r} from the Hugging Face hub or its local cache "
-                f"({type(exc).__name__}); offline, export it to parquet and pass data.path=FILE.parquet") from None
-        x, y = _from_hf(ds, dcfg["image_key"], dcfg["label_key"])
-    else:
-        raise DataError(f"data.source={source!r} is invalid: choose sklearn, hf or file")
-    return _to_nchw(x), _check_labels(y)
-
-
-def _check_labels(y: np.ndarray) -> np.ndarray:
-    y = np.asarray(y)
-    if y.ndim != 1:
-        raise DataError(f"labels have shape {y.shape}: expected one integer label per sample")
-    if y.dtype.kind == "f":
-        if not np.isfinite(y).all():
-            raise DataError("labels contain NaN: every sample needs an integer class label")
-        if not np.all(y == np.round(y)):
-            raise DataError("labels are not integers: classification needs integer class labels")
-    elif y.dtype.kind not in "iub":
-        raise DataError(f"labels have dtype {y.dtype}: expected integer class labels")
-    y = y.astype(np.int64)
-    if y.size and y.min() < 0:
-        raise DataError(f"labels contain {int(y.min())}: class labels must be >= 0")
-    return y
-
-
-def select(x: np.ndarray, y: np.ndarray, dcfg: Any, seed: int) -> tuple[np.ndarray, np.ndarray, int]:
+def select(x: np.ndarray, y: np.ndarray, dcfg: DataConfig, seed: int) -> tuple[np.ndarray, np.ndarray, int]:
     """Apply ``data.classes`` and ``data.max_samples``; map labels to ``0..K-1``.
 
     Returns:
         ``x, y`` (subset) and ``K``. Raises DataError for fewer than 2 classes.
     """
-    if dcfg.get("classes"):
-        keep = np.asarray(list(dcfg["classes"]), dtype=np.int64)
+    if dcfg.classes:
+        keep = np.asarray(list(dcfg.classes), dtype=np.int64)
         missing = sorted(set(keep.tolist()) - set(np.unique(y).tolist()))
         if missing:
             raise DataError(f"data.classes names labels {missing} that do not occur in the dataset")
@@ -162,8 +41,9 @@ def select(x: np.ndarray, y: np.ndarray, dcfg: Any, seed: int) -> tuple[np.ndarr
     else:
         values = np.unique(y)
         y = np.searchsorted(values, y)
-    if dcfg.get("max_samples") and len(y) > dcfg["max_samples"]:
-        idx = np.sort(np.random.default_rng(derive_seed(seed, "max_samples")).permutation(len(y))[: dcfg["max_samples"]])
+    if dcfg.max_samples and len(y) > dcfg.max_samples:
+        rng = np.random.default_rng(derive_seed(seed, "max_samples"))
+        idx = np.sort(rng.permutation(len(y))[: dcfg.max_samples])
         x, y = x[idx], y[idx]
     k = int(y.max()) + 1 if y.size else 0
     if len(np.unique(y)) < 2:
@@ -171,7 +51,7 @@ def select(x: np.ndarray, y: np.ndarray, dcfg: Any, seed: int) -> tuple[np.ndarr
     return x, y, k
 
 
-def partition(y: np.ndarray, pcfg: Any, num_clients: int, seed: int) -> list[np.ndarray]:
+def partition(y: np.ndarray, pcfg: PartitionConfig, num_clients: int, seed: int) -> list[np.ndarray]:
     """Assign sample indices to devices with a flwr-datasets partitioner.
 
     Args:
@@ -192,18 +72,18 @@ def partition(y: np.ndarray, pcfg: Any, num_clients: int, seed: int) -> list[np.
     if len(y) < num_clients:
         raise DataError(f"the dataset has {len(y)} samples for {num_clients} devices: lower fleet.num_clients "
                         "or use data.partition.name=sampled (devices draw from shared pools)")
-    name = pcfg["name"]
-    if name == "iid":
+    name = pcfg.name
+    if name == PartitionName.iid:
         part = IidPartitioner(num_partitions=num_clients)
         # IidPartitioner does not shuffle; shuffle the order deterministically first.
         order = np.random.default_rng(derive_seed(seed, "iid")).permutation(len(y))
-    elif name == "dirichlet":
-        part = DirichletPartitioner(num_partitions=num_clients, partition_by="label", alpha=float(pcfg["alpha"]),
-                                    min_partition_size=int(pcfg["min_partition_size"]), seed=seed)
+    elif name == PartitionName.dirichlet:
+        part = DirichletPartitioner(num_partitions=num_clients, partition_by="label", alpha=float(pcfg.alpha),
+                                    min_partition_size=int(pcfg.min_partition_size), seed=seed)
         order = np.arange(len(y))
-    elif name == "pathological":
+    elif name == PartitionName.pathological:
         part = PathologicalPartitioner(num_partitions=num_clients, partition_by="label",
-                                       num_classes_per_partition=int(pcfg["classes_per_device"]),
+                                       num_classes_per_partition=int(pcfg.classes_per_device),
                                        class_assignment_mode="random", seed=seed)
         order = np.arange(len(y))
     else:
@@ -218,7 +98,7 @@ def partition(y: np.ndarray, pcfg: Any, num_clients: int, seed: int) -> list[np.
     return parts
 
 
-def sampled_rows(n: int, pcfg: Any, num_clients: int, fractions: tuple[float, float, float],
+def sampled_rows(n: int, pcfg: PartitionConfig, num_clients: int, fractions: tuple[float, float, float],
                  seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The ``sampled`` partition: every device draws its own samples from a shared pool, so a fleet
     can have more devices than the dataset has samples / 3 (1000 devices on digits' 1797 images).
@@ -240,7 +120,7 @@ def sampled_rows(n: int, pcfg: Any, num_clients: int, fractions: tuple[float, fl
     Raises:
         DataError: a global pool smaller than what one device draws from it.
     """
-    per = int(pcfg["samples_per_device"])
+    per = int(pcfg.samples_per_device)
     rng = np.random.default_rng(derive_seed(seed, "sampled-pools"))
     order = rng.permutation(n)
     n_leg, n_test = int(round(fractions[0] * n)), int(round(fractions[2] * n))
@@ -308,45 +188,43 @@ class Prepared:
         return tuple(int(s) for s in self.x.shape[1:])  # type: ignore[return-value]
 
 
-def data_key(cfg: Any) -> dict[str, Any]:
+def data_key(dcfg: DataConfig, num_clients: int, seed: int) -> dict[str, Any]:
     """Everything that determines the prepared dataset (a local file by path, size and mtime)."""
-    d = cfg["data"]
-    key = {"v": PREP_VERSION, "data": d, "num_clients": cfg["fleet"]["num_clients"], "seed": cfg["seed"]}
-    if d.get("path"):
-        st = Path(str(d["path"])).expanduser().stat()
+    key = {"v": PREP_VERSION, "data": plain(dcfg), "num_clients": num_clients, "seed": seed}
+    if dcfg.path:
+        st = Path(str(dcfg.path)).expanduser().stat()
         key["file"] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
     return key
 
 
-def prepare(cfg: Any, cache_dir: Path) -> Prepared:
+def prepare(dcfg: DataConfig, num_clients: int, seed: int, cache_dir: Path) -> Prepared:
     """Load, select, partition and split the dataset for the fleet; cached and memory-mapped.
 
     Args:
-        cfg: the whole run config (plain nested dict).
+        dcfg: the ``data`` config. num_clients: devices. seed: the run seed.
         cache_dir: root of the on-disk caches.
 
     Raises:
-        DataError: see :func:`load_source`, :func:`select`, :func:`partition`, :func:`split_device`.
+        DataError: see :func:`sim.core.sources.load_source`, :func:`select`, :func:`partition`,
+            :func:`split_device`.
     """
-    key = data_key(cfg)
-    entry = cache_dir / "data" / f"{cfg['data']['name']}-{content_key(key)}"
+    key = data_key(dcfg, num_clients, seed)
+    entry = cache_dir / "data" / f"{dcfg.name}-{content_key(key)}"
 
     def build(tmp: Path) -> dict[str, Any]:
-        x, y = load_source(cfg["data"])
-        x, y, k = select(x, y, cfg["data"], cfg["seed"])
-        n_dev = cfg["fleet"]["num_clients"]
-        fr = cfg["data"]["split"]
-        fractions = (fr["legacy"], fr["rejector"], fr["test"])
-        if cfg["data"]["partition"]["name"] == "sampled":  # devices share a pool: rows are materialised
-            rows, owner, split = sampled_rows(len(y), cfg["data"]["partition"], n_dev, fractions, cfg["seed"])
+        x, y = load_source(dcfg)
+        x, y, k = select(x, y, dcfg, seed)
+        fractions = dcfg.split.fractions()
+        if dcfg.partition.name == PartitionName.sampled:  # devices share a pool: rows are materialised
+            rows, owner, split = sampled_rows(len(y), dcfg.partition, num_clients, fractions, seed)
             x, y = x[rows], y[rows]
         else:
-            parts = partition(y, cfg["data"]["partition"], n_dev, cfg["seed"])
+            parts = partition(y, dcfg.partition, num_clients, seed)
             owner = np.full(len(y), -1, dtype=np.int32)
             split = np.full(len(y), -1, dtype=np.int8)
             for dev, idx in enumerate(parts):
                 owner[idx] = dev
-                split[idx] = split_device(idx, fractions, cfg["seed"], dev)
+                split[idx] = split_device(idx, fractions, seed, dev)
         for name, arr in (("x", x), ("y", y), ("owner", owner), ("split", split)):
             np.save(tmp / f"{name}.npy", arr)
         return {"num_classes": k, "key": key}
@@ -395,10 +273,10 @@ class DeviceData:
     y_test: np.ndarray
 
 
-def device_data(prep: Prepared, device: int, group: Any, seed: int) -> DeviceData:
+def device_data(prep: Prepared, device: int, group: DeviceGroupConfig, seed: int) -> DeviceData:
     """The splits of ``device`` as seen through its sensor (``group``: its fleet group config)."""
     idx = np.flatnonzero(np.asarray(prep.owner) == device)
-    x = degrade(prep.x[idx], int(group["downsample"]), float(group["noise_std"]), derive_seed(seed, "sensor", device))
+    x = degrade(prep.x[idx], int(group.downsample), float(group.noise_std), derive_seed(seed, "sensor", device))
     y = np.asarray(prep.y[idx])
     s = np.asarray(prep.split[idx])
     leg, rej, tst = (s == SPLIT_LEGACY), (s == SPLIT_REJECTOR), (s == SPLIT_TEST)

@@ -7,7 +7,7 @@ can be compared across training modes. The server pool (:mod:`servers.pool`) car
 schedule out -- a crash really kills the server's Ray actor -- and detects the result by health
 checks; devices learn which servers they can reach through each round's message config.
 
-Failure kinds (DESIGN.md "Failure model"):
+Failure kinds (docs/architecture.md, "Failure model"):
 
 - crash-stop: ``failures.servers`` die at ``failures.round``; their state is lost.
 - crash-recover: as crash-stop, then each comes back ``failures.recover_after`` rounds later,
@@ -30,7 +30,8 @@ from typing import Any
 
 import numpy as np
 
-from sim.training import derive_seed
+from sim.core.config import FailureKind, FailuresConfig, RandomFaultConfig
+from sim.core.seeding import derive_seed
 
 
 @dataclass
@@ -73,62 +74,62 @@ def _in(t: int, start: int, end: int | None) -> bool:
     return start <= t and (end is None or t <= end)
 
 
-def build_schedule(f: dict[str, Any], num_servers: int, num_clients: int, num_rounds: int, seed: int
+def build_schedule(f: FailuresConfig, num_servers: int, num_clients: int, num_rounds: int, seed: int
                    ) -> list[RoundFaults]:
     """The run's failure schedule, one :class:`RoundFaults` per round ``1..num_rounds``.
 
     Args:
         f: the ``failures`` config. num_servers: S. num_clients: devices. num_rounds: rounds.
-        seed: the run seed (random draws use :func:`sim.training.derive_seed`, so the schedule
+        seed: the run seed (random draws use :func:`sim.core.seeding.derive_seed`, so the schedule
             depends only on the config and the seed).
 
     Explicit faults (the preset's fields) and, with ``failures.name=random``, the random draws
     are combined. Random crashes only hit servers the schedule has up at that round.
     """
-    sched = [RoundFaults(round=t, recover_from=str(f["recover_from"]), query_drop=float(f["query_drop_q"]))
+    sched = [RoundFaults(round=t, recover_from=str(f.recover_from), query_drop=float(f.query_drop_q))
              for t in range(1, num_rounds + 1)]
 
     def at(t: int) -> RoundFaults | None:
         return sched[t - 1] if 1 <= t <= num_rounds else None
 
     down_until: dict[int, float] = {}  # server -> last round it is down (inf: for good)
-    if f["servers"]:
-        t0 = int(f["round"])
-        for s in f["servers"]:
+    if f.servers:
+        t0 = int(f.round)
+        for s in f.servers:
             at(t0).kill.append(int(s))
-            if f["recover_after"] is not None:
-                back = t0 + int(f["recover_after"])
+            if f.recover_after is not None:
+                back = t0 + int(f.recover_after)
                 if at(back):
                     at(back).restart.append(int(s))
                 down_until[int(s)] = back - 1
             else:
                 down_until[int(s)] = float("inf")
     rng_outage = np.random.default_rng(derive_seed(seed, "failures", "outage"))
-    p, sl, dr = f["partition"], f["slow"], f["dropout"]
+    p, sl, dr = f.partition, f.slow, f.dropout
     rng_drop = np.random.default_rng(derive_seed(seed, "failures", "dropout"))
     for r in sched:
         t = r.round
-        if float(f["outage_p"]) > 0:
+        if float(f.outage_p) > 0:
             draws = rng_outage.random(num_servers)
-            r.outage = [s for s in range(num_servers) if draws[s] < float(f["outage_p"])]
-        if p["servers"] and p["devices"] and _in(t, int(p["start"]), p["end"]):
-            r.partition.append([sorted(int(d) for d in p["devices"]), sorted(int(s) for s in p["servers"])])
-        if sl["servers"] and _in(t, int(sl["start"]), sl["end"]):
-            r.slow.update({int(s): float(sl["delay_s"]) for s in sl["servers"]})
-        if _in(t, int(dr["start"]), dr["end"]):
-            drop = set(int(d) for d in dr["devices"])
-            if float(dr["fraction"]) > 0:
+            r.outage = [s for s in range(num_servers) if draws[s] < float(f.outage_p)]
+        if p.servers and p.devices and _in(t, int(p.start), p.end):
+            r.partition.append([sorted(int(d) for d in p.devices), sorted(int(s) for s in p.servers)])
+        if sl.servers and _in(t, int(sl.start), sl.end):
+            r.slow.update({int(s): float(sl.delay_s) for s in sl.servers})
+        if _in(t, int(dr.start), dr.end):
+            drop = set(int(d) for d in dr.devices)
+            if float(dr.fraction) > 0:
                 draws = rng_drop.random(num_clients)
-                drop |= {d for d in range(num_clients) if draws[d] < float(dr["fraction"])}
+                drop |= {d for d in range(num_clients) if draws[d] < float(dr.fraction)}
             r.dropout = sorted(drop)
-    if f["name"] == "random":
-        _random_faults(f["random"], sched, down_until, num_servers, num_clients, float(f["query_timeout_s"]), seed)
+    if f.name == FailureKind.random:
+        _random_faults(f.random, sched, down_until, num_servers, num_clients, float(f.query_timeout_s), seed)
     for r in sched:
         r.kill, r.restart, r.outage = sorted(set(r.kill)), sorted(set(r.restart)), sorted(set(r.outage))
     return sched
 
 
-def _random_faults(rp: dict[str, Any], sched: list[RoundFaults], down_until: dict[int, float], num_servers: int,
+def _random_faults(rp: RandomFaultConfig, sched: list[RoundFaults], down_until: dict[int, float], num_servers: int,
                    num_clients: int, timeout: float, seed: int) -> None:
     """Add seeded random crashes (with recovery), outages, slow servers, partitions, dropouts."""
     rng = np.random.default_rng(derive_seed(seed, "failures", "random"))
@@ -138,25 +139,25 @@ def _random_faults(rp: dict[str, Any], sched: list[RoundFaults], down_until: dic
         for s in range(num_servers):
             if down_until.get(s, 0) >= t:
                 continue
-            if rng.random() < float(rp["crash_p"]):
+            if rng.random() < float(rp.crash_p):
                 r.kill.append(s)
-                if rng.random() < float(rp["recover_p"]):
-                    back = t + int(rng.integers(1, int(rp["max_down"]) + 1))
+                if rng.random() < float(rp.recover_p):
+                    back = t + int(rng.integers(1, int(rp.max_down) + 1))
                     down_until[s] = back - 1
                     if back <= num_rounds:
                         sched[back - 1].restart.append(s)
                 else:
                     down_until[s] = float("inf")
-            elif rng.random() < float(rp["outage_p"]):
+            elif rng.random() < float(rp.outage_p):
                 r.outage.append(s)
-            elif rng.random() < float(rp["slow_p"]):
+            elif rng.random() < float(rp.slow_p):
                 r.slow[s] = 2.0 * timeout
-        if rng.random() < float(rp["partition_p"]) and num_servers:
+        if rng.random() < float(rp.partition_p) and num_servers:
             devs = sorted(rng.choice(num_clients, size=max(1, num_clients // 2), replace=False).tolist())
             r.partition.append([devs, [int(rng.integers(num_servers))]])
         draws = rng.random(num_clients)
-        r.dropout = sorted(set(r.dropout) | {d for d in range(num_clients) if draws[d] < float(rp["dropout_p"])})
-        r.query_drop = max(r.query_drop, float(rp["query_drop_q"]))
+        r.dropout = sorted(set(r.dropout) | {d for d in range(num_clients) if draws[d] < float(rp.dropout_p)})
+        r.query_drop = max(r.query_drop, float(rp.query_drop_q))
 
 
 def schedule_json(sched: list[RoundFaults]) -> list[dict[str, Any]]:

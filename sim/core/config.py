@@ -1,0 +1,584 @@
+"""The typed configuration: one dataclass per config group, choices as enums, checks in each class.
+
+The dataclasses are registered in Hydra's ConfigStore as the schema of ``configs/config.yaml``;
+every group YAML merges into a typed node, so a wrong type (``fleet.num_clients=abc``), an
+unknown key or a choice outside an enum (``servers.routing=nearest``) is refused by OmegaConf
+while the config is composed. :func:`to_config` turns the composed config into these dataclass
+instances (``OmegaConf.to_object``), and each class checks its own ranges in ``__post_init__``,
+raising :class:`~sim.core.errors.ConfigError` with one line that names the key, its value and the
+fix; :class:`Config` checks what spans several groups (a failure naming a server that does not
+exist, ...). Components receive only their own part (``cfg.servers``, ``cfg.strategy``, ...).
+
+Each method's knobs live in its own subclass of :class:`StrategyConfig`, defined beside the
+method (``strategies/``) and registered with :func:`register_strategy`; ``configs/strategy/*.yaml``
+name that schema in their defaults list. See docs/adding.md.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, ClassVar, List, Optional
+
+from omegaconf import MISSING
+
+from sim.core.errors import ConfigError
+
+
+class Choice(str, Enum):
+    """A config choice: compares equal to its string value and prints as it."""
+
+    def __str__(self) -> str:
+        return str(self.value)
+
+    def __format__(self, spec: str) -> str:
+        return format(str(self.value), spec)
+
+
+def choice(name: str, values: tuple[str, ...]) -> type[Choice]:
+    """A :class:`Choice` enum whose member names are its values (so ``sample+legacy`` is allowed)."""
+    return Choice(name, {v: v for v in values}, module=__name__)  # type: ignore[return-value]
+
+
+DataSource = choice("DataSource", ("sklearn", "hf", "file"))
+PartitionName = choice("PartitionName", ("iid", "dirichlet", "pathological", "sampled"))
+Pretrain = choice("Pretrain", ("batched", "sequential"))
+Arch = choice("Arch", ("logreg", "mlp", "cnn"))
+Routing = choice("Routing", ("auto", "learned", "round_robin", "least_loaded", "all"))
+Training = choice("Training", ("independent", "mel", "dml", "coop"))
+FailureKind = choice("FailureKind", ("none", "crash_stop", "crash_recover", "transient", "query_drop", "partition",
+                                      "slow", "device_dropout", "random"))
+RecoverFrom = choice("RecoverFrom", ("checkpoint", "scratch"))
+Backend = choice("Backend", ("ray", "inprocess"))
+RejectorInputs = choice("RejectorInputs", ("sample", "legacy", "sample+legacy"))
+Bound = choice("Bound", ("quantile", "stochastic"))
+
+
+def invalid(key: str, value: Any, rule: str) -> ConfigError:
+    """The one-line error for a bad value: ``<key>=<value> is invalid: <rule>``."""
+    return ConfigError(f"{key}={value!r} is invalid: {rule}")
+
+
+def need(ok: bool, key: str, value: Any, rule: str) -> None:
+    """Raise :func:`invalid` unless ``ok``."""
+    if not ok:
+        raise invalid(key, value, rule)
+
+
+def check_fields(obj: Any, prefix: str, rules: dict[str, tuple[Any, str]]) -> None:
+    """Check ``rules``: field name -> (predicate of the value, rule text); first failure raises."""
+    for name, (ok, rule) in rules.items():
+        value = getattr(obj, name)
+        need(bool(ok(value)), f"{prefix}.{name}", value, rule)
+
+
+def _at_least(n: float) -> tuple[Any, str]:
+    return (lambda v: v >= n, f"must be >= {n:g}")
+
+
+def _positive() -> tuple[Any, str]:
+    return (lambda v: v > 0, "must be > 0")
+
+
+# ---- data -------------------------------------------------------------------------------------
+@dataclass
+class PartitionConfig:
+    name: PartitionName = PartitionName.iid  # iid | dirichlet | pathological | sampled (devices draw from shared pools)
+    alpha: float = 0.5  # dirichlet concentration
+    classes_per_device: int = 2  # pathological
+    min_partition_size: int = 10  # dirichlet
+    samples_per_device: int = 20  # sampled: samples each device draws (split by data.split)
+
+    def __post_init__(self) -> None:
+        check_fields(self, "data.partition", {
+            "samples_per_device": (lambda v: v >= 3, "need at least 3 samples per device (legacy, rejector and "
+                                                     "test splits)"),
+            "alpha": (lambda v: v > 0, "the Dirichlet concentration must be > 0"),
+            "classes_per_device": _at_least(1),
+            "min_partition_size": _at_least(0),
+        })
+
+
+@dataclass
+class SplitConfig:
+    legacy: float = 0.4  # fraction of a device's partition its legacy model was trained on
+    rejector: float = 0.4  # fraction used to train the rejector (and sent to servers)
+    test: float = 0.2  # held-out test split of the device
+
+    def __post_init__(self) -> None:
+        inside = (lambda v: 0 < v < 1, "each split fraction must be in (0, 1)")
+        check_fields(self, "data.split", {"legacy": inside, "rejector": inside, "test": inside})
+        total = self.legacy + self.rejector + self.test
+        if abs(total - 1.0) > 1e-6:
+            raise ConfigError(f"data.split fractions sum to {total:g}, not 1: adjust data.split.legacy/rejector/test")
+
+    def fractions(self) -> tuple[float, float, float]:
+        return self.legacy, self.rejector, self.test
+
+
+@dataclass
+class DataConfig:
+    name: str = MISSING  # digits | mnist | fashion_mnist | cifar10 | svhn | local
+    source: DataSource = DataSource.sklearn  # sklearn | hf | file
+    hf_name: Optional[str] = None  # Hugging Face dataset id (source=hf)
+    hf_subset: Optional[str] = None
+    path: Optional[str] = None  # local .npz or .parquet (source=file, or source=hf offline)
+    image_key: str = "image"
+    label_key: str = "label"
+    classes: Optional[List[int]] = None  # keep only these labels (e.g. [3, 8] for a binary task)
+    max_samples: Optional[int] = None  # cap on the number of samples used (seeded subsample)
+    partition: PartitionConfig = field(default_factory=PartitionConfig)
+    split: SplitConfig = field(default_factory=SplitConfig)
+
+    def __post_init__(self) -> None:
+        need(self.max_samples is None or self.max_samples >= 1, "data.max_samples", self.max_samples,
+             "must be >= 1 or null")
+        if self.source == DataSource.file and not self.path:
+            raise ConfigError("data.path is not set: data=local needs data.path=/path/to/file.npz or .parquet")
+        if self.path and not os.path.exists(os.path.expanduser(str(self.path))):
+            raise ConfigError(f"data.path {self.path} does not exist: give the path of a .npz or .parquet file")
+
+
+# ---- fleet ------------------------------------------------------------------------------------
+@dataclass
+class DeviceGroupConfig:
+    name: str = MISSING
+    share: float = 1.0  # relative share of the fleet in this group
+    arch: Arch = Arch.mlp  # logreg | mlp | cnn
+    hidden: int = 32  # MLP hidden width / CNN channels
+    pretrain_fraction: float = 1.0  # fraction of the device's legacy split used to pretrain
+    downsample: int = 1  # sensor resolution divisor (1 = full resolution)
+    noise_std: float = 0.0  # Gaussian sensor noise, in units of the [0, 1] pixel range
+    epochs: int = 60  # legacy pretraining epochs
+    lr: float = 0.01
+
+    def check(self, index: int) -> None:
+        """Range checks, naming the group by its index (``fleet.groups.<i>.<key>``)."""
+        check_fields(self, f"fleet.groups.{index}", {
+            "share": _positive(),
+            "pretrain_fraction": (lambda v: 0 < v <= 1, "must be in (0, 1]"),
+            "downsample": _at_least(1),
+            "noise_std": _at_least(0),
+            "epochs": _at_least(1),
+            "hidden": _at_least(1),
+            "lr": _positive(),
+        })
+
+
+@dataclass
+class FleetConfig:
+    name: str = MISSING
+    num_clients: int = 10
+    groups: List[DeviceGroupConfig] = field(default_factory=list)
+    # batched: same-shaped legacy models pretrain together (torch.func); sequential: one by one, as
+    # before 2026-11-21 (the same training up to float rounding; reproduces earlier figures exactly)
+    pretrain: Pretrain = Pretrain.batched
+
+    def __post_init__(self) -> None:
+        need(self.num_clients >= 1, "fleet.num_clients", self.num_clients, "need at least 1 device")
+        if len(self.groups) == 0:
+            raise ConfigError("fleet.groups is empty: the fleet needs at least one device group")
+        for i, g in enumerate(self.groups):
+            g.check(i)
+
+
+# ---- strategy (the part every method shares; each method extends it) --------------------------
+@dataclass
+class RejectorConfig:
+    inputs: RejectorInputs = RejectorInputs["sample+legacy"]  # sample | legacy | sample+legacy
+    hidden: int = 64
+    epochs: int = 5  # local epochs per round
+    batch_size: int = 32
+    lr: float = 0.003
+
+    def __post_init__(self) -> None:
+        check_fields(self, "strategy.rejector", {"hidden": _at_least(1), "epochs": _at_least(1),
+                                                 "batch_size": _at_least(1), "lr": _positive()})
+
+
+@dataclass
+class StrategyConfig:
+    """What every method has: its name, the L2H prices (every run reports the L01 cost), how stale
+    a server copy devices train against, and the device's trained part (``rejector``)."""
+
+    name: str = MISSING
+    c_e: float = 0.1  # price of one deferral
+    c_1: float = 1.0  # extra cost when the server is wrong on a deferred sample
+    staleness: int = 1  # S: devices train against a server copy refreshed every S rounds
+    rejector: RejectorConfig = field(default_factory=RejectorConfig)
+
+    def __post_init__(self) -> None:
+        check_fields(self, "strategy", {
+            "c_e": (lambda v: v >= 0, "the deferral cost must be >= 0"),
+            "c_1": (lambda v: v >= 0, "the server-error cost must be >= 0"),
+            "staleness": (lambda v: v >= 1, "S must be >= 1 (1 = synchronous)"),
+        })
+
+    schema_name: ClassVar[str] = "strategy"
+    """The name its schema is stored under in Hydra's ConfigStore (``strategy/base_<name>``)."""
+
+    def check_with(self, servers: "ServersConfig") -> None:
+        """Checks that involve the ``servers`` config (a method overrides it when it has some)."""
+
+    def check_data(self, num_classes: int) -> None:
+        """Checks that need the dataset's number of classes K (run once the data is prepared)."""
+
+
+@dataclass
+class BoundedConfig(StrategyConfig):
+    """A method whose deferrals can be capped (L2H scenario 3: bounded reject rate)."""
+
+    max_defer_rate: Optional[float] = None  # defer at most this fraction (null: no bound)
+    bound: Bound = Bound.quantile  # quantile (threshold fitted on a calibration split) | stochastic (post-hoc thinning)
+    calibration: float = 0.25  # fraction of the rejector split held out to fit the bound
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        need(self.max_defer_rate is None or 0 <= self.max_defer_rate <= 1, "strategy.max_defer_rate",
+             self.max_defer_rate, "delta must be in [0, 1] (or null: no bound)")
+        need(0 < self.calibration < 1, "strategy.calibration", self.calibration, "must be in (0, 1)")
+
+
+STRATEGY_SCHEMAS: dict[str, type[StrategyConfig]] = {}
+"""``strategy.name`` -> its config class (filled by :func:`register_strategy`)."""
+
+
+def register_strategy(names: tuple[str, ...], schema: type[StrategyConfig]) -> None:
+    """Declare that ``strategy.name`` in ``names`` uses the config class ``schema`` and store the
+    schema in Hydra's ConfigStore as ``strategy/base_<schema.schema_name>`` (its YAMLs' default)."""
+    from hydra.core.config_store import ConfigStore
+
+    for n in names:
+        STRATEGY_SCHEMAS[n] = schema
+    ConfigStore.instance().store(group="strategy", name=f"base_{schema.schema_name}", node=schema)  # type: ignore
+
+
+# ---- servers ----------------------------------------------------------------------------------
+@dataclass
+class ResourcesConfig:
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+
+
+@dataclass
+class MELConfig:
+    standalone_weight: float = 1.0  # lambda_s of each server's own head (docs/methods.md, MEL)
+    combiner_weight: float = 1.0  # lambda_A of each combiner head (equal weights: the authors' best)
+
+    def __post_init__(self) -> None:
+        check_fields(self, "servers.mel", {"standalone_weight": _at_least(0), "combiner_weight": _at_least(0)})
+
+
+@dataclass
+class CoopConfig:
+    """Cooperative learning (arXiv 2312.08532): Teammates' multi-exit networks and serving depth."""
+
+    depth: int = 4  # hidden blocks of each server's MLP, one exit after each (depth fractions 1/D ... 1)
+    temperature: float = 3.0  # distillation temperature of the sub-network term (not given in the paper)
+    serve_depth: float = 1.0  # cost pressure: Teammates answer at most at this depth fraction
+    capacity: Optional[float] = None  # full-depth answers per Teammate per round; above it the depth drops
+
+    def __post_init__(self) -> None:
+        # checked whatever servers.training is, so a bad value is caught before someone switches to coop
+        check_fields(self, "servers.coop", {
+            "depth": (lambda v: 1 <= v <= 16, "must be 1 to 16 blocks"),
+            "temperature": _positive(),
+            "serve_depth": (lambda v: 0 < v <= 1, "must be a depth fraction in (0, 1]"),
+            "capacity": (lambda v: v is None or v > 0, "must be > 0 answers per round (null: unlimited)"),
+        })
+
+
+@dataclass
+class ServersConfig:
+    name: str = MISSING
+    count: int = 1  # S helper servers, each a Ray actor
+    routing: Routing = Routing.auto  # auto (mel: all, else learned) | learned | round_robin | least_loaded | all
+    training: Training = Training.independent  # independent | mel | dml | coop
+    c_e: Optional[List[float]] = None  # per-server deferral price (null: strategy.c_e for every server)
+    mel: MELConfig = field(default_factory=MELConfig)
+    coop: CoopConfig = field(default_factory=CoopConfig)
+    arch: Arch = Arch.mlp
+    hidden: int = 128
+    buffer_size: int = 5000  # bounded replay buffer of deferred samples, per server
+    epochs: int = 20  # passes over the buffer per round
+    batch_size: int = 64
+    lr: float = 0.001
+    resources: ResourcesConfig = field(default_factory=lambda: ResourcesConfig(num_cpus=0.0))
+
+    def __post_init__(self) -> None:
+        need(1 <= self.count <= 8, "servers.count", self.count,
+             "need 1 to 8 helper servers (MEL has 2^S - S - 1 combiner heads)")
+        if self.c_e is not None:
+            if len(self.c_e) != self.count:
+                raise ConfigError(f"servers.c_e has {len(self.c_e)} prices for {self.count} servers: give one per "
+                                  "server, e.g. servers.c_e=[0.1,0.2], or null to use strategy.c_e")
+            if any(v < 0 for v in self.c_e):
+                raise ConfigError(f"servers.c_e={list(self.c_e)} is invalid: deferral prices must be >= 0")
+        if self.training == Training.coop:
+            need(self.count >= 2, "servers.count", self.count, "cooperative learning needs a Leader and at least "
+                                                               "one Teammate (3: the paper's two Teammates)")
+            need(self.arch == Arch.mlp, "servers.arch", self.arch,
+                 "cooperative learning builds multi-exit MLPs: use servers.arch=mlp")
+        check_fields(self.resources, "servers.resources", {"num_cpus": _at_least(0), "num_gpus": _at_least(0)})
+        check_fields(self, "servers", {"hidden": _at_least(1), "buffer_size": _at_least(1), "epochs": _at_least(1),
+                                       "batch_size": _at_least(1), "lr": _positive()})
+
+    @property
+    def resolved_routing(self) -> Routing:
+        """``routing`` with ``auto`` resolved: MEL servers answer as an ensemble (``all``, so the
+        combiner heads serve), every other pool routes by the learned rejector (``learned``)."""
+        if self.routing != Routing.auto:
+            return self.routing
+        return Routing.all if self.training == Training.mel else Routing.learned
+
+    @property
+    def learned_options(self) -> bool:
+        """Whether a rejector has one defer output per server (learned routing over > 1 servers)."""
+        return self.resolved_routing == Routing.learned and self.count > 1
+
+    def prices(self, c_e: float) -> list[float]:
+        """Per-server deferral price: ``servers.c_e`` when set, else ``c_e`` for every server."""
+        return [float(v) for v in self.c_e] if self.c_e else [float(c_e)] * self.count
+
+
+# ---- sim --------------------------------------------------------------------------------------
+@dataclass
+class SimConfig:
+    num_rounds: int = 10
+    backend: Backend = Backend.ray  # ray: Flower simulation engine on Ray | inprocess: same apps, called in-process
+    fraction_train: float = 1.0
+    fraction_evaluate: float = 1.0
+    eval_every: int = 1  # evaluate every k rounds (the last round is always evaluated)
+    devices_per_node: Optional[int] = None  # devices one Flower node simulates (null: ceil(N / max_nodes))
+    max_nodes: int = 10  # with devices_per_node=null: at most this many Flower nodes
+    ray_address: Optional[str] = None  # None: start a local Ray; "auto" or "host:port": join
+    client_resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+    num_cpus: Optional[int] = None  # CPUs a local Ray may use (None: all)
+    torch_threads: int = 1
+    verbose: bool = False
+    progress: bool = True
+    plots: bool = True
+    cache_dir: str = "~/.cache/l2h-fleet-sim"
+    round_timeout: float = 3600.0  # seconds to wait for device replies in a round
+    checkpoint: bool = True  # write checkpoint.npz at the end of every round
+    resume: Optional[str] = None  # a run directory to continue from its last finished round
+
+    def __post_init__(self) -> None:
+        inside = (lambda v: 0 < v <= 1, "must be in (0, 1]")
+        check_fields(self, "sim", {
+            "num_rounds": (lambda v: v >= 1, "need at least 1 round"),
+            "fraction_train": inside, "fraction_evaluate": inside,
+            "eval_every": _at_least(1),
+            "devices_per_node": (lambda v: v is None or v >= 1,
+                                 "must be >= 1 or null (automatic: ceil(num_clients / sim.max_nodes))"),
+            "max_nodes": _at_least(1), "torch_threads": _at_least(1),
+            "round_timeout": (lambda v: v > 0, "must be > 0 seconds"),
+            "num_cpus": (lambda v: v is None or v >= 1, "must be >= 1 or null"),
+        })
+        check_fields(self.client_resources, "sim.client_resources",
+                     {"num_cpus": _positive(), "num_gpus": _at_least(0)})
+
+
+# ---- failures ---------------------------------------------------------------------------------
+@dataclass
+class PartitionFaultConfig:
+    devices: List[int] = field(default_factory=list)  # devices that cannot reach ...
+    servers: List[int] = field(default_factory=list)  # ... these servers
+    start: int = 1
+    end: Optional[int] = None  # last round (null: to the end)
+
+
+@dataclass
+class SlowFaultConfig:
+    servers: List[int] = field(default_factory=list)
+    delay_s: float = 2.0  # answer delay; past failures.query_timeout_s the server counts as down
+    start: int = 1
+    end: Optional[int] = None
+
+
+@dataclass
+class DropoutFaultConfig:
+    devices: List[int] = field(default_factory=list)  # devices that fail their rounds
+    fraction: float = 0.0  # or: each device fails each round with this probability
+    start: int = 1
+    end: Optional[int] = None
+
+
+@dataclass
+class RandomFaultConfig:
+    crash_p: float = 0.05  # per server and round
+    recover_p: float = 0.5  # a crashed server comes back (after 1..max_down rounds)
+    max_down: int = 3
+    outage_p: float = 0.1
+    slow_p: float = 0.05
+    partition_p: float = 0.1  # per round: half the devices lose one server
+    dropout_p: float = 0.05  # per device and round
+    query_drop_q: float = 0.02
+
+
+def _probability(key: str, value: float) -> None:
+    if not 0 <= value <= 1:
+        raise ConfigError(f"{key}={value!r} is invalid: a probability must be in [0, 1]")
+
+
+@dataclass
+class FailuresConfig:
+    name: FailureKind = MISSING  # none | crash_stop | crash_recover | transient | query_drop | partition | slow | device_dropout | random
+    servers: List[int] = field(default_factory=list)  # servers that crash at failures.round
+    round: int = 1
+    recover_after: Optional[int] = None  # crash-recover: back after d rounds (null: crash-stop)
+    recover_from: RecoverFrom = RecoverFrom.checkpoint  # checkpoint | scratch
+    outage_p: float = 0.0  # transient: each server down for a whole round with probability p
+    query_drop_q: float = 0.0  # each query to each server lost with probability q
+    query_timeout_s: float = 1.0  # a server answering later than this counts as down
+    partition: PartitionFaultConfig = field(default_factory=PartitionFaultConfig)
+    slow: SlowFaultConfig = field(default_factory=SlowFaultConfig)
+    dropout: DropoutFaultConfig = field(default_factory=DropoutFaultConfig)
+    random: RandomFaultConfig = field(default_factory=RandomFaultConfig)
+    reference: bool = True  # also run the same seed with no failures, for resilience.fraction_kept
+
+    def __post_init__(self) -> None:
+        if self.recover_after is not None and self.recover_after < 1:
+            raise ConfigError(f"failures.recover_after={self.recover_after} is invalid: must be >= 1 round (or null)")
+        _probability("failures.outage_p", self.outage_p)
+        _probability("failures.query_drop_q", self.query_drop_q)
+        _probability("failures.dropout.fraction", self.dropout.fraction)
+        for k in ("crash_p", "recover_p", "outage_p", "slow_p", "partition_p", "dropout_p", "query_drop_q"):
+            _probability(f"failures.random.{k}", getattr(self.random, k))
+        if self.random.max_down < 1:
+            raise ConfigError(f"failures.random.max_down={self.random.max_down} is invalid: must be >= 1")
+        if not self.query_timeout_s > 0:
+            raise ConfigError(f"failures.query_timeout_s={self.query_timeout_s} is invalid: must be > 0 seconds")
+        if self.slow.delay_s < 0:
+            raise ConfigError(f"failures.slow.delay_s={self.slow.delay_s} is invalid: must be >= 0 seconds")
+        for part in ("partition", "slow", "dropout"):
+            start, end = getattr(self, part).start, getattr(self, part).end
+            if start < 1 or (end is not None and end < start):
+                raise ConfigError(f"failures.{part}.start/end = {start}/{end} is invalid: need 1 <= start <= end")
+
+    def none(self) -> "FailuresConfig":
+        """This config with every fault switched off and no reference run (the all-up reference)."""
+        return FailuresConfig(name=FailureKind.none, query_timeout_s=self.query_timeout_s, reference=False)
+
+
+# ---- the whole run ----------------------------------------------------------------------------
+@dataclass
+class Config:
+    seed: int = 0
+    data: DataConfig = MISSING
+    fleet: FleetConfig = MISSING
+    strategy: StrategyConfig = MISSING
+    servers: ServersConfig = MISSING
+    sim: SimConfig = MISSING
+    failures: FailuresConfig = MISSING
+
+    def __post_init__(self) -> None:
+        if STRATEGY_SCHEMAS and self.strategy.name not in STRATEGY_SCHEMAS:
+            raise invalid("strategy.name", self.strategy.name, f"choose one of {', '.join(STRATEGY_SCHEMAS)}")
+        self.strategy.check_with(self.servers)
+        check_failure_targets(self)
+
+
+def check_failure_targets(cfg: Config) -> None:
+    """The failures config against the fleet: servers, devices and rounds named must exist.
+
+    Raises:
+        ConfigError: one line naming the key and the valid range.
+    """
+    f = cfg.failures
+    num_servers, num_clients, num_rounds = cfg.servers.count, cfg.fleet.num_clients, cfg.sim.num_rounds
+
+    def servers_ok(key: str, servers: list[int]) -> None:
+        bad = [s for s in servers if not 0 <= s < num_servers]
+        if bad:
+            raise ConfigError(f"{key} names server {bad[0]}, but servers.count={num_servers} (servers 0.."
+                              f"{num_servers - 1}): fix {key} or raise servers.count")
+
+    def devices_ok(key: str, devices: list[int]) -> None:
+        bad = [d for d in devices if not 0 <= d < num_clients]
+        if bad:
+            raise ConfigError(f"{key} names device {bad[0]}, but fleet.num_clients={num_clients} (devices 0.."
+                              f"{num_clients - 1})")
+
+    servers_ok("failures.servers", f.servers)
+    servers_ok("failures.partition.servers", f.partition.servers)
+    servers_ok("failures.slow.servers", f.slow.servers)
+    devices_ok("failures.partition.devices", f.partition.devices)
+    devices_ok("failures.dropout.devices", f.dropout.devices)
+    if f.round < 1 or (f.servers and f.round > num_rounds):
+        raise ConfigError(f"failures.round={f.round} is invalid: the crash round must be in 1..{num_rounds} "
+                          "(sim.num_rounds)")
+
+
+def register() -> None:
+    """Register the schema as ``base_config`` (used by configs/config.yaml's defaults)."""
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name="base_config", node=Config)
+
+
+# ---- conversions ------------------------------------------------------------------------------
+def to_config(node: Any) -> Config:
+    """The composed config (a DictConfig) as :class:`Config` dataclasses, every check run.
+
+    Raises:
+        ConfigError: a value out of range (one line), or a key that is not in the schema (``+foo=1``).
+    """
+    from omegaconf import OmegaConf
+
+    extra = unknown_keys(node)
+    if extra:
+        raise ConfigError(f"{extra[0]} is not a config key (a typo, or a '+' override of a key that does not "
+                          "exist): remove it; `python -m sim.run --cfg job` lists the keys")
+    return OmegaConf.to_object(node)  # type: ignore[return-value]
+
+
+def unknown_keys(node: Any, prefix: str = "") -> list[str]:
+    """Keys of a composed config that are not fields of its dataclass (added with ``+key=value``)."""
+    from omegaconf import DictConfig, OmegaConf
+
+    t = OmegaConf.get_type(node)
+    names = {f.name for f in dataclasses.fields(t)} if dataclasses.is_dataclass(t) else None
+    out = []
+    for k in node.keys():
+        if names is not None and k not in names:
+            out.append(f"{prefix}{k}")
+        child = node._get_node(k)
+        if isinstance(child, DictConfig) and not child._is_none() and not child._is_missing():
+            out += unknown_keys(child, f"{prefix}{k}.")
+    return out
+
+
+def plain(obj: Any) -> Any:
+    """A config dataclass (or any part of one) as plain JSON-able values: enums as strings."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, Enum):
+        return obj.value
+    if isinstance(obj, (list, tuple)):
+        return [plain(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: plain(v) for k, v in obj.items()}
+    return obj
+
+
+def from_plain(cls: type, data: dict[str, Any]) -> Any:
+    """Rebuild a config dataclass of type ``cls`` from :func:`plain`'s output (checks run).
+
+    ``cls`` may be :class:`Config` (the strategy part's class is looked up by its name) or any
+    part, e.g. :class:`ServersConfig` or a method's config class.
+    """
+    from omegaconf import OmegaConf
+
+    node = OmegaConf.structured(cls)
+    if cls is Config:
+        node.strategy = OmegaConf.structured(STRATEGY_SCHEMAS[data["strategy"]["name"]])
+    return OmegaConf.to_object(OmegaConf.merge(node, data))
+
+
+def replace(cfg: Any, **parts: Any) -> Any:
+    """A copy of the config dataclass ``cfg`` with some fields replaced
+    (``replace(cfg, failures=...)``); its checks run again."""
+    return dataclasses.replace(cfg, **parts)
+

@@ -1,0 +1,133 @@
+"""Reading a dataset into arrays: scikit-learn's digits, a Hugging Face dataset through
+flwr-datasets, or a local .npz / .parquet file.
+
+:func:`load_source` returns images ``(N, C, H, W)`` float32 in [0, 1] and integer labels ``(N,)``;
+everything after that (selection, partitioning, splits) is :mod:`sim.core.data`.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from sim.core.config import DataConfig, DataSource
+from sim.core.errors import DataError
+
+
+def _to_nchw(x: np.ndarray) -> np.ndarray:
+    """Images ``(N,H,W)``, ``(N,H,W,C)``, ``(N,C,H,W)`` or vectors ``(N,D)`` -> ``(N,C,H,W)`` float32.
+
+    Values are scaled into [0, 1] when they exceed 1: by 255 if the maximum is above 16 (8-bit
+    images), else by the maximum (e.g. digits' 0..16). Raises DataError on NaN/inf.
+    """
+    x = np.asarray(x)
+    if x.ndim == 2:
+        x = x[:, None, None, :]
+    elif x.ndim == 3:
+        x = x[:, None]
+    elif x.ndim == 4 and x.shape[-1] in (1, 3, 4) and x.shape[1] not in (1, 3, 4):
+        x = np.transpose(x, (0, 3, 1, 2))
+    elif x.ndim != 4:
+        raise DataError(f"inputs have shape {x.shape}: expected (N,D), (N,H,W), (N,H,W,C) or (N,C,H,W)")
+    x = x.astype(np.float32)
+    if not np.isfinite(x).all():
+        raise DataError("inputs contain NaN or infinite values: clean the dataset first")
+    hi = float(x.max()) if x.size else 1.0
+    if hi > 1.0:
+        x = x / (255.0 if hi > 16.0 else hi)
+    return np.ascontiguousarray(x)
+
+
+def _from_hf(ds: Any, image_key: str, label_key: str) -> tuple[np.ndarray, np.ndarray]:
+    for key in (image_key, label_key):
+        if key not in ds.column_names:
+            raise DataError(f"column {key!r} not in the dataset (columns: {', '.join(ds.column_names)}): "
+                            "set data.image_key / data.label_key")
+    images = ds[image_key]
+    x = np.stack([np.asarray(im, dtype=np.float32) for im in images])
+    y = np.asarray(ds[label_key])
+    return x, y
+
+
+def _load_file(path: Path, dcfg: DataConfig) -> tuple[np.ndarray, np.ndarray]:
+    if not path.exists():
+        raise DataError(f"data.path {path} does not exist: give the path of a .npz or .parquet file")
+    if path.stat().st_size == 0:
+        raise DataError(f"data.path {path} is empty: regenerate or re-download the file")
+    suffix = path.suffix.lower()
+    if suffix == ".npz":
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                if "x" not in z or "y" not in z:
+                    raise DataError(f"{path} lacks arrays 'x' and 'y' (has: {', '.join(z.files)})")
+                return z["x"], z["y"]
+        except DataError:
+            raise
+        except Exception as exc:  # zipfile/pickle/format errors from a truncated or foreign file
+            raise DataError(f"cannot read {path} as .npz ({type(exc).__name__}): the file is truncated or not an npz") from None
+    if suffix == ".parquet":
+        from flwr_datasets import FederatedDataset
+
+        try:
+            fds = FederatedDataset(dataset="parquet", data_files={"train": str(path)},
+                                   partitioners={"train": 1}, shuffle=False)
+            ds = fds.load_split("train")
+        except Exception as exc:
+            raise DataError(f"cannot read {path} as parquet ({type(exc).__name__}): the file is truncated or not parquet") from None
+        return _from_hf(ds, dcfg.image_key, dcfg.label_key)
+    raise DataError(f"data.path {path} has suffix {suffix!r}: use a .npz or .parquet file")
+
+
+def load_source(dcfg: DataConfig) -> tuple[np.ndarray, np.ndarray]:
+    """Load the configured dataset.
+
+    Args:
+        dcfg: the ``data`` config.
+
+    Returns:
+        ``x: (N, C, H, W)`` float32 in [0, 1] and ``y: (N,)`` int64 labels (unmapped).
+
+    Raises:
+        DataError: missing/empty/truncated/foreign file, unreachable hub dataset, bad columns, NaNs.
+    """
+    source = dcfg.source
+    if source == DataSource.sklearn:
+        from sklearn.datasets import load_digits
+
+        d = load_digits()
+        x, y = d.images / 16.0, d.target
+    elif source == DataSource.file or (source == DataSource.hf and dcfg.path):
+        x, y = _load_file(Path(str(dcfg.path)).expanduser(), dcfg)
+    elif source == DataSource.hf:
+        from flwr_datasets import FederatedDataset
+
+        try:
+            fds = FederatedDataset(dataset=dcfg.hf_name, subset=dcfg.hf_subset,
+                                   partitioners={"train": 1}, shuffle=False)
+            ds = fds.load_split("train")
+        except Exception as exc:
+            raise DataError(
+                f"cannot load {dcfg.hf_name!r} from the Hugging Face hub or its local cache "
+                f"({type(exc).__name__}); offline, export it to parquet and pass data.path=FILE.parquet") from None
+        x, y = _from_hf(ds, dcfg.image_key, dcfg.label_key)
+    else:
+        raise DataError(f"data.source={source!r} is invalid: choose sklearn, hf or file")
+    return _to_nchw(x), _check_labels(y)
+
+
+def _check_labels(y: np.ndarray) -> np.ndarray:
+    y = np.asarray(y)
+    if y.ndim != 1:
+        raise DataError(f"labels have shape {y.shape}: expected one integer label per sample")
+    if y.dtype.kind == "f":
+        if not np.isfinite(y).all():
+            raise DataError("labels contain NaN: every sample needs an integer class label")
+        if not np.all(y == np.round(y)):
+            raise DataError("labels are not integers: classification needs integer class labels")
+    elif y.dtype.kind not in "iub":
+        raise DataError(f"labels have dtype {y.dtype}: expected integer class labels")
+    y = y.astype(np.int64)
+    if y.size and y.min() < 0:
+        raise DataError(f"labels contain {int(y.min())}: class labels must be >= 0")
+    return y

@@ -1,0 +1,314 @@
+"""One fleet simulation in three steps: prepare the inputs, run the federation, finish the results.
+
+:func:`simulate` is what ``python -m sim.run`` calls for each job:
+
+1. :func:`prepare_inputs` -- the prepared dataset, the legacy fleet, the failure schedule, the
+   method's server start states (L2D's fixed experts), the result recorder;
+2. :func:`run_federation` -- the ServerApp (the method's strategy driving the server pool) and
+   the ClientApp on Flower's simulation engine (or in-process), one checkpoint per round;
+3. :func:`finish` -- ``summary.json``, ``clients.csv``, plots, ``timing.json``, the summary table.
+
+With failures injected (``failures.name != none`` and ``failures.reference=true``) the same seed
+is first run with every server up into ``run_dir/reference`` (:func:`run_reference`): the
+all-up side of the resilience metrics, on the same test samples.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sim.core.config import Backend, Config, FailureKind, plain, replace
+from sim.core.errors import ConfigError
+
+
+@dataclass
+class Inputs:
+    """Everything the federation needs, made before it starts (step 1)."""
+
+    cfg: Config
+    run_dir: Path
+    console: Any
+    prep: Any
+    fleet: Any
+    schedule: list
+    server_states: list | None
+    recorder: Any
+    resume: tuple[dict, dict] | None
+    finished: int
+    t_start: float
+    timing: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class Outcome:
+    """What the federation left behind (step 2)."""
+
+    strategy: Any
+    table: dict | None
+    dead: list[int]
+    sim_seconds: float
+
+
+def simulate(cfg: Config, run_dir: Path, console: Any | None = None) -> dict[str, Any]:
+    """Run one fleet simulation and write its results into ``run_dir``.
+
+    Args:
+        cfg: the run config. run_dir: output directory (created; with ``sim.resume`` the resumed
+            run's own directory is used). console: a rich Console (None: a default one).
+
+    Returns:
+        The summary dict written to ``summary.json``.
+
+    Raises:
+        ConfigError / DataError: bad configuration or data (one-line message).
+        EngineError: Ray/Flower could not start or the simulation failed.
+    """
+    from rich.console import Console
+
+    console = console or Console()
+    run_dir, resume, finished, done = open_run(cfg, Path(run_dir), console)
+    if done is not None:
+        return done
+    reference = run_reference(cfg, run_dir, console)
+    inputs = prepare_inputs(cfg, run_dir, console, resume, finished)
+    return finish(inputs, run_federation(inputs), reference)
+
+
+def open_run(cfg: Config, run_dir: Path, console: Any) -> tuple[Path, tuple | None, int, dict | None]:
+    """The run directory and, with ``sim.resume``, its checkpoint and finished rounds.
+
+    Returns:
+        ``(run_dir, checkpoint or None, rounds finished, summary if the run had already finished)``.
+
+    Raises:
+        ConfigError: the resumed directory does not fit this config, or cannot be finished.
+    """
+    from sim import checkpoint
+
+    if not cfg.sim.resume:
+        return run_dir, None, 0, None
+    run_dir = Path(os.path.expanduser(str(cfg.sim.resume)))
+    ckpt, finished = checkpoint.open_for_resume(cfg, run_dir)
+    if ckpt is not None and finished >= cfg.sim.num_rounds:
+        if (run_dir / "summary.json").is_file():
+            console.print(f"{run_dir} already finished all {cfg.sim.num_rounds} rounds; its summary.json stands",
+                          soft_wrap=True)
+            return run_dir, ckpt, finished, json.loads((run_dir / "summary.json").read_text())
+        raise ConfigError(f"{run_dir} finished all {cfg.sim.num_rounds} rounds but has no summary.json: "
+                          "run it again without sim.resume")
+    console.print(f"[bold]resuming[/bold] {run_dir} after round {finished} of {cfg.sim.num_rounds}"
+                  if ckpt is not None else f"[bold]resuming[/bold] {run_dir}: its all-up reference run first",
+                  soft_wrap=True)
+    return run_dir, ckpt, finished, None
+
+
+def run_reference(cfg: Config, run_dir: Path, console: Any) -> dict[str, Any] | None:
+    """With failures injected: the summary of the same seed with every server up (run, resumed, or
+    read from ``run_dir/reference``); None when no reference is wanted."""
+    from sim.checkpoint import CHECKPOINT
+
+    if cfg.failures.name == FailureKind.none or not cfg.failures.reference:
+        return None
+    ref_dir = run_dir / "reference"
+    if (ref_dir / "summary.json").is_file() and cfg.sim.resume:
+        reference = json.loads((ref_dir / "summary.json").read_text())
+    else:
+        console.print("[bold]reference[/bold]: the same seed with every server up (for resilience.fraction_kept)")
+        resume = str(ref_dir) if cfg.sim.resume and (ref_dir / CHECKPOINT).is_file() else None
+        ref_cfg = replace(cfg, failures=cfg.failures.none(), sim=replace(cfg.sim, resume=resume))
+        reference = simulate(ref_cfg, ref_dir, console)
+    console.print("[bold]run with failures[/bold]")
+    return reference
+
+
+def prepare_inputs(cfg: Config, run_dir: Path, console: Any, resume: tuple | None, finished: int) -> Inputs:
+    """Step 1: data, fleet, the method's server start states, the failure schedule, the recorder."""
+    import torch
+
+    from clients.legacy import build_fleet
+    from sim import engine, terminal
+    from sim.core.data import prepare
+    from sim.core.faults import build_schedule, schedule_json
+    from sim.results import Recorder
+    from strategies.registry import method
+
+    t_start = time.perf_counter()
+    engine.quiet_logs(cfg.sim.verbose)
+    torch.set_num_threads(int(cfg.sim.torch_threads))
+    torch.manual_seed(int(cfg.seed))
+    cache_dir = Path(os.path.expanduser(str(cfg.sim.cache_dir)))
+    timing: dict[str, float] = {}
+    prep = prepare(cfg.data, cfg.fleet.num_clients, cfg.seed, cache_dir)
+    timing["prepare_data_s"] = time.perf_counter() - t_start
+    fleet = build_fleet(cfg.fleet, cfg.data, prep, cfg.seed, cache_dir)
+    timing["legacy_fleet_s"] = time.perf_counter() - t_start - timing["prepare_data_s"]
+    cfg.strategy.check_data(prep.num_classes)
+    terminal.print_fleet(console, cfg, prep, fleet)
+    states = method(cfg.strategy.name).server.prepare_servers(cfg, prep, fleet, cache_dir, console)
+    if states is not None:
+        timing["experts_s"] = time.perf_counter() - t_start - timing["prepare_data_s"] - timing["legacy_fleet_s"]
+    recorder = Recorder(run_dir, keep_rounds=finished if cfg.sim.resume else None)
+    schedule = build_schedule(cfg.failures, int(cfg.servers.count), cfg.fleet.num_clients, cfg.sim.num_rounds,
+                              int(cfg.seed))
+    terminal.print_servers(console, cfg, schedule)
+    recorder.write_json("failure_schedule.json", {"failures": plain(cfg.failures), "rounds": schedule_json(schedule)})
+    return Inputs(cfg, run_dir, console, prep, fleet, schedule, states, recorder, resume, finished, t_start, timing)
+
+
+def device_spec(inp: Inputs, per_node: int) -> str:
+    """The JSON every message carries: what a worker needs to build the run's devices and method."""
+    cfg = inp.cfg
+    return json.dumps({
+        "key": f"{inp.run_dir}:{time.time_ns()}",
+        "data_path": str(inp.prep.path), "fleet_path": str(inp.fleet.path),
+        "groups": inp.fleet.groups, "group_cfgs": [plain(g) for g in inp.fleet.group_cfgs],
+        "in_shape": list(inp.prep.in_shape), "num_classes": inp.prep.num_classes, "seed": int(cfg.seed),
+        "strategy": plain(cfg.strategy), "servers": plain(cfg.servers), "torch_threads": int(cfg.sim.torch_threads),
+        "devices_per_node": per_node,
+    }, sort_keys=True)
+
+
+def run_federation(inp: Inputs) -> Outcome:
+    """Step 2: the ServerApp and the ClientApp on the simulation engine; a checkpoint every round.
+
+    Raises:
+        EngineError: the engine failed, or no evaluation round succeeded.
+    """
+    from sim import engine
+    from sim.apps import app as client_app
+    from sim.core.nodes import devices_per_node, num_nodes
+
+    cfg = inp.cfg
+    per_node = devices_per_node(cfg.fleet.num_clients, cfg.sim.devices_per_node, int(cfg.sim.max_nodes))
+    fed = Federation(inp, device_spec(inp, per_node))
+    with fed.progress:
+        engine.run(cfg.sim, fed.server_main, client_app, num_nodes(cfg.fleet.num_clients, per_node))
+    sim_seconds = time.perf_counter() - fed.t_sim
+    inp.timing["engine_stop_s"] = sim_seconds - sum(inp.timing.get(p, 0.0) for p in (
+        "engine_start_s", "handshake_s", "rounds_s"))
+    if fed.strategy is None or fed.strategy.last_metrics is None:
+        raise engine.EngineError("the simulation finished without a successful evaluation round; "
+                                 "rerun with sim.verbose=true to see the devices' errors")
+    return Outcome(fed.strategy, fed.table, fed.dead, sim_seconds)
+
+
+class Federation:
+    """The ServerApp's main (:meth:`server_main`: the pool and the method's strategy) and what it
+    does at the end of every round (:meth:`on_round`: record, checkpoint, progress line)."""
+
+    def __init__(self, inp: Inputs, spec_json: str):
+        from sim import terminal
+
+        self.inp, self.cfg, self.spec_json = inp, inp.cfg, spec_json
+        self.progress, self.task = terminal.round_progress(inp.console, self.cfg.sim.num_rounds,
+                                                           self.cfg.sim.progress)
+        self.progress.advance(self.task, inp.finished)
+        self.pool: Any = None
+        self.strategy: Any = None
+        self.table: dict | None = None
+        self.dead: list[int] = []
+        self.t_sim = time.perf_counter()
+
+    def on_round(self, record: dict[str, Any]) -> None:
+        """A finished round: its record appended, the checkpoint replaced, the progress line printed."""
+        from sim import checkpoint, terminal
+        from sim.core.arrays import prefixed
+
+        self.inp.recorder.round(record)
+        if self.cfg.sim.checkpoint:
+            pool_arrays, pool_meta = self.pool.checkpoint()
+            strat_arrays, strat_meta = self.strategy.checkpoint()
+            checkpoint.save(self.inp.run_dir, {**prefixed("pool", pool_arrays), **prefixed("strategy", strat_arrays)},
+                            {"round": record["round"], "config": checkpoint.comparable(self.cfg), "pool": pool_meta,
+                             "strategy": strat_meta})
+        self.progress.advance(self.task)
+        if record.get("system_accuracy") is not None:
+            self.progress.console.print(terminal.round_line(record, self.cfg.sim.num_rounds), soft_wrap=True)
+
+    def server_main(self, grid: Any) -> None:
+        """The ServerApp: build the pool inside the engine's session (its actors live on Ray), the
+        strategy, restore a resumed run, then Flower's round loop; the pool is shut down whatever happens."""
+        from flwr.app import ArrayRecord
+
+        from servers.pool import ServerPool
+        from strategies.registry import method
+
+        cfg, inp, timing = self.cfg, self.inp, self.inp.timing
+        timing["engine_start_s"] = time.perf_counter() - self.t_sim
+        self.pool = ServerPool(cfg.servers, inp.prep.in_shape, inp.prep.num_classes, int(cfg.seed),
+                               cfg.failures.query_timeout_s, "ray" if cfg.sim.backend == Backend.ray else "local",
+                               int(cfg.sim.torch_threads))
+        try:
+            timeout = float(cfg.sim.round_timeout)
+            self.pool.wait_ready(min(120.0, timeout))
+            if inp.server_states is not None:
+                self.pool.install(inp.server_states)
+            self.strategy = method(cfg.strategy.name).server(cfg, self.pool, inp.schedule, self.on_round)
+            self.strategy.spec_json = self.spec_json
+            if inp.resume is not None:
+                self.restore()
+            self.strategy.handshake(grid, timeout)
+            self.strategy.t0 = time.perf_counter()
+            timing["handshake_s"] = self.strategy.t0 - self.t_sim - timing["engine_start_s"]
+            self.strategy.start(grid, initial_arrays=ArrayRecord(), num_rounds=cfg.sim.num_rounds - inp.finished,
+                                timeout=timeout)
+            timing["rounds_s"] = time.perf_counter() - self.strategy.t0
+            last = self.strategy
+            self.table = self.pool.table(last.last_x, last.last_eval["y"]) if last.last_x is not None else None
+            self.dead = sorted(self.pool.dead)
+        finally:
+            self.pool.shutdown()
+
+    def restore(self) -> None:
+        """Load the resumed run's checkpoint into the pool and the strategy."""
+        from sim import checkpoint
+        from sim.core.arrays import sub
+        from strategies.pool_strategy import CheckpointMismatch
+
+        arrays, meta = self.inp.resume
+        self.pool.restore(sub(arrays, "pool"), meta["pool"])
+        try:
+            self.strategy.restore(sub(arrays, "strategy"), meta["strategy"], self.inp.finished)
+        except CheckpointMismatch as exc:
+            raise checkpoint.CheckpointError(str(exc)) from None
+
+
+def finish(inp: Inputs, out: Outcome, reference: dict[str, Any] | None) -> dict[str, Any]:
+    """Step 3: per-device rows, ``summary.json`` (with the servers' and resilience parts), plots,
+    ``timing.json`` and the summary on the terminal. Returns the summary."""
+    from sim import plots, terminal
+    from sim.core.metrics import per_device
+    from sim.resilience import resilience_summary, servers_summary, test_set_digest
+    from sim.results import build_summary
+
+    cfg, fleet, rec, strategy = inp.cfg, inp.fleet, inp.recorder, out.strategy
+    metrics = strategy.last_metrics
+    meta = {d: {"group": fleet.group_cfgs[g].name, "arch": str(fleet.group_cfgs[g].arch),
+                "pretrain_size": int(fleet.pretrain_size[d])} for d, g in enumerate(fleet.groups)}
+    rows = per_device(strategy.last_eval, meta)
+    rec.clients(rows)
+    summary = build_summary(cfg, metrics, rows, fleet.legacy_accuracy, inp.prep.num_classes)
+    summary["test_set_digest"] = test_set_digest(strategy.last_eval)
+    summary["servers"] = servers_summary(cfg, rec.rounds, out.table, out.dead)
+    summary["resilience"] = resilience_summary(cfg, rec.rounds, summary, reference)
+    rec.summary(summary)
+    if cfg.sim.plots:
+        d = inp.run_dir
+        plots.plot_rounds(rec.rounds, d / "rounds.png")
+        plots.plot_defer_curve(metrics, d / "accuracy_vs_defer_rate.png")
+        plots.plot_devices(rows, d / "devices.png")
+        plots.plot_timeline(rec.rounds, inp.schedule, summary["resilience"], d / "resilience_timeline.png")
+        plots.plot_states(summary, d / "resilience_states.png")
+    errors = sum(int(r.get("train_errors", 0)) + int(r.get("eval_errors", 0)) for r in rec.rounds)
+    if errors and not cfg.sim.verbose:
+        inp.console.print(f"note: {errors} device replies were errors (injected dropouts count here); "
+                          "sim.verbose=true shows each one")
+    inp.timing["total_s"] = time.perf_counter() - inp.t_start
+    # Wall-clock phases go to their own file: summary.json holds only seed-determined numbers.
+    rec.write_json("timing.json", {"backend": str(cfg.sim.backend), **inp.timing})
+    terminal.print_summary(inp.console, summary, inp.run_dir, out.sim_seconds, inp.timing["total_s"])
+    return summary

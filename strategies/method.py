@@ -1,0 +1,100 @@
+"""What a method does on a device: the :class:`DeviceMethod` every method implements.
+
+A Flower node calls the method of ``strategy.name`` once per round for each of its sampled
+devices: :meth:`DeviceMethod.train` on the device's rejector split (it decides what to send to
+the helper servers and trains the device's own part: a rejector, an estimator, an L2D model),
+and :meth:`DeviceMethod.evaluate` on its test split (it decides what to defer; the server pool
+answers the deferred samples). The device's trained part ("learner") is kept by the node between
+rounds and handed in through the :class:`RoundContext`.
+
+Adding a method: docs/adding.md (the smallest example is :class:`strategies.baselines.RandomDeferral`).
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+import torch
+from torch import nn
+
+from clients.device import Device
+from servers.view import PoolView
+from sim.core.config import ServersConfig, StrategyConfig
+
+
+@dataclass
+class RoundContext:
+    """One device's round, as its method sees it.
+
+    Attributes:
+        device: the device (its data splits, frozen legacy model and its outputs).
+        learner: the device's trained part from earlier rounds (None: none yet, or the method has
+            none).
+        reachable: the helper servers the device can reach this round (up, not cut off).
+        round: the round (1-based; 0 for the final evaluation's seeds).
+        view: the servers' networks as received this round (training only; None in evaluation).
+    """
+
+    device: Device
+    learner: nn.Module | None
+    reachable: list[int]
+    round: int
+    view: PoolView | None = None
+
+    def reachable_in_view(self) -> list[int]:
+        """The reachable servers whose networks the device received."""
+        present = self.view.present if self.view is not None else []
+        return [s for s in self.reachable if s in present]
+
+
+@dataclass
+class TrainResult:
+    """What a device's training round decided, per sample of its rejector split (``N`` samples).
+
+    Attributes:
+        defer: ``(N,)`` bool, the samples it now defers (sent to the servers, which learn from them).
+        route: ``(N,)`` int64, the server a learned rejector chose (-1: none; the pool routes).
+        explore: ``(N,)`` bool, kept samples also sent, so a cold server has something to learn.
+        metrics: ``rejector_loss``, ``train_defer_rate``, ``train_legacy_error``,
+            ``train_server_error`` (floats; NaN where not defined).
+    """
+
+    defer: np.ndarray
+    route: np.ndarray
+    explore: np.ndarray
+    metrics: dict[str, float]
+
+
+class DeviceMethod(ABC):
+    """The device side of a method (one instance per worker process and run).
+
+    Args:
+        cfg: the method's ``strategy`` config (its own subclass of StrategyConfig).
+        servers: the ``servers`` config. seed: the run seed. num_classes: K.
+    """
+
+    config_class: ClassVar[type[StrategyConfig]] = StrategyConfig
+
+    def __init__(self, cfg: StrategyConfig, servers: ServersConfig, seed: int, num_classes: int):
+        self.cfg, self.servers, self.seed, self.num_classes = cfg, servers, seed, num_classes
+
+    def new_learner(self, device: Device) -> nn.Module | None:
+        """A freshly initialised trained part for ``device`` (None: the method trains nothing)."""
+        return None
+
+    def load_learner(self, device: Device, state: dict[str, torch.Tensor]) -> nn.Module | None:
+        """The trained part with a saved ``state_dict``."""
+        learner = self.new_learner(device)
+        if learner is not None:
+            learner.load_state_dict(state)
+        return learner
+
+    @abstractmethod
+    def train(self, ctx: RoundContext) -> TrainResult:
+        """One training round on the device's rejector split (trains ``ctx.learner`` in place)."""
+
+    @abstractmethod
+    def evaluate(self, ctx: RoundContext) -> dict[str, np.ndarray]:
+        """The device's decisions on its test split: :func:`strategies.records.test_record`."""

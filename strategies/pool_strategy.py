@@ -1,0 +1,159 @@
+"""The ServerApp side every method shares: a Flower strategy that drives the helper-server pool.
+
+One round (docs/architecture.md, "A round"):
+
+1. :meth:`PoolStrategy.configure_train` carries out the round's faults on the pool and sends the
+   sampled devices the up servers' weights -- the current ones (``staleness=1``) or a copy
+   refreshed every S rounds (asynchronous) -- and which servers they can reach.
+2. Each device runs its method's :meth:`~strategies.method.DeviceMethod.train`.
+3. :meth:`PoolStrategy.aggregate_train` keeps each device's trained part (for checkpoints and
+   resumes) and hands the round to the method's :meth:`train_round` (L2H: route the samples the
+   devices sent and train the servers; L2D: the experts are fixed).
+4. Evaluation: each device decides on its test split; :meth:`answer` has the pool answer the
+   deferred samples with failover; the metrics are pooled in :mod:`strategies.base`.
+"""
+from __future__ import annotations
+
+import json
+from abc import abstractmethod
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+
+from servers.pool import ServerPool
+from sim.core.arrays import stack_states, sub, unstack_states
+from sim.core.config import Config
+from sim.core.faults import RoundFaults
+from strategies.base import DeviceReplies, FleetStrategy, resumable
+
+
+class CheckpointMismatch(ValueError):
+    """A checkpoint's device states do not fit this run (missing, or an older format)."""
+
+
+def record_arrays(record: ArrayRecord) -> dict[str, np.ndarray]:
+    """An ArrayRecord's arrays by name (decoded once)."""
+    return {k: record[k].numpy() for k in record.keys()}
+
+
+def faults_config(faults: RoundFaults, up: list[int], final: bool) -> str:
+    """What devices learn of this round's faults (JSON in the message config): the servers up,
+    the network partition, and which devices drop out (none in the final evaluation, so the final
+    metrics always cover every device's test samples)."""
+    return json.dumps({"up": up, "partition": faults.partition, "dropout": [] if final else faults.dropout})
+
+
+class PoolStrategy(FleetStrategy):
+    """A Flower Message-API strategy over a pool of helper servers.
+
+    Args:
+        cfg: the run config. pool: the helper servers. schedule: the failure schedule (one
+        :class:`RoundFaults` per round). on_round: round-record callback.
+    """
+
+    def __init__(self, cfg: Config, pool: ServerPool, schedule: list[RoundFaults],
+                 on_round: Callable[[dict[str, Any]], None]):
+        super().__init__(cfg, on_round)
+        self.pool = pool
+        self.schedule = schedule
+        self.staleness = int(cfg.strategy.staleness)
+        self.stale: ArrayRecord | None = None
+        self.faults_json = "{}"
+        # Each device's latest trained part (for checkpoints), as arrays: converted once on receipt.
+        self.states: dict[int, dict[str, np.ndarray]] = {}
+
+    @classmethod
+    def prepare_servers(cls, cfg: Config, prep: Any, fleet: Any, cache_dir: Path, console: Any
+                        ) -> list[dict[str, np.ndarray]] | None:
+        """Start states for the servers, made before the federation starts (None: train from scratch).
+        L2D overrides it with its pretrained fixed experts."""
+        return None
+
+    def config(self, server_round: int) -> ConfigRecord:
+        rec = super().config(server_round)
+        rec["faults"] = self.faults_json
+        return rec
+
+    @resumable
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+                        ) -> Iterable[Message]:
+        faults = self.schedule[server_round - 1]
+        up = self.pool.begin_round(faults)
+        self.faults_json = faults_config(faults, up, final=False)
+        # Asynchronous training: the copy devices train against is refreshed every S rounds.
+        if self.stale is None or (server_round - 1) % self.staleness == 0:
+            self.stale = ArrayRecord({k: Array(v) for k, v in self.pool.snapshot().items()})
+        devices = self.sample(server_round, float(self.cfg.sim.fraction_train), "train")
+        content = RecordDict({"server": self.stale, "config": self.config(server_round)})
+        return self.messages(grid, devices, MessageType.TRAIN, content, server_round)
+
+    @resumable
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]
+                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        got = self.collect(replies)
+        for dev in got.devices:
+            if dev in got.learners:
+                self.states[dev] = record_arrays(got.learners[dev])
+        record = self.train_round(server_round, got)
+        self.train_record = {"train_devices": len(got.devices), "train_errors": got.errors, **record}
+        return None, MetricRecord({"samples_sent": record["samples_sent"], "train_errors": got.errors})
+
+    @abstractmethod
+    def train_round(self, server_round: int, got: DeviceReplies) -> dict[str, Any]:
+        """The method's part of a training round, after the devices answered; returns the round's
+        training record (at least ``samples_sent``)."""
+
+    @staticmethod
+    def mean_loss(got: DeviceReplies) -> float:
+        """The mean of the devices' finite ``rejector_loss`` (NaN when none)."""
+        finite = [v for v in (float(got.info[d]["rejector_loss"]) for d in got.devices) if np.isfinite(v)]
+        return float(np.mean(finite)) if finite else float("nan")
+
+    # ---- evaluation ---------------------------------------------------------------------------
+    def eval_content(self, server_round: int, arrays: ArrayRecord) -> RecordDict:
+        faults = self.schedule[server_round - 1]
+        self.faults_json = faults_config(faults, self.pool.up, final=server_round == self.num_rounds)
+        self.pool.begin_eval()
+        return RecordDict({"config": self.config(server_round)})
+
+    def answer(self, server_round: int, pooled: dict[str, np.ndarray], x: np.ndarray) -> dict[str, Any]:
+        """The pool answers the test samples (with failover); returns per-round server metrics."""
+        out = self.pool.answer(server_round, x, pooled["device"], pooled["route"], pooled["defer"], pooled["m_pred"])
+        pooled.update(e_pred=out.e_pred, served=out.served)
+        return {
+            "availability": self.pool.availability(),
+            "load": self.pool.load.tolist(),
+            "failovers": {k: int(v) for k, v in sorted(self.pool.failovers.items())},
+            "servers_dead": sorted(self.pool.dead),
+            # coop: each Teammate's serving depth fraction this round (drops under load / cost pressure)
+            **({"serve_depth": {str(k): v for k, v in self.pool.depth.items()}} if self.pool.depth else {}),
+        }
+
+    # ---- checkpoint / resume ------------------------------------------------------------------
+    def checkpoint(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        """The strategy's part of a checkpoint: every device's latest trained part and the stale
+        server copy devices train against (``staleness > 1``)."""
+        arrays: dict[str, np.ndarray] = stack_states(self.states, "rejectors")
+        if self.stale is not None:
+            arrays.update({f"stale/{k}": self.stale[k].numpy() for k in self.stale.keys()})
+        return arrays, {"rejectors": sorted(self.states), "stale": self.stale is not None}
+
+    def restore(self, arrays: dict[str, np.ndarray], meta: dict[str, Any], finished_round: int) -> None:
+        """Continue after ``finished_round``: devices get their trained parts back with their next message.
+
+        Raises:
+            CheckpointMismatch: the checkpoint's device states are missing or in an older format.
+        """
+        self.offset = finished_round
+        states = unstack_states(arrays, "rejectors")
+        if sorted(states) != sorted(int(d) for d in meta["rejectors"]):
+            raise CheckpointMismatch("the checkpoint's device states are missing or in an older format; "
+                                     "start the run again without sim.resume")
+        for d, st in states.items():
+            self.states[d] = st
+            self.restore_pending[d] = ArrayRecord({k: Array(np.array(v)) for k, v in st.items()})
+        if meta["stale"]:
+            self.stale = ArrayRecord({k: Array(np.array(v)) for k, v in sub(arrays, "stale").items()})
