@@ -22,13 +22,26 @@ from sim.core.training import predict_logits
 
 class Rejector(nn.Module):
     """MLP rejector: features ``(B, D)`` -> logits ``(B, outputs)``: 0 = keep local, 1 = defer
-    (``outputs=2``), or ``1 + s`` = defer to server s (learned routing over several servers)."""
+    (``outputs=2``), or ``1 + s`` = defer to server s (learned routing over several servers).
 
-    def __init__(self, in_dim: int, hidden: int = 64, outputs: int = 2):
+    Buffers named ``local_*`` belong to this device alone and are never federated (averaged):
+    ``local_bound`` = ``[t, rho]`` of the reject-rate bound (strategies/bounded.py; NaN: unfitted);
+    with ``memory=(N, S, K)``, the servers' answers on each of the device's ``N`` rejector-split
+    samples when it was first sent (prequential labels, strategies/labels.py):
+    ``local_answer_round (N,)`` (0: never sent), ``local_answer_wrong (N, S)``,
+    ``local_answer_pool_wrong (N,)``, ``local_answer_pool_probs (N, K)``.
+    """
+
+    def __init__(self, in_dim: int, hidden: int = 64, outputs: int = 2, memory: tuple[int, int, int] | None = None):
         super().__init__()
         self.net = nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(), nn.Linear(hidden, outputs))
-        # Bounded reject rate: [threshold t, calibration defer rate rho] (strategies/bounded.py); NaN: unfitted.
-        self.register_buffer("bound", torch.full((2,), float("nan")))
+        self.register_buffer("local_bound", torch.full((2,), float("nan")))
+        if memory is not None:
+            n, s, k = memory
+            self.register_buffer("local_answer_round", torch.zeros(n, dtype=torch.int64))
+            self.register_buffer("local_answer_wrong", torch.full((n, s), float("nan")))
+            self.register_buffer("local_answer_pool_wrong", torch.full((n,), float("nan")))
+            self.register_buffer("local_answer_pool_probs", torch.full((n, k), float("nan")))
 
     def forward(self, feats: torch.Tensor) -> torch.Tensor:
         return self.net(feats)
@@ -67,7 +80,9 @@ class Device:
                                    else torch.cat([x, probs], dim=1))
         return self._features[key]
 
-    def new_rejector(self, inputs: str, hidden: int, seed: int, outputs: int = 2) -> Rejector:
-        """A freshly initialised rejector, seeded per device (independent of worker placement)."""
+    def new_rejector(self, inputs: str, hidden: int, seed: int, outputs: int = 2,
+                     memory: tuple[int, int, int] | None = None) -> Rejector:
+        """A freshly initialised rejector, seeded per device (independent of worker placement);
+        ``memory``: see :class:`Rejector`."""
         with seeded(derive_seed(seed, "rejector-init", self.device_id)):
-            return Rejector(self.features("test", inputs).shape[1], hidden, outputs)
+            return Rejector(self.features("test", inputs).shape[1], hidden, outputs, memory)

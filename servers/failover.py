@@ -59,18 +59,21 @@ class ServerOutputs:
 @dataclass
 class Answers:
     """``e_pred (N,)``: the prediction each sample gets when deferred; ``served (N,)``: a server
-    answered it; ``failover (N,)``: index into :data:`KINDS`; ``depth``: coop Teammates' serving
-    depth fraction this round."""
+    answered it; ``failover (N,)``: index into :data:`KINDS`; ``price (N,)``: what the answer costs
+    (the mean price of the servers that answered; 0 when none did); ``depth``: coop Teammates'
+    serving depth fraction this round."""
 
     e_pred: np.ndarray
     served: np.ndarray
     failover: np.ndarray
+    price: np.ndarray
     depth: dict[int, float]
 
 
 def answer(out: ServerOutputs, router: Router, reach_of: dict[int, list[int]], device: np.ndarray,
            route: np.ndarray, defer: np.ndarray, m_pred: np.ndarray, dropped: np.ndarray, num_servers: int,
-           failovers: Counter, combiners: Combiners | None, coop: CoopConfig | None) -> Answers:
+           failovers: Counter, combiners: Combiners | None, coop: CoopConfig | None,
+           prices: Sequence[float] | None = None) -> Answers:
     """Answer test samples with failover.
 
     Every sample is answered as if deferred (the curves and baselines need the answer a deferred
@@ -83,11 +86,12 @@ def answer(out: ServerOutputs, router: Router, reach_of: dict[int, list[int]], d
         deferred, and the legacy prediction (the last fallback). dropped: ``(N, S)`` bool, the
         query to server s lost. failovers: counts by kind (updated). combiners: MEL's combiner
         heads (None: ensembles average softmax outputs). coop: cooperative learning's serving
-        limits (None: not a coop pool).
+        limits (None: not a coop pool). prices: per-server price of one answer (None: all 0).
     """
     n = len(device)
     e_pred = m_pred.astype(np.int64).copy()
     served = np.zeros(n, dtype=bool)
+    price = np.zeros(n, dtype=np.float64)
     kind = np.zeros(n, dtype=np.int64)
     groups: dict[tuple[int, ...], list[int]] = {}
     router.reset()
@@ -109,7 +113,9 @@ def answer(out: ServerOutputs, router: Router, reach_of: dict[int, list[int]], d
         probs = ensemble_probs(subset, {s: out.feats[s][idx] for s in subset}, {s: logits[s][idx] for s in subset},
                                combiners)
         e_pred[rows] = probs.argmax(1).numpy()
-    return Answers(e_pred, served, kind, depth)
+        if prices is not None:
+            price[rows] = float(np.mean([prices[s] for s in subset]))
+    return Answers(e_pred, served, kind, price, depth)
 
 
 def _serve_one(out: ServerOutputs, router: Router, reach: list[int], route: int, dropped: np.ndarray,

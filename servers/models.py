@@ -18,7 +18,7 @@ from typing import Iterable, Sequence
 import torch
 from torch import nn
 
-from clients.zoo import LogReg, MLP, SmallCNN, build_model
+from clients.zoo import Conv1DNet, LogReg, MLP, SmallCNN, build_model
 from sim.core.config import ServersConfig, Training
 
 
@@ -34,6 +34,8 @@ def split_model(model: nn.Module) -> tuple[nn.Module, nn.Module]:
         return nn.Sequential(model.features, nn.Flatten()), model.head
     if isinstance(model, LogReg):
         return nn.Flatten(), model.fc
+    if isinstance(model, Conv1DNet):
+        return nn.Sequential(model.rows, model.features, nn.Flatten()), model.head
     raise TypeError(f"cannot split a {type(model).__name__} into trunk and head")
 
 

@@ -19,6 +19,7 @@ import torch
 
 from servers.failover import Answers, ServerOutputs, answer, ensemble_table
 from servers.handles import ServerUnavailable, gather, new_handle
+from servers.helper import HelperServer
 from servers.router import Router
 from servers.trainers import JointTrainer, make_trainer
 from sim.core.arrays import prefixed, sub
@@ -36,13 +37,17 @@ class ServerPool:
         cfg: the ``servers`` config. in_shape: ``(C, H, W)``. num_classes: K. seed: the run seed.
         query_timeout_s: a server slower than this counts as down (``failures.query_timeout_s``).
         placement: ``ray`` (one actor per server; Ray must be initialised) or ``local``.
-        torch_threads: intra-op threads of each server.
+        torch_threads: intra-op threads of each server. prices: each server's price of one answer
+        (``servers.c_e``, else ``strategy.c_e``; None: answers are free).
     """
 
     def __init__(self, cfg: ServersConfig, in_shape: Sequence[int], num_classes: int, seed: int,
-                 query_timeout_s: float, placement: str, torch_threads: int = 1):
+                 query_timeout_s: float, placement: str, torch_threads: int = 1,
+                 prices: Sequence[float] | None = None):
         self.cfg, self.seed, self.timeout = cfg, seed, float(query_timeout_s)
+        self.prices = list(prices) if prices is not None else None
         self.num_servers, self.in_shape, self.num_classes = int(cfg.count), tuple(in_shape), num_classes
+        self.torch_threads = torch_threads
         self._new = lambda i: new_handle(placement, cfg, self.in_shape, num_classes, seed, i, torch_threads)
         self.handles: dict[int, Any] = {i: self._new(i) for i in range(self.num_servers)}
         self.dead: set[int] = set()
@@ -58,6 +63,8 @@ class ServerPool:
         self.train_rerouted = 0
         self.faults = RoundFaults(round=0)
         self.depth: dict[int, float] = {}  # coop: each Teammate's serving depth fraction this round
+        self.last_outputs: ServerOutputs | None = None  # the up servers' answers of the last answer() call
+        self._replicas: dict[int, tuple[int, HelperServer]] = {}  # what the all-up counterfactual asks
 
     # ---- lifecycle ----------------------------------------------------------------------------
     def call(self, method: str, servers: Sequence[int], *args: Any, timeout: float | None = None,
@@ -210,11 +217,49 @@ class ServerPool:
         rng = np.random.default_rng(derive_seed(self.seed, "query-drop", server_round))
         dropped = rng.random((len(x), self.num_servers)) < float(self.faults.query_drop)
         reach_of = {int(d): self.reachable(int(d)) for d in np.unique(device)}
-        coop = self.cfg.coop if self.cfg.training == Training.coop else None
-        out = answer(self.outputs(x, self.timeout), self.router, reach_of, device, route, defer, m_pred, dropped,
-                     self.num_servers, self.failovers, self.combiners, coop)
+        self.last_outputs = self.outputs(x, self.timeout)
+        out = answer(self.last_outputs, self.router, reach_of, device, route, defer, m_pred, dropped,
+                     self.num_servers, self.failovers, self.combiners, self._coop(), self.prices)
         self.depth = out.depth
         return out
+
+    def _coop(self) -> Any:
+        return self.cfg.coop if self.cfg.training == Training.coop else None
+
+    def degraded(self) -> bool:
+        """Whether this round's answers are not those of every server up (a server down, a network
+        partition, or queries dropped)."""
+        return len(self.up) < self.num_servers or bool(self.faults.partition) or self.faults.query_drop > 0
+
+    def answer_all_up(self, x: np.ndarray, device: np.ndarray, route: np.ndarray, defer: np.ndarray,
+                      m_pred: np.ndarray) -> np.ndarray:
+        """The counterfactual of :meth:`answer` (called after it, same samples): ``e_pred (N,)`` if
+        every server had been up and reachable with the same trained models -- a server that is down
+        answers with its last checkpoint (its state when it was last up; the state it started with
+        if it never was), nothing is dropped or cut off. Counters and load are left untouched."""
+        out = self.last_outputs
+        for s in range(self.num_servers):
+            if s not in out.logits:
+                r = self._replica(s).predict(x)
+                out.feats[s], out.logits[s] = (torch.from_numpy(np.array(v)) for v in r[:2])
+                if len(r) > 2:
+                    out.exits[s] = torch.from_numpy(np.array(r[2]))
+        everyone = list(range(self.num_servers))
+        res = answer(out, Router(self.cfg.resolved_routing, self.load.copy()), {int(d): everyone for d in
+                     np.unique(device)}, device, route, defer, m_pred, np.zeros((len(x), self.num_servers), bool),
+                     self.num_servers, Counter(), self.combiners, self._coop(), self.prices)
+        return res.e_pred
+
+    def _replica(self, s: int) -> HelperServer:
+        """An in-process copy of server ``s`` with its last checkpoint (cached until that changes)."""
+        state = self.checkpoints.get(s, self.initial.get(s))
+        cached = self._replicas.get(s)
+        if cached is None or cached[0] != id(state):
+            server = HelperServer(self.cfg, self.in_shape, self.num_classes, self.seed, s, self.torch_threads)
+            if state is not None:
+                server.load_state(state)
+            self._replicas[s] = cached = (id(state), server)
+        return cached[1]
 
     def table(self, x: np.ndarray, y: np.ndarray) -> dict[str, Any]:
         """MEL's standalone-vs-ensemble table on ``x, y`` (:func:`servers.failover.ensemble_table`)."""

@@ -78,25 +78,35 @@ def get_view(spec: dict[str, Any], arrays: ArrayRecord) -> PoolView:
 
 def _learner(spec: dict[str, Any], device: Device, msg: Message, context: Context, create: bool
              ) -> torch.nn.Module | None:
-    """The device's trained part (its rejector; for L2D its classifier + deferral model): from the
-    message (a resumed run hands it back; FedAvg sends the group's average), else from its node's
-    context, else a new one (``create``) or None.
+    """The device's trained part (its rejector; for L2D its classifier + deferral model).
 
-    The state always comes from the message or the context; the module holding it is reused per
-    worker and device (loading a state into an existing module is a copy, building one is not).
+    Its state is the node's context (``rejector/<device>``), updated by what the message brings:
+    a state to restore after a resume (``rejector/<device>``), then its federation group's
+    average (``federated/<key>``, which replaces the shared weights and keeps the device's own
+    ``local_*`` buffers). A device with neither state nor message has a new one (``create``) or
+    None. The module holding the state is reused per worker and device (loading a state into an
+    existing module is a copy, building one is not).
     """
     rt = _runtime(spec)
     method: DeviceMethod = rt["method"]
     key = f"rejector/{device.device_id}"
-    if key in msg.content:
-        context.state[key] = msg.content[key]
+    updates = [msg.content[key]] if key in msg.content else []
+    fed = json.loads(str(msg.content["config"].get("federated", "{}")))
+    if str(device.device_id) in fed:
+        updates.append(msg.content[f"federated/{fed[str(device.device_id)]}"])
     modules = rt["learners"]
-    if key not in context.state:
+    if key not in context.state and not updates:
         learner = method.new_learner(device) if create else None
-    elif (learner := modules.get(device.device_id)) is not None:
-        learner.load_state_dict(context.state[key].to_torch_state_dict())
     else:
-        learner = method.load_learner(device, context.state[key].to_torch_state_dict())
+        learner = modules.get(device.device_id)
+        if learner is None:
+            learner = method.new_learner(device)
+        state = learner.state_dict() if key not in context.state else context.state[key].to_torch_state_dict()
+        for rec in updates:
+            state.update(rec.to_torch_state_dict())
+        learner.load_state_dict(state)
+        if updates:
+            context.state[key] = ArrayRecord(torch_state_dict=learner.state_dict())
     if learner is not None:
         modules[device.device_id] = learner
     return learner

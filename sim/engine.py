@@ -94,6 +94,9 @@ def quiet_logs(verbose: bool) -> None:
     level = logging.DEBUG if verbose else logging.ERROR
     for name in ("flwr", "ray", "filelock", "datasets", "urllib3", "alembic", "huggingface_hub", "fsspec"):
         logging.getLogger(name).setLevel(level)
+    # matplotlib's PDF backend logs every font subset it embeds at INFO (hundreds of lines per run)
+    for name in ("fontTools", "matplotlib"):
+        logging.getLogger(name).setLevel(logging.DEBUG if verbose else logging.WARNING)
     # Flower logs every failed device reply (an injected dropout too) with its traceback at ERROR;
     # the run counts them in metrics.jsonl and says so at the end, so they stay hidden unless verbose.
     logging.getLogger("flwr").setLevel(logging.DEBUG if verbose else logging.CRITICAL)

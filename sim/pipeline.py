@@ -107,8 +107,9 @@ def open_run(cfg: Config, run_dir: Path, console: Any) -> tuple[Path, tuple | No
 
 
 def run_reference(cfg: Config, run_dir: Path, console: Any) -> dict[str, Any] | None:
-    """With failures injected: the summary of the same seed with every server up (run, resumed, or
-    read from ``run_dir/reference``); None when no reference is wanted."""
+    """With failures injected: the same seed with every server up (run, resumed, or read from
+    ``run_dir/reference``): its summary, with its per-round records under ``rounds``; None when
+    no reference is wanted."""
     from sim.checkpoint import CHECKPOINT
 
     if cfg.failures.name == FailureKind.none or not cfg.failures.reference:
@@ -122,7 +123,8 @@ def run_reference(cfg: Config, run_dir: Path, console: Any) -> dict[str, Any] | 
         ref_cfg = replace(cfg, failures=cfg.failures.none(), sim=replace(cfg.sim, resume=resume))
         reference = simulate(ref_cfg, ref_dir, console)
     console.print("[bold]run with failures[/bold]")
-    return reference
+    rounds = [json.loads(line) for line in (ref_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return {**reference, "rounds": rounds}
 
 
 def prepare_inputs(cfg: Config, run_dir: Path, console: Any, resume: tuple | None, finished: int) -> Inputs:
@@ -143,10 +145,13 @@ def prepare_inputs(cfg: Config, run_dir: Path, console: Any, resume: tuple | Non
     cache_dir = Path(os.path.expanduser(str(cfg.sim.cache_dir)))
     timing: dict[str, float] = {}
     prep = prepare(cfg.data, cfg.fleet.num_clients, cfg.seed, cache_dir)
+    check_archs(cfg, prep.in_shape)
     timing["prepare_data_s"] = time.perf_counter() - t_start
     fleet = build_fleet(cfg.fleet, cfg.data, prep, cfg.seed, cache_dir)
     timing["legacy_fleet_s"] = time.perf_counter() - t_start - timing["prepare_data_s"]
     cfg.strategy.check_data(prep.num_classes)
+    for note in cfg.strategy.notes():
+        console.print(f"[bold]warning[/bold]: {note}", soft_wrap=True)
     terminal.print_fleet(console, cfg, prep, fleet)
     states = method(cfg.strategy.name).server.prepare_servers(cfg, prep, fleet, cache_dir, console)
     if states is not None:
@@ -157,6 +162,20 @@ def prepare_inputs(cfg: Config, run_dir: Path, console: Any, resume: tuple | Non
     terminal.print_servers(console, cfg, schedule)
     recorder.write_json("failure_schedule.json", {"failures": plain(cfg.failures), "rounds": schedule_json(schedule)})
     return Inputs(cfg, run_dir, console, prep, fleet, schedule, states, recorder, resume, finished, t_start, timing)
+
+
+def check_archs(cfg: Config, in_shape: tuple[int, ...]) -> None:
+    """The fleet's and the servers' architectures against the data's ``(C, H, W)``, before anything
+    is built (a 2-D ``cnn`` on 1-D signals, ...).
+
+    Raises:
+        ConfigError: one line naming the key (``fleet.groups.<i>.arch`` or ``servers.arch``) and the fix.
+    """
+    from clients.zoo import check_input
+
+    for i, g in enumerate(cfg.fleet.groups):
+        check_input(str(g.arch), in_shape, f"fleet.groups.{i}.arch")
+    check_input(str(cfg.servers.arch), in_shape, "servers.arch")
 
 
 def device_spec(inp: Inputs, per_node: int) -> str:
@@ -212,6 +231,7 @@ class Federation:
         self.table: dict | None = None
         self.dead: list[int] = []
         self.t_sim = time.perf_counter()
+        self.board = board(inp) if self.cfg.sim.tensorboard else None
 
     def on_round(self, record: dict[str, Any]) -> None:
         """A finished round: its record appended, the checkpoint replaced, the progress line printed."""
@@ -228,6 +248,8 @@ class Federation:
         self.progress.advance(self.task)
         if record.get("system_accuracy") is not None:
             self.progress.console.print(terminal.round_line(record, self.cfg.sim.num_rounds), soft_wrap=True)
+        if self.board is not None:
+            log_round(self.board, record)
 
     def server_main(self, grid: Any) -> None:
         """The ServerApp: build the pool inside the engine's session (its actors live on Ray), the
@@ -241,7 +263,7 @@ class Federation:
         timing["engine_start_s"] = time.perf_counter() - self.t_sim
         self.pool = ServerPool(cfg.servers, inp.prep.in_shape, inp.prep.num_classes, int(cfg.seed),
                                cfg.failures.query_timeout_s, "ray" if cfg.sim.backend == Backend.ray else "local",
-                               int(cfg.sim.torch_threads))
+                               int(cfg.sim.torch_threads), cfg.servers.prices(cfg.strategy.c_e))
         try:
             timeout = float(cfg.sim.round_timeout)
             self.pool.wait_ready(min(120.0, timeout))
@@ -262,6 +284,8 @@ class Federation:
             self.dead = sorted(self.pool.dead)
         finally:
             self.pool.shutdown()
+            if self.board is not None:
+                self.board.close()
 
     def restore(self) -> None:
         """Load the resumed run's checkpoint into the pool and the strategy."""
@@ -275,6 +299,33 @@ class Federation:
             self.strategy.restore(sub(arrays, "strategy"), meta["strategy"], self.inp.finished)
         except CheckpointMismatch as exc:
             raise checkpoint.CheckpointError(str(exc)) from None
+
+
+BOARD_SCALARS = ("system_accuracy", "legacy_accuracy", "server_accuracy", "oracle_accuracy", "defer_rate",
+                 "served_defer_rate", "l01_cost", "rejector_loss", "server_loss", "samples_sent", "train_errors",
+                 "eval_errors", "server_accuracy_all_up", "system_accuracy_all_up")
+
+
+def board(inp: Inputs) -> Any:
+    """A TensorBoard writer in ``<run dir>/tensorboard`` (a resumed run drops what came after its
+    checkpoint). Raises ConfigError when the ``tensorboard`` package is missing."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise ConfigError("sim.tensorboard=true needs the tensorboard package: pip install tensorboard") from None
+    return SummaryWriter(str(inp.run_dir / "tensorboard"), purge_step=inp.finished + 1 if inp.finished else None)
+
+
+def log_round(writer: Any, record: dict[str, Any]) -> None:
+    """One round's scalars (accuracies, defer rates, L01, losses, failovers by kind) at step = round."""
+    t = int(record["round"])
+    for key in BOARD_SCALARS:
+        v = record.get(key)
+        if isinstance(v, (int, float)) and v == v:
+            writer.add_scalar(key, v, t)
+    for kind, n in (record.get("failovers") or {}).items():
+        writer.add_scalar(f"failovers/{kind}", n, t)
+    writer.flush()
 
 
 def finish(inp: Inputs, out: Outcome, reference: dict[str, Any] | None) -> dict[str, Any]:
@@ -294,7 +345,8 @@ def finish(inp: Inputs, out: Outcome, reference: dict[str, Any] | None) -> dict[
     summary = build_summary(cfg, metrics, rows, fleet.legacy_accuracy, inp.prep.num_classes)
     summary["test_set_digest"] = test_set_digest(strategy.last_eval)
     summary["servers"] = servers_summary(cfg, rec.rounds, out.table, out.dead)
-    summary["resilience"] = resilience_summary(cfg, rec.rounds, summary, reference)
+    summary["resilience"] = resilience_summary(cfg, rec.rounds, summary, reference,
+                                               reference.get("rounds") if reference else None)
     rec.summary(summary)
     if cfg.sim.plots:
         d = inp.run_dir
@@ -303,6 +355,7 @@ def finish(inp: Inputs, out: Outcome, reference: dict[str, Any] | None) -> dict[
         plots.plot_devices(rows, d / "devices.png")
         plots.plot_timeline(rec.rounds, inp.schedule, summary["resilience"], d / "resilience_timeline.png")
         plots.plot_states(summary, d / "resilience_states.png")
+        plots.plot_partition(inp.prep.y, inp.prep.owner, inp.prep.split, inp.prep.num_classes, d / "partition.png")
     errors = sum(int(r.get("train_errors", 0)) + int(r.get("eval_errors", 0)) for r in rec.rounds)
     if errors and not cfg.sim.verbose:
         inp.console.print(f"note: {errors} device replies were errors (injected dropouts count here); "

@@ -1,10 +1,11 @@
 """The ``servers`` and ``resilience`` parts of summary.json (MEL's resilience metric and ours).
 
-- ``resilience.fraction_kept`` = the run's final system accuracy / the system accuracy of the
-  same seed with every server up, on the same test samples (every device is evaluated in the
-  final round, and ``test_set_digest`` checks the samples are the same). It is MEL's "accuracy
-  kept under failures" (Gudipaty et al. 2025; docs/methods.md, "Resilience") measured end to end:
-  rejectors, routing and the legacy fallback included.
+- ``resilience.fraction_kept`` (and ``_min``, ``_run``, ``_final``, ``_by_round``): per round, the
+  run's system accuracy / the system accuracy of the same seed with every server up, averaged
+  over the rounds where something failed; ``resilience.inference_kept`` (and ``_system``): per
+  round, the same trained pool's accuracy under the failure state / with every server up. See
+  :func:`kept` (Gudipaty et al. 2025, MEL; docs/methods.md §7). End to end: rejectors, routing
+  and the legacy fallback included; ``test_set_digest`` checks the final test samples match.
 - ``resilience.accuracy_by_state``: mean system accuracy over the evaluated rounds in each
   availability state (``all up``, ``down 0``, ``down 0,2``, ...).
 - ``servers.table``: MEL's standalone-vs-ensemble table on the final test samples (server
@@ -56,9 +57,51 @@ def servers_summary(cfg: Config, rounds: list[dict[str, Any]], table: dict[str, 
     }
 
 
+def _ratios(num: dict[int, float], den: dict[int, float], degraded: set[int]) -> dict[str, Any]:
+    """Per-round ratios ``num / den`` and their summaries: ``mean`` over the degraded rounds (over
+    every round when none is degraded), ``min`` over the degraded rounds, ``run`` mean over every
+    round, ``final``, ``by_round``."""
+    by_round = {t: num[t] / den[t] for t in sorted(num) if t in den and den[t]}
+    if not by_round:
+        return {"mean": None, "min": None, "run": None, "final": None, "by_round": {}}
+    hit = [v for t, v in by_round.items() if t in degraded]
+    return {"mean": float(np.mean(hit or list(by_round.values()))), "min": float(min(hit)) if hit else None,
+            "run": float(np.mean(list(by_round.values()))), "final": by_round[max(by_round)],
+            "by_round": {str(t): v for t, v in by_round.items()}}
+
+
+def kept(rounds: list[dict[str, Any]], reference_rounds: list[dict[str, Any]] | None) -> dict[str, Any]:
+    """MEL's resilience measures per round (Gudipaty et al. 2025; docs/methods.md §7).
+
+    - ``fraction_kept``: system accuracy in round t / the all-up reference run's in round t (same
+      seed, every server up); trained models may differ (servers down do not learn).
+    - ``inference_kept``: server accuracy in round t (every test sample as if deferred, failovers
+      included) / the same trained pool's with every server up and reachable (a down server
+      answers with its last checkpoint): the models are the same, only availability differs -- the
+      number comparable to MEL's 95.6%. ``inference_kept_system``: the same with the devices' own
+      deferral decisions.
+
+    Each is summarised over the rounds where a server was down, a partition cut devices off or
+    queries were dropped (``mean``, ``min``) and over the run (``run``); a run where nothing fails
+    gives exactly 1.
+    """
+    ev = _evaluated(rounds)
+    degraded = {r["round"] for r in ev if r.get("degraded", state_label(r["availability"]) != "all up")}
+    acc = {r["round"]: r["system_accuracy"] for r in ev}
+    out = {"rounds_degraded": sorted(degraded)}
+    ref = {r["round"]: r["system_accuracy"] for r in _evaluated(reference_rounds)} if reference_rounds else None
+    out["fraction_kept"] = _ratios(acc, ref if ref is not None else acc, degraded)
+    up = {r["round"]: r.get("server_accuracy_all_up") for r in ev if r.get("server_accuracy_all_up") is not None}
+    out["inference_kept"] = _ratios({t: r["server_accuracy"] for r in ev if (t := r["round"]) in up}, up, degraded)
+    sys_up = {r["round"]: r["system_accuracy_all_up"] for r in ev if r.get("system_accuracy_all_up") is not None}
+    out["inference_kept_system"] = _ratios({t: acc[t] for t in sys_up}, sys_up, degraded)
+    return out
+
+
 def resilience_summary(cfg: Config, rounds: list[dict[str, Any]], summary: dict[str, Any],
-                       reference: dict[str, Any] | None) -> dict[str, Any]:
-    """``summary.resilience`` (see the module docstring)."""
+                       reference: dict[str, Any] | None, reference_rounds: list[dict[str, Any]] | None = None
+                       ) -> dict[str, Any]:
+    """``summary.resilience`` (see the module docstring and :func:`kept`)."""
     ev = _evaluated(rounds)
     by_state: dict[str, list[dict[str, Any]]] = {}
     failovers: Counter = Counter()
@@ -72,15 +115,27 @@ def resilience_summary(cfg: Config, rounds: list[dict[str, Any]], summary: dict[
         same = reference.get("test_set_digest") == summary["test_set_digest"]
     elif cfg.failures.name == FailureKind.none:
         all_up, same = acc, True
+    k = kept(rounds, reference_rounds if reference is not None else None)
+    if reference is None and cfg.failures.name != FailureKind.none:
+        k["fraction_kept"] = _ratios({}, {}, set())  # no all-up reference run (failures.reference=false)
     return {
         "failures": str(cfg.failures.name),
         "system_accuracy": acc,
         "all_up_accuracy": all_up,
-        "fraction_kept": (acc / all_up) if all_up and same else None,
+        "fraction_kept": k["fraction_kept"]["mean"] if same is not False else None,
+        "fraction_kept_min": k["fraction_kept"]["min"],
+        "fraction_kept_run": k["fraction_kept"]["run"],
+        "fraction_kept_final": (acc / all_up) if all_up and same else None,
+        "fraction_kept_by_round": k["fraction_kept"]["by_round"],
+        "inference_kept": k["inference_kept"]["mean"],
+        "inference_kept_min": k["inference_kept"]["min"],
+        "inference_kept_run": k["inference_kept"]["run"],
+        "inference_kept_system": k["inference_kept_system"]["mean"],
+        "inference_kept_by_round": k["inference_kept"]["by_round"],
         "same_test_samples": same,
         "served_defer_rate": summary.get("served_defer_rate"),
         "final_state": state_label(ev[-1]["availability"]) if ev else None,
-        "rounds_degraded": sum(state_label(r["availability"]) != "all up" for r in ev),
+        "rounds_degraded": len(k["rounds_degraded"]),
         "accuracy_by_state": {
             k: {"system_accuracy": float(np.mean([r["system_accuracy"] for r in v])), "rounds": len(v),
                 "served_defer_rate": float(np.mean([r["served_defer_rate"] for r in v]))}

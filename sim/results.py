@@ -103,7 +103,13 @@ def build_summary(cfg: Config, metrics: dict[str, Any], rows: list[dict[str, Any
     """The run's summary.json: final pooled metrics, run identity, fleet spread, per-device extremes.
 
     Only seed-determined numbers (no wall-clock times), so the same seed gives the same file.
+    ``config`` is the run's whole configuration as plain values, without ``seed`` and without the
+    ``sim.*`` keys that cannot change results (:data:`sim.checkpoint.RESUME_FREE`; the same
+    stripping as :func:`sim.checkpoint.comparable`, which also resolves ``servers.routing=auto``):
+    ``python -m sim.report`` groups runs whose ``config`` is identical as seeds of one configuration.
     """
+    from sim.checkpoint import comparable
+
     acc = np.asarray(legacy_accuracy)
     s = cfg.strategy
     delta = getattr(s, "max_defer_rate", None)
@@ -123,6 +129,7 @@ def build_summary(cfg: Config, metrics: dict[str, Any], rows: list[dict[str, Any
         "num_clients": len(acc), "num_rounds": int(cfg.sim.num_rounds), "seed": int(cfg.seed),
         "num_test_samples": metrics["num_samples"], "num_classes": num_classes,
         "strategy": s.name, "c_e": float(s.c_e), "c_1": float(s.c_1),
+        "config": {k: v for k, v in comparable(cfg).items() if k != "seed"},
         "fleet": {"legacy_accuracy_min": float(acc.min()), "legacy_accuracy_median": float(np.median(acc)),
                   "legacy_accuracy_max": float(acc.max())},
         "devices": {"worst_system_accuracy": min(r["system_accuracy"] for r in rows),

@@ -114,8 +114,10 @@ def print_summary(console: Any, summary: dict[str, Any], run_dir: Path, sim_s: f
             tr.add_row(k, str(v["rounds"]), _fmt(v["system_accuracy"]), _fmt(v["served_defer_rate"]))
         console.print(tr)
         fo = ", ".join(f"{k} {v}" for k, v in res["failovers"].items())
-        console.print(f"fraction of all-up accuracy kept: {_fmt(res['fraction_kept'])} "
-                      f"(final {_fmt(res['system_accuracy'])} / all up {_fmt(res['all_up_accuracy'])}); "
+        console.print(f"accuracy kept in the {res['rounds_degraded']} degraded round(s), vs the all-up reference: "
+                      f"{_fmt(res['fraction_kept'])} (min {_fmt(res['fraction_kept_min'])}); same trained servers "
+                      f"all up (inference only): {_fmt(res['inference_kept'])} (min {_fmt(res['inference_kept_min'])});"
+                      f" final round {_fmt(res['system_accuracy'])} / all up {_fmt(res['all_up_accuracy'])}; "
                       f"failovers: {fo}", soft_wrap=True)
         table = srv.get("table") or {}
         if table.get("standalone"):

@@ -169,22 +169,29 @@ class FleetStrategy(Strategy):
     def messages(self, grid: Grid, devices: Iterable[int], msg_type: str, content: RecordDict, round_: int
                  ) -> list[Message]:
         """One message per node hosting any of ``devices``: ``content`` plus the node's device list
-        (``config.devices``) and, per device that has one, a state to hand it (``rejector/<d>``)."""
+        (``config.devices``), per device with one a state to restore (``rejector/<d>``, after a
+        resume), and the federated averages its devices load (``federated/<key>``, with the map
+        device -> key in ``config.federated``)."""
         out = []
         self.sent = sorted(devices)
         for node, devs in by_node(self.sent, self.per_node).items():
-            config = ConfigRecord({**dict(content["config"].items()), "devices": json.dumps(devs)})
-            c = RecordDict({**dict(content.items()), "config": config})
+            keys, records = self.federated(devs, msg_type)
+            config = {**dict(content["config"].items()), "devices": json.dumps(devs)}
+            if keys:
+                config["federated"] = json.dumps({str(d): k for d, k in keys.items()})
+            c = RecordDict({**dict(content.items()), "config": ConfigRecord(config)})
             for d in devs:
-                state = self.restore_pending[d] if d in self.restore_pending else self.personal(d)
-                if state is not None:
-                    c[f"rejector/{d}"] = state
+                if d in self.restore_pending:
+                    c[f"rejector/{d}"] = self.restore_pending[d]
+            for k, rec in records.items():
+                c[f"federated/{k}"] = rec
             out.append(grid.create_message(c, msg_type, self.node_of[node], str(round_)))
         return out
 
-    def personal(self, device: int) -> ArrayRecord | None:
-        """A state to hand ``device`` with its next message (e.g. a FedAvg average); None: none."""
-        return None
+    def federated(self, devices: list[int], msg_type: str) -> tuple[dict[int, str], dict[str, ArrayRecord]]:
+        """The averaged state each of ``devices`` loads before its work (``device -> key`` and
+        ``key -> state``); none by default."""
+        return {}, {}
 
     def acknowledge(self, got: DeviceReplies) -> None:
         """Devices that answered have their restored state: stop resending it."""

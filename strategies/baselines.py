@@ -33,9 +33,11 @@ from torch import nn
 from clients.device import Device, Rejector
 from sim.core.seeding import derive_seed
 from sim.core.training import train_minibatch
+from sim.core.config import ServersConfig
 from strategies.config import BaselineConfig
+from strategies.labels import LabelSource, ServerAnswers, answer_memory, current_answers
 from strategies.method import DeviceMethod, RoundContext, TrainResult
-from strategies.records import no_route, server_error, test_record, train_metrics
+from strategies.records import no_route, test_record, train_metrics
 
 
 class Baseline(DeviceMethod):
@@ -44,30 +46,40 @@ class Baseline(DeviceMethod):
 
     config_class = BaselineConfig
     cfg: BaselineConfig
+    learns_from_labels = False
+    """True for a baseline that learns from the servers' answers (``strategy.server_labels`` applies)."""
+
+    def __init__(self, cfg: BaselineConfig, servers: ServersConfig, seed: int, num_classes: int):
+        super().__init__(cfg, servers, seed, num_classes)
+        self.labels = LabelSource(cfg, seed)
 
     def rule(self, device: Device, learner: nn.Module | None, split: str, rng: np.random.Generator
              ) -> tuple[np.ndarray, np.ndarray]:
         """``defer (N,)`` bool and deferral ``score (N,)`` on ``split`` (``rejector`` | ``test``)."""
         raise NotImplementedError
 
-    def learn(self, ctx: RoundContext, feats_target: torch.Tensor) -> float:
-        """Train the device's learner against ``1 - e_wrong`` (CompareConfidence); returns its loss."""
+    def learn(self, ctx: RoundContext, now: ServerAnswers) -> float:
+        """Train the device's learner from the servers' answers (CompareConfidence); returns its loss."""
         return float("nan")
 
     def train(self, ctx: RoundContext) -> TrainResult:
         device = ctx.device
         y = torch.from_numpy(device.data.y_rejector)
         reach = ctx.reachable_in_view()
-        loss, e_err = float("nan"), float("nan")
+        loss, e_err, now = float("nan"), float("nan"), None
         if reach and (ctx.learner is not None or not isinstance(self, LegacyOnly)):
-            feats_s, logits = ctx.view.outputs(torch.from_numpy(device.data.x_rejector), reach)
-            e_wrong, _ = server_error(ctx.view, feats_s, logits, y, reach, self.servers)
-            e_err = float(e_wrong.mean())
-            loss = self.learn(ctx, 1.0 - e_wrong)
+            now = current_answers(ctx.view, torch.from_numpy(device.data.x_rejector), y, reach, self.servers)
+            e_err = float(now.pool_wrong.mean())
+            loss = self.learn(ctx, now)
         rng = np.random.default_rng(derive_seed(self.seed, "baseline", self.cfg.name, device.device_id, ctx.round))
         defer, _ = self.rule(device, ctx.learner, "rejector", rng)
         defer &= bool(reach)
-        explore = (~defer) & (rng.random(len(defer)) < float(self.cfg.explore)) & bool(reach)
+        sendable = ~self.labels.held_out(len(defer), device.device_id) if self.learns_from_labels \
+            else np.ones(len(defer), dtype=bool)
+        explore = (~defer) & (rng.random(len(defer)) < float(self.cfg.explore)) & bool(reach) & sendable
+        defer &= sendable
+        if now is not None and self.learns_from_labels:
+            self.labels.record(ctx.learner, defer | explore, now, ctx.round)
         m_wrong = (device.legacy_rejector.argmax(1) != y).float()
         return TrainResult(defer, no_route(len(defer)), explore, train_metrics(loss, defer, m_wrong, e_err))
 
@@ -128,17 +140,24 @@ class Confidence(Baseline):
 class CompareConfidence(Baseline):
     """Defer iff the learned estimate of P(server correct | x) exceeds the legacy max softmax."""
 
-    def new_learner(self, device: Device) -> Rejector:
-        """The device's estimator of P(server correct): one logit, seeded per device."""
-        rh = self.cfg.rejector
-        return device.new_rejector(rh.inputs, int(rh.hidden), self.seed, outputs=1)
+    learns_from_labels = True
 
-    def learn(self, ctx: RoundContext, target: torch.Tensor) -> float:
+    def new_learner(self, device: Device) -> Rejector:
+        """The device's estimator of P(server correct): one logit, seeded per device (with the
+        answer memory of prequential labels)."""
+        rh = self.cfg.rejector
+        memory = answer_memory(self.cfg, len(device.data.y_rejector), self.servers.count, self.num_classes)
+        return device.new_rejector(rh.inputs, int(rh.hidden), self.seed, outputs=1, memory=memory)
+
+    def learn(self, ctx: RoundContext, now: ServerAnswers) -> float:
+        """Binary cross-entropy of the estimator against ``1 - e_wrong`` on the labelled rows."""
         rh, learner = self.cfg.rejector, ctx.learner
+        rows, answers = self.labels.labels(learner, now, ctx.device.device_id, ctx.round)
+        use = torch.from_numpy(rows)
         feats = ctx.device.features("rejector", rh.inputs)
         learner.train()
         return train_minibatch(
-            learner.parameters(), (feats, target),
+            learner.parameters(), (feats[use], 1.0 - answers.pool_wrong[use]),
             lambda f, t: F.binary_cross_entropy_with_logits(learner(f)[:, 0], t),
             epochs=int(rh.epochs), batch_size=int(rh.batch_size), lr=float(rh.lr),
             seed=derive_seed(self.seed, "compare-confidence", ctx.device.device_id, ctx.round))

@@ -16,7 +16,7 @@ from sim.core.errors import ConfigError
 
 
 Weights = choice("Weights", ("shifted", "paper", "repo"))
-Surrogate = choice("Surrogate", ("auto", "multiclass", "binary"))
+Surrogate = choice("Surrogate", ("multiclass", "binary"))
 
 
 @dataclass
@@ -24,7 +24,9 @@ class L2HConfig(BoundedConfig):
     """``strategy=l2h`` (and ``dml``, ``mel``, ``coop``: the same device side)."""
 
     weights: Weights = Weights.shifted  # shifted | paper | repo (docs/methods.md, L2H weights)
-    surrogate: Surrogate = Surrogate.auto  # auto | multiclass | binary (binary: Wu & Sarwate 2024)
+    # multiclass (Wu et al. 2025; Bayes-consistent for any K, 2 included) | binary (Wu & Sarwate 2024:
+    # calibrated only where P(legacy wrong | x) = binary_p; refuses c_e >= binary_p)
+    surrogate: Surrogate = Surrogate.multiclass
     binary_beta: float = 2.0
     binary_p: float = 0.18
     explore: float = 0.2  # fraction of kept samples also sent to the server
@@ -49,6 +51,15 @@ class L2HConfig(BoundedConfig):
             raise ConfigError("strategy.surrogate=binary has one defer output: use servers.routing=round_robin, "
                               "least_loaded or all with several servers")
 
+    def notes(self) -> list[str]:
+        """``paper`` weights with ``c_e + c_1 > 1``: ``w1`` is negative where the server is wrong and
+        the rejector loss is unbounded below (docs/methods.md §1)."""
+        if self.weights == Weights.paper and self.c_e + self.c_1 > 1:
+            return [f"strategy.weights=paper with c_e + c_1 = {self.c_e + self.c_1:g} > 1: w1 = 1 - c_e - c_1 is "
+                    "negative where the server is wrong, so the rejector's loss is unbounded below (its logits "
+                    "can grow without limit); strategy.weights=shifted is the bounded, Bayes-consistent form"]
+        return []
+
     def check_data(self, num_classes: int) -> None:
         """The binary surrogate needs 2-class data and an alpha its formula can give (c_e < p < c_1 + c_e)."""
         if resolve_surrogate(self.surrogate, num_classes) == "binary":
@@ -61,13 +72,12 @@ class L2HConfig(BoundedConfig):
 
 
 def resolve_surrogate(name: Choice | str, num_classes: int) -> str:
-    """``auto`` -> ``binary`` for 2-class data, else ``multiclass``.
+    """The surrogate to train with: ``multiclass`` for any number of classes (the default, also for
+    2 classes), ``binary`` only when asked for.
 
     Raises:
         ConfigError: ``binary`` on data with more than 2 classes.
     """
-    if name == Surrogate.auto:
-        return "binary" if num_classes == 2 else "multiclass"
     if name == Surrogate.binary and num_classes != 2:
         raise ConfigError(f"strategy.surrogate=binary needs 2-class data, the dataset has {num_classes} classes")
     return str(name)
@@ -80,7 +90,6 @@ L2DLoss = choice("L2DLoss", ("ce", "ce_cost", "ova"))
 class L2DOptions:
     loss: L2DLoss = L2DLoss.ce_cost  # ce (Mozannar-Sontag, alpha) | ce_cost (costs c_e, c_1) | ova (Verma-Nalisnick)
     alpha: float = 1.0  # ce: weight of the classifier term when the expert is right (1 = consistent)
-    fedavg: bool = False  # devices of the same architecture average their models with FedAvg each round
     expert_epochs: int = 30  # pretraining of the fixed expert(s) on the held-out pool (cached)
     expert_lr: float = 0.001
 

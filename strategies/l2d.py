@@ -6,15 +6,15 @@ on the held-out pool (:mod:`servers.experts`) and never updated; each device tra
 per helper server -- with one of the surrogates of :mod:`strategies.l2d_losses`
 (``strategy.l2d.loss``: ``ce`` Mozannar-Sontag with alpha, ``ce_cost`` its cost-sensitive form
 with the L2H prices ``c_e`` / ``c_1``, ``ova`` one-vs-all). Unavailable experts are masked in
-training and at decision time. With ``strategy.l2d.fedavg=true`` devices of the same
-architecture average their models every round with Flower's FedAvg aggregation (federated L2D).
+training and at decision time. With ``strategy.rejector.federation=fedavg`` devices of the same
+architecture average their models every round (FedAvg; federated L2D).
 
 One round:
 1. :class:`L2DStrategy` (as L2H) sends the experts' weights and which are up.
 2. :meth:`L2DMethod.train` labels its rejector split with the experts' correctness and trains the
    model (nothing is sent to the experts: they do not learn).
-3. :meth:`L2DStrategy.train_round` keeps each device's model (and, with FedAvg, averages them
-   per architecture; the averages go out with the next messages).
+3. The strategy keeps each device's model (and, with ``strategy.rejector.federation``, averages
+   them per architecture; the averages go out with the next messages).
 4. Evaluation: the device predicts with its trained classifier (``m_pred``, so the "local"
    accuracy of an L2D run is the trained classifier's) and defers to the expert its model picks;
    the pool answers with failover, as for every strategy.
@@ -27,21 +27,19 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord
 from torch import nn
 
 from clients.device import Device
 from clients.legacy import assign_groups
 from servers.experts import pretrain_experts
-from sim.core.config import Config, ServersConfig
+from sim.core.config import Config, FederateBy, ServersConfig
 from sim.core.seeding import derive_seed, seeded
 from sim.core.training import train_minibatch
 from strategies import bounded, l2d_losses
 from strategies.base import DeviceReplies
 from strategies.config import L2DConfig, L2DLoss
-from strategies.federation import weighted_mean
 from strategies.method import DeviceMethod, RoundContext, TrainResult
-from strategies.pool_strategy import PoolStrategy, record_arrays
+from strategies.pool_strategy import PoolStrategy
 from strategies.records import test_record
 
 class L2DModel(nn.Module):
@@ -62,7 +60,7 @@ class L2DModel(nn.Module):
         self.classifier, self.inputs = classifier, str(inputs)
         d = (sample_dim if self.inputs != "legacy" else 0) + (num_classes if self.inputs != "sample" else 0)
         self.defer = nn.Sequential(nn.Linear(d, hidden), nn.ReLU(), nn.Linear(hidden, num_experts))
-        self.register_buffer("bound", torch.full((2,), float("nan")))  # strategies/bounded.py
+        self.register_buffer("local_bound", torch.full((2,), float("nan")))  # strategies/bounded.py
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         c = self.classifier(x)
@@ -138,7 +136,7 @@ class L2DMethod(DeviceMethod):
         _, pred, _, score = self.decisions(model, x, avail)
         if cal.any() and self.cfg.max_defer_rate is not None:
             t, rho = bounded.fit(score[cal].numpy(), (score[cal] > 0).numpy(), float(self.cfg.max_defer_rate))
-            model.bound.copy_(torch.tensor([t, rho]))
+            model.local_bound.copy_(torch.tensor([t, rho]))
         none = np.zeros(len(y), dtype=bool)
         return TrainResult(none, np.full(len(y), -1, dtype=np.int64), none, {
             "rejector_loss": loss, "train_defer_rate": float((score > 0).float().mean()),
@@ -164,7 +162,7 @@ class L2DMethod(DeviceMethod):
             defer = score > 0
             if self.cfg.max_defer_rate is not None:
                 rng = np.random.default_rng(derive_seed(self.seed, "bound", device.device_id, 0, "test"))
-                defer = bounded.apply(score, defer, model.bound, self.cfg, rng)
+                defer = bounded.apply(score, defer, model.local_bound, self.cfg, rng)
             route = expert.numpy().astype(np.int64)
         return test_record(device, probs, score, defer, route)
 
@@ -178,13 +176,14 @@ def architecture_groups(cfg: Config) -> list[str]:
 
 class L2DStrategy(PoolStrategy):
     """ServerApp side of L2D: the pool holds the fixed experts (installed before round 1), devices
-    train; optional FedAvg of the device models per architecture (``strategy.l2d.fedavg``)."""
+    train; with ``strategy.rejector.federation`` the devices' models are federated (FedAvg) within
+    groups of the same architecture (``federate_by=group``: a fleet group; ``fleet``: every device
+    of the same architecture and width)."""
 
-    def __init__(self, cfg: Config, pool, schedule, on_round):
-        super().__init__(cfg, pool, schedule, on_round)
-        self.fedavg = bool(cfg.strategy.l2d.fedavg)
-        self.arch = architecture_groups(cfg)
-        self.global_models: dict[str, ArrayRecord] = {}
+    def federation_keys(self, cfg: Config) -> list[str]:
+        if cfg.strategy.rejector.federate_by == FederateBy.fleet:
+            return architecture_groups(cfg)
+        return super().federation_keys(cfg)
 
     @classmethod
     def prepare_servers(cls, cfg: Config, prep: Any, fleet: Any, cache_dir: Path, console: Any
@@ -197,24 +196,9 @@ class L2DStrategy(PoolStrategy):
                       f"train accuracy {', '.join(f'{a:.3f}' for a in meta['train_accuracy'])}", soft_wrap=True)
         return experts
 
-    def personal(self, device: int) -> ArrayRecord | None:
-        """With FedAvg: the latest average of the device's architecture group."""
-        return self.global_models.get(self.arch[device]) if self.fedavg else None
-
     def train_round(self, server_round: int, got: DeviceReplies) -> dict[str, Any]:
         defer_rates = [float(got.info[d]["train_defer_rate"]) for d in got.devices]
-        if self.fedavg:
-            by_group: dict[str, list[int]] = {}
-            for dev in got.devices:
-                by_group.setdefault(self.arch[dev], []).append(dev)
-            for key, devs in sorted(by_group.items()):
-                mean = weighted_mean([self.states[d] for d in devs], [float(got.info[d]["num_examples"]) for d in devs])
-                self.global_models[key] = ArrayRecord({k: Array(np.asarray(v)) for k, v in mean.items()})
-            averages = {key: record_arrays(rec) for key, rec in self.global_models.items()}
-            for dev in range(self.num_clients):  # every device of a group evaluates with its average
-                if self.arch[dev] in averages:
-                    self.states[dev] = averages[self.arch[dev]]
         self.pool.end_round()
         return {"samples_sent": 0, "rejector_loss": self.mean_loss(got),
                 "train_defer_rate": float(np.mean(defer_rates)) if defer_rates else float("nan"),
-                "fedavg_groups": len(self.global_models)}
+                "fedavg_groups": len(self.averages)}

@@ -28,11 +28,12 @@ from sim.core.training import train_minibatch
 from strategies import bounded
 from strategies.base import DeviceReplies
 from strategies.config import L2HConfig, resolve_surrogate
+from strategies.labels import LabelSource, ServerAnswers, answer_memory, current_answers
 from strategies.l2h_losses import (binary_alpha, binary_rejector_loss, l2h_weights, masked_decision,
                                    multi_server_rejector_loss, multiclass_rejector_loss)
 from strategies.method import DeviceMethod, RoundContext, TrainResult
 from strategies.pool_strategy import PoolStrategy
-from strategies.records import server_error, test_record, train_metrics
+from strategies.records import test_record, train_metrics
 
 def num_options(servers: ServersConfig) -> int:
     """Rejector outputs: ``1 + S`` for learned routing over S > 1 servers, else 2 (local, defer)."""
@@ -74,10 +75,16 @@ class L2HMethod(DeviceMethod):
     config_class = L2HConfig
     cfg: L2HConfig
 
+    def __init__(self, cfg: L2HConfig, servers: ServersConfig, seed: int, num_classes: int):
+        super().__init__(cfg, servers, seed, num_classes)
+        self.labels = LabelSource(cfg, seed)
+
     def new_learner(self, device: Device) -> Rejector:
-        """A new rejector for ``device``: ``num_options`` outputs, seeded per device."""
+        """A new rejector for ``device``: ``num_options`` outputs, seeded per device (with the answer
+        memory of prequential labels)."""
         rh = self.cfg.rejector
-        return device.new_rejector(rh.inputs, int(rh.hidden), self.seed, num_options(self.servers))
+        memory = answer_memory(self.cfg, len(device.data.y_rejector), self.servers.count, self.num_classes)
+        return device.new_rejector(rh.inputs, int(rh.hidden), self.seed, num_options(self.servers), memory)
 
     def train(self, ctx: RoundContext) -> TrainResult:
         device, rejector = ctx.device, ctx.learner
@@ -86,52 +93,57 @@ class L2HMethod(DeviceMethod):
         m_wrong = (device.legacy_rejector.argmax(1) != y).float()
         reach = ctx.reachable_in_view()
         avail = availability_mask(self.servers, reach)
-        loss, e_err = float("nan"), float("nan")
+        loss, e_err, now = float("nan"), float("nan"), None
         if reach:  # else nothing to defer to: the rejector is left as it is
-            tensors, loss_fn, e_err = self.targets(ctx, feats, y, m_wrong, reach, avail)
-            loss = self.fit(ctx, rejector, feats, tensors, loss_fn, avail)
+            now = current_answers(ctx.view, torch.from_numpy(device.data.x_rejector), y, reach, self.servers)
+            rows, answers = self.labels.labels(rejector, now, device.device_id, ctx.round)
+            e_err = float((now.wrong[:, reach] if num_options(self.servers) > 2 else now.pool_wrong).mean())
+            tensors, loss_fn = self.targets(rejector, feats, y, m_wrong, answers, reach, avail)
+            loss = self.fit(ctx, rejector, feats, rows, tensors, loss_fn, avail)
         defer, route = decide(rejector, feats, avail, self.servers)
         defer = self.bound_decisions(rejector, feats, defer, avail, device.device_id, ctx.round, "train")
+        sendable = ~self.labels.held_out(len(defer), device.device_id)
         rng = np.random.default_rng(derive_seed(self.seed, "explore", device.device_id, ctx.round))
-        explore = (~defer) & (rng.random(len(defer)) < float(self.cfg.explore)) & bool(reach)
+        explore = (~defer) & (rng.random(len(defer)) < float(self.cfg.explore)) & bool(reach) & sendable
+        defer &= sendable
+        if now is not None:
+            self.labels.record(rejector, defer | explore, now, ctx.round)
         return TrainResult(defer, route, explore, train_metrics(loss, defer, m_wrong, e_err))
 
-    def targets(self, ctx: RoundContext, feats: torch.Tensor, y: torch.Tensor, m_wrong: torch.Tensor,
-                reach: list[int], avail: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], Callable, float]:
-        """The rejector's training tensors (features first), its loss as a function of a batch of them,
-        and the servers' error rate on the split."""
-        rejector, c_1 = ctx.learner, float(self.cfg.c_1)
+    def targets(self, rejector: Rejector, feats: torch.Tensor, y: torch.Tensor, m_wrong: torch.Tensor,
+                answers: ServerAnswers, reach: list[int], avail: torch.Tensor
+                ) -> tuple[tuple[torch.Tensor, ...], Callable]:
+        """The rejector's training tensors (features first, one row per sample of the split) and its
+        loss as a function of a batch of them, from the servers' ``answers`` (the labels)."""
+        c_1 = float(self.cfg.c_1)
         prices = self.servers.prices(self.cfg.c_e)
-        feats_s, logits = ctx.view.outputs(torch.from_numpy(ctx.device.data.x_rejector), reach)
         if num_options(self.servers) > 2:
-            wrong = {s: (logits[s].argmax(1) != y).float() for s in reach}
             costs = torch.zeros(len(y), num_options(self.servers))
             costs[:, 0] = m_wrong
             for s in reach:
-                costs[:, 1 + s] = prices[s] + c_1 * wrong[s]
-            e_err = float(torch.stack([wrong[s] for s in reach]).mean())
-            return (feats, costs), lambda f, c: multi_server_rejector_loss(rejector(f), c, avail), e_err
-        e_wrong, probs = server_error(ctx.view, feats_s, logits, y, reach, self.servers)
+                costs[:, 1 + s] = prices[s] + c_1 * answers.wrong[:, s]
+            return (feats, costs), lambda f, c: multi_server_rejector_loss(rejector(f), c, avail)
+        e_wrong, probs = answers.pool_wrong, answers.pool_probs
         c_defer = float(np.mean([prices[s] for s in reach]))
         if resolve_surrogate(self.cfg.surrogate, self.num_classes) == "multiclass":
             w0, w1 = l2h_weights(m_wrong, e_wrong, c_defer, c_1, str(self.cfg.weights))
-            return (feats, w0, w1), lambda f, a, b: multiclass_rejector_loss(rejector(f), a, b), float(e_wrong.mean())
+            return (feats, w0, w1), lambda f, a, b: multiclass_rejector_loss(rejector(f), a, b)
         beta = float(self.cfg.binary_beta)
         alpha = binary_alpha(c_defer, c_1, beta, float(self.cfg.binary_p))
         margin = 2.0 * probs.gather(1, y[:, None])[:, 0] - 1.0
         return ((feats, m_wrong, margin),
-                lambda f, mw, em: binary_rejector_loss(rejector(f), mw, em, c_defer, c_1, beta, alpha),
-                float(e_wrong.mean()))
+                lambda f, mw, em: binary_rejector_loss(rejector(f), mw, em, c_defer, c_1, beta, alpha))
 
-    def fit(self, ctx: RoundContext, rejector: Rejector, feats: torch.Tensor, tensors: tuple[torch.Tensor, ...],
-            loss_fn: Callable, avail: torch.Tensor) -> float:
-        """Train the rejector on the split minus its calibration part, then fit the reject-rate bound
-        on the calibration part; returns the last epoch's mean loss."""
+    def fit(self, ctx: RoundContext, rejector: Rejector, feats: torch.Tensor, rows: np.ndarray,
+            tensors: tuple[torch.Tensor, ...], loss_fn: Callable, avail: torch.Tensor) -> float:
+        """Train the rejector on the labelled ``rows`` of the split minus its calibration part, then
+        fit the reject-rate bound on the calibration part; returns the last epoch's mean loss."""
         dev = ctx.device.device_id
         cal = bounded.calibration_split(self.cfg, len(feats), self.seed, dev, ctx.round)
         rh = self.cfg.rejector
         rejector.train()
-        loss = train_minibatch(rejector.parameters(), tuple(t[~cal] for t in tensors), loss_fn,
+        use = torch.from_numpy(~cal & rows)
+        loss = train_minibatch(rejector.parameters(), tuple(t[use] for t in tensors), loss_fn,
                                epochs=int(rh.epochs), batch_size=int(rh.batch_size), lr=float(rh.lr),
                                seed=derive_seed(self.seed, "rejector", dev, ctx.round))
         if cal.any():
@@ -140,12 +152,12 @@ class L2HMethod(DeviceMethod):
 
     @torch.no_grad()
     def fit_bound(self, rejector: Rejector, feats_cal: torch.Tensor, avail: torch.Tensor) -> None:
-        """Fit the reject-rate bound ``(t, rho)`` on the calibration features ``(M, D)`` into ``rejector.bound``."""
+        """Fit the reject-rate bound ``(t, rho)`` on the calibration features ``(M, D)`` into ``rejector.local_bound``."""
         rejector.eval()
         _, score = masked_decision(rejector(feats_cal), avail)
         defer, _ = decide(rejector, feats_cal, avail, self.servers)
         t, rho = bounded.fit(score.numpy(), defer, float(self.cfg.max_defer_rate))
-        rejector.bound.copy_(torch.tensor([t, rho]))
+        rejector.local_bound.copy_(torch.tensor([t, rho]))
 
     @torch.no_grad()
     def bound_decisions(self, rejector: Rejector, feats: torch.Tensor, defer: np.ndarray, avail: torch.Tensor,
@@ -156,7 +168,7 @@ class L2HMethod(DeviceMethod):
         rejector.eval()
         _, score = masked_decision(rejector(feats), avail)
         rng = np.random.default_rng(derive_seed(self.seed, "bound", device_id, server_round, split))
-        return bounded.apply(score.numpy(), defer, rejector.bound, self.cfg, rng)
+        return bounded.apply(score.numpy(), defer, rejector.local_bound, self.cfg, rng)
 
     @torch.no_grad()
     def evaluate(self, ctx: RoundContext) -> dict[str, np.ndarray]:

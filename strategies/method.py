@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import numpy as np
-import torch
 from torch import nn
 
 from clients.device import Device
@@ -83,13 +82,6 @@ class DeviceMethod(ABC):
     def new_learner(self, device: Device) -> nn.Module | None:
         """A freshly initialised trained part for ``device`` (None: the method trains nothing)."""
         return None
-
-    def load_learner(self, device: Device, state: dict[str, torch.Tensor]) -> nn.Module | None:
-        """The trained part with a saved ``state_dict``."""
-        learner = self.new_learner(device)
-        if learner is not None:
-            learner.load_state_dict(state)
-        return learner
 
     @abstractmethod
     def train(self, ctx: RoundContext) -> TrainResult:

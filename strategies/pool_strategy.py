@@ -23,11 +23,13 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 
+from clients.legacy import assign_groups
 from servers.pool import ServerPool
 from sim.core.arrays import stack_states, sub, unstack_states
-from sim.core.config import Config
+from sim.core.config import Config, FederateBy, Federation
 from sim.core.faults import RoundFaults
 from strategies.base import DeviceReplies, FleetStrategy, resumable
+from strategies.federation import weighted_mean
 
 
 class CheckpointMismatch(ValueError):
@@ -64,6 +66,10 @@ class PoolStrategy(FleetStrategy):
         self.faults_json = "{}"
         # Each device's latest trained part (for checkpoints), as arrays: converted once on receipt.
         self.states: dict[int, dict[str, np.ndarray]] = {}
+        rh = cfg.strategy.rejector
+        self.federation = rh.federation
+        self.fed_keys = self.federation_keys(cfg) if rh.federation != Federation.local else None
+        self.averages: dict[str, dict[str, np.ndarray]] = {}  # federation group -> its FedAvg average
 
     @classmethod
     def prepare_servers(cls, cfg: Config, prep: Any, fleet: Any, cache_dir: Path, console: Any
@@ -97,6 +103,8 @@ class PoolStrategy(FleetStrategy):
         for dev in got.devices:
             if dev in got.learners:
                 self.states[dev] = record_arrays(got.learners[dev])
+        if self.fed_keys is not None:
+            self.federate(got)
         record = self.train_round(server_round, got)
         self.train_record = {"train_devices": len(got.devices), "train_errors": got.errors, **record}
         return None, MetricRecord({"samples_sent": record["samples_sent"], "train_errors": got.errors})
@@ -112,6 +120,41 @@ class PoolStrategy(FleetStrategy):
         finite = [v for v in (float(got.info[d]["rejector_loss"]) for d in got.devices) if np.isfinite(v)]
         return float(np.mean(finite)) if finite else float("nan")
 
+    # ---- federated trained parts (strategy.rejector.federation) --------------------------------
+    def federation_keys(self, cfg: Config) -> list[str]:
+        """Per device, its federation group: its fleet group (``federate_by=group``) or one group for
+        the whole fleet (``fleet``)."""
+        if cfg.strategy.rejector.federate_by == FederateBy.fleet:
+            return ["fleet"] * self.num_clients
+        shares = [g.share for g in cfg.fleet.groups]
+        return [cfg.fleet.groups[g].name for g in assign_groups(self.num_clients, shares)]
+
+    def federate(self, got: DeviceReplies) -> None:
+        """FedAvg (McMahan et al. 2017, arXiv 1602.05629) of the trained parts of this round's devices
+        within each federation group, weighted by their training samples; a device's own ``local_*``
+        buffers (its reject-rate bound, its labels) are never averaged. With ``fedavg`` every device
+        of a group then evaluates with the average; with ``fedavg_finetune`` it keeps the model it
+        fine-tuned from the previous average."""
+        by_key: dict[str, list[int]] = {}
+        for dev in got.devices:
+            if dev in got.learners:
+                by_key.setdefault(self.fed_keys[dev], []).append(dev)
+        for key, devs in sorted(by_key.items()):
+            shared = [{k: v for k, v in self.states[d].items() if not k.startswith("local_")} for d in devs]
+            self.averages[key] = weighted_mean(shared, [float(got.info[d]["num_examples"]) for d in devs])
+        if self.federation == Federation.fedavg:
+            for dev in range(self.num_clients):
+                if self.fed_keys[dev] in self.averages:
+                    self.states[dev] = {**self.states.get(dev, {}), **self.averages[self.fed_keys[dev]]}
+
+    def federated(self, devices: list[int], msg_type: str) -> tuple[dict[int, str], dict[str, ArrayRecord]]:
+        """The group averages the devices load: before training (both modes) and, with ``fedavg``,
+        before evaluation too."""
+        if self.fed_keys is None or (msg_type == MessageType.EVALUATE and self.federation != Federation.fedavg):
+            return {}, {}
+        keys = {d: self.fed_keys[d] for d in devices if self.fed_keys[d] in self.averages}
+        return keys, {k: ArrayRecord({n: Array(v) for n, v in self.averages[k].items()}) for k in set(keys.values())}
+
     # ---- evaluation ---------------------------------------------------------------------------
     def eval_content(self, server_round: int, arrays: ArrayRecord) -> RecordDict:
         faults = self.schedule[server_round - 1]
@@ -121,9 +164,11 @@ class PoolStrategy(FleetStrategy):
 
     def answer(self, server_round: int, pooled: dict[str, np.ndarray], x: np.ndarray) -> dict[str, Any]:
         """The pool answers the test samples (with failover); returns per-round server metrics."""
-        out = self.pool.answer(server_round, x, pooled["device"], pooled["route"], pooled["defer"], pooled["m_pred"])
-        pooled.update(e_pred=out.e_pred, served=out.served)
+        args = (pooled["device"], pooled["route"], pooled["defer"], pooled["m_pred"])
+        out = self.pool.answer(server_round, x, *args)
+        pooled.update(e_pred=out.e_pred, served=out.served, price=out.price)
         return {
+            **self.all_up_counterfactual(x, pooled, out.e_pred),
             "availability": self.pool.availability(),
             "load": self.pool.load.tolist(),
             "failovers": {k: int(v) for k, v in sorted(self.pool.failovers.items())},
@@ -132,6 +177,20 @@ class PoolStrategy(FleetStrategy):
             **({"serve_depth": {str(k): v for k, v in self.pool.depth.items()}} if self.pool.depth else {}),
         }
 
+    def all_up_counterfactual(self, x: np.ndarray, pooled: dict[str, np.ndarray], e_pred: np.ndarray
+                              ) -> dict[str, float]:
+        """The same trained pool answering the same samples with every server up and reachable
+        (MEL's resilience measure, docs/methods.md §7): ``server_accuracy_all_up`` (every sample
+        deferred) and ``system_accuracy_all_up`` (the devices' own decisions kept). In a round
+        with no failure the pool's answers are used as they are, so the ratios are exactly 1."""
+        e_up = e_pred
+        if self.pool.degraded():
+            e_up = self.pool.answer_all_up(x, pooled["device"], pooled["route"], pooled["defer"], pooled["m_pred"])
+        y, defer = pooled["y"], pooled["defer"].astype(bool)
+        e_ok, m_ok = e_up == y, pooled["m_pred"] == y
+        return {"degraded": self.pool.degraded(), "server_accuracy_all_up": float(e_ok.mean()),
+                "system_accuracy_all_up": float(np.where(defer, e_ok, m_ok).mean())}
+
     # ---- checkpoint / resume ------------------------------------------------------------------
     def checkpoint(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         """The strategy's part of a checkpoint: every device's latest trained part and the stale
@@ -139,7 +198,10 @@ class PoolStrategy(FleetStrategy):
         arrays: dict[str, np.ndarray] = stack_states(self.states, "rejectors")
         if self.stale is not None:
             arrays.update({f"stale/{k}": self.stale[k].numpy() for k in self.stale.keys()})
-        return arrays, {"rejectors": sorted(self.states), "stale": self.stale is not None}
+        for key, avg in self.averages.items():
+            arrays.update({f"averages/{key}/{n}": v for n, v in avg.items()})
+        return arrays, {"rejectors": sorted(self.states), "stale": self.stale is not None,
+                        "averages": sorted(self.averages)}
 
     def restore(self, arrays: dict[str, np.ndarray], meta: dict[str, Any], finished_round: int) -> None:
         """Continue after ``finished_round``: devices get their trained parts back with their next message.
@@ -157,3 +219,5 @@ class PoolStrategy(FleetStrategy):
             self.restore_pending[d] = ArrayRecord({k: Array(np.array(v)) for k, v in st.items()})
         if meta["stale"]:
             self.stale = ArrayRecord({k: Array(np.array(v)) for k, v in sub(arrays, "stale").items()})
+        self.averages = {key: {n: np.array(v) for n, v in sub(arrays, f"averages/{key}").items()}
+                         for key in meta.get("averages", [])}

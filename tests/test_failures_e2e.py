@@ -87,11 +87,16 @@ def test_cli_mel_crash_stop_reports_resilience(tmp_path, shared_cache):
     ref = json.loads((run_dir / "reference" / "summary.json").read_text())
     res = s["resilience"]
     assert res["same_test_samples"] and res["all_up_accuracy"] == ref["system_accuracy"]
-    assert res["fraction_kept"] == pytest.approx(s["system_accuracy"] / ref["system_accuracy"])
-    assert ref["resilience"]["fraction_kept"] == 1.0
+    assert res["fraction_kept_final"] == pytest.approx(s["system_accuracy"] / ref["system_accuracy"])
+    ref_rounds = [json.loads(x) for x in (run_dir / "reference" / "metrics.jsonl").read_text().splitlines()]
+    rounds = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    by_round = {str(a["round"]): a["system_accuracy"] / b["system_accuracy"] for a, b in zip(rounds, ref_rounds)}
+    assert res["fraction_kept_by_round"] == pytest.approx(by_round)
+    assert res["fraction_kept"] == pytest.approx((by_round["2"] + by_round["3"]) / 2)  # server 0 down from round 2
+    assert ref["resilience"]["fraction_kept"] == 1.0 and ref["resilience"]["inference_kept"] == 1.0
     assert s["servers"]["training"] == "mel" and s["servers"]["routing"] == "all"
     assert s["servers"]["dead_at_end"] == [0] and set(s["servers"]["table"]["standalone"]) == {"1", "2"}
     assert set(s["servers"]["table"]["ensemble"]) == {"1+2"}
     for name in ("failure_schedule.json", "resilience_timeline.png", "resilience_states.png"):
         assert (run_dir / name).is_file(), name
-    assert "round   2: crash [0]" in r.stdout and "fraction of all-up accuracy kept" in r.stdout
+    assert "round   2: crash [0]" in r.stdout and "accuracy kept in the 2 degraded round(s)" in r.stdout

@@ -52,7 +52,7 @@ def _run(tmp_path, name, cache, **over):
     {"sim.fraction_train": 0.6, "failures": "device_dropout", "failures.dropout.fraction": 0.4,
      "failures.reference": "false"},
     # L2D with FedAvg: each device of a node gets its architecture group's average in the message
-    {"strategy": "l2d", "strategy.l2d.fedavg": "true"},
+    {"strategy": "l2d", "strategy.rejector.federation": "fedavg", "strategy.rejector.federate_by": "fleet"},
 ], ids=["l2h-dropout", "l2d-fedavg"])
 @pytest.mark.slow
 def test_devices_per_node_changes_no_result(tmp_path, over):

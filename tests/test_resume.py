@@ -103,7 +103,11 @@ def test_stopped_during_the_reference_run_resumes_from_there(tmp_path, uninterru
     assert r.returncode == 0, r.stderr[-2000:]
     s = json.loads((run_dir / "summary.json").read_text())
     base = json.loads((uninterrupted / "summary.json").read_text())
-    assert {k: v for k, v in s.items() if k != "resilience"} == {k: v for k, v in base.items() if k != "resilience"}
+    skip = ("resilience", "config")  # the config differs in failures.reference only
+    assert {k: v for k, v in s.items() if k not in skip} == {k: v for k, v in base.items() if k not in skip}
+    assert s["config"]["failures"]["reference"] and not base["config"]["failures"]["reference"]
+    s["config"]["failures"]["reference"] = False
+    assert s["config"] == base["config"]
     assert s["resilience"]["same_test_samples"] and s["resilience"]["fraction_kept"] is not None
 
 

@@ -3,8 +3,6 @@ identical results to Flower on Ray, tests/test_e2e.py)."""
 import json
 import math
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -112,7 +110,8 @@ def test_l2d_other_losses_run(tmp_path, shared_cache, loss):
 
 @pytest.mark.slow
 def test_l2d_fedavg_averages_devices_of_the_same_architecture(tmp_path, shared_cache):
-    _, _, out = run(tmp_path, shared_cache, "fed", strategy="l2d", **{"strategy.l2d.fedavg": "true"})
+    _, _, out = run(tmp_path, shared_cache, "fed", strategy="l2d",
+                    **{"strategy.rejector.federation": "fedavg", "strategy.rejector.federate_by": "fleet"})
     from sim import checkpoint
     from sim.core.arrays import sub, unstack_states
 
@@ -145,30 +144,6 @@ def test_bounded_reject_rate_end_to_end(tmp_path, shared_cache, bound):
                                                     "strategy.bound": bound, "sim.num_rounds": 3})
     assert s["max_defer_rate"] == delta and s["bound"] == bound
     assert s["defer_rate"] <= delta + noise(delta, s["num_test_samples"])
-
-
-@pytest.mark.slow
-def test_report_on_two_small_runs(tmp_path, shared_cache):
-    run(tmp_path, shared_cache, "a", **{"seed": 0})
-    run(tmp_path, shared_cache, "b", strategy="confidence", **{"seed": 1, "strategy.c_e": 0.2})
-    (tmp_path / "broken").mkdir()
-    (tmp_path / "broken" / "summary.json").write_text("{not json")
-    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
-    out = tmp_path / "report"
-    r = subprocess.run([sys.executable, "-m", "sim.report", str(tmp_path / "a"), str(tmp_path / "b"),
-                        str(tmp_path / "broken"), "--out", str(out)], capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0, r.stderr
-    assert r.stderr.count("warning:") == 1 and "broken" in r.stderr
-    rows = (out / "report.csv").read_text().splitlines()
-    assert len(rows) == 3 and rows[0].startswith("run,seed,strategy")
-    md = (out / "report.md").read_text()
-    assert "| l2h |" in md.replace("| l2h | 0.1", "| l2h |") and "confidence" in md
-    for name in ("accuracy_vs_defer_rate.png", "accuracy_vs_c_e.png"):
-        assert (out / name).stat().st_size > 10_000
-    assert {p: p.read_bytes() for p in before} == before  # the runs were not touched
-    bad = subprocess.run([sys.executable, "-m", "sim.report", str(tmp_path / "nope")], capture_output=True,
-                         text=True, timeout=60)
-    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and bad.stderr.startswith("error: ")
 
 
 PRESETS = Path(__file__).resolve().parents[1] / "configs" / "experiment"

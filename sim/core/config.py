@@ -41,10 +41,10 @@ def choice(name: str, values: tuple[str, ...]) -> type[Choice]:
     return Choice(name, {v: v for v in values}, module=__name__)  # type: ignore[return-value]
 
 
-DataSource = choice("DataSource", ("sklearn", "hf", "file"))
+DataSource = choice("DataSource", ("sklearn", "hf", "file", "mnist1d"))
 PartitionName = choice("PartitionName", ("iid", "dirichlet", "pathological", "sampled"))
 Pretrain = choice("Pretrain", ("batched", "sequential"))
-Arch = choice("Arch", ("logreg", "mlp", "cnn"))
+Arch = choice("Arch", ("logreg", "mlp", "cnn", "cnn1d"))
 Routing = choice("Routing", ("auto", "learned", "round_robin", "least_loaded", "all"))
 Training = choice("Training", ("independent", "mel", "dml", "coop"))
 FailureKind = choice("FailureKind", ("none", "crash_stop", "crash_recover", "transient", "query_drop", "partition",
@@ -53,11 +53,14 @@ RecoverFrom = choice("RecoverFrom", ("checkpoint", "scratch"))
 Backend = choice("Backend", ("ray", "inprocess"))
 RejectorInputs = choice("RejectorInputs", ("sample", "legacy", "sample+legacy"))
 Bound = choice("Bound", ("quantile", "stochastic"))
+ServerLabels = choice("ServerLabels", ("prequential", "holdout", "in_sample"))
+Federation = choice("Federation", ("local", "fedavg", "fedavg_finetune"))
+FederateBy = choice("FederateBy", ("group", "fleet"))
 
 
 def invalid(key: str, value: Any, rule: str) -> ConfigError:
     """The one-line error for a bad value: ``<key>=<value> is invalid: <rule>``."""
-    return ConfigError(f"{key}={value!r} is invalid: {rule}")
+    return ConfigError(f"{key}={value.value if isinstance(value, Enum) else value!r} is invalid: {rule}")
 
 
 def need(ok: bool, key: str, value: Any, rule: str) -> None:
@@ -119,8 +122,8 @@ class SplitConfig:
 
 @dataclass
 class DataConfig:
-    name: str = MISSING  # digits | mnist | fashion_mnist | cifar10 | svhn | local
-    source: DataSource = DataSource.sklearn  # sklearn | hf | file
+    name: str = MISSING  # digits | mnist | fashion_mnist | cifar10 | svhn | local | mnist1d
+    source: DataSource = DataSource.sklearn  # sklearn | hf | file | mnist1d
     hf_name: Optional[str] = None  # Hugging Face dataset id (source=hf)
     hf_subset: Optional[str] = None
     path: Optional[str] = None  # local .npz or .parquet (source=file, or source=hf offline)
@@ -128,12 +131,15 @@ class DataConfig:
     label_key: str = "label"
     classes: Optional[List[int]] = None  # keep only these labels (e.g. [3, 8] for a binary task)
     max_samples: Optional[int] = None  # cap on the number of samples used (seeded subsample)
+    num_samples: int = 5000  # mnist1d: samples generated, total (a multiple of 10; 5000: the benchmark's)
     partition: PartitionConfig = field(default_factory=PartitionConfig)
     split: SplitConfig = field(default_factory=SplitConfig)
 
     def __post_init__(self) -> None:
         need(self.max_samples is None or self.max_samples >= 1, "data.max_samples", self.max_samples,
              "must be >= 1 or null")
+        need(self.num_samples >= 10 and self.num_samples % 10 == 0, "data.num_samples", self.num_samples,
+             "mnist1d generates as many samples of each of its 10 classes: give a multiple of 10, >= 10")
         if self.source == DataSource.file and not self.path:
             raise ConfigError("data.path is not set: data=local needs data.path=/path/to/file.npz or .parquet")
         if self.path and not os.path.exists(os.path.expanduser(str(self.path))):
@@ -149,7 +155,7 @@ class DeviceGroupConfig:
     hidden: int = 32  # MLP hidden width / CNN channels
     pretrain_fraction: float = 1.0  # fraction of the device's legacy split used to pretrain
     downsample: int = 1  # sensor resolution divisor (1 = full resolution)
-    noise_std: float = 0.0  # Gaussian sensor noise, in units of the [0, 1] pixel range
+    noise_std: float = 0.0  # Gaussian sensor noise in the data's units (images: the [0, 1] range; mnist1d: its std)
     epochs: int = 60  # legacy pretraining epochs
     lr: float = 0.01
 
@@ -191,6 +197,11 @@ class RejectorConfig:
     epochs: int = 5  # local epochs per round
     batch_size: int = 32
     lr: float = 0.003
+    # local: each device learns alone; fedavg: the devices of a federation group train one model
+    # together (FedAvg of the trained parts every round; each evaluates with the average);
+    # fedavg_finetune: as fedavg, each device then personalises the average with its local epochs
+    federation: Federation = Federation.local
+    federate_by: FederateBy = FederateBy.group  # group: devices of one fleet group (architecture, sensor) | fleet
 
     def __post_init__(self) -> None:
         check_fields(self, "strategy.rejector", {"hidden": _at_least(1), "epochs": _at_least(1),
@@ -207,12 +218,21 @@ class StrategyConfig:
     c_1: float = 1.0  # extra cost when the server is wrong on a deferred sample
     staleness: int = 1  # S: devices train against a server copy refreshed every S rounds
     rejector: RejectorConfig = field(default_factory=RejectorConfig)
+    # Where a device's labels of the servers' errors come from (L2H, CompareConfidence; docs/methods.md §8):
+    # prequential: the answer a sample got when it was first sent, before any server trained on it
+    # (never-sent samples: the current servers) | holdout: a part of the rejector split that is never
+    # sent | in_sample: the current servers, which have trained on every sample sent before
+    server_labels: ServerLabels = ServerLabels.in_sample
+    holdout: float = 0.5  # server_labels=holdout: fraction of the rejector split never sent to a server
+    label_max_age: Optional[int] = None  # prequential: labels older than this many rounds are dropped (null: kept)
 
     def __post_init__(self) -> None:
         check_fields(self, "strategy", {
             "c_e": (lambda v: v >= 0, "the deferral cost must be >= 0"),
             "c_1": (lambda v: v >= 0, "the server-error cost must be >= 0"),
             "staleness": (lambda v: v >= 1, "S must be >= 1 (1 = synchronous)"),
+            "holdout": (lambda v: 0 < v < 1, "must be in (0, 1)"),
+            "label_max_age": (lambda v: v is None or v >= 1, "must be >= 1 round (or null: labels never expire)"),
         })
 
     schema_name: ClassVar[str] = "strategy"
@@ -223,6 +243,10 @@ class StrategyConfig:
 
     def check_data(self, num_classes: int) -> None:
         """Checks that need the dataset's number of classes K (run once the data is prepared)."""
+
+    def notes(self) -> list[str]:
+        """Warnings about a valid but risky choice, shown once at the start of a run."""
+        return []
 
 
 @dataclass
@@ -359,6 +383,7 @@ class SimConfig:
     verbose: bool = False
     progress: bool = True
     plots: bool = True
+    tensorboard: bool = False  # per-round scalars in <run dir>/tensorboard (tensorboard --logdir <run dir>)
     cache_dir: str = "~/.cache/l2h-fleet-sim"
     round_timeout: float = 3600.0  # seconds to wait for device replies in a round
     checkpoint: bool = True  # write checkpoint.npz at the end of every round

@@ -16,10 +16,10 @@ from typing import Any
 import numpy as np
 
 from sim.core.cache import build_entry, content_key
-from sim.core.config import DataConfig, DeviceGroupConfig, PartitionConfig, PartitionName, plain
+from sim.core.config import DataConfig, DataSource, DeviceGroupConfig, PartitionConfig, PartitionName, plain
 from sim.core.errors import DataError
 from sim.core.seeding import derive_seed
-from sim.core.sources import load_source
+from sim.core.sources import BOUNDED, load_source
 
 SPLIT_LEGACY, SPLIT_REJECTOR, SPLIT_TEST = 0, 1, 2
 PREP_VERSION = 1
@@ -173,7 +173,7 @@ class Prepared:
         x: ``(N, C, H, W)`` float32 in [0, 1]; y: ``(N,)`` int64 in ``0..K-1``.
         owner: ``(N,)`` int32 device id of each sample (-1: not assigned).
         split: ``(N,)`` int8 SPLIT_* code within the owner's partition.
-        num_classes: K.
+        num_classes: K. bounded: inputs are images in [0, 1] (the sensor's noise is clipped to it).
     """
 
     x: np.ndarray
@@ -182,6 +182,7 @@ class Prepared:
     split: np.ndarray
     num_classes: int
     path: Path | None = None
+    bounded: bool = True
 
     @property
     def in_shape(self) -> tuple[int, int, int]:
@@ -189,12 +190,28 @@ class Prepared:
 
 
 def data_key(dcfg: DataConfig, num_clients: int, seed: int) -> dict[str, Any]:
-    """Everything that determines the prepared dataset (a local file by path, size and mtime)."""
+    """Everything that determines the prepared dataset (a local file by path, size and mtime;
+    MNIST-1D by ``data.num_samples`` and the generating package's version)."""
     key = {"v": PREP_VERSION, "data": plain(dcfg), "num_clients": num_clients, "seed": seed}
+    if dcfg.source == DataSource.mnist1d:
+        key["mnist1d"] = _package_version("mnist1d")
+        key["scaling"] = "z-scored"  # (2026-12-02: was min-max into [0, 1])
+    else:  # used by mnist1d only: other datasets keep the cache entries made before the key existed
+        key["data"].pop("num_samples", None)
     if dcfg.path:
         st = Path(str(dcfg.path)).expanduser().stat()
         key["file"] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
     return key
+
+
+def _package_version(name: str) -> str | None:
+    """The installed version of the distribution ``name`` (None: not installed)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return None
 
 
 def prepare(dcfg: DataConfig, num_clients: int, seed: int, cache_dir: Path) -> Prepared:
@@ -227,7 +244,7 @@ def prepare(dcfg: DataConfig, num_clients: int, seed: int, cache_dir: Path) -> P
                 split[idx] = split_device(idx, fractions, seed, dev)
         for name, arr in (("x", x), ("y", y), ("owner", owner), ("split", split)):
             np.save(tmp / f"{name}.npy", arr)
-        return {"num_classes": k, "key": key}
+        return {"num_classes": k, "key": key, "bounded": dcfg.source in BOUNDED}
 
     manifest = build_entry(entry, build, "dataset")
     return load_prepared(entry, manifest)
@@ -238,25 +255,32 @@ def load_prepared(entry: Path, manifest: dict[str, Any] | None = None) -> Prepar
     if manifest is None:
         manifest = json.loads((entry / "manifest.json").read_text())
     arrs = {n: np.load(entry / f"{n}.npy", mmap_mode="r") for n in ("x", "y", "owner", "split")}
-    return Prepared(**arrs, num_classes=int(manifest["meta"]["num_classes"]), path=entry)
+    meta = manifest["meta"]
+    return Prepared(**arrs, num_classes=int(meta["num_classes"]), path=entry, bounded=bool(meta.get("bounded", True)))
 
 
-def degrade(x: np.ndarray, downsample: int, noise_std: float, seed: int) -> np.ndarray:
+def degrade(x: np.ndarray, downsample: int, noise_std: float, seed: int, clip: bool = True) -> np.ndarray:
     """A device's sensor: block-average by ``downsample`` (then nearest upsample to the same shape)
-    and add Gaussian noise of std ``noise_std`` (clipped to [0, 1]). Seeded, so the same device
-    always sees the same degraded samples. ``x: (N, C, H, W)`` -> same shape, float32.
+    and add Gaussian noise of std ``noise_std`` in the data's units (images: clipped back to
+    [0, 1] when ``clip``). Seeded, so the same device always sees the same degraded samples.
+    ``x: (N, C, H, W)`` -> same shape, float32.
+
+    Images are block-averaged along H and W; 1-D signals (``H == 1``, e.g. MNIST-1D's
+    ``(N, 1, 1, 40)``) along W only (a lower sampling rate over the same window), so H stays 1 and
+    no value is averaged with itself.
     """
     x = np.array(x, dtype=np.float32, copy=True)
     if downsample > 1:
         n, c, h, w = x.shape
-        f = downsample
-        hp, wp = -(-h // f) * f, -(-w // f) * f
+        fh, fw = (1 if h == 1 else downsample), downsample
+        hp, wp = -(-h // fh) * fh, -(-w // fw) * fw
         padded = np.pad(x, ((0, 0), (0, 0), (0, hp - h), (0, wp - w)), mode="edge")
-        low = padded.reshape(n, c, hp // f, f, wp // f, f).mean(axis=(3, 5))
-        x = np.repeat(np.repeat(low, f, axis=2), f, axis=3)[:, :, :h, :w]
+        low = padded.reshape(n, c, hp // fh, fh, wp // fw, fw).mean(axis=(3, 5))
+        x = np.repeat(np.repeat(low, fh, axis=2), fw, axis=3)[:, :, :h, :w]
     if noise_std > 0:
         x = x + np.random.default_rng(seed).normal(0.0, noise_std, size=x.shape).astype(np.float32)
-        x = np.clip(x, 0.0, 1.0)
+        if clip:
+            x = np.clip(x, 0.0, 1.0)
     return np.ascontiguousarray(x, dtype=np.float32)
 
 
@@ -276,7 +300,8 @@ class DeviceData:
 def device_data(prep: Prepared, device: int, group: DeviceGroupConfig, seed: int) -> DeviceData:
     """The splits of ``device`` as seen through its sensor (``group``: its fleet group config)."""
     idx = np.flatnonzero(np.asarray(prep.owner) == device)
-    x = degrade(prep.x[idx], int(group.downsample), float(group.noise_std), derive_seed(seed, "sensor", device))
+    x = degrade(prep.x[idx], int(group.downsample), float(group.noise_std), derive_seed(seed, "sensor", device),
+                clip=prep.bounded)
     y = np.asarray(prep.y[idx])
     s = np.asarray(prep.split[idx])
     leg, rej, tst = (s == SPLIT_LEGACY), (s == SPLIT_REJECTOR), (s == SPLIT_TEST)

@@ -114,12 +114,29 @@ def matched_baselines(rec: dict[str, np.ndarray], defer: np.ndarray, m_ok: np.nd
     }
 
 
+def l01_costs(defer: np.ndarray, served: np.ndarray, price: np.ndarray, sys_ok: np.ndarray, e_ok: np.ndarray,
+              c_1: float) -> np.ndarray:
+    """Per-sample 0-1 L2H cost with per-server prices and failovers (docs/methods.md §7), ``(N,)``.
+
+    A kept sample costs ``1[legacy wrong]``. A deferred sample a server answered costs the price of
+    that answer (``servers.c_e`` of the server; the mean price of the members of an ensemble
+    answer) plus ``c_1 * 1[answer wrong]`` (Wu et al. 2025, the L01 loss). A deferred sample no
+    server answered (every server down, unreachable or its query dropped) falls back to the legacy
+    model: it is charged nothing for the request and scored like a kept sample.
+
+    Args:
+        defer, served: ``(N,)`` bool. price: ``(N,)`` the answer's price. sys_ok: ``(N,)`` the
+            system's answer right. e_ok: ``(N,)`` the answer a deferral gets right. c_1: >= 0.
+    """
+    return np.where(defer & served, price + c_1 * (~e_ok), (~sys_ok).astype(float))
+
+
 def pooled_metrics(rec: dict[str, np.ndarray], c_e: float, c_1: float, curve_points: int = 21) -> dict[str, Any]:
     """All fleet metrics from pooled evaluation records.
 
     Args:
         rec: arrays of :data:`FIELDS`, each ``(N,)`` over all evaluated test samples.
-        c_e, c_1: L2H costs for the L01 cost.
+        c_e, c_1: L2H costs for the L01 cost (``c_e`` is used where ``rec`` has no ``price``).
         curve_points: points of the accuracy-vs-defer-rate curves (rates 0..1).
 
     Returns:
@@ -140,9 +157,9 @@ def pooled_metrics(rec: dict[str, np.ndarray], c_e: float, c_1: float, curve_poi
     defer = rec["defer"].astype(bool)
     k = int(defer.sum())
     sys_ok = system_correct(defer, m_ok, e_ok)
-    cost = np.where(defer, c_e + c_1 * (~e_ok), (~m_ok).astype(float))
+    served = rec["served"].astype(bool) if "served" in rec else np.ones(n, dtype=bool)
+    cost = l01_costs(defer, served, rec.get("price", np.full(n, c_e)), sys_ok, e_ok, c_1)
     rate = k / n if n else float("nan")
-
 
     def subset(mask: np.ndarray) -> dict[str, Any]:
         ma, ea = _acc(m_ok[mask]), _acc(e_ok[mask])
@@ -151,7 +168,6 @@ def pooled_metrics(rec: dict[str, np.ndarray], c_e: float, c_1: float, curve_poi
 
     rates = np.linspace(0.0, 1.0, curve_points)
     fixed = accuracy_at_rates(rec["score"], m_ok, e_ok, np.array(FIXED_RATES))
-    served = rec["served"].astype(bool) if "served" in rec else np.ones(n, dtype=bool)
     return {
         "served_defer_rate": float((defer & served).mean()) if n else float("nan"),
         "num_samples": int(n),

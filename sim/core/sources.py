@@ -1,11 +1,14 @@
 """Reading a dataset into arrays: scikit-learn's digits, a Hugging Face dataset through
-flwr-datasets, or a local .npz / .parquet file.
+flwr-datasets, a local .npz / .parquet file, or MNIST-1D generated offline (the ``mnist1d``
+package; Greydanus & Kobak 2020, arXiv 2011.14439).
 
-:func:`load_source` returns images ``(N, C, H, W)`` float32 in [0, 1] and integer labels ``(N,)``;
+:func:`load_source` returns ``(N, C, H, W)`` float32 inputs (images in [0, 1]; MNIST-1D's 1-D signals
+z-scored, ``(N, 1, 1, 40)``) and integer labels ``(N,)``;
 everything after that (selection, partitioning, splits) is :mod:`sim.core.data`.
 """
 from __future__ import annotations
 
+import random
 from pathlib import Path
 from typing import Any
 
@@ -79,6 +82,63 @@ def _load_file(path: Path, dcfg: DataConfig) -> tuple[np.ndarray, np.ndarray]:
     raise DataError(f"data.path {path} has suffix {suffix!r}: use a .npz or .parquet file")
 
 
+MNIST1D_SEED = 42
+"""The seed of the MNIST-1D benchmark (``mnist1d.data.get_dataset_args().seed``): with it and
+``data.num_samples=5000`` the samples are those of the paper's ``mnist1d_data.pkl``."""
+
+
+def _make_mnist1d(num_samples: int, seed: int = MNIST1D_SEED) -> tuple[np.ndarray, np.ndarray]:
+    """MNIST-1D generated offline: ``mnist1d.data.make_dataset`` (never ``get_dataset``, which downloads).
+
+    The benchmark's train (first 80%) and test rows are concatenated in that order; partitioning
+    and per-device splits are the simulator's. ``make_dataset`` reseeds numpy's and ``random``'s
+    global RNGs: both states are saved and restored, so loading leaves them unchanged.
+
+    Args:
+        num_samples: N, total samples (N/10 per class; a multiple of 10). seed: generation seed.
+
+    Returns:
+        ``x: (N, 40)`` float64 (z-scored by the package over the whole set), ``y: (N,)`` int64 in 0..9.
+
+    Raises:
+        DataError: the ``mnist1d`` package is not installed.
+    """
+    try:
+        from mnist1d.data import get_dataset_args, make_dataset
+    except ImportError:
+        raise DataError("data=mnist1d needs the mnist1d package: pip install mnist1d") from None
+    args = get_dataset_args()
+    args.num_samples, args.train_split, args.seed = int(num_samples), 0.8, int(seed)
+    np_state, py_state = np.random.get_state(), random.getstate()
+    try:
+        d = make_dataset(args)
+    finally:
+        np.random.set_state(np_state)
+        random.setstate(py_state)
+    return np.concatenate([d["x"], d["x_test"]]), np.concatenate([d["y"], d["y_test"]]).astype(np.int64)
+
+
+def signals(x: np.ndarray) -> np.ndarray:
+    """1-D signals ``(N, L)`` as ``(N, 1, 1, L)`` float32, values as they are (MNIST-1D: z-scored by
+    the package over the whole set, mean 0 and std 1). Not rescaled into [0, 1]: that affine map
+    loses no information but conditions the first layer so badly that every model of the zoo
+    loses 10 to 28 accuracy points (benchmarks/results/mnist1d_models.md); the sensor model takes
+    unbounded values (:func:`sim.core.data.degrade` with ``clip=False``).
+
+    Raises:
+        DataError: NaN or infinite values.
+    """
+    x = np.asarray(x, dtype=np.float32)
+    if not np.isfinite(x).all():
+        raise DataError("inputs contain NaN or infinite values: clean the dataset first")
+    return np.ascontiguousarray(x[:, None, None, :])
+
+
+BOUNDED = {DataSource.sklearn, DataSource.hf, DataSource.file}
+"""Sources whose inputs are images scaled into [0, 1] (the sensor's noise is clipped to it);
+MNIST-1D's signals are unbounded (z-scored)."""
+
+
 def load_source(dcfg: DataConfig) -> tuple[np.ndarray, np.ndarray]:
     """Load the configured dataset.
 
@@ -86,12 +146,17 @@ def load_source(dcfg: DataConfig) -> tuple[np.ndarray, np.ndarray]:
         dcfg: the ``data`` config.
 
     Returns:
-        ``x: (N, C, H, W)`` float32 in [0, 1] and ``y: (N,)`` int64 labels (unmapped).
+        ``x: (N, C, H, W)`` float32 (images in [0, 1]; MNIST-1D's signals z-scored, see
+        :data:`BOUNDED`) and ``y: (N,)`` int64 labels (unmapped).
 
     Raises:
-        DataError: missing/empty/truncated/foreign file, unreachable hub dataset, bad columns, NaNs.
+        DataError: missing/empty/truncated/foreign file, unreachable hub dataset, bad columns, NaNs,
+            the ``mnist1d`` package missing (``data=mnist1d``).
     """
     source = dcfg.source
+    if source == DataSource.mnist1d:  # x (N, 1, 1, 40), generated: data.num_samples, the benchmark's seed
+        x, y = _make_mnist1d(int(dcfg.num_samples))
+        return signals(x), _check_labels(y)
     if source == DataSource.sklearn:
         from sklearn.datasets import load_digits
 
@@ -112,7 +177,7 @@ def load_source(dcfg: DataConfig) -> tuple[np.ndarray, np.ndarray]:
                 f"({type(exc).__name__}); offline, export it to parquet and pass data.path=FILE.parquet") from None
         x, y = _from_hf(ds, dcfg.image_key, dcfg.label_key)
     else:
-        raise DataError(f"data.source={source!r} is invalid: choose sklearn, hf or file")
+        raise DataError(f"data.source={source!r} is invalid: choose sklearn, hf, file or mnist1d")
     return _to_nchw(x), _check_labels(y)
 
 

@@ -47,7 +47,7 @@ CASES: dict[str, list[str]] = {
     "l2h_stale_dirichlet": ["sim.num_rounds=5", "strategy.staleness=2", "sim.fraction_train=0.5",
                             "data.partition.name=dirichlet"],
     "l2h_repo_weights_sample_inputs": ["strategy.weights=repo", "strategy.rejector.inputs=sample"],
-    "l2d_ova_fedavg_2experts": ["strategy=l2d", "strategy.l2d.loss=ova", "strategy.l2d.fedavg=true",
+    "l2d_ova_fedavg_2experts": ["strategy=l2d", "strategy.l2d.loss=ova", "strategy.rejector.federation=fedavg", "strategy.rejector.federate_by=fleet",
                                 "servers.count=2"],
     # routings x failures
     "round_robin_crash_recover": ["sim.num_rounds=5", "servers.count=2", "servers.routing=round_robin",

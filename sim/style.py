@@ -1,0 +1,202 @@
+"""One figure style for every plot of the simulator (``sim.plots``): sizes, fonts, saving, bands.
+
+Figures are made for a two-column paper: :data:`SINGLE` (3.4 in) wide for one column,
+:data:`DOUBLE` (7.0 in) for both; fonts 8-9 pt at that size (so they print at 8-9 pt when the
+figure is placed at 100%), math labels through matplotlib's mathtext (``$c_e$``, ``$\\delta$``,
+``$S$``; no LaTeX installation needed), a colour-blind-safe palette (Okabe & Ito 2008), legends
+outside the data (constrained layout keeps the figure's width exact), y axes left to the data
+(never a fixed 0-1), and every figure saved twice by :func:`save`: PDF (vector, fonts embedded
+as TrueType) and PNG at :data:`DPI`.
+
+Use::
+
+    @styled
+    def plot_x(..., path):
+        fig, ax = figure()
+        band(ax, x, mean, lo, hi, color=color(0), label="...")
+        legend_outside(fig)
+        return save(fig, path)
+"""
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+SINGLE = 3.4
+"""Width (inches) of a one-column figure."""
+DOUBLE = 7.0
+"""Width (inches) of a two-column figure."""
+DPI = 200
+"""Resolution of the PNG copy."""
+
+PALETTE = ("#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#000000", "#F0E442", "#999999")
+"""Okabe-Ito colours (colour-blind safe); yellow and grey last (weak on white)."""
+
+RC: dict[str, Any] = {
+    "font.size": 8, "axes.titlesize": 9, "axes.labelsize": 9, "xtick.labelsize": 8, "ytick.labelsize": 8,
+    "legend.fontsize": 8, "legend.title_fontsize": 8, "legend.frameon": False, "legend.handlelength": 1.6,
+    "lines.linewidth": 1.3, "lines.markersize": 3.5, "errorbar.capsize": 2,
+    "axes.grid": True, "grid.alpha": 0.3, "grid.linewidth": 0.5, "axes.linewidth": 0.6,
+    "axes.spines.top": False, "axes.spines.right": False, "axes.prop_cycle": matplotlib.cycler(color=PALETTE),
+    "xtick.major.width": 0.6, "ytick.major.width": 0.6, "xtick.major.size": 2.5, "ytick.major.size": 2.5,
+    "mathtext.fontset": "dejavusans", "pdf.fonttype": 42, "ps.fonttype": 42,
+    "figure.constrained_layout.use": True, "savefig.dpi": DPI,
+}
+"""The rcParams every figure is drawn under (see :func:`styled`)."""
+
+STRATEGY_NAMES = {"l2h": "L2H", "l2d": "L2D", "legacy_only": "legacy only", "server_only": "server only",
+                  "compare_confidence": "CompareConfidence", "dml": "L2H + DML", "mel": "L2H + MEL",
+                  "coop": "L2H + coop"}
+"""Human names of the strategies (others are shown as they are)."""
+
+KEY_LABELS = {
+    "strategy.name": "", "strategy": "", "strategy.c_e": "$c_e$", "c_e": "$c_e$", "strategy.c_1": "$c_1$",
+    "c_1": "$c_1$", "strategy.staleness": "$S$", "staleness": "$S$", "strategy.max_defer_rate": r"$\delta$",
+    "max_defer_rate": r"$\delta$", "strategy.bound": "bound", "bound": "bound", "strategy.weights": "weights",
+    "strategy.surrogate": "surrogate", "strategy.rejector.inputs": "rejector inputs", "data.name": "data",
+    "data.partition.name": "partition", "data.partition.alpha": r"$\alpha$", "fleet.name": "fleet",
+    "fleet.num_clients": "devices", "num_clients": "devices", "sim.num_rounds": "rounds", "num_rounds": "rounds",
+    "servers.count": "servers", "num_servers": "servers", "servers.routing": "routing",
+    "servers.training": "server training", "failures.name": "failures", "failures": "failures",
+    "servers.coop.serve_depth": "serve depth", "serve_depth": "serve depth", "servers.coop.capacity": "capacity",
+    "capacity": "capacity", "strategy.tau": r"$\tau$", "strategy.defer_rate": "defer rate",
+}
+"""Human (math) labels of config keys for legends and axes; ``""``: show the value alone."""
+
+
+def styled(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Decorator: run a plotting function under :data:`RC` (nothing leaks into other figures)."""
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        with plt.rc_context(RC):
+            return fn(*args, **kwargs)
+    return wrapper
+
+
+def figure(width: float = SINGLE, height: float | None = None, nrows: int = 1, ncols: int = 1,
+           **kw: Any) -> tuple[Any, Any]:
+    """A new figure ``width`` x ``height`` inches (height default: 0.72 x width per row, capped)."""
+    if height is None:
+        height = min(0.72 * width / ncols, 2.6) * nrows + 0.3
+    return plt.subplots(nrows, ncols, figsize=(width, height), **kw)
+
+
+def color(i: int) -> str:
+    """The ``i``-th colour of :data:`PALETTE` (cycled)."""
+    return PALETTE[i % len(PALETTE)]
+
+
+def save(fig: Any, path: Path) -> Path:
+    """Save ``fig`` as ``path`` with suffix ``.pdf`` (vector) and ``.png`` (:data:`DPI`), close it.
+
+    Returns:
+        The PNG's path (``path`` with suffix ``.png``).
+    """
+    path = Path(path)
+    png, pdf = path.with_suffix(".png"), path.with_suffix(".pdf")
+    fig.savefig(pdf)
+    fig.savefig(png, dpi=DPI)
+    plt.close(fig)
+    return png
+
+
+def outputs(path: Path) -> list[Path]:
+    """The two files :func:`save` writes for ``path``: ``[.pdf, .png]``."""
+    return [Path(path).with_suffix(".pdf"), Path(path).with_suffix(".png")]
+
+
+def band(ax: Any, x: Sequence[float], mean: Sequence[float], lo: Sequence[float] | None = None,
+         hi: Sequence[float] | None = None, alpha: float = 0.2, **line: Any) -> Any:
+    """A mean line with a shaded band ``[lo, hi]`` (e.g. the 95% CI over seeds) where it is finite.
+
+    With ``lo``/``hi`` None or all NaN (one seed) only the line is drawn; ``alpha``: the band's
+    opacity (:func:`band_alpha` for many overlapping bands). Returns the line.
+    """
+    (ln,) = ax.plot(x, mean, **line)
+    if lo is not None and hi is not None:
+        lo_a, hi_a = np.asarray(lo, dtype=float), np.asarray(hi, dtype=float)
+        ok = np.isfinite(lo_a) & np.isfinite(hi_a)
+        if ok.any():
+            ax.fill_between(np.asarray(x, dtype=float), lo_a, hi_a, where=ok, color=ln.get_color(), alpha=alpha,
+                            lw=0, interpolate=True)
+    return ln
+
+
+def band_alpha(n_bands: int) -> float:
+    """Band opacity that keeps ``n_bands`` overlapping bands readable (0.2 for up to 3, then less)."""
+    return 0.2 if n_bands <= 3 else max(0.07, 0.2 * (3 / n_bands) ** 0.7)
+
+
+def half_widths(mean: Sequence[float], lo: Sequence[float], hi: Sequence[float]) -> np.ndarray:
+    """``[[mean - lo], [hi - mean]]`` for ``errorbar``'s ``xerr``/``yerr``; NaN (no interval) -> 0."""
+    m, lo_a, hi_a = (np.asarray(v, dtype=float) for v in (mean, lo, hi))
+    return np.nan_to_num(np.vstack([m - lo_a, hi_a - m]), nan=0.0)
+
+
+def legend_outside(fig: Any, ax: Any | None = None, where: str = "lower center", ncol: int | None = None,
+                   **kw: Any) -> Any:
+    """The legend of ``ax`` (default: every axis of ``fig``) outside the axes, at ``where``
+    (a constrained-layout ``outside`` location: ``lower center``, ``upper center``, ``right upper``).
+    Duplicate labels are shown once; nothing is drawn when there are no labels."""
+    handles, labels = [], []
+    for a in ([ax] if ax is not None else fig.axes):
+        for h, lab in zip(*a.get_legend_handles_labels()):
+            if lab not in labels and not lab.startswith("_"):
+                handles.append(h)
+                labels.append(lab)
+    if not handles:
+        return None
+    if ncol is None:
+        ncol = 1 if where.startswith(("right", "left")) else min(len(labels), 2 if fig.get_figwidth() < 5 else 4)
+    return fig.legend(handles, labels, loc=f"outside {where}", ncol=ncol, **kw)
+
+
+def log2_axis(ax: Any, values: Sequence[float], axis: str = "x") -> None:
+    """A log2 axis with a tick at each of ``values`` (e.g. staleness S = 1, 2, 4, 8) labelled plainly."""
+    from matplotlib.ticker import FixedLocator, NullLocator, StrMethodFormatter
+
+    ticks = sorted({float(v) for v in values if v is not None and float(v) > 0})
+    a = ax.xaxis if axis == "x" else ax.yaxis
+    (ax.set_xscale if axis == "x" else ax.set_yscale)("log", base=2)
+    a.set_major_locator(FixedLocator(ticks))
+    a.set_major_formatter(StrMethodFormatter("{x:g}"))
+    a.set_minor_locator(NullLocator())
+
+
+def key_label(key: str) -> str:
+    """A config key's human label: :data:`KEY_LABELS`, else its last dotted part for a two-part key
+    (``strategy.explore`` -> ``explore``) and its last two parts for deeper ones
+    (``strategy.rejector.lr`` -> ``rejector lr``, ``fleet.groups.0.arch`` -> ``groups 0 arch``)."""
+    if key in KEY_LABELS:
+        return KEY_LABELS[key]
+    parts = key.split(".")
+    tail = parts[-3:] if len(parts) > 3 and parts[-2].isdigit() else parts[-2:] if len(parts) > 2 else parts[-1:]
+    return " ".join(tail).replace("_", " ")
+
+
+def value_text(key: str, value: Any) -> str:
+    """A value as shown in legends: strategy names humanised, floats short (``0.1``), None as 'none'."""
+    if value is None:
+        return "none"
+    if key in ("strategy.name", "strategy"):
+        return STRATEGY_NAMES.get(str(value), str(value))
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
+def setting_label(values: dict[str, Any]) -> str:
+    """A configuration's legend label from its varying keys' values, e.g. ``L2H, $c_e$ = 0.1``."""
+    parts = []
+    for k, v in values.items():
+        lab = key_label(k)
+        parts.append(value_text(k, v) if not lab else f"{lab} = {value_text(k, v)}")
+    return ", ".join(parts) or "all runs"
