@@ -1,36 +1,91 @@
 """Handles on helper servers: one in its own Ray actor, or the same object called in this process.
 
 Both kinds answer ``submit(method, *args)`` with something :func:`gather` waits for, so the pool
-never needs to know where a server runs. A server that is gone (killed actor, or an in-process
-server marked dead) fails its calls; :func:`gather` reports it as ``dead``, a call slower than
-the timeout as ``timeout``.
+never needs to know where a server runs. Only a *lost* server is a failure the run survives:
+a Ray actor that is gone (``ray.exceptions.RayActorError``, which covers ``ActorDiedError`` and
+``ActorUnavailableError``) or an in-process server the failure injector killed
+(:class:`ServerUnavailable`) -- :func:`gather` reports it as ``dead``, a call slower than the
+timeout as ``timeout``. Any other exception a server method raises is a bug in the server code:
+:func:`gather` raises :class:`ServerMethodError`, which fails the run.
+
+Ray usage (each by the book): the actor class is made remote once per process
+(:func:`remote_server_class`); server actors are placed with ``scheduling_strategy="SPREAD"``
+(on a cluster they go to different nodes when resources allow); a large argument shared by
+several servers in one round of calls is put in the object store once (:data:`PUT_MIN_BYTES`)
+instead of being copied into every actor call; results come back as arrays the pool owns, as
+in-process (:func:`_owned`).
 """
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any, Callable
+
+import numpy as np
 
 from servers.helper import HelperServer
 from sim.core.config import ServersConfig
 from sim.core.stop import check_stop
+
+log = logging.getLogger(__name__)
+
+PUT_MIN_BYTES = 100 * 1024
+"""Arguments at least this large (numpy arrays, or dicts / tuples / lists of them) are put in Ray's
+object store once per :func:`gather` round and passed by reference to every server that gets them.
+Smaller ones are passed by value: Ray inlines an argument under 100 KiB
+(``max_direct_call_object_size``) in the task itself, which is cheaper than an object-store
+round trip; above that it would store one copy per call."""
+
+_PUT: dict[int, tuple[Any, Any]] = {}
+"""``id(arg) -> (arg, ObjectRef)`` for the calls submitted since the last :func:`gather` (the
+argument is kept alive, so its id cannot be reused while it is cached)."""
 
 
 class ServerUnavailable(RuntimeError):
     """A server did not answer: dead (actor gone), unreachable, or slower than the timeout."""
 
 
+class ServerMethodError(RuntimeError):
+    """A helper-server method raised: a bug in the server code, not a server failure.
+
+    The message is one line (server, method, exception type and first line of its message); the
+    exception itself is chained as ``__cause__`` (on Ray, a ``RayTaskError`` whose text is the
+    remote traceback) and its full traceback is in :attr:`details` and logged at ERROR on this
+    module's logger (shown with ``sim.verbose=true``).
+
+    Attributes:
+        server: the server index. method: the method name. details: the formatted traceback.
+    """
+
+    def __init__(self, server: int, method: str, exc: BaseException, details: str):
+        cause = getattr(exc, "cause", None) or exc  # a RayTaskError carries the original exception
+        first = (str(cause).strip().splitlines() or [""])[0][:200]
+        super().__init__(f"helper server {server}'s {method}() raised {type(cause).__name__}: {first} "
+                         "(a bug in the server code, not a server failure; sim.verbose=true shows the traceback)")
+        self.server, self.method, self.details = server, method, details
+
+
 class _Done:
     """The result of an in-process call (an exception is kept and raised on :func:`gather`)."""
 
-    def __init__(self, value: Any = None, error: BaseException | None = None, delay: float = 0.0):
-        self.value, self.error, self.delay = value, error, delay
+    def __init__(self, method: str, value: Any = None, error: BaseException | None = None, delay: float = 0.0):
+        self.method, self.value, self.error, self.delay = method, value, error, delay
+
+
+class _Pending:
+    """An actor call in flight: Ray's ObjectRef and the method's name (for error messages)."""
+
+    def __init__(self, method: str, ref: Any):
+        self.method, self.ref = method, ref
 
 
 class LocalHandle:
     """A helper server called in this process (``sim.backend=inprocess``; tests).
 
     An injected delay is not slept: a call slower than the timeout fails at once, so in-process
-    runs stay fast and give the same results as Ray runs (where the delay is real).
+    runs stay fast and give the same results as Ray runs (where the delay is real). A killed
+    server answers every call with :class:`ServerUnavailable` (the in-process equivalent of
+    Ray's ``RayActorError``).
     """
 
     TIMED = ("ping", "predict")
@@ -39,15 +94,16 @@ class LocalHandle:
         self.obj: HelperServer | None = make()
 
     def submit(self, method: str, *args: Any) -> _Done:
+        """Call ``method(*args)`` now; its value or exception is kept for :func:`gather`."""
         if self.obj is None:
-            return _Done(error=ServerUnavailable("server is dead"))
+            return _Done(method, error=ServerUnavailable("server is dead"))
         obj = self.obj
         delay = obj.delay_s if method in self.TIMED else 0.0
         saved, obj.delay_s = obj.delay_s, 0.0  # the delay is judged against the timeout, not slept
         try:
-            return _Done(getattr(obj, method)(*args), delay=delay)
-        except Exception as exc:  # noqa: BLE001 -- a server's failure is a result, not a crash
-            return _Done(error=exc)
+            return _Done(method, getattr(obj, method)(*args), delay=delay)
+        except Exception as exc:  # noqa: BLE001 -- kept, and raised as ServerMethodError by gather()
+            return _Done(method, error=exc)
         finally:
             if method != "set_delay":
                 obj.delay_s = saved
@@ -62,8 +118,9 @@ class RayHandle:
     def __init__(self, actor: Any):
         self.actor = actor
 
-    def submit(self, method: str, *args: Any) -> Any:
-        return getattr(self.actor, method).remote(*args)
+    def submit(self, method: str, *args: Any) -> _Pending:
+        """Start ``method(*args)`` on the actor; large arguments go by object-store reference."""
+        return _Pending(method, getattr(self.actor, method).remote(*(_shared(a) for a in args)))
 
     def kill(self) -> None:
         import ray
@@ -71,61 +128,145 @@ class RayHandle:
         ray.kill(self.actor, no_restart=True)
 
 
+def _nbytes(arg: Any) -> int:
+    """Bytes of the arrays in ``arg`` (an array, or a dict / tuple / list of them); 0 for anything else."""
+    if isinstance(arg, np.ndarray):
+        return int(arg.nbytes)
+    if isinstance(arg, dict):
+        return sum(_nbytes(v) for v in arg.values())
+    if isinstance(arg, (tuple, list)):
+        return sum(_nbytes(v) for v in arg)
+    return 0
+
+
+def _shared(arg: Any) -> Any:
+    """``arg`` itself, or -- if it is at least :data:`PUT_MIN_BYTES` -- its object-store reference,
+    put once for every call submitted until the next :func:`gather`."""
+    if _nbytes(arg) < PUT_MIN_BYTES:
+        return arg
+    hit = _PUT.get(id(arg))
+    if hit is None or hit[0] is not arg:
+        import ray
+
+        hit = _PUT[id(arg)] = (arg, ray.put(arg))
+    return hit[1]
+
+
+_REMOTE: dict[str, Any] = {}
+"""The Ray actor class of :class:`HelperServer`, per Ray job (driver session)."""
+
+
+def remote_server_class() -> Any:
+    """:class:`HelperServer` as a Ray actor class, made once per Ray session (``ray.remote`` pickles and
+    registers the class; every server of the session uses it). Keyed by the session's job id: a class
+    made in an earlier session (a test suite, a sweep restarting Ray) is not reused in a new one."""
+    import ray
+
+    job = ray.get_runtime_context().get_job_id()
+    if job not in _REMOTE:
+        _REMOTE.clear()
+        _REMOTE[job] = ray.remote(HelperServer)
+    return _REMOTE[job]
+
+
 def new_handle(placement: str, cfg: ServersConfig, in_shape: tuple[int, ...], num_classes: int, seed: int,
                index: int, torch_threads: int) -> LocalHandle | RayHandle:
     """A new helper server ``index``: in this process (``placement="local"``) or in a new Ray actor
-    with ``servers.resources`` (``"ray"``; Ray must be initialised)."""
+    with ``servers.resources`` (``"ray"``; Ray must be initialised). Actors are spread over the
+    cluster's nodes (``SPREAD``) and never restarted by Ray: a lost server stays lost until the
+    failure schedule recovers it (a new actor)."""
     args = (cfg, list(in_shape), num_classes, seed, index, torch_threads)
     if placement == "local":
         return LocalHandle(lambda: HelperServer(*args))
-    import ray
-
-    actor_cls = ray.remote(HelperServer).options(
+    actor_cls = remote_server_class().options(
         num_cpus=float(cfg.resources.num_cpus), num_gpus=float(cfg.resources.num_gpus),
-        max_restarts=0, max_task_retries=0)
+        max_restarts=0, max_task_retries=0, scheduling_strategy="SPREAD")
     return RayHandle(actor_cls.remote(*args))
 
 
 def gather(futures: dict[int, Any], timeout: float | None) -> tuple[dict[int, Any], dict[int, str]]:
-    """Wait for ``server -> future``; returns ``(results, failures)`` with failure reasons
-    ``dead`` (the actor is gone or the call raised) or ``timeout``.
+    """Wait for ``server -> future`` (from ``submit``); returns ``(results, failures)`` with failure
+    reasons ``dead`` (the actor is gone, or the in-process server was killed) or ``timeout``.
 
     Raises:
+        ServerMethodError: a server method raised (a bug: the run must fail, not count a crash).
         sim.core.stop.Interrupted: the run is stopping (Ctrl-C / SIGTERM).
     """
-    check_stop()
-    results: dict[int, Any] = {}
-    failed: dict[int, str] = {}
-    ray_refs = {s: f for s, f in futures.items() if not isinstance(f, _Done)}
-    for s, f in futures.items():
-        if isinstance(f, _Done):
-            if f.error is not None:
-                failed[s] = "dead"
-            elif timeout is not None and f.delay > timeout:
-                failed[s] = "timeout"
-            else:
-                results[s] = f.value
-    if ray_refs:
-        import ray
+    try:
+        check_stop()
+        results: dict[int, Any] = {}
+        failed: dict[int, str] = {}
+        for s, f in futures.items():
+            if isinstance(f, _Done):
+                _local_result(s, f, timeout, results, failed)
+        pending = {s: f for s, f in futures.items() if isinstance(f, _Pending)}
+        if pending:
+            _ray_results(pending, timeout, results, failed)
+        return results, failed
+    finally:
+        _PUT.clear()
 
-        refs = list(ray_refs.values())
-        # Wait in short slices so a stop (Ctrl-C / SIGTERM) is seen even while an actor call is in
-        # flight: once the main thread shuts Ray down, a single unbounded ray.wait never returns.
-        deadline = None if timeout is None else time.monotonic() + timeout
-        ready: list = []
-        while True:
-            left = None if deadline is None else max(0.0, deadline - time.monotonic())
-            ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0.25 if left is None else min(0.25, left))
-            if len(ready) == len(refs) or (left is not None and left <= 0.25):
-                break
-            check_stop()
-        ready_set = set(ready)
-        for s, ref in ray_refs.items():
-            if ref not in ready_set:
-                failed[s] = "timeout"
-                continue
-            try:
-                results[s] = ray.get(ref)
-            except Exception:  # noqa: BLE001 -- RayActorError, a raised task error: the server is gone
-                failed[s] = "dead"
-    return results, failed
+
+def _local_result(s: int, f: _Done, timeout: float | None, results: dict[int, Any], failed: dict[int, str]) -> None:
+    if isinstance(f.error, ServerUnavailable):
+        failed[s] = "dead"
+    elif f.error is not None:
+        raise _method_error(s, f.method, f.error) from f.error
+    elif timeout is not None and f.delay > timeout:
+        failed[s] = "timeout"
+    else:
+        results[s] = f.value
+
+
+def _ray_results(pending: dict[int, _Pending], timeout: float | None, results: dict[int, Any],
+                 failed: dict[int, str]) -> None:
+    import ray
+    from ray.exceptions import RayActorError
+
+    refs = [p.ref for p in pending.values()]
+    # Wait in short slices so a stop (Ctrl-C / SIGTERM) is seen even while an actor call is in
+    # flight: once the main thread shuts Ray down, a single unbounded ray.wait never returns.
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        left = None if deadline is None else max(0.0, deadline - time.monotonic())
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0.25 if left is None else min(0.25, left))
+        if len(ready) == len(refs) or (left is not None and left <= 0.25):
+            break
+        check_stop()
+    ready_set = set(ready)
+    for s, p in pending.items():
+        if p.ref not in ready_set:
+            failed[s] = "timeout"
+            continue
+        try:
+            results[s] = _owned(ray.get(p.ref))
+        except RayActorError as exc:
+            if getattr(exc, "actor_init_failed", False):  # its constructor raised: a bug, not a crash
+                raise _method_error(s, "__init__", exc) from exc
+            failed[s] = "dead"
+        except Exception as exc:  # RayTaskError(<the method's exception>) and anything else Ray raises
+            raise _method_error(s, p.method, exc) from exc
+
+
+def _owned(value: Any) -> Any:
+    """``value`` with every read-only numpy array in it (dicts, tuples, lists) copied.
+
+    ``ray.get`` hands back numpy arrays as read-only views of the object store; the pool owns what
+    an in-process server returns and may load it into torch (``torch.from_numpy`` warns that a
+    read-only array is undefined behaviour to write), so a Ray result is made the same kind of value.
+    """
+    if isinstance(value, np.ndarray):
+        return value if value.flags.writeable else value.copy()
+    if isinstance(value, dict):
+        return {k: _owned(v) for k, v in value.items()}
+    if isinstance(value, (tuple, list)):
+        return type(value)(_owned(v) for v in value)
+    return value
+
+
+def _method_error(s: int, method: str, exc: BaseException) -> ServerMethodError:
+    import traceback
+
+    details = "".join(traceback.format_exception(exc))
+    log.error("helper server %d's %s() raised:\n%s", s, method, details)
+    return ServerMethodError(s, method, exc, details)

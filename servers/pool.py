@@ -8,6 +8,12 @@ lives in the ServerApp's process and, each round, carries out the failure schedu
 pool's last checkpoint of it or from scratch, an outage makes the pool stop contacting it, a slow
 server gets an injected delay) and finds which servers are up by a health check (``ping`` within
 ``failures.query_timeout_s``).
+
+A Ray actor answers its calls one at a time, so a server whose call timed out is *busy* until that
+call returns: the pool does not queue timed calls behind it (a busy server counts as not answering,
+at once) and waits for it, at most :data:`BUSY_GRACE_S` past its delay, only before an untimed call.
+A server slowed past the timeout is snapshotted first (``full_state``), so a checkpoint taken while it
+sleeps needs no call to it: a slow server costs the round its timeout, not its delay.
 """
 from __future__ import annotations
 
@@ -29,6 +35,12 @@ from sim.core.seeding import derive_seed
 
 __all__ = ["ServerPool", "ServerUnavailable"]
 
+READ_ONLY = frozenset({"ping", "set_delay", "where", "predict", "weights", "state", "full_state", "predict_labels"})
+"""Server methods that leave a server's state (weights, optimizer, buffer) as it is."""
+
+BUSY_GRACE_S = 60.0
+"""How long past its injected delay the pool waits for a busy server before an untimed call to it."""
+
 
 class ServerPool:
     """S helper servers with routing, training and failover.
@@ -48,6 +60,9 @@ class ServerPool:
         self.prices = list(prices) if prices is not None else None
         self.num_servers, self.in_shape, self.num_classes = int(cfg.count), tuple(in_shape), num_classes
         self.torch_threads = torch_threads
+        self.placement = placement
+        self.busy: dict[int, tuple[Any, float]] = {}  # server -> (its call that timed out, its delay then)
+        self.resting: dict[int, dict[str, np.ndarray]] = {}  # full_state of a slowed server, taken before
         self._new = lambda i: new_handle(placement, cfg, self.in_shape, num_classes, seed, i, torch_threads)
         self.handles: dict[int, Any] = {i: self._new(i) for i in range(self.num_servers)}
         self.dead: set[int] = set()
@@ -71,17 +86,55 @@ class ServerPool:
              each: Callable[[int], tuple] | None = None) -> dict[int, Any]:
         """Call ``method`` on each of ``servers`` in parallel and wait (up to ``timeout``).
 
+        A busy server (its earlier call timed out and has not returned) is not called by a timed call:
+        it counts as slower than ``timeout`` at once. Before an untimed call the pool waits for it
+        (:meth:`settle`).
+
         Args:
             args: the same arguments for every server, or ``each(s)``: server s's arguments.
 
         Returns:
             ``server -> result`` for the servers that answered; those whose actor is gone are
-            marked dead, those slower than ``timeout`` are left out.
+            marked dead, those slower than ``timeout`` are left out (and busy until they answer).
         """
-        res, failed = gather({s: self.handles[s].submit(method, *(each(s) if each else args)) for s in servers},
-                             timeout)
+        servers = list(servers)
+        if timeout is None:
+            self.settle([s for s in servers if s in self.busy])
+        ask = [s for s in servers if not self.still_busy(s)]
+        futures = {s: self.handles[s].submit(method, *(each(s) if each else args)) for s in ask}
+        res, failed = gather(futures, timeout)
         self.dead |= {s for s, why in failed.items() if why == "dead"}
+        for s, why in failed.items():
+            if why == "timeout" and hasattr(futures[s], "ref"):  # a Ray call still running on the actor
+                self.busy[s] = (futures[s], float(self.faults.slow.get(s, 0.0)))
+        if method not in READ_ONLY:
+            for s in ask:
+                self.resting.pop(s, None)
         return res
+
+    def still_busy(self, s: int) -> bool:
+        """Whether server ``s``'s call that timed out is still running (checked without waiting)."""
+        if s not in self.busy:
+            return False
+        _, failed = gather({s: self.busy[s][0]}, 0.0)
+        if failed.get(s) == "timeout":
+            return True
+        del self.busy[s]
+        if failed.get(s) == "dead":
+            self.dead.add(s)
+        return False
+
+    def settle(self, servers: Sequence[int]) -> None:
+        """Wait until the busy ``servers`` have answered their call that timed out, each at most its
+        delay plus :data:`BUSY_GRACE_S` (one that has not by then stays busy)."""
+        for s in servers:
+            if self.still_busy(s):
+                future, delay = self.busy[s]
+                _, failed = gather({s: future}, delay + BUSY_GRACE_S)
+                if failed.get(s) != "timeout":
+                    del self.busy[s]
+                    if failed.get(s) == "dead":
+                        self.dead.add(s)
 
     def live(self) -> list[int]:
         """The up servers that are still alive."""
@@ -122,6 +175,7 @@ class ServerPool:
                 except Exception:  # noqa: BLE001 -- already gone
                     pass
         self.dead = set(self.handles)
+        self.busy.clear()
 
     # ---- a round ------------------------------------------------------------------------------
     def begin_round(self, faults: RoundFaults) -> list[int]:
@@ -132,17 +186,26 @@ class ServerPool:
             if s not in self.dead:
                 self.handles[s].kill()
                 self.dead.add(s)
+            self.busy.pop(s, None)
         for s in faults.restart:
             if s in self.dead:
                 self.handles[s] = self._new(s)
                 self.dead.discard(s)
+                self.busy.pop(s, None)
+                self.resting.pop(s, None)
                 if faults.recover_from == "checkpoint" and s in self.checkpoints:
                     self.call("load_state", [s], self.checkpoints[s])
                 elif s in self.initial:  # "scratch": the state the run started with
                     self.call("load_state", [s], self.initial[s])
         self.outage = set(faults.outage)
         live = [s for s in range(self.num_servers) if s not in self.dead]
-        self.call("set_delay", live, each=lambda s: (float(faults.slow.get(s, 0.0)),))
+        delay = {s: float(faults.slow.get(s, 0.0)) for s in live}
+        # Slower than the timeout again while still busy: it counts as down without being called.
+        asleep = {s for s in live if delay[s] > self.timeout and self.still_busy(s)}
+        if self.placement == "ray":  # a checkpoint must not wait for a server about to sleep
+            slowing = [s for s in live if delay[s] > self.timeout and s not in asleep and s not in self.resting]
+            self.resting.update(self.call("full_state", slowing))
+        self.call("set_delay", [s for s in live if s not in asleep], each=lambda s: (delay[s],))
         self.load[:] = 0
         self.failovers, self.train_rerouted = Counter(), 0
         reachable = [s for s in range(self.num_servers) if s not in self.dead and s not in self.outage]
@@ -271,9 +334,11 @@ class ServerPool:
         weights, optimizer and buffer; the crash-recover checkpoints; the trainer's state (MEL
         combiners and their optimizer, the shared buffer); which servers are dead."""
         live = [s for s in range(self.num_servers) if s not in self.dead]
+        states = {s: self.resting[s] for s in live if s in self.resting and self.still_busy(s)}
+        states.update(self.call("full_state", [s for s in live if s not in states]))
         arrays: dict[str, np.ndarray] = {}
-        for s, st in self.call("full_state", live).items():
-            arrays.update(prefixed(f"server{s}", st))
+        for s in sorted(states):
+            arrays.update(prefixed(f"server{s}", states[s]))
         for s, st in self.checkpoints.items():
             arrays.update(prefixed(f"recovery{s}", st))
         arrays.update(self.trainer.checkpoint())

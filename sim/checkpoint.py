@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from sim.core.cache import file_mode
 from sim.core.config import Config, FailureKind, plain
 from sim.core.errors import ConfigError
 
@@ -34,22 +35,49 @@ class CheckpointError(ValueError):
 
 
 def save(run_dir: Path, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> Path:
-    """Atomically write ``run_dir/checkpoint.npz`` with ``arrays`` and the JSON ``meta``."""
+    """Atomically write ``run_dir/checkpoint.npz`` with ``arrays`` and the JSON ``meta`` (mode as any
+    result file, :func:`sim.core.cache.file_mode`)."""
     run_dir = Path(run_dir)
     payload = dict(arrays)
-    payload[META] = np.frombuffer(json.dumps(meta, sort_keys=True).encode(), dtype=np.uint8)
+    payload[META] = np.frombuffer(json.dumps(meta, sort_keys=True, default=_json_default).encode(), dtype=np.uint8)
     fd, tmp = tempfile.mkstemp(prefix=".checkpoint-", suffix=".npz", dir=run_dir)
     try:
         with os.fdopen(fd, "wb") as f:
             np.savez(f, **payload)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
+        os.chmod(tmp, file_mode())
         os.replace(tmp, run_dir / CHECKPOINT)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return run_dir / CHECKPOINT
+
+
+def _json_default(obj: Any) -> Any:
+    """numpy scalars and arrays in a checkpoint's header as plain JSON values (exactly: float64 round-trips)."""
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, np.generic):
+        return obj.item()
+    raise TypeError(f"{type(obj).__name__} is not JSON serializable")
+
+
+def header_problem(meta: Any, num_rounds: int | None = None) -> str | None:
+    """What is wrong with a checkpoint's header (None: nothing): it must be a JSON object with a
+    ``round`` (an integer from 1, at most ``num_rounds`` when given) and ``config``, ``pool`` and
+    ``strategy`` objects."""
+    if not isinstance(meta, dict):
+        return f"its header is a {type(meta).__name__}, not an object"
+    r = meta.get("round")
+    if isinstance(r, bool) or not isinstance(r, int):
+        return f"its round {r!r} is not a round number"
+    if r < 1 or (num_rounds is not None and r > num_rounds):
+        return f"its round {r} is outside 1..{num_rounds if num_rounds is not None else 'sim.num_rounds'}"
+    for key in ("config", "pool", "strategy"):
+        if not isinstance(meta.get(key), dict):
+            return f"its header has no {key!r} object"
+    return None
 
 
 def load(run_dir: Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
@@ -69,6 +97,9 @@ def load(run_dir: Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     except (zipfile.BadZipFile, ValueError, KeyError, OSError, EOFError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"the checkpoint {path} is unreadable ({type(exc).__name__}); it cannot be resumed: "
                               "start the run again without sim.resume") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"the checkpoint {path} is not one this simulator wrote (its header is a "
+                              f"{type(meta).__name__}); it cannot be resumed: start the run again without sim.resume")
     return arrays, meta
 
 
@@ -76,9 +107,10 @@ def finished_round(run_dir: Path) -> int | None:
     """The last finished round recorded in ``run_dir``'s checkpoint (None: no readable checkpoint)."""
     try:
         with np.load(Path(run_dir) / CHECKPOINT, allow_pickle=False) as z:
-            return int(json.loads(z[META].tobytes().decode())["round"])
+            meta = json.loads(z[META].tobytes().decode())
     except Exception:  # noqa: BLE001 -- any unreadable file means "nothing to resume"
         return None
+    return None if header_problem(meta) else int(meta["round"])
 
 
 # Keys that may differ between a run and its resumption (they do not change the numbers).
@@ -135,8 +167,39 @@ def open_for_resume(cfg: Config, run_dir: Path) -> tuple[tuple[dict, dict] | Non
         arrays, meta = load(run_dir)
     except CheckpointError as exc:
         raise ConfigError(str(exc)) from None
-    diff = _first_difference(meta["config"], comparable(cfg))
+    problem = header_problem(meta)
+    diff = None if problem else _first_difference(meta["config"], comparable(cfg))
     if diff:
         raise ConfigError(f"{run_dir} was run with a different config: {diff}; resume with the run's own "
                           "overrides (see its .hydra/overrides.yaml)")
+    problem = problem or header_problem(meta, cfg.sim.num_rounds)
+    if problem:
+        raise ConfigError(f"the checkpoint in {run_dir} cannot be resumed ({problem}): start the run again "
+                          "without sim.resume")
     return (arrays, meta), int(meta["round"])
+
+
+FINAL = "final"
+"""The part of the last round's checkpoint that lets a resume write the summary without running a
+round again (:func:`final_part`, :func:`final_state`)."""
+
+
+def final_part(last_eval: dict[str, np.ndarray], metrics: dict[str, Any], table: dict | None,
+               dead: list[int]) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """What :func:`sim.pipeline.finish` needs from the last round, as ``(arrays, meta)`` for the last
+    round's checkpoint: the pooled evaluation records, their metrics, the servers' table, the dead servers."""
+    arrays = {f"{FINAL}/eval/{k}": np.asarray(v) for k, v in last_eval.items()}
+    return arrays, {"metrics": metrics, "table": table, "dead": [int(s) for s in dead], "eval": sorted(last_eval)}
+
+
+def final_state(arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> dict[str, Any] | None:
+    """:func:`final_part` read back from a checkpoint (None: the checkpoint has none)."""
+    part = meta.get(FINAL)
+    if not isinstance(part, dict) or not isinstance(part.get("metrics"), dict):
+        return None
+    try:
+        last_eval = {k: arrays[f"{FINAL}/eval/{k}"] for k in part["eval"]}
+    except (KeyError, TypeError):
+        return None
+    return {"last_eval": last_eval, "metrics": part["metrics"], "table": part.get("table"),
+            "dead": [int(s) for s in part.get("dead", [])]}

@@ -1,16 +1,25 @@
 """Command-line config checks: every config error becomes one line and a non-zero exit.
 
-Before Hydra starts any job, :func:`precheck` composes the config for the command-line
-overrides -- once per value of every swept key in a multirun -- and runs the schema's
-value checks, so a bad value in the third job of a sweep fails before the first job runs.
+Before Hydra starts any job, :func:`precheck` composes the config of every job the command line
+would run -- in a multirun (``-m``) the jobs Hydra's basic sweeper makes: the cartesian product
+of the command-line sweeps and the ``hydra.sweeper.params`` of the composed config (an
+experiment preset's), the command line winning for a key both set -- honouring
+``--config-name``, ``--config-dir`` and ``--config-path``, and runs the schema's value checks,
+so a bad combination in the last job of a sweep fails before the first job runs. Hydra itself
+only composes each job (no value checks) and only as its batch starts. A sweep of more than
+:data:`MAX_CHECKED` jobs is checked on a sample that covers every swept value (said on stderr).
 Hydra's multi-line composition errors are condensed into one line.
 """
 from __future__ import annotations
 
+import itertools
+import math
 import os
+import sys
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
-
-from typing import Iterable
+from typing import Any, Iterable, Iterator
 
 from sim.core.config import Config, register, to_config
 from sim.core.errors import ConfigError
@@ -18,6 +27,8 @@ from strategies.config import register_all
 
 CONFIG_MODULE = "configs"
 CONFIG_NAME = "config"
+MAX_CHECKED = 100
+"""Most jobs :func:`precheck` composes (about 0.1 s each); a larger sweep is sampled (:func:`sample_jobs`)."""
 FLAGS_WITH_VALUE = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn",
                     "--config-dir", "-cd", "--experimental-rerun", "--shell-completion", "-sc"}
 
@@ -78,69 +89,222 @@ def user_overrides(argv: Iterable[str]) -> list[str]:
     return out
 
 
-def _expand(overrides: list[str]) -> list[list[str]]:
-    """Override lists to check: the first value of every sweep, then each other swept value in turn."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
+@dataclass
+class CommandLine:
+    """What a Hydra command line asks for (see :func:`parse_command_line`)."""
 
-    parser = OverridesParser.create()
-    parsed = parser.parse_overrides(overrides)
-    base, sweeps = [], []
-    for text, ov in zip(overrides, parsed):
-        if ov.is_sweep_override():
-            values = [f"{ov.get_key_element()}={v}" for v in ov.sweep_string_iterator()]
-            if not values:
-                continue
-            base.append(values[0])
-            sweeps.append((len(base) - 1, values[1:]))
-        else:
-            base.append(text)
-    combos = [base]
-    for pos, rest in sweeps:
-        for v in rest:
-            combos.append(base[:pos] + [v] + base[pos + 1:])
-    return combos
+    overrides: list[str] = field(default_factory=list)
+    """The task's overrides (``key=value``, ``+key=value``, ``~key``, group choices), in order."""
+    hydra_overrides: list[str] = field(default_factory=list)
+    """Overrides of Hydra's own config (``hydra.*``, ``hydra/...``)."""
+    config_name: str = CONFIG_NAME
+    config_dir: str | None = None
+    config_path: str | None = None
+    multirun: bool = False
 
 
-def compose_checked(overrides: list[str]) -> Config:
-    """Compose the config for ``overrides`` and check its values; returns the typed config.
+def parse_command_line(argv: Iterable[str]) -> CommandLine:
+    """Split ``python -m sim.run`` arguments into overrides and the flags that change composition
+    (``-m``, ``-cn``/``--config-name``, ``-cd``/``--config-dir``, ``-cp``/``--config-path``; also
+    ``--flag=value``). Other flags (``--cfg job``, ...) and their values are left out."""
+    out = CommandLine()
+    where = {"--config-name": "config_name", "-cn": "config_name", "--config-dir": "config_dir",
+             "-cd": "config_dir", "--config-path": "config_path", "-cp": "config_path"}
+    args = list(argv)
+    i = 0
+    while i < len(args):
+        a = args[i]
+        flag, eq, value = a.partition("=") if a.startswith("-") else (a, "", "")
+        if a in ("-m", "--multirun"):
+            out.multirun = True
+        elif flag in where:
+            if not eq:
+                i += 1
+                value = args[i] if i < len(args) else ""
+            setattr(out, where[flag], value)
+        elif a in FLAGS_WITH_VALUE:
+            i += 1
+        elif not a.startswith("-"):
+            key = a.lstrip("+~")
+            (out.hydra_overrides if key.startswith(("hydra.", "hydra/")) else out.overrides).append(a)
+        i += 1
+    return out
+
+
+def _expand(overrides: list[str], sweeper_params: dict[str, Any] | None = None,
+            config_loader: Any = None) -> list[list[str]]:
+    """Every job of a multirun, as Hydra's basic sweeper makes them: the ``hydra.sweeper.params``
+    (``key: "v1,v2"``) then the command-line ``overrides``; per key the last one wins (keeping the
+    key's first position); the jobs are the cartesian product of each key's values, in that order.
 
     Raises:
-        ConfigError: one line, for any composition, type or range error.
+        ConfigError: an override that does not parse, or a sweep the basic sweeper cannot run.
     """
-    from hydra import compose, initialize_config_module
-    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
+
+    lines = [f"{k}={v}" for k, v in (sweeper_params or {}).items()] + list(overrides)
+    try:
+        parsed = OverridesParser.create(config_loader=config_loader).parse_overrides(lines)
+        final: dict[str, list[str]] = {}
+        for ov in parsed:
+            key = ov.get_key_element()
+            if not ov.is_sweep_override():
+                final[key] = [f"{key}={ov.get_value_element_as_str()}"]
+            elif ov.is_discrete_sweep():
+                final[key] = [f"{key}={v}" for v in ov.sweep_string_iterator()]
+            else:
+                raise ConfigError(f"{ov.input_line}: an interval sweep needs a sweeper plugin (e.g. Optuna); "
+                                  "the basic sweeper takes choices (a,b,c) and range(start,stop,step)")
+    except HydraException as exc:
+        raise ConfigError(one_line(exc)) from None
+    return [list(job) for job in itertools.product(*final.values())]
+
+
+def sample_jobs(jobs: list[list[str]], cap: int) -> list[list[str]]:
+    """``jobs`` if at most ``cap``; else a subset that has every value of every key at least once
+    (each value swapped into the first job) filled up to ``cap`` with evenly spaced jobs, in order."""
+    if len(jobs) <= cap:
+        return jobs
+    seen: set[str] = set()
+    picked = {0}
+    for i, job in enumerate(jobs):
+        new = [o for o in job if o not in seen]
+        if new:
+            seen.update(new)
+            picked.add(i)
+    spare = max(0, cap - len(picked))
+    if spare:
+        step = len(jobs) / spare
+        picked.update(min(len(jobs) - 1, math.floor(k * step)) for k in range(spare))
+    return [jobs[i] for i in sorted(picked)]
+
+
+@contextmanager
+def _hydra(line: CommandLine | None = None) -> Iterator[Any]:
+    """Hydra initialised for ``line``'s config path (default ``pkg://configs``; a relative ``--config-path``
+    is relative to sim/, where sim.run's ``@hydra.main`` is, as Hydra resolves it); yields the config loader.
+
+    Raises:
+        ConfigError: ``--config-dir`` or ``--config-path`` is not a directory.
+    """
+    from hydra import initialize_config_dir, initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
 
     register()
     register_all()
+    path = line.config_path if line is not None and line.config_path else f"pkg://{CONFIG_MODULE}"
+    if line is not None and line.config_dir and not os.path.isdir(line.config_dir):
+        raise ConfigError(f"--config-dir {line.config_dir}: no such directory")
+    if not path.startswith("pkg://"):
+        path = path if os.path.isabs(path) else os.path.join(os.path.dirname(os.path.abspath(__file__)), path)
+        if not os.path.isdir(path):
+            raise ConfigError(f"--config-path {line.config_path if line else path}: no such directory")
     GlobalHydra.instance().clear()
+    init = initialize_config_module(config_module=path[len("pkg://"):].replace("/", "."), version_base="1.3") \
+        if path.startswith("pkg://") else initialize_config_dir(config_dir=os.path.normpath(path), version_base="1.3")
     try:
-        with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
-            cfg = compose(config_name=CONFIG_NAME, overrides=overrides)
-        return to_config(cfg)
-    except ConfigError:
-        raise
-    except (HydraException, OmegaConfBaseException, ValueError) as exc:
-        raise ConfigError(one_line(exc)) from None
+        with init:
+            yield GlobalHydra.instance().config_loader()
     finally:
         GlobalHydra.instance().clear()
 
 
-def precheck(argv: list[str]) -> None:
-    """Check every job a command line would run; raises ConfigError (one line) on the first bad one."""
+def _search(line: CommandLine | None) -> list[str]:
+    """The override that adds ``--config-dir`` to the config search path (after the primary config's)."""
+    if line is None or not line.config_dir:
+        return []
+    return [f"hydra.searchpath=['file://{os.path.abspath(line.config_dir)}']"]
+
+
+def _compose(overrides: list[str], config_name: str = CONFIG_NAME, hydra_config: bool = False) -> Any:
+    """Compose with Hydra initialised (:func:`_hydra`); raises ConfigError (one line)."""
+    from hydra import compose
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        return compose(config_name=config_name, overrides=overrides, return_hydra_config=hydra_config)
+    except (HydraException, OmegaConfBaseException, ValueError) as exc:
+        raise ConfigError(one_line(exc)) from None
+
+
+def _checked(cfg: Any) -> Config:
+    """The typed config of a composed one; raises ConfigError (one line)."""
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        return to_config(cfg)
+    except ConfigError:
+        raise
+    except (OmegaConfBaseException, ValueError) as exc:
+        raise ConfigError(one_line(exc)) from None
+
+
+def compose_checked(overrides: list[str], line: CommandLine | None = None) -> Config:
+    """Compose the config for ``overrides`` and check its values; returns the typed config.
+
+    Args:
+        overrides: Hydra overrides (``key=value``). line: the command line's ``--config-name``,
+            ``--config-dir``, ``--config-path`` and ``hydra.*`` overrides (None: the defaults).
+
+    Raises:
+        ConfigError: one line, for any composition, type or range error.
+    """
+    with _hydra(line):
+        extra = (line.hydra_overrides if line else []) + _search(line)
+        return _checked(_compose(extra + list(overrides), line.config_name if line else CONFIG_NAME))
+
+
+def sweep_jobs(line: CommandLine) -> list[list[str]]:
+    """Every job's task overrides for ``line`` (one job without ``-m``), as Hydra would run them.
+
+    Raises:
+        ConfigError: the primary config does not compose, or the sweep cannot be expanded.
+    """
+    if not line.multirun:
+        return [list(line.overrides)]
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    fixed = [o for o, p in zip(line.overrides, _parse(line.overrides, OverridesParser)) if not p.is_sweep_override()]
+    with _hydra(line) as loader:
+        primary = _compose(line.hydra_overrides + _search(line) + fixed, line.config_name, hydra_config=True)
+        from omegaconf import OmegaConf
+
+        params = OmegaConf.to_container(primary.hydra.sweeper.params, resolve=False) \
+            if OmegaConf.select(primary, "hydra.sweeper.params") is not None else None
+        return _expand(line.overrides, params, loader)
+
+
+def _parse(overrides: list[str], parser_cls: Any) -> list[Any]:
     from hydra.errors import HydraException
 
-    overrides = user_overrides(argv)
     try:
-        combos = _expand(overrides)
+        return parser_cls.create().parse_overrides(list(overrides))
     except HydraException as exc:
         raise ConfigError(one_line(exc)) from None
-    for combo in combos:
-        cfg = compose_checked(combo)
-        if cfg.sim.resume:
-            if len(combos) > 1 or "-m" in argv or "--multirun" in argv:
-                raise ConfigError("sim.resume continues one run: give one run directory, without -m or sweeps")
-            from sim.checkpoint import open_for_resume
 
-            open_for_resume(cfg, Path(os.path.expanduser(str(cfg.sim.resume))))
+
+def precheck(argv: list[str]) -> None:
+    """Check every job a command line would run (see the module docstring).
+
+    Raises:
+        ConfigError: one line, for the first bad job (with ``sim.resume``: also a resume that does
+            not fit the run directory, or a resume in a sweep).
+    """
+    line = parse_command_line(argv)
+    jobs = sweep_jobs(line)
+    checked = sample_jobs(jobs, MAX_CHECKED)
+    if len(checked) < len(jobs):
+        print(f"note: the sweep has {len(jobs)} jobs; checking {len(checked)} of them (every swept value at "
+              "least once) before the first runs", file=sys.stderr)
+    with _hydra(line):
+        extra = line.hydra_overrides + _search(line)
+        for job in checked:
+            cfg = _checked(_compose(extra + job, line.config_name))
+            if cfg.sim.resume:
+                if len(jobs) > 1 or line.multirun:
+                    raise ConfigError("sim.resume continues one run: give one run directory, without -m or sweeps")
+                from sim.checkpoint import open_for_resume
+
+                open_for_resume(cfg, Path(os.path.expanduser(str(cfg.sim.resume))))

@@ -15,7 +15,6 @@ import socket
 import sys
 import threading
 import time
-import warnings
 from contextlib import contextmanager
 from typing import Any, Iterator
 
@@ -36,22 +35,87 @@ class EngineError(RuntimeError):
 DISPATCH = threading.Event()
 """Set when the ServerApp has pushed messages: the simulation engine's dispatcher looks for them
 at once instead of at its next 0.1 s poll (:func:`dispatch_on_push`)."""
-_SERVER_THREADS: list[threading.Thread] = []
+STOP_GRACE_S = 10.0
+"""After a stop, how long the engine waits for every thread that may still call Ray (the ServerApp
+thread, Flower's device-worker threads) before it gives up on them (:func:`settle_threads`)."""
+
+_SHIELD: list[int] = []
+"""Non-empty while the main thread is in a section a KeyboardInterrupt must not cut short
+(``ray.init``, ``ray.shutdown``): a stop signal then only sets :data:`STOP`, and the section's end
+raises (:func:`shielded`)."""
+_RAISED: list[bool] = []
+"""Whether the stop has been raised in the main thread (once: later signals do not interrupt the cleanup)."""
+ON_FIRST_SIGNAL: list[Any] = []
+"""Callables run (in the main thread, from the handler) when the first stop signal arrives: the runner
+starts its exit watchdog here (``sim.run``)."""
+ON_REPEATED_SIGNAL: list[Any] = []
+"""Callables run when a second stop signal arrives (the user insists: the runner exits at once)."""
+_STARTED: list[bool] = []
+"""Whether this process started the local Ray instance it is connected to (so it must stop it)."""
 
 
 def _on_signal(signum: int, frame: Any) -> None:
+    """SIGINT / SIGTERM: set :data:`STOP` and raise KeyboardInterrupt in the main thread -- once, and
+    not inside a :func:`shielded` section (its end raises instead)."""
+    first = not SIGNAL
     STOP.set()
     SIGNAL.append(signum)
-    raise KeyboardInterrupt
+    for hook in (ON_FIRST_SIGNAL if first else ON_REPEATED_SIGNAL):
+        hook()
+    if not _SHIELD and not _RAISED:
+        _RAISED.append(True)
+        raise KeyboardInterrupt
 
 
 def install_signal_handlers() -> None:
     """SIGINT and SIGTERM both stop the run the same way: :data:`STOP` is set and the main thread
-    gets KeyboardInterrupt. Ray installs its own SIGTERM handler when it starts, so this is called
-    again after ``ray.init``. A no-op outside the main thread."""
+    gets KeyboardInterrupt (:func:`_on_signal`). Installed once, before Ray starts, and kept: Ray's
+    own SIGTERM handler (``sys.exit`` from ``ray.init``) is never installed (:func:`_keep_handlers`).
+    A no-op outside the main thread."""
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGINT, _on_signal)
         signal.signal(signal.SIGTERM, _on_signal)
+
+
+@contextmanager
+def shielded() -> Iterator[None]:
+    """A section a stop signal must not interrupt (starting or stopping Ray): the signal is recorded,
+    and KeyboardInterrupt is raised when the section ends (unless it ends with an exception)."""
+    _SHIELD.append(1)
+    try:
+        yield
+    finally:
+        _SHIELD.pop()
+    if STOP.is_set() and not _SHIELD and not _RAISED and SIGNAL:
+        _RAISED.append(True)
+        raise KeyboardInterrupt
+
+
+@contextmanager
+def _keep_handlers() -> Iterator[None]:
+    """Within the block (``ray.init``) this process's SIGINT / SIGTERM handling stays as it is:
+    ``signal.signal`` leaves both alone (``ray.init`` installs a SIGTERM handler that calls
+    ``sys.exit``, which would abort a half-started Ray and bypass the stop), and Ray's core worker does
+    not install its C++ failure-signal handler (it catches SIGTERM below Python, prints a stack dump
+    and aborts the process). The handlers are installed again afterwards (:func:`install_signal_handlers`)."""
+    from ray._private import ray_constants
+
+    original, no_dump = signal.signal, ray_constants.RAY_DISABLE_FAILURE_SIGNAL_HANDLER
+
+    def keep(signum: int, handler: Any) -> Any:
+        if signum in (signal.SIGINT, signal.SIGTERM):
+            return signal.getsignal(signum)
+        return original(signum, handler)
+
+    signal.signal = keep  # type: ignore[assignment]
+    ray_constants.RAY_DISABLE_FAILURE_SIGNAL_HANDLER = True  # read when the driver's core worker starts
+    try:
+        yield
+    finally:
+        signal.signal = original  # type: ignore[assignment]
+        ray_constants.RAY_DISABLE_FAILURE_SIGNAL_HANDLER = no_dump
+        if signal.getsignal(signal.SIGTERM) is _on_signal:
+            install_signal_handlers()  # the C-level handler too, whatever a library did below Python
 
 
 class StoppableGrid:
@@ -67,6 +131,16 @@ class StoppableGrid:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._grid, name)
+
+    def get_node_ids(self) -> Any:
+        """The grid's node ids (the start-up handshake polls them).
+
+        Raises:
+            Interrupted: the run is stopping.
+        """
+        if STOP.is_set():
+            raise Interrupted("stopped while waiting for the simulation's nodes")
+        return self._grid.get_node_ids()
 
     def send_and_receive(self, messages: Any, *, timeout: float | None = None) -> list[Any]:
         """Push ``messages``, then pull replies until all arrived, ``timeout`` passed, or STOP.
@@ -90,7 +164,13 @@ class StoppableGrid:
 
 
 def quiet_logs(verbose: bool) -> None:
-    """Keep Flower's INFO chatter and its deprecation warning out of the user's way unless verbose."""
+    """Keep Flower's, Ray's and the data libraries' INFO chatter out of the user's way unless verbose.
+
+    Only log levels change here; Python warnings are left to Python's default filters (so a
+    deprecation in a library we call still shows where Python shows it, and pytest turns it into an
+    error). Flower's ``run_simulation`` deprecation notice is a log record on the ``flwr`` logger,
+    so it is hidden with the rest of Flower's log unless verbose.
+    """
     level = logging.DEBUG if verbose else logging.ERROR
     for name in ("flwr", "ray", "filelock", "datasets", "urllib3", "alembic", "huggingface_hub", "fsspec"):
         logging.getLogger(name).setLevel(level)
@@ -100,12 +180,13 @@ def quiet_logs(verbose: bool) -> None:
     # Flower logs every failed device reply (an injected dropout too) with its traceback at ERROR;
     # the run counts them in metrics.jsonl and says so at the end, so they stay hidden unless verbose.
     logging.getLogger("flwr").setLevel(logging.DEBUG if verbose else logging.CRITICAL)
+    # A helper-server method that raised (servers.handles.ServerMethodError) logs its traceback here;
+    # the run then fails with one line, and with the traceback above it when verbose.
+    logging.getLogger("servers.handles").setLevel(logging.DEBUG if verbose else logging.CRITICAL)
     if not verbose:
         # Read by huggingface_hub / datasets when they are imported (later, on the hub data path).
         os.environ.setdefault("HF_HUB_VERBOSITY", "error")
         os.environ.setdefault("DATASETS_VERBOSITY", "error")
-        warnings.filterwarnings("ignore", category=DeprecationWarning)
-        warnings.filterwarnings("ignore", message=".*run_simulation.*")
 
 
 def start_ray(address: str | None, num_cpus: int | None, verbose: bool) -> bool:
@@ -133,18 +214,79 @@ def start_ray(address: str | None, num_cpus: int | None, verbose: bool) -> bool:
         kwargs["address"] = "local"
         if num_cpus:
             kwargs["num_cpus"] = num_cpus
-    # Workers must import the project's packages from wherever the driver does.
-    kwargs["runtime_env"] = {"env_vars": {"PYTHONPATH": os.pathsep.join(p for p in sys.path if p),
-                                          "FLWR_TELEMETRY_ENABLED": "0"}}
-    try:
-        ray.init(**kwargs)
-        install_signal_handlers()
-    except (ConnectionError, RuntimeError, ValueError) as exc:
-        where = f"the Ray cluster at {address!r}" if address else "a local Ray instance"
-        msg = " ".join(str(exc).split())[:200]
-        raise EngineError(f"could not start or join {where} ({msg}); check sim.ray_address "
-                          "(null for a local run, or the address `ray start --head` printed)") from None
+    kwargs["runtime_env"] = runtime_env(address)
+    init_ray(kwargs, address)
     return True
+
+
+def init_ray(kwargs: dict[str, Any], address: str | None) -> None:
+    """``ray.init(**kwargs)``, which a stop signal cannot cut short and which keeps this process's
+    signal handlers (:func:`shielded`, :func:`_keep_handlers`). A Ray that started while the run was
+    being stopped, or that failed half-way, is shut down again before this returns.
+
+    Raises:
+        KeyboardInterrupt: a stop signal arrived meanwhile (Ray is down again).
+        EngineError: Ray could not start or join ``address`` (one line).
+    """
+    import ray
+
+    failure: BaseException | None = None
+    with shielded():
+        try:
+            with _keep_handlers():
+                ray.init(**kwargs)
+            _STARTED[:] = [not address]
+        except Exception as exc:  # noqa: BLE001 -- any failure of ray.init is one line, after cleaning up
+            failure = exc
+        if failure is not None or STOP.is_set():
+            stop_ray()
+    if failure is not None:
+        if STOP.is_set():
+            raise KeyboardInterrupt
+        where = f"the Ray cluster at {address!r}" if address else "a local Ray instance"
+        msg = " ".join(str(failure).split())[:200] or type(failure).__name__
+        raise EngineError(f"could not start or join {where} ({type(failure).__name__}: {msg}); check "
+                          "sim.ray_address (null for a local run, or the address `ray start --head` printed) "
+                          "and that Ray's temporary directory (RAY_TMPDIR, /tmp/ray) is writable")
+
+
+PROJECT_PACKAGES = ("sim", "strategies", "servers", "clients", "configs")
+"""The project's top-level packages: what Ray ships to the workers of a cluster (``py_modules``)."""
+
+
+def runtime_env(address: str | None) -> dict[str, Any]:
+    """Ray's runtime environment for this run's workers (device actors, server actors).
+
+    A local instance (``address`` None) runs on this machine: workers import the project from the
+    driver's ``sys.path`` (given to them as ``PYTHONPATH``), nothing is packed or uploaded. Joining a
+    cluster (``auto`` or ``host:port``), the project's packages (:data:`PROJECT_PACKAGES`) are shipped
+    to every node by Ray (``py_modules``: zipped once, uploaded to the cluster's GCS, unpacked on each
+    node and put first on its workers' ``sys.path``), so a node needs only the dependencies installed,
+    and runs the driver's code, not whatever version it has; ``sim.cache_dir`` must still be a path
+    every node can read.
+    """
+    env_vars = {"FLWR_TELEMETRY_ENABLED": "0"}
+    if not address:
+        return {"env_vars": {**env_vars, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}}
+    return {"py_modules": project_packages(), "excludes": ["__pycache__", "*.pyc"], "env_vars": env_vars}
+
+
+def project_packages() -> list[str]:
+    """The directories of :data:`PROJECT_PACKAGES`, as this process imports them (not imported here).
+
+    Raises:
+        EngineError: a package cannot be found (the project is neither installed nor on sys.path).
+    """
+    import importlib.util
+
+    dirs = []
+    for name in PROJECT_PACKAGES:
+        spec = importlib.util.find_spec(name)
+        if spec is None or not spec.submodule_search_locations:
+            raise EngineError(f"cannot find the package {name!r} to ship to the Ray cluster: "
+                              "run from the project root or `pip install -e .`")
+        dirs.append(str(list(spec.submodule_search_locations)[0]))
+    return dirs
 
 
 def check_reachable(address: str, timeout: float = 3.0) -> None:
@@ -170,63 +312,178 @@ def check_reachable(address: str, timeout: float = 3.0) -> None:
 
 
 def stop_ray() -> None:
+    """Shut Ray down in this process (a local instance started here: its processes too), without a
+    stop signal cutting the shutdown short. Also after a failed ``ray.init`` (what it started)."""
     import ray
 
-    if ray.is_initialized():
+    with shielded():
         ray.shutdown()
+    _STARTED.clear()
+
+
+def kill_ray(timeout: float = 10.0) -> None:
+    """The last resort of a stop that could not wait for every thread: ``ray.shutdown`` in a helper
+    thread, at most ``timeout`` seconds; then, if a local instance started here is still there, its
+    processes are killed directly. Call only right before the process exits (a thread may still hang
+    on Ray afterwards)."""
+    import ray
+
+    if not ray.is_initialized() and not _STARTED:
+        return
+    node = getattr(ray._private.worker, "_global_node", None)
+    t = threading.Thread(target=ray.shutdown, name="l2h-ray-shutdown", daemon=True)
+    t.start()
+    t.join(timeout)
+    if t.is_alive() and node is not None and _STARTED:
+        try:
+            node.kill_all_processes(check_alive=False, allow_graceful=False)
+        except Exception:  # noqa: BLE001 -- best effort while exiting
+            pass
 
 
 @contextmanager
 def ray_session(address: str | None, num_cpus: int | None, verbose: bool) -> Iterator[None]:
-    """Ray up for the duration of the block; shut down afterwards (also on errors) if started here."""
+    """Ray up for the duration of the block; shut down afterwards (also on errors and stops) if
+    started here -- but only once no thread can call Ray any more: the block's threads are waited for
+    (:func:`settle_threads`); if one is still running, Ray stays up and :data:`STUCK` names it (the
+    runner then ends the process, :func:`kill_ray`)."""
     started = start_ray(address, num_cpus, verbose)
+    before = set(threading.enumerate())
     try:
         yield
     finally:
-        if started:
-            stop_ray()
+        with shielded():
+            stuck = settle_threads(before)
+            if started and not stuck:
+                stop_ray()
 
 
-def replace_dead_workers() -> None:
-    """Make Flower's Ray actor pool replace a device-worker actor whose process died.
+STUCK: list[str] = []
+"""Threads that were still running (and may still call Ray) when the engine stopped waiting for them."""
 
-    Flower 1.41's ``BasicActorPool`` puts the actor that ran a failed message back into its pool
-    even when the failure was the actor's death (``RayActorError``), so every later message it
-    gets fails too. Here the dead actor's slot gets a freshly created actor instead; the message
-    that was running still becomes an error reply (counted in the round's metrics), and the
-    device's state is untouched (Flower keeps it in the driver). Applied once per process.
+
+def settle_threads(before: set[threading.Thread], grace_s: float | None = None) -> list[str]:
+    """Wait (at most ``grace_s``, default :data:`STOP_GRACE_S`) for the non-daemon threads started
+    since ``before`` -- the ServerApp's, Flower's device workers -- to end; returns the names of those
+    still running (also kept in :data:`STUCK`)."""
+    deadline = time.monotonic() + (STOP_GRACE_S if grace_s is None else grace_s)
+    for th in [t for t in threading.enumerate() if t not in before and not t.daemon]:
+        th.join(max(0.0, deadline - time.monotonic()))
+    STUCK[:] = [t.name for t in threading.enumerate() if t not in before and not t.daemon and t.is_alive()]
+    return list(STUCK)
+
+
+def release_device_workers() -> None:
+    """Make Flower's simulation engine leave Ray up when it stops, for :func:`ray_session` to shut
+    down once every thread is done with it.
+
+    Flower's ``RayBackend.terminate`` (run when its engine stops, also on Ctrl-C) calls
+    ``ray.shutdown()`` while its device-worker threads and the ServerApp thread may still be inside
+    ``ray.get``/``ray.wait``: those calls then never return and the process hangs at exit. Here
+    ``terminate`` only terminates the device actors; on a stop it also kills the actors that are busy
+    with a message, so the threads waiting on them are released at once. Applied once per process.
     """
-    import ray
-    from flwr.simulation.ray_transport.ray_actor import BasicActorPool
+    from flwr.server.superlink.fleet.vce.backend.raybackend import RayBackend
 
-    if getattr(BasicActorPool, "_replaces_dead_actors", False) or not hasattr(
-            BasicActorPool, "fetch_result_and_return_actor_to_pool"):
-        return  # already applied, or a Flower whose pool works differently
-    fetch = BasicActorPool.fetch_result_and_return_actor_to_pool
+    if getattr(RayBackend, "_leaves_ray_up", False):
+        return
 
-    def fetch_or_replace(self: Any, future: Any) -> Any:
-        try:
-            return fetch(self, future)
-        except ray.exceptions.RayActorError:
-            self._future_to_actor[future] = self.create_actor_fn()
-            raise
+    def terminate(self: Any) -> None:
+        import ray
 
-    BasicActorPool.fetch_result_and_return_actor_to_pool = fetch_or_replace
-    BasicActorPool._replaces_dead_actors = True
+        pool = getattr(self, "pool", None)
+        if pool is None:
+            return
+        pool.terminate_all_actors()
+        if STOP.is_set():
+            for actor in list(getattr(pool, "_future_to_actor", {}).values()):
+                try:
+                    ray.kill(actor, no_restart=True)
+                except Exception:  # noqa: BLE001 -- already gone
+                    pass
+
+    RayBackend.terminate = terminate
+    RayBackend._leaves_ray_up = True
+
+
+FLOWER_TESTED = ((1, 41), (1, 43))
+"""Flower releases this module is tested with, ``[low, high)`` (pyproject.toml pins the same range)."""
+
+RESTART_DEAD_WORKERS = {"max_restarts": -1, "max_task_retries": 0}
+"""Ray actor options for Flower's device workers, passed through ``client_resources`` (Flower's
+RayBackend hands every key of it to ``ClientAppActor.options()``). A worker process that dies is
+restarted by Ray, as often as it dies; the message it was running is not retried
+(``max_task_retries=0``): it becomes an error reply, counted in the round's ``train_errors`` /
+``eval_errors``, and the device's state is untouched (Flower keeps it in the driver). Without a
+restart, Flower's ``BasicActorPool`` puts the dead actor back into its pool and every later
+message it gets fails too (``ActorDiedError``)."""
+
+
+def worker_resources(client_resources: ResourcesConfig) -> dict[str, float | int]:
+    """Flower's ``backend_config["client_resources"]`` for a device worker: ``sim.client_resources``
+    (CPUs, GPUs per worker actor) plus :data:`RESTART_DEAD_WORKERS`."""
+    return {"num_cpus": float(client_resources.num_cpus), "num_gpus": float(client_resources.num_gpus),
+            **RESTART_DEAD_WORKERS}
+
+
+def flower_version() -> tuple[int, int]:
+    """The installed Flower's ``(major, minor)``."""
+    from importlib.metadata import version
+
+    major, minor = version("flwr").split(".")[:2]
+    return int(major), int("".join(c for c in minor if c.isdigit()) or 0)
+
+
+class FlowerChanged(EngineError):
+    """The installed Flower is not one this project's Flower patch was tested with (one line)."""
+
+
+DISPATCH_SIGNATURE = ("state", "queue", "nodes_mapping", "f_stop")
+"""The parameters of Flower's ``vce_api.add_messages_to_queue`` that :func:`dispatch_on_push` replaces."""
+
+
+def check_dispatch_patch() -> Any:
+    """The module :func:`dispatch_on_push` patches, after checking it is the one the patch was written for.
+
+    Raises:
+        FlowerChanged: Flower is outside :data:`FLOWER_TESTED`, or its dispatcher is not the function
+            (name, parameters, caller) the patch replaces.
+    """
+    from flwr.server.superlink.fleet.vce import vce_api
+
+    low, high = FLOWER_TESTED
+    found = flower_version()
+    fix = ("sim/engine.py patches Flower's simulation dispatcher (dispatch_on_push), tested with flwr "
+           f"{low[0]}.{low[1]}-{high[0]}.{high[1] - 1}; install flwr[simulation]>={low[0]}.{low[1]},<{high[0]}.{high[1]}")
+    if not low <= found < high:
+        raise FlowerChanged(f"flwr {found[0]}.{found[1]} is installed: {fix}")
+    fn, caller = getattr(vce_api, "add_messages_to_queue", None), getattr(vce_api, "run_api", None)
+    import inspect
+
+    if fn is None or caller is None or "add_messages_to_queue" not in caller.__code__.co_names or \
+            tuple(inspect.signature(fn).parameters) != DISPATCH_SIGNATURE:
+        raise FlowerChanged(f"flwr {found[0]}.{found[1]} changed vce_api.add_messages_to_queue or its caller run_api: {fix}")
+    return vce_api
 
 
 def dispatch_on_push() -> None:
     """Make Flower's simulation engine hand pushed messages to the device actors at once.
 
-    Flower 1.41's dispatcher (``vce_api.add_messages_to_queue``) scans the message store for
-    every node, then sleeps 0.1 s, so every round trip waits up to 0.1 s before a device actor
-    sees it: about 0.2-0.3 s per round, 5 s of a 20-round run (benchmarks/README.md). The same
-    loop here also wakes when :class:`StoppableGrid` pushes (:data:`DISPATCH`); the scan is
-    Flower's own. Applied once per process; a Flower without that function is left alone.
-    """
-    from flwr.server.superlink.fleet.vce import vce_api
+    What Flower lacks (upstream-style): the simulation engine's dispatcher thread
+    (``flwr.server.superlink.fleet.vce.vce_api.add_messages_to_queue``) polls the LinkState for every
+    node, then sleeps 0.1 s (``f_stop.wait(0.1)``), so every message a ServerApp pushes waits up to
+    0.1 s before a device actor sees it: a synchronous round (train + evaluate) pays up to 0.2 s of
+    idle waiting. The Grid has no way to wake the dispatcher when it pushes. The replacement is the
+    same loop, waking also when :class:`StoppableGrid` pushes (:data:`DISPATCH`); the scan is Flower's.
 
-    if getattr(vce_api, "_dispatch_on_push", False) or not hasattr(vce_api, "add_messages_to_queue"):
+    Applied once per process. Version-guarded (:func:`check_dispatch_patch`): on a Flower whose
+    dispatcher differs it raises instead of silently doing nothing or hanging the run.
+
+    Raises:
+        FlowerChanged: see :func:`check_dispatch_patch`.
+    """
+    vce_api = check_dispatch_patch()
+    if getattr(vce_api, "_dispatch_on_push", False):
         return
 
     def add_messages_to_queue(state: Any, queue: Any, nodes_mapping: Any, f_stop: threading.Event) -> None:
@@ -243,23 +500,21 @@ def dispatch_on_push() -> None:
 
 def run_fleet(server_app: Any, client_app: Any, num_clients: int, client_resources: ResourcesConfig,
               verbose: bool) -> None:
-    """Run ``server_app`` against ``num_clients`` virtual nodes of ``client_app`` on Ray.
+    """Run ``server_app`` against ``num_clients`` virtual nodes of ``client_app`` on Ray
+    (:func:`flwr.simulation.run_simulation`; device workers restart when they die,
+    :data:`RESTART_DEAD_WORKERS`).
 
     Raises:
+        FlowerChanged: the installed Flower is not one the dispatch patch was tested with.
         EngineError: the simulation engine failed (the ServerApp's own exception is chained).
     """
     from flwr.simulation import run_simulation
 
     quiet_logs(verbose)
-    replace_dead_workers()
     dispatch_on_push()
-    backend_config = {"client_resources": {"num_cpus": float(client_resources.num_cpus),
-                                           "num_gpus": float(client_resources.num_gpus)}}
-    with warnings.catch_warnings():
-        if not verbose:
-            warnings.simplefilter("ignore")
-        run_simulation(server_app=server_app, client_app=client_app, num_supernodes=num_clients,
-                       backend_name="ray", backend_config=backend_config, verbose_logging=verbose)
+    backend_config = {"client_resources": worker_resources(client_resources)}
+    run_simulation(server_app=server_app, client_app=client_app, num_supernodes=num_clients,
+                   backend_name="ray", backend_config=backend_config, verbose_logging=verbose)
 
 
 def run(sim_cfg: SimConfig, server_main: Any, client_app: Any, num_clients: int) -> None:
@@ -280,21 +535,19 @@ def run(sim_cfg: SimConfig, server_main: Any, client_app: Any, num_clients: int)
     from sim.apps import make_server_app
 
     def main(grid: Any) -> None:
-        _SERVER_THREADS.append(threading.current_thread())
         server_main(StoppableGrid(grid))
 
     with ray_session(sim_cfg.ray_address, sim_cfg.num_cpus, sim_cfg.verbose):
+        release_device_workers()
         try:
             run_fleet(make_server_app(main), client_app, num_clients, sim_cfg.client_resources, sim_cfg.verbose)
         except KeyboardInterrupt:
-            # The ServerApp thread stops at its next check and shuts the server pool down; wait for
-            # it while Ray is still up, so nothing it does in between can hang on a dead cluster.
-            STOP.set()
-            for th in _SERVER_THREADS:
-                th.join(timeout=60)
+            STOP.set()  # the ServerApp thread stops at its next check (ray_session waits for it)
             raise
         except Exception as exc:  # the ServerApp's own error is the useful one
             cause = exc.__cause__ or exc
             if STOP.is_set() or isinstance(cause, Interrupted):
                 raise KeyboardInterrupt from exc
             raise EngineError(f"the simulation failed: {type(cause).__name__}: {cause}") from exc
+    if STOP.is_set():
+        raise KeyboardInterrupt  # a stop that came while the engine was shutting down

@@ -7,9 +7,10 @@ machinery around it. It is also handy for debugging (breakpoints hit in the devi
 """
 from __future__ import annotations
 
+import time
 from typing import Iterable
 
-from flwr.app import Context, Error, Message, RecordDict
+from flwr.app import DEFAULT_TTL, Context, Error, Message, Metadata, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid
 
@@ -24,18 +25,19 @@ class InProcessGrid(Grid):
         0..num_nodes-1).
     """
 
-    def __init__(self, client_app: ClientApp, num_nodes: int):
-        from flwr.supercore.task_identity import TaskIdentity
+    RUN_ID = 1
+    SERVER_NODE_ID = 0
 
-        TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
+    def __init__(self, client_app: ClientApp, num_nodes: int):
         self.client_app = client_app
         self.contexts = {
-            NODE_ID_OFFSET + i: Context(run_id=1, node_id=NODE_ID_OFFSET + i,
+            NODE_ID_OFFSET + i: Context(run_id=self.RUN_ID, node_id=NODE_ID_OFFSET + i,
                                         node_config={"partition-id": i, "num-partitions": num_nodes},
                                         state=RecordDict(), run_config={})
             for i in range(num_nodes)
         }
         self._run = None
+        self._sent = 0
 
     def set_run(self, run) -> None:  # type: ignore[override]
         self._run = run
@@ -46,7 +48,15 @@ class InProcessGrid(Grid):
 
     def create_message(self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str,
                        ttl: float | None = None) -> Message:
-        return Message(content=content, dst_node_id=dst_node_id, message_type=message_type, group_id=group_id)
+        """A message to node ``dst_node_id``, built from its metadata with Flower's public
+        ``Message(content, metadata=Metadata(...))``. (``Message(content, dst_node_id, ...)`` reads the
+        process-global ``flwr.supercore.task_identity.TaskIdentity``, a private module that only
+        Flower's own runtimes set; there is no runtime here.)"""
+        self._sent += 1
+        metadata = Metadata(run_id=self.RUN_ID, message_id=f"inprocess-{self._sent}", src_node_id=self.SERVER_NODE_ID,
+                            dst_node_id=dst_node_id, reply_to_message_id="", group_id=group_id,
+                            created_at=time.time(), ttl=DEFAULT_TTL if ttl is None else ttl, message_type=message_type)
+        return Message(content, metadata=metadata)
 
     def get_node_ids(self) -> Iterable[int]:
         return list(self.contexts)

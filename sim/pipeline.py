@@ -53,8 +53,12 @@ class Outcome:
     sim_seconds: float
 
 
-def simulate(cfg: Config, run_dir: Path, console: Any | None = None) -> dict[str, Any]:
+def simulate(cfg: Config, run_dir: Path, console: Any | None = None, fresh: bool = False) -> dict[str, Any]:
     """Run one fleet simulation and write its results into ``run_dir``.
+
+    The directory is claimed while the run writes (:func:`sim.results.claim`): a second run or
+    resume of it is refused, and so is a new run where a run already left results (``fresh``: this
+    run's own all-up reference, started again, may replace what an interrupted one left).
 
     Args:
         cfg: the run config. run_dir: output directory (created; with ``sim.resume`` the resumed
@@ -69,13 +73,24 @@ def simulate(cfg: Config, run_dir: Path, console: Any | None = None) -> dict[str
     """
     from rich.console import Console
 
+    from sim.core.sources import check_hub
+    from sim.results import claim
+
+    check_hub(cfg.data)
     console = console or Console()
-    run_dir, resume, finished, done = open_run(cfg, Path(run_dir), console)
-    if done is not None:
-        return done
-    reference = run_reference(cfg, run_dir, console)
-    inputs = prepare_inputs(cfg, run_dir, console, resume, finished)
-    return finish(inputs, run_federation(inputs), reference)
+    run_dir = Path(os.path.expanduser(str(cfg.sim.resume))) if cfg.sim.resume else Path(run_dir)
+    if cfg.sim.resume and not run_dir.is_dir():
+        raise ConfigError(f"sim.resume={run_dir} is not a directory: give the run directory to continue")
+    key = "sim.resume" if cfg.sim.resume else "hydra.run.dir"
+    with claim(run_dir, new=not cfg.sim.resume and not fresh, key=key):
+        run_dir, resume, finished, done = open_run(cfg, run_dir, console)
+        if done is not None:
+            return done
+        reference = run_reference(cfg, run_dir, console)
+        inputs = prepare_inputs(cfg, run_dir, console, resume, finished)
+        if resume is not None and finished >= cfg.sim.num_rounds:
+            return finish(inputs, outcome_from_checkpoint(inputs), reference)
+        return finish(inputs, run_federation(inputs), reference)
 
 
 def open_run(cfg: Config, run_dir: Path, console: Any) -> tuple[Path, tuple | None, int, dict | None]:
@@ -98,12 +113,28 @@ def open_run(cfg: Config, run_dir: Path, console: Any) -> tuple[Path, tuple | No
             console.print(f"{run_dir} already finished all {cfg.sim.num_rounds} rounds; its summary.json stands",
                           soft_wrap=True)
             return run_dir, ckpt, finished, json.loads((run_dir / "summary.json").read_text())
-        raise ConfigError(f"{run_dir} finished all {cfg.sim.num_rounds} rounds but has no summary.json: "
-                          "run it again without sim.resume")
+        if checkpoint.final_state(*ckpt) is None:
+            raise ConfigError(f"{run_dir} finished all {cfg.sim.num_rounds} rounds, but its checkpoint predates "
+                              "the results a resume needs to write summary.json: run it again without sim.resume")
+        console.print(f"[bold]resuming[/bold] {run_dir}: all {finished} rounds are saved; writing its results",
+                      soft_wrap=True)
+        return run_dir, ckpt, finished, None
     console.print(f"[bold]resuming[/bold] {run_dir} after round {finished} of {cfg.sim.num_rounds}"
                   if ckpt is not None else f"[bold]resuming[/bold] {run_dir}: its all-up reference run first",
                   soft_wrap=True)
     return run_dir, ckpt, finished, None
+
+
+def outcome_from_checkpoint(inp: Inputs) -> Outcome:
+    """A resumed run whose every round is checkpointed (stopped after its last round, before its
+    summary): the last round's results, as the checkpoint keeps them (:func:`sim.checkpoint.final_part`)."""
+    from types import SimpleNamespace
+
+    from sim.checkpoint import final_state
+
+    final = final_state(*inp.resume)
+    strategy = SimpleNamespace(last_metrics=final["metrics"], last_eval=final["last_eval"])
+    return Outcome(strategy, final["table"], final["dead"], 0.0)
 
 
 def run_reference(cfg: Config, run_dir: Path, console: Any) -> dict[str, Any] | None:
@@ -121,7 +152,7 @@ def run_reference(cfg: Config, run_dir: Path, console: Any) -> dict[str, Any] | 
         console.print("[bold]reference[/bold]: the same seed with every server up (for resilience.fraction_kept)")
         resume = str(ref_dir) if cfg.sim.resume and (ref_dir / CHECKPOINT).is_file() else None
         ref_cfg = replace(cfg, failures=cfg.failures.none(), sim=replace(cfg.sim, resume=resume))
-        reference = simulate(ref_cfg, ref_dir, console)
+        reference = simulate(ref_cfg, ref_dir, console, fresh=bool(cfg.sim.resume))
     console.print("[bold]run with failures[/bold]")
     rounds = [json.loads(line) for line in (ref_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     return {**reference, "rounds": rounds}
@@ -142,7 +173,7 @@ def prepare_inputs(cfg: Config, run_dir: Path, console: Any, resume: tuple | Non
     engine.quiet_logs(cfg.sim.verbose)
     torch.set_num_threads(int(cfg.sim.torch_threads))
     torch.manual_seed(int(cfg.seed))
-    cache_dir = Path(os.path.expanduser(str(cfg.sim.cache_dir)))
+    cache_dir = check_cache_dir(cfg.sim.cache_dir)
     timing: dict[str, float] = {}
     prep = prepare(cfg.data, cfg.fleet.num_clients, cfg.seed, cache_dir)
     check_archs(cfg, prep.in_shape)
@@ -164,17 +195,37 @@ def prepare_inputs(cfg: Config, run_dir: Path, console: Any, resume: tuple | Non
     return Inputs(cfg, run_dir, console, prep, fleet, schedule, states, recorder, resume, finished, t_start, timing)
 
 
-def check_archs(cfg: Config, in_shape: tuple[int, ...]) -> None:
-    """The fleet's and the servers' architectures against the data's ``(C, H, W)``, before anything
-    is built (a 2-D ``cnn`` on 1-D signals, ...).
+def check_cache_dir(cache_dir: str) -> Path:
+    """``sim.cache_dir`` as a path, refused at once when it names an existing file (an unwritable
+    directory is refused when an entry must be written there: :func:`sim.core.cache.build_entry`).
 
     Raises:
-        ConfigError: one line naming the key (``fleet.groups.<i>.arch`` or ``servers.arch``) and the fix.
+        ConfigError: one line naming the key.
+    """
+    path = Path(os.path.expanduser(str(cache_dir)))
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"sim.cache_dir={path} is an existing file, not a directory: give a directory "
+                          "(or set L2H_SIM_CACHE)")
+    return path
+
+
+def check_archs(cfg: Config, in_shape: tuple[int, ...]) -> None:
+    """The fleet's and the servers' architectures and sensors against the data's ``(C, H, W)``, before
+    anything is built (a 2-D ``cnn`` on 1-D signals, a sensor block larger than the inputs, ...).
+
+    Raises:
+        ConfigError: one line naming the key (``fleet.groups.<i>.arch`` / ``.downsample`` or
+            ``servers.arch``) and the fix.
     """
     from clients.zoo import check_input
 
+    _, h, w = (int(v) for v in in_shape)
     for i, g in enumerate(cfg.fleet.groups):
         check_input(str(g.arch), in_shape, f"fleet.groups.{i}.arch")
+        side = w if h == 1 else max(h, w)
+        if int(g.downsample) > side:
+            raise ConfigError(f"fleet.groups.{i}.downsample={g.downsample} is invalid: the inputs are {h}x{w}, so a "
+                              f"sensor block can be at most {side} samples wide")
     check_input(str(cfg.servers.arch), in_shape, "servers.arch")
 
 
@@ -233,23 +284,50 @@ class Federation:
         self.t_sim = time.perf_counter()
         self.board = board(inp) if self.cfg.sim.tensorboard else None
 
+    def round_ok(self, record: dict[str, Any]) -> bool:
+        """Whether a round is worth a checkpoint: some device answered its training *and* its
+        evaluation, beyond the injected dropouts. A killed worker costs its replies and the round is
+        kept; a round in which every device failed (e.g. after restoring a mis-shaped state) never
+        replaces the last good checkpoint, so the run can still be resumed from it."""
+        answered_train = int(record.get("train_devices", 1))
+        answered_eval = int(record.get("eval_devices", 1))
+        return answered_train > 0 and answered_eval > 0
+
     def on_round(self, record: dict[str, Any]) -> None:
-        """A finished round: its record appended, the checkpoint replaced, the progress line printed."""
-        from sim import checkpoint, terminal
-        from sim.core.arrays import prefixed
+        """A finished round: its record appended, the checkpoint replaced (rounds that lost device
+        replies excepted, :meth:`round_ok`), the progress line printed."""
+        from sim import terminal
 
         self.inp.recorder.round(record)
-        if self.cfg.sim.checkpoint:
-            pool_arrays, pool_meta = self.pool.checkpoint()
-            strat_arrays, strat_meta = self.strategy.checkpoint()
-            checkpoint.save(self.inp.run_dir, {**prefixed("pool", pool_arrays), **prefixed("strategy", strat_arrays)},
-                            {"round": record["round"], "config": checkpoint.comparable(self.cfg), "pool": pool_meta,
-                             "strategy": strat_meta})
+        final = int(record["round"]) == self.cfg.sim.num_rounds and self.strategy.last_x is not None
+        if final:  # computed now, so the last checkpoint can hold it (a stop after it loses nothing)
+            self.table = self.pool.table(self.strategy.last_x, self.strategy.last_eval["y"])
+            self.dead = sorted(self.pool.dead)
+        if self.cfg.sim.checkpoint and self.round_ok(record):
+            self.save_checkpoint(record, final)
         self.progress.advance(self.task)
         if record.get("system_accuracy") is not None:
             self.progress.console.print(terminal.round_line(record, self.cfg.sim.num_rounds), soft_wrap=True)
         if self.board is not None:
             log_round(self.board, record)
+
+    def save_checkpoint(self, record: dict[str, Any], final: bool) -> None:
+        """Replace the run's checkpoint with this round's state; the last round's also keeps what
+        :func:`finish` needs (:func:`sim.checkpoint.final_part`)."""
+        from sim import checkpoint
+        from sim.core.arrays import prefixed
+
+        pool_arrays, pool_meta = self.pool.checkpoint()
+        strat_arrays, strat_meta = self.strategy.checkpoint()
+        arrays = {**prefixed("pool", pool_arrays), **prefixed("strategy", strat_arrays)}
+        meta = {"round": record["round"], "config": checkpoint.comparable(self.cfg), "pool": pool_meta,
+                "strategy": strat_meta}
+        if final:
+            last = self.strategy
+            final_arrays, meta[checkpoint.FINAL] = checkpoint.final_part(last.last_eval, last.last_metrics,
+                                                                         self.table, self.dead)
+            arrays.update(final_arrays)
+        checkpoint.save(self.inp.run_dir, arrays, meta)
 
     def server_main(self, grid: Any) -> None:
         """The ServerApp: build the pool inside the engine's session (its actors live on Ray), the
@@ -280,7 +358,8 @@ class Federation:
                                 timeout=timeout)
             timing["rounds_s"] = time.perf_counter() - self.strategy.t0
             last = self.strategy
-            self.table = self.pool.table(last.last_x, last.last_eval["y"]) if last.last_x is not None else None
+            if self.table is None and last.last_x is not None:
+                self.table = self.pool.table(last.last_x, last.last_eval["y"])
             self.dead = sorted(self.pool.dead)
         finally:
             self.pool.shutdown()

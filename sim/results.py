@@ -3,6 +3,11 @@
 ``metrics.jsonl`` gets one JSON line per round, appended and flushed to disk when the round
 ends, so an interrupted run keeps every finished round. ``summary.json`` and ``clients.csv``
 are written atomically (temporary file, then rename). Non-finite floats are written as null.
+Every result file gets the same mode (0666 less the umask, :func:`sim.core.cache.file_mode`).
+
+A run directory is *claimed* while a run or a resume writes into it (:func:`claim`): an exclusive
+lock on the directory, so a second run or resume of it is refused with one line, and a new run is
+refused in a directory that already holds a run's results (nothing there is deleted or rewritten).
 """
 from __future__ import annotations
 
@@ -11,14 +16,112 @@ import io
 import json
 import math
 import os
+import shlex
+import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
 from sim.core.cache import atomic_write_text
 from sim.core.config import Config, Training
+from sim.core.errors import ConfigError
 from sim.core.metrics import fairness
+
+RESULT_FILES = ("metrics.jsonl", "checkpoint.npz", "summary.json", "clients.csv", "reference")
+"""What a run leaves in its directory once it has finished a round: a new run never starts there."""
+
+_HELD: dict[str, list[int]] = {}
+"""Run directories this process has claimed: real path -> [directory fd, claims]."""
+
+
+def check_run_dir(run_dir: Path, key: str = "hydra.run.dir", new: bool = True) -> Path:
+    """Make sure a run can write into ``run_dir`` (created if missing).
+
+    Args:
+        key: the config key that named it (for the message). new: a new run (not a resume), which
+            must not start where another run left results.
+
+    Raises:
+        ConfigError: one line -- an existing file, a directory that cannot be created or written, or
+            (``new``) one that already holds a run's results.
+    """
+    p = Path(os.path.expanduser(str(run_dir)))
+    if p.exists() and not p.is_dir():
+        raise ConfigError(f"{key}={p} is an existing file, not a directory: give a directory path")
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=p)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise ConfigError(f"{key}={p} cannot be written ({exc.strerror or type(exc).__name__}): give a directory "
+                          "you can write") from None
+    found = [name for name in RESULT_FILES if (p / name).exists()]
+    if new and found:
+        raise ConfigError(f"{key}={p} already holds a run's results ({found[0]}): give a new directory, or continue "
+                          f"that run with {shlex.quote(resume_override(p))}")
+    return p
+
+
+def resume_override(run_dir: Path | str) -> str:
+    """The override ``sim.resume=<run_dir>`` as Hydra reads it back to exactly ``run_dir``: the path
+    as it is where Hydra's grammar takes it unquoted, else single-quoted for Hydra (a multirun job's
+    directory, ``N_key=value,key=value``, has ``=`` and ``,``; ``;``, quotes, ...)."""
+    import re
+
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    text = str(run_dir)
+    parser = OverridesParser.create()
+    try:
+        as_is = parser.parse_override(f"sim.resume={text}").value() == text
+    except Exception:  # noqa: BLE001 -- Hydra's grammar refuses it unquoted
+        as_is = False
+    if as_is:
+        return f"sim.resume={text}"
+    # Hydra's quoted strings: a quote is escaped as \', and backslashes before a quote or the end doubled.
+    escaped = re.sub(r"(\\+)(?='|$)", lambda m: m.group(1) * 2, text).replace("'", "\\'")
+    return f"sim.resume='{escaped}'"
+
+
+@contextmanager
+def claim(run_dir: Path, new: bool, key: str = "hydra.run.dir") -> Iterator[Path]:
+    """Hold ``run_dir`` for a run (``new``) or a resume while the block writes into it: checked
+    (:func:`check_run_dir`) and locked (``flock`` on the directory; released when the block ends or
+    the process dies). Re-entrant within one process (a run's ``reference/`` is its own directory).
+
+    Raises:
+        ConfigError: see :func:`check_run_dir`; or another process holds the directory.
+    """
+    p = Path(os.path.expanduser(str(run_dir)))
+    real = os.path.realpath(p)
+    if real in _HELD:
+        _HELD[real][1] += 1
+        try:
+            yield p
+        finally:
+            _HELD[real][1] -= 1
+        return
+    check_run_dir(p, key, new=False)
+    import fcntl
+
+    fd = os.open(real, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise ConfigError(f"{p} is in use by another run or resume of it (the directory is locked): wait until "
+                          "that one ends, or give another directory") from None
+    try:
+        if new:
+            check_run_dir(p, key, new=True)
+        _HELD[real] = [fd, 1]
+        yield p
+    finally:
+        _HELD.pop(real, None)
+        os.close(fd)  # releases the lock
 
 SUMMARY_KEYS = ("system_accuracy", "legacy_accuracy", "server_accuracy", "oracle_accuracy", "defer_rate",
                 "coverage", "l01_cost")
@@ -66,7 +169,8 @@ class Recorder:
                     continue  # a line cut short by the interruption
                 if rec.get("round", keep_rounds + 1) <= keep_rounds:
                     self.rounds.append(rec)
-        atomic_write_text(self.metrics_path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in self.rounds))
+        atomic_write_text(self.metrics_path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in self.rounds),
+                          fsync=True)
 
     def round(self, record: dict[str, Any]) -> None:
         """Append one round's record to metrics.jsonl and fsync it."""

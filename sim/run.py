@@ -7,93 +7,292 @@ Examples:
 
 The run itself is :func:`sim.pipeline.simulate`. Outputs go to the Hydra run directory (``outputs/DATE/TIME`` or ``multirun/DATE/TIME/N_...``):
 metrics.jsonl, summary.json, clients.csv, rounds.png, accuracy_vs_defer_rate.png, devices.png.
+
+Stopping: SIGINT and SIGTERM are handled from the moment this module runs (before any import of
+Ray): the run stops, says what is saved and the (shell-quoted) command that resumes it, and exits
+130 / 143. A stop that cannot finish in :data:`EXIT_TIMEOUT_S` seconds (a thread stuck in Ray, ...)
+ends the process anyway, with the same message and code, after killing the Ray instance it started.
 """
 from __future__ import annotations
 
-import os
-import signal
-import sys
-from pathlib import Path
+import signal as _signal
+import threading as _threading
 
-import hydra
-from omegaconf import DictConfig
+from sim.core.stop import SIGNAL as _SIGNAL
+from sim.core.stop import STOP as _STOP
 
-from sim.cli import precheck
-from sim.core.config import register, to_config
-from sim.core.errors import ConfigError
-from sim.pipeline import simulate
-from strategies.config import register_all
+
+def _early_signal(signum: int, frame: object) -> None:
+    """A stop signal while the program is still importing: remembered, acted on in :func:`main`."""
+    _STOP.set()
+    _SIGNAL.append(signum)
+
+
+if __name__ == "__main__" and _threading.current_thread() is _threading.main_thread():
+    _signal.signal(_signal.SIGINT, _early_signal)
+    _signal.signal(_signal.SIGTERM, _early_signal)
+
+import os  # noqa: E402
+import shlex  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
+
+import hydra  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+
+from sim.cli import precheck  # noqa: E402
+from sim.core.config import register, to_config  # noqa: E402
+from sim.core.errors import ConfigError  # noqa: E402
+from sim.core.stop import exit_code, signal_name  # noqa: E402
+from sim.pipeline import simulate  # noqa: E402
+from sim.results import claim, resume_override  # noqa: E402
+from strategies.config import register_all  # noqa: E402
 
 register()
 register_all()
 
 __all__ = ["main", "simulate"]
 
+EXIT_TIMEOUT_S = float(os.environ.get("L2H_SIM_EXIT_TIMEOUT_S", "20"))
+"""After a stop signal the process ends within this many seconds, whatever is still running."""
+
+_CURRENT: dict[str, Any] = {}
+"""The job running now: ``run_dir``, ``overrides`` (its own), ``multirun``, ``config_name``."""
+_FAILED: list[str] = []
+"""Multirun jobs that failed with a one-line error (the sweep goes on; the command then exits 2)."""
+_EXITING = _threading.Lock()
+
 
 @hydra.main(config_path="pkg://configs", config_name="config", version_base="1.3")
-def _hydra_task(cfg: DictConfig) -> float:
+def _hydra_task(cfg: DictConfig) -> float | None:
     from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
 
     from sim.engine import EngineError
 
+    hc = HydraConfig.get()
+    multirun = hc.mode == RunMode.MULTIRUN
+    _CURRENT.clear()
+    _CURRENT.update(overrides=list(hc.overrides.task), multirun=multirun, config_name=hc.job.config_name)
     try:
         config = to_config(cfg)
-        run_dir = Path(os.path.expanduser(config.sim.resume)) if config.sim.resume \
-            else Path(HydraConfig.get().runtime.output_dir)
+        resume = bool(config.sim.resume)
+        run_dir = Path(os.path.expanduser(str(config.sim.resume))) if resume else Path(hc.runtime.output_dir)
         _CURRENT["run_dir"] = run_dir
-        summary = simulate(config, run_dir)
+        with claim(run_dir, new=not resume, key="sim.resume" if resume else "hydra.run.dir"):
+            if not resume:
+                save_hydra_record(run_dir, cfg)
+            summary = simulate(config, run_dir)
     except (ConfigError, EngineError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+        if not multirun:
+            print(f"error: {exc}", file=sys.stderr)
+            sys.exit(2)
+        _FAILED.append(f"job {hc.job.num} ({' '.join(hc.overrides.task)}): {exc}")
+        return None
     return float(summary["system_accuracy"])
 
 
-_CURRENT: dict[str, Path] = {}
+def save_hydra_record(run_dir: Path, cfg: DictConfig) -> None:
+    """Write Hydra's record of a new run (``.hydra/config.yaml``, ``hydra.yaml``, ``overrides.yaml``),
+    as Hydra would, but only once the directory is known to hold no other run's results: Hydra's own
+    writing is switched off (``hydra.output_subdir=null``, added by :func:`main`), so a refused run or
+    a resume never rewrites another run's record.
+
+    Call it with the directory claimed (:func:`sim.results.claim`).
+    """
+    import copy
+
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import OmegaConf, open_dict, read_write
+
+    from sim.core.cache import atomic_write_text
+
+    hydra_cfg = copy.deepcopy(HydraConfig.instance().cfg)
+    for node in (hydra_cfg, hydra_cfg.hydra, hydra_cfg.hydra.overrides):
+        OmegaConf.set_readonly(node, False)
+    with read_write(hydra_cfg.hydra), open_dict(hydra_cfg.hydra):
+        hydra_cfg.hydra.output_subdir = ".hydra"
+        hydra_cfg.hydra.overrides.hydra = [o for o in hydra_cfg.hydra.overrides.hydra if o not in _INJECTED]
+    record = run_dir / ".hydra"
+    atomic_write_text(record / "config.yaml", OmegaConf.to_yaml(cfg))
+    atomic_write_text(record / "hydra.yaml", OmegaConf.to_yaml(hydra_cfg))
+    atomic_write_text(record / "overrides.yaml", OmegaConf.to_yaml(hydra_cfg.hydra.overrides.task))
+
+
+_INJECTED = ("hydra.output_subdir=null",)
+"""Overrides :func:`main` adds for Hydra (left out of the ``.hydra/hydra.yaml`` record)."""
+
+
+def resume_command(run_dir: Path) -> str:
+    """The command that continues the job running now, shell-quoted: its own overrides (in a
+    multirun, this job's values, not the sweep), its config name if not the default, ``sim.resume``."""
+    args = [a for a in _CURRENT.get("overrides", []) if not a.lstrip("+~").startswith(("sim.resume=", "hydra."))]
+    name = _CURRENT.get("config_name")
+    flags = ["--config-name", name] if name and name != "config" else []
+    return " ".join(shlex.quote(a) for a in ["python", "-m", "sim.run", *flags, *args, resume_override(run_dir)])
 
 
 def _interrupted_message() -> str:
     """What to tell the user after Ctrl-C / SIGTERM: what is saved and the command that resumes."""
     from sim.checkpoint import finished_round
-    from sim.core.stop import SIGNAL
 
-    name = "SIGTERM" if SIGNAL and SIGNAL[-1] == signal.SIGTERM else "SIGINT"
+    name = signal_name()
     run_dir = _CURRENT.get("run_dir")
     if run_dir is None:
         return f"interrupted ({name}) before the run started"
-    args = [a for a in sys.argv[1:] if not a.startswith(("sim.resume=", "hydra.run.dir=", "-m", "--multirun"))]
-    command = f"python -m sim.run {' '.join(args + [f'sim.resume={run_dir}'])}"
+    rest = "; this sweep's later jobs did not run" if _CURRENT.get("multirun") else ""
+    command = resume_command(run_dir)
     done = finished_round(run_dir)
     if done is None:
         ref = finished_round(run_dir / "reference")
         if ref is not None:
             return (f"interrupted ({name}) during the all-up reference run, after its round {ref} (saved in "
-                    f"{run_dir / 'reference'}); resume with:\n  {command}")
-        return f"interrupted ({name}) before the first round was checkpointed; nothing to resume in {run_dir}"
+                    f"{run_dir / 'reference'}){rest}; resume with:\n  {command}")
+        return (f"interrupted ({name}) before the first round was checkpointed; nothing to resume in {run_dir} "
+                f"(start the run again){rest}")
     return (f"interrupted ({name}) after round {done}: rounds 1-{done} are saved in {run_dir} (metrics.jsonl, "
-            f"checkpoint.npz); resume with:\n  {command}")
+            f"checkpoint.npz){rest}; resume with:\n  {command}")
+
+
+def _report_and_exit(note: str = "") -> None:
+    """Print the interruption message (once per process) and end the process with 130 / 143."""
+    if not _EXITING.acquire(blocking=False):
+        while True:  # the other path (main thread or watchdog) is ending the process
+            time.sleep(1.0)
+    try:
+        message = _interrupted_message()
+    except Exception:  # noqa: BLE001 -- never let the message stop the exit
+        message = f"interrupted ({signal_name()})"
+    print(message + note, file=sys.stderr, flush=True)
+    _leave(exit_code())
+
+
+def _leave(code: int) -> None:
+    """End the process with ``code``: normally (``sys.exit``) when nothing is left running; else at
+    once (``os._exit``), after stopping the Ray instance this process started -- a thread stuck in a
+    Ray call would otherwise keep the interpreter from exiting."""
+    from sim import engine
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    main_thread = _threading.current_thread() is _threading.main_thread()
+    others = [t for t in _threading.enumerate() if t is not _threading.current_thread() and not t.daemon
+              and t.is_alive()]
+    if main_thread and not others and not engine.STUCK and not _ray_up():
+        sys.exit(code)
+    engine.kill_ray()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def _ray_up() -> bool:
+    ray = sys.modules.get("ray")
+    return bool(ray is not None and ray.is_initialized())
+
+
+def _watchdog() -> None:
+    """Started by the first stop signal: if the process is still here after :data:`EXIT_TIMEOUT_S`,
+    end it (what is saved stays saved: every result file is written atomically)."""
+    def wait_then_exit() -> None:
+        time.sleep(EXIT_TIMEOUT_S)
+        _report_and_exit(f"\n(the run did not stop within {EXIT_TIMEOUT_S:g}s; exiting without waiting for it)")
+
+    _threading.Thread(target=wait_then_exit, name="l2h-exit-watchdog", daemon=True).start()
+
+
+def _insist() -> None:
+    """A second stop signal: exit now (in a helper thread; the handler returns at once)."""
+    _threading.Thread(target=_report_and_exit, args=("\n(second signal: exiting now)",), name="l2h-exit-now",
+                      daemon=True).start()
+
+
+def check_command_line(argv: list[str]) -> None:
+    """Refuse a bad command line before Hydra starts: every job's config (:func:`sim.cli.precheck`),
+    ``--config-name``, and an explicit ``hydra.run.dir`` / ``hydra.sweep.dir`` that cannot be used.
+
+    Raises:
+        ConfigError: one line.
+    """
+    name = _flag(argv, ("--config-name", "-cn"))
+    if name is not None and _flag(argv, ("--config-path", "-cp", "--config-dir", "-cd")) is None:
+        from importlib.resources import files
+
+        available = sorted(p.name[:-5] for p in files("configs").iterdir() if p.name.endswith(".yaml"))
+        if name not in available and f"{name}.yaml" not in available and name.removesuffix(".yaml") not in available:
+            raise ConfigError(f"--config-name {name}: no such primary config (available: {', '.join(available)}); "
+                              "leave the flag out to use config")
+    precheck(argv)
+    multirun = "-m" in argv or "--multirun" in argv
+    for a in argv:
+        key, _, value = a.partition("=")
+        if key == "hydra.run.dir" and not multirun and not any(b.startswith("sim.resume=") for b in argv):
+            from sim.results import check_run_dir
+
+            check_run_dir(Path(value))
+        elif key == "hydra.sweep.dir" and multirun and (Path(os.path.expanduser(value)) / "multirun.yaml").exists():
+            raise ConfigError(f"hydra.sweep.dir={value} already holds a sweep (multirun.yaml): give a new directory")
+
+
+def _flag(argv: list[str], names: tuple[str, ...]) -> str | None:
+    """The value of a command-line flag (``--flag value`` or ``--flag=value``), or None."""
+    for i, a in enumerate(argv):
+        if a in names and i + 1 < len(argv):
+            return argv[i + 1]
+        head, eq, value = a.partition("=")
+        if eq and head in names:
+            return value
+    return None
+
+
+def _hydra_argv(argv: list[str]) -> list[str]:
+    """The command line Hydra gets: a resume writes into its own directory, and Hydra does not
+    write its ``.hydra`` record itself (:func:`save_hydra_record` does, for new runs only)."""
+    extra = []
+    resume = [a.split("=", 1)[1] for a in argv[1:] if a.startswith("sim.resume=")]
+    if resume and not any(a.startswith("hydra.run.dir=") for a in argv[1:]):
+        extra.append(f"hydra.run.dir={resume[-1]}")
+    if not any(a.startswith("hydra.output_subdir=") for a in argv[1:]):
+        extra.extend(_INJECTED)
+    return argv[:1] + extra + argv[1:]  # before the user's arguments: flags such as `--cfg job` stay last
 
 
 def main() -> None:
-    """Console entry: check the whole command line's configs first, then hand over to Hydra."""
-    try:
-        precheck(sys.argv[1:])
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
-    from sim.core.stop import SIGNAL
-    from sim.engine import install_signal_handlers
+    """Console entry: stop handling first, then the whole command line's checks, then Hydra."""
+    from sim import engine
 
-    install_signal_handlers()
-    argv = sys.argv
-    resume = [a.split("=", 1)[1] for a in argv[1:] if a.startswith("sim.resume=")]
-    if resume and not any(a.startswith("hydra.run.dir=") for a in argv[1:]):
-        sys.argv = argv + [f"hydra.run.dir={resume[-1]}"]  # the resumed run writes into its own directory
+    engine.install_signal_handlers()
+    engine.ON_FIRST_SIGNAL.append(_watchdog)
+    engine.ON_REPEATED_SIGNAL.append(_insist)
+    argv, code = sys.argv, 0
     try:
+        if _STOP.is_set():  # a signal came while the program was importing
+            _watchdog()
+            raise KeyboardInterrupt
+        check_command_line(argv[1:])
+        sys.argv = _hydra_argv(argv)
         _hydra_task()
     except KeyboardInterrupt:
         sys.argv = argv
-        print(_interrupted_message(), file=sys.stderr)
-        sys.exit(143 if SIGNAL and SIGNAL[-1] == signal.SIGTERM else 130)
+        _report_and_exit()
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        code = 2
+    except SystemExit as exc:
+        if _STOP.is_set():
+            sys.argv = argv
+            _report_and_exit()
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    sys.argv = argv
+    if _STOP.is_set():
+        _report_and_exit()
+    if _FAILED and code == 0:
+        print(f"error: {len(_FAILED)} job(s) of the sweep failed, the others finished; first: {_FAILED[0]}",
+              file=sys.stderr)
+        code = 2
+    _leave(code)
 
 
 if __name__ == "__main__":

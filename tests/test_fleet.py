@@ -88,14 +88,14 @@ def test_batched_pretraining_is_the_one_by_one_training(arch):
     for i, r in enumerate(ref):
         train_minibatch(r.parameters(), (xs[i], ys[i]), lambda xb, yb, r=r: F.cross_entropy(r(xb), yb),
                         epochs=20, batch_size=32, lr=1e-2, seed=7 + i)
-    before = [[p.clone() for p in mod.parameters()] for mod in models]
+    before = [[p.detach().clone() for p in mod.parameters()] for mod in models]
     train_stacked(models, xs, ys, epochs=20, batch_size=32, lr=1e-2, seeds=[7 + i for i in range(m)])
     # Rounding-level agreement: the batched and the one-by-one weights differ by less than 1e-4 of
     # how far training moved them (measured: <= 1e-5; Adam turns rounding noise in near-zero
     # gradients into steps of up to lr, so an absolute bound would depend on lr).
     for a, b, b0 in zip(models, ref, before):
-        moved = max(float((pb - p0).abs().max()) for pb, p0 in zip(b.parameters(), b0))
-        diff = max(float((pa - pb).abs().max()) for pa, pb in zip(a.parameters(), b.parameters()))
+        moved = max(float((pb.detach() - p0).abs().max()) for pb, p0 in zip(b.parameters(), b0))
+        diff = max(float((pa.detach() - pb.detach()).abs().max()) for pa, pb in zip(a.parameters(), b.parameters()))
         assert moved > 0.1 and diff <= 1e-4 * moved, (arch, diff, moved)
 
 

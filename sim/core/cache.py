@@ -17,6 +17,8 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable
 
+from sim.core.errors import ConfigError
+
 MANIFEST = "manifest.json"
 
 
@@ -74,11 +76,17 @@ def build_entry(entry: Path, build: Callable[[Path], dict[str, Any]], what: str)
     if entry.exists():
         warnings.warn(f"{what} cache entry {entry} is corrupt or incomplete; rebuilding it", stacklevel=2)
         shutil.rmtree(entry, ignore_errors=True)
-    entry.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}.", dir=entry.parent))
+    try:
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}.", dir=entry.parent))
+    except OSError as exc:
+        raise ConfigError(f"the {what} cache entry {entry.name} is not in the cache {entry.parent.parent} and cannot "
+                          f"be written there ({exc.strerror or type(exc).__name__}): set sim.cache_dir (or "
+                          "L2H_SIM_CACHE) to a writable directory") from None
     try:
         meta = build(tmp)
         write_manifest(tmp, meta)
+        os.chmod(tmp, dir_mode())  # mkdtemp makes it 0700; an entry is readable like any other directory
         try:
             os.rename(tmp, entry)
         except OSError:
@@ -93,10 +101,48 @@ def build_entry(entry: Path, build: Callable[[Path], dict[str, Any]], what: str)
     return manifest
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` via a temporary file and rename, so readers never see a partial file."""
+def umask() -> int:
+    """The process's file-creation mask (read from /proc where it can be; else set and restored)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def file_mode() -> int:
+    """The mode of a new file as ``open()`` makes it (0666 less the umask: 0644 by default)."""
+    return 0o666 & ~umask()
+
+
+def dir_mode() -> int:
+    """The mode of a new directory as ``mkdir`` makes it (0777 less the umask: 0755 by default)."""
+    return 0o777 & ~umask()
+
+
+def atomic_write_bytes(path: Path, data: bytes, fsync: bool = False) -> None:
+    """Write ``data`` to ``path`` via a temporary file in the same directory and a rename, so readers
+    never see a partial file; the file gets the usual mode (:func:`file_mode`, not mkstemp's 0600)."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            if fsync:
+                f.flush()
+                os.fsync(f.fileno())
+        os.chmod(tmp, file_mode())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: Path, text: str, fsync: bool = False) -> None:
+    """Write ``text`` to ``path`` atomically (:func:`atomic_write_bytes`)."""
+    atomic_write_bytes(path, text.encode(), fsync=fsync)

@@ -43,14 +43,110 @@ def _to_nchw(x: np.ndarray) -> np.ndarray:
 
 
 def _from_hf(ds: Any, image_key: str, label_key: str) -> tuple[np.ndarray, np.ndarray]:
+    """The image and label columns of a Hugging Face dataset as arrays.
+
+    Raises:
+        DataError: a column is missing, an image is not numbers, or the images differ in shape.
+    """
     for key in (image_key, label_key):
         if key not in ds.column_names:
             raise DataError(f"column {key!r} not in the dataset (columns: {', '.join(ds.column_names)}): "
                             "set data.image_key / data.label_key")
-    images = ds[image_key]
-    x = np.stack([np.asarray(im, dtype=np.float32) for im in images])
+    images = []
+    for i, im in enumerate(ds[image_key]):
+        try:
+            arr = np.asarray(im, dtype=np.float32)
+        except (TypeError, ValueError):
+            raise DataError(f"column {image_key!r} row {i} is not an image or an array of numbers "
+                            f"({type(im).__name__}): every row must hold one image of the same shape") from None
+        if images and arr.shape != images[0].shape:
+            raise DataError(f"column {image_key!r} holds images of different shapes ({images[0].shape} in row 0, "
+                            f"{arr.shape} in row {i}): every image must have the same shape")
+        images.append(arr)
+    x = np.stack(images) if images else np.empty((0, 0), np.float32)
     y = np.asarray(ds[label_key])
     return x, y
+
+
+def check_arrays(x: Any, y: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Inputs ``x`` and labels ``y`` as loaded, checked against each other before anything uses them.
+
+    Raises:
+        DataError: x is not numeric, has no feature, is not one row per sample, or has more or fewer
+            rows than y has labels.
+    """
+    x, y = np.asarray(x), np.asarray(y)
+    if x.dtype.kind not in "biuf":
+        raise DataError(f"inputs x have dtype {x.dtype}: expected numbers (images or feature vectors)")
+    if x.ndim < 2:
+        raise DataError(f"inputs x have shape {x.shape}: expected one row per sample, (N,D), (N,H,W), (N,H,W,C) "
+                        "or (N,C,H,W)")
+    if 0 in x.shape[1:]:
+        raise DataError(f"inputs x have shape {x.shape}: a sample has no features")
+    if y.ndim >= 1 and len(x) != len(y):
+        raise DataError(f"x has {len(x)} samples but y has {len(y)} labels: they must match one to one")
+    if len(x) == 0:
+        raise DataError("the dataset has no samples")
+    return x, y
+
+
+HUB_TIMEOUT_S = 1.5
+"""How long the check that the Hugging Face hub answers may take (:func:`hub_offline`)."""
+
+
+def hub_cached(name: str) -> bool:
+    """Whether the local Hugging Face caches hold anything of dataset ``name`` (``org/name``): the hub
+    cache (``HF_HUB_CACHE``, ``$HF_HOME/hub``: ``datasets--org--name``) or the datasets cache
+    (``HF_DATASETS_CACHE``, ``$HF_HOME/datasets``: ``org___name``). Read without importing the libraries."""
+    import os
+
+    home = Path(os.environ.get("HF_HOME", "~/.cache/huggingface")).expanduser()
+    hub = Path(os.environ.get("HF_HUB_CACHE", os.environ.get("HUGGINGFACE_HUB_CACHE", home / "hub"))).expanduser()
+    local = Path(os.environ.get("HF_DATASETS_CACHE", home / "datasets")).expanduser()
+    return (hub / f"datasets--{name.replace('/', '--')}").is_dir() or (local / name.replace("/", "___")).is_dir()
+
+
+def check_hub(dcfg: DataConfig) -> None:
+    """Fail at once (not after half a minute of retries) when ``dcfg`` needs the Hugging Face hub,
+    the hub does not answer (:func:`hub_offline`) and the local cache has nothing of the dataset.
+
+    Raises:
+        DataError: one line, with the offline way (a parquet export and ``data.path``).
+    """
+    if dcfg.source != DataSource.hf or dcfg.path or not dcfg.hf_name:
+        return
+    if hub_offline() and not hub_cached(str(dcfg.hf_name)):
+        raise DataError(f"data={dcfg.name} needs {dcfg.hf_name!r} from the Hugging Face hub, which does not answer "
+                        "(or HF_HUB_OFFLINE is set), and the local cache does not have it: connect once to download "
+                        "it, or export it to parquet and pass data.path=FILE.parquet")
+
+
+def hub_offline(timeout: float = HUB_TIMEOUT_S) -> bool:
+    """Whether datasets must come from the local Hugging Face cache only: ``HF_HUB_OFFLINE`` /
+    ``HF_DATASETS_OFFLINE`` set, or the hub (``HF_ENDPOINT``, default huggingface.co) does not accept
+    a connection within ``timeout`` seconds -- then both are switched on for this process, so the
+    libraries fail at once on a dataset the cache lacks instead of retrying for half a minute."""
+    import os
+    import socket
+    import sys
+    from urllib.parse import urlparse
+
+    flags = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
+    if any(os.environ.get(f, "").strip().lower() in ("1", "true", "yes", "on") for f in flags):
+        return True
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        socket.create_connection((url.hostname or "huggingface.co", url.port or 443), timeout=timeout).close()
+        return False
+    except OSError:
+        pass
+    for f in flags:
+        os.environ[f] = "1"
+    for module, attr in (("huggingface_hub.constants", "HF_HUB_OFFLINE"), ("datasets.config", "HF_HUB_OFFLINE"),
+                         ("datasets.config", "HF_DATASETS_OFFLINE")):
+        if module in sys.modules and hasattr(sys.modules[module], attr):
+            setattr(sys.modules[module], attr, True)
+    return True
 
 
 def _load_file(path: Path, dcfg: DataConfig) -> tuple[np.ndarray, np.ndarray]:
@@ -61,7 +157,7 @@ def _load_file(path: Path, dcfg: DataConfig) -> tuple[np.ndarray, np.ndarray]:
     suffix = path.suffix.lower()
     if suffix == ".npz":
         try:
-            with np.load(path, allow_pickle=False) as z:
+            with open(path, "rb") as f, np.load(f, allow_pickle=False) as z:  # our handle: closed on a bad file
                 if "x" not in z or "y" not in z:
                     raise DataError(f"{path} lacks arrays 'x' and 'y' (has: {', '.join(z.files)})")
                 return z["x"], z["y"]
@@ -155,7 +251,7 @@ def load_source(dcfg: DataConfig) -> tuple[np.ndarray, np.ndarray]:
     """
     source = dcfg.source
     if source == DataSource.mnist1d:  # x (N, 1, 1, 40), generated: data.num_samples, the benchmark's seed
-        x, y = _make_mnist1d(int(dcfg.num_samples))
+        x, y = check_arrays(*_make_mnist1d(int(dcfg.num_samples)))
         return signals(x), _check_labels(y)
     if source == DataSource.sklearn:
         from sklearn.datasets import load_digits
@@ -165,6 +261,7 @@ def load_source(dcfg: DataConfig) -> tuple[np.ndarray, np.ndarray]:
     elif source == DataSource.file or (source == DataSource.hf and dcfg.path):
         x, y = _load_file(Path(str(dcfg.path)).expanduser(), dcfg)
     elif source == DataSource.hf:
+        offline = hub_offline()
         from flwr_datasets import FederatedDataset
 
         try:
@@ -172,12 +269,14 @@ def load_source(dcfg: DataConfig) -> tuple[np.ndarray, np.ndarray]:
                                    partitioners={"train": 1}, shuffle=False)
             ds = fds.load_split("train")
         except Exception as exc:
+            where = "its local cache (the hub is not reachable)" if offline else "the Hugging Face hub or its local cache"
             raise DataError(
-                f"cannot load {dcfg.hf_name!r} from the Hugging Face hub or its local cache "
-                f"({type(exc).__name__}); offline, export it to parquet and pass data.path=FILE.parquet") from None
+                f"cannot load {dcfg.hf_name!r} from {where} ({type(exc).__name__}); offline, export it to parquet "
+                "and pass data.path=FILE.parquet") from None
         x, y = _from_hf(ds, dcfg.image_key, dcfg.label_key)
     else:
         raise DataError(f"data.source={source!r} is invalid: choose sklearn, hf, file or mnist1d")
+    x, y = check_arrays(x, y)
     return _to_nchw(x), _check_labels(y)
 
 

@@ -2,17 +2,18 @@
 
 The runner's signal handler sets :data:`STOP`; the ServerApp thread, the server pool and the
 engine's waits call :func:`check_stop` (or test :data:`STOP`) so that nothing keeps waiting on a
-simulation engine that is shutting down.
+simulation engine that is shutting down. :func:`exit_code` is the status the process ends with.
 """
 from __future__ import annotations
 
+import signal
 import threading
 
 STOP = threading.Event()
 """Set when the run must stop."""
 
 SIGNAL: list[int] = []
-"""The signals received, in order (the last one decides the exit code)."""
+"""The signals received, in order (the first one decides the exit code)."""
 
 
 class Interrupted(RuntimeError):
@@ -23,3 +24,13 @@ def check_stop() -> None:
     """Raise :class:`Interrupted` if the run is stopping."""
     if STOP.is_set():
         raise Interrupted("the run is stopping")
+
+
+def signal_name() -> str:
+    """``SIGTERM`` or ``SIGINT``: the first stop signal received (SIGINT when none was)."""
+    return "SIGTERM" if SIGNAL and SIGNAL[0] == signal.SIGTERM else "SIGINT"
+
+
+def exit_code() -> int:
+    """The shell's convention for a process ended by the signal: 143 (SIGTERM) or 130 (SIGINT)."""
+    return 143 if signal_name() == "SIGTERM" else 130

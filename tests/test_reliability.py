@@ -1,0 +1,535 @@
+"""Reliability of a run's directory and of stopping: results are never overwritten or shared by two
+runs, a stopped run can always be resumed (also after its last round), a bad round never replaces a
+good checkpoint, files get the usual modes, a slow server costs its timeout (not its delay), and a
+stop signal ends the process promptly with a resume command that works as printed.
+
+The in-process tests share one finished 2-round run (:func:`finished`, never modified: each test
+works on a copy); the subprocess and Ray tests are marked slow."""
+import itertools
+import json
+import os
+import queue
+import re
+import shlex
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from sim import checkpoint
+from sim.checkpoint import CHECKPOINT
+from sim.core.errors import ConfigError
+from sim.results import claim, resume_override
+from tests.conftest import small_cfg
+
+RESULTS = ("summary.json", "metrics.jsonl", "clients.csv", CHECKPOINT)
+
+
+def cfg(cache: Path, **over):
+    """A tiny in-process run (4 devices, 2 rounds) using the shared dataset/fleet cache."""
+    return small_cfg(**{"sim.backend": "inprocess", "sim.cache_dir": str(cache), **over})
+
+
+def snapshot(d: Path) -> dict[str, tuple[bytes, int, int]]:
+    """Every file under ``d``: its bytes, mtime (ns) and mode."""
+    out = {}
+    for p in sorted(Path(d).rglob("*")):
+        if p.is_file():
+            st = p.stat()
+            out[str(p.relative_to(d))] = (p.read_bytes(), st.st_mtime_ns, stat.S_IMODE(st.st_mode))
+    return out
+
+
+def rounds(d: Path) -> list[int]:
+    return [json.loads(ln)["round"] for ln in (Path(d) / "metrics.jsonl").read_text().splitlines() if ln.strip()]
+
+
+def copy_run(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)  # copy2: bytes and mtimes as they were
+    return dst
+
+
+def stopped_after_round_1(finished, dst: Path) -> Path:
+    """A copy of the finished run as a stop right after round 1 leaves it: round 1's checkpoint and
+    metrics line, no summary."""
+    d = copy_run(finished.dir, dst)
+    (d / CHECKPOINT).write_bytes(finished.snaps[1])
+    (d / "metrics.jsonl").write_text((finished.dir / "metrics.jsonl").read_text().splitlines()[0] + "\n")
+    for name in ("summary.json", "clients.csv"):
+        (d / name).unlink()
+    return d
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory, shared_cache):
+    """One finished in-process run, with each round's checkpoint kept aside (``snaps[round]``)."""
+    from sim.pipeline import Federation, simulate
+
+    base = tmp_path_factory.mktemp("finished")
+    snaps: dict[int, bytes] = {}
+    save = Federation.save_checkpoint
+
+    def save_and_keep(self, record, final):
+        save(self, record, final)
+        snaps[int(record["round"])] = (self.inp.run_dir / CHECKPOINT).read_bytes()
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(Federation, "save_checkpoint", save_and_keep)
+        summary = simulate(cfg(shared_cache), base / "run")
+    assert sorted(snaps) == [1, 2] and rounds(base / "run") == [1, 2]
+    return SimpleNamespace(dir=base / "run", summary=summary, snaps=snaps, cache=shared_cache)
+
+
+# ---- 1. a new run never starts where a run left results ------------------------------------------
+
+@pytest.mark.parametrize("keep", [None, "metrics.jsonl", "summary.json", CHECKPOINT])
+def test_new_run_where_results_are_is_refused_and_nothing_is_touched(tmp_path, finished, keep):
+    from sim.pipeline import simulate
+    from sim.run import check_command_line
+
+    if keep is None:  # everything a finished run left
+        d = copy_run(finished.dir, tmp_path / "run")
+    else:  # only one result file (e.g. a run stopped before its summary)
+        d = tmp_path / "run"
+        d.mkdir()
+        shutil.copy2(finished.dir / keep, d / keep)
+    before = snapshot(d)
+    with pytest.raises(ConfigError) as exc:
+        simulate(cfg(finished.cache), d)
+    msg = str(exc.value)
+    assert "\n" not in msg and "already holds a run's results" in msg and "sim.resume" in msg
+    assert shlex.quote(resume_override(d)) in msg  # the override to continue it, ready to paste
+    assert snapshot(d) == before  # nothing deleted, rewritten or added
+    # the command line is refused before Hydra starts, with the same line
+    with pytest.raises(ConfigError, match="already holds a run's results.*sim.resume"):
+        check_command_line(["fleet.num_clients=4", f"hydra.run.dir={d}"])
+    assert snapshot(d) == before
+
+
+# ---- 2. one run or resume per directory at a time ------------------------------------------------
+
+HOLD = """import sys
+from pathlib import Path
+from sim.results import claim
+with claim(Path(sys.argv[1]), new=False):
+    print("held", flush=True)
+    sys.stdin.read()
+"""
+
+
+def hold_elsewhere(run_dir: Path) -> subprocess.Popen:
+    """Another process that has claimed ``run_dir`` (until its stdin closes or it is killed)."""
+    p = subprocess.Popen([sys.executable, "-c", HOLD, str(run_dir)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    line = p.stdout.readline()
+    assert line.strip() == "held", p.stderr.read()
+    return p
+
+
+def test_a_claimed_directory_is_refused_to_another_run_or_resume(tmp_path, finished):
+    from sim.pipeline import simulate
+
+    d = copy_run(finished.dir, tmp_path / "run")
+    before = snapshot(d)
+    holder = hold_elsewhere(d)
+    try:
+        for new in (False, True):  # a resume, and a new run
+            with pytest.raises(ConfigError, match="in use by another run or resume") as exc, claim(d, new=new):
+                pytest.fail("claimed a directory another process holds")
+            assert "\n" not in str(exc.value)
+        with pytest.raises(ConfigError, match="in use by another run or resume"):
+            simulate(cfg(finished.cache, **{"sim.resume": str(d)}), tmp_path / "unused")
+        assert snapshot(d) == before
+        assert rounds(d) == [1, 2]  # no round written twice
+    finally:
+        holder.kill()  # dies holding the lock: the kernel releases it
+        holder.wait(timeout=30)
+        for f in (holder.stdin, holder.stdout, holder.stderr):
+            f.close()
+    with claim(d, new=False) as got:  # free again
+        assert got == d
+        with claim(d, new=False):  # re-entrant in this process (a run's own reference/ run)
+            pass
+    # once released, a resume of the finished run leaves it as it is
+    simulate(cfg(finished.cache, **{"sim.resume": str(d)}), tmp_path / "unused")
+    assert snapshot(d) == before and rounds(d) == [1, 2]
+
+
+# ---- 3. a run stopped after its last round is finished by a resume -------------------------------
+
+def test_resume_after_the_last_round_writes_the_summary_without_running_a_round(tmp_path, finished,
+                                                                                 monkeypatch):
+    from sim import pipeline
+
+    d = copy_run(finished.dir, tmp_path / "run")
+    for name in ("summary.json", "clients.csv"):  # stopped right after the last round's line
+        (d / name).unlink()
+    metrics, ckpt = (d / "metrics.jsonl").read_bytes(), (d / CHECKPOINT).read_bytes()
+
+    def no_rounds(inp):
+        raise AssertionError("a round was run again")
+
+    monkeypatch.setattr(pipeline, "run_federation", no_rounds)
+    s = pipeline.simulate(cfg(finished.cache, **{"sim.resume": str(d)}), tmp_path / "unused")
+    want = json.loads((finished.dir / "summary.json").read_text())
+    assert json.loads((d / "summary.json").read_text()) == want
+    for key in ("system_accuracy", "legacy_accuracy", "server_accuracy", "defer_rate", "l01_cost"):
+        assert s[key] == want[key] == finished.summary[key]
+    assert (d / "clients.csv").read_bytes() == (finished.dir / "clients.csv").read_bytes()
+    assert (d / "metrics.jsonl").read_bytes() == metrics and rounds(d) == [1, 2]
+    assert (d / CHECKPOINT).read_bytes() == ckpt
+    assert not (tmp_path / "unused").exists()
+
+
+def test_resume_after_the_last_round_without_the_final_part_is_a_one_line_error(tmp_path, finished):
+    """A last-round checkpoint from before it kept the final results: refused, nothing written."""
+    from sim.pipeline import simulate
+
+    d = copy_run(finished.dir, tmp_path / "run")
+    (d / "summary.json").unlink()
+    arrays, meta = checkpoint.load(d)
+    assert checkpoint.final_state(arrays, meta) is not None
+    meta.pop(checkpoint.FINAL)
+    checkpoint.save(d, {k: v for k, v in arrays.items() if not k.startswith(f"{checkpoint.FINAL}/")}, meta)
+    before = snapshot(d)
+    with pytest.raises(ConfigError, match="predates") as exc:
+        simulate(cfg(finished.cache, **{"sim.resume": str(d)}), tmp_path / "unused")
+    assert "\n" not in str(exc.value)
+    assert snapshot(d) == before
+
+
+# ---- 5. file modes -------------------------------------------------------------------------------
+
+def test_result_files_get_the_mode_of_any_new_file(tmp_path, finished):
+    """0666 less the umask (0644 under 022), not mkstemp's 0600 -- under another umask too."""
+    from sim.core.cache import umask
+    from sim.pipeline import simulate
+
+    mask = umask()
+    assert mask == os.umask(mask)
+    for name in RESULTS:
+        assert stat.S_IMODE((finished.dir / name).stat().st_mode) == 0o666 & ~mask, name
+    old = os.umask(0o027)
+    try:
+        simulate(cfg(finished.cache, **{"sim.num_rounds": 1}), tmp_path / "run")
+    finally:
+        os.umask(old)
+    for name in (*RESULTS, "timing.json", "failure_schedule.json"):
+        assert stat.S_IMODE((tmp_path / "run" / name).stat().st_mode) == 0o640, name
+
+
+# ---- 6. the resume hint ----------------------------------------------------------------------------
+
+def sweep_jobs(*overrides: str) -> list[list[str]]:
+    """Each job's own overrides, as Hydra's basic sweeper makes them from a sweep."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    batches = BasicSweeper.split_arguments(OverridesParser.create().parse_overrides(list(overrides)), None)
+    return [job for batch in batches for job in batch]
+
+
+def hydra_values(argv: list[str]) -> dict[str, object]:
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides(argv)
+    assert not any(o.is_sweep_override() for o in parsed), argv
+    return {o.key_or_group: o.value() for o in parsed}
+
+
+@pytest.mark.parametrize("name", ["plain", "my runs; rm -rf x", "it's $HOME `x`", "1_seed=3,strategy.c_e=0.1"])
+def test_resume_command_is_shell_quoted_and_keeps_the_jobs_own_values(tmp_path, monkeypatch, name):
+    from sim import run
+
+    jobs = sweep_jobs("strategy.c_e=0,0.1", "seed=3", "fleet.num_clients=range(4,6)",
+                      "sim.cache_dir='/tmp/my cache;1'")
+    job = jobs[3]
+    assert job == ["strategy.c_e=0.1", "seed=3", "fleet.num_clients=5", "sim.cache_dir='/tmp/my cache;1'"]
+    run_dir = tmp_path / "multirun; x" / name
+    monkeypatch.setattr(run, "_CURRENT", {"overrides": [*job, "hydra.job.chdir=false", "+hydra.foo=1",
+                                                        "sim.resume=/old"],
+                                          "multirun": True, "config_name": "config", "run_dir": run_dir})
+    argv = shlex.split(run.resume_command(run_dir))
+    assert argv == ["python", "-m", "sim.run", *job, resume_override(run_dir)]
+    values = hydra_values(argv[3:])  # Hydra reads back the job's values and exactly this directory
+    assert values["sim.resume"] == str(run_dir)
+    assert values["strategy.c_e"] == 0.1 and values["fleet.num_clients"] == 5
+    assert values["sim.cache_dir"] == "/tmp/my cache;1"
+    # a config other than the default is named
+    monkeypatch.setitem(run._CURRENT, "config_name", "other")
+    assert shlex.split(run.resume_command(run_dir))[3:5] == ["--config-name", "other"]
+
+
+def test_resume_override_reads_back_as_the_directory_in_a_real_config(tmp_path):
+    """Through Hydra's composition (the command line's own checks), not only its parser."""
+    from sim.cli import compose_checked
+
+    d = tmp_path / "0_seed=3,strategy.c_e=0.1; it's"
+    assert compose_checked(["fleet.num_clients=4", resume_override(d)]).sim.resume == str(d)
+    assert resume_override(tmp_path / "run") == f"sim.resume={tmp_path / 'run'}"  # quoted only when needed
+
+
+def test_interrupted_message_names_the_saved_round_and_a_working_command(tmp_path, finished, monkeypatch):
+    from sim import run
+
+    d = copy_run(finished.dir, tmp_path / "runs; a b" / "1_seed=0,x")
+    monkeypatch.setattr(run, "_CURRENT", {"overrides": ["fleet.num_clients=4", "sim.num_rounds=2"],
+                                          "multirun": False, "config_name": "config", "run_dir": d})
+    msg = run._interrupted_message()
+    assert msg.startswith("interrupted (SIGINT) after round 2") and str(d) in msg
+    argv = shlex.split(msg.splitlines()[-1])
+    assert argv[:3] == ["python", "-m", "sim.run"] and hydra_values(argv[3:])["sim.resume"] == str(d)
+
+
+# ---- 7. a round that lost device replies never replaces the checkpoint ---------------------------
+
+def test_round_ok_keeps_a_round_only_if_some_device_answered_both_phases():
+    """A checkpoint keeps a round some device trained *and* evaluated in (a lost reply or an injected
+    dropout does not discard the round); one in which every device failed a phase is not kept."""
+    from sim.core.faults import RoundFaults
+    from sim.pipeline import Federation
+
+    fed = Federation.__new__(Federation)
+    fed.inp = SimpleNamespace(schedule=[RoundFaults(round=1, dropout=[0, 3]), RoundFaults(round=2)])
+    assert fed.round_ok({"round": 1, "train_devices": 2, "train_errors": 2, "eval_devices": 2, "eval_errors": 2})
+    assert fed.round_ok({"round": 2, "train_devices": 3, "train_errors": 1, "eval_devices": 4, "eval_errors": 0})
+    assert not fed.round_ok({"round": 2, "train_devices": 0, "train_errors": 4, "eval_devices": 4, "eval_errors": 0})
+    assert not fed.round_ok({"round": 2, "train_devices": 4, "train_errors": 0, "eval_devices": 0, "eval_errors": 4})
+    assert not fed.round_ok({"round": 1, "train_devices": 0, "train_errors": 2, "eval_devices": 0, "eval_errors": 2})
+
+
+def test_a_checkpoint_whose_state_fails_every_device_is_kept_as_it_was(tmp_path, finished):
+    from sim.engine import EngineError
+    from sim.pipeline import simulate
+
+    d = stopped_after_round_1(finished, tmp_path / "run")
+    arrays, meta = checkpoint.load(d)
+    # wrong shape, so no device can load its rejector: the devices' own states and (rejector.federation
+    # =fedavg) their groups' averages
+    bad = [k for k in arrays if k.startswith("strategy/") and k.endswith("net.0.weight")]
+    assert bad
+    for key in bad:
+        arrays[key] = np.ascontiguousarray(arrays[key][..., :-1])
+    checkpoint.save(d, arrays, meta)
+    before = (d / CHECKPOINT).read_bytes()
+    with pytest.raises(EngineError):
+        simulate(cfg(finished.cache, **{"sim.resume": str(d)}), tmp_path / "unused")
+    assert (d / CHECKPOINT).read_bytes() == before  # not replaced by the failed round's state
+    assert checkpoint.finished_round(d) == 1 and not (d / "summary.json").exists()
+    assert checkpoint.open_for_resume(cfg(finished.cache), d)[1] == 1  # still resumable
+
+
+def test_a_round_every_device_failed_is_not_checkpointed_and_a_later_resume_finishes(
+        tmp_path, finished, monkeypatch):
+    """Devices that cannot be built during a resume (not injected dropouts): the run fails, the good
+    checkpoint stays; resumed again once the devices are fine, it ends as the run that never stopped."""
+    from sim import apps
+    from sim.engine import EngineError
+    from sim.pipeline import simulate
+
+    d = stopped_after_round_1(finished, tmp_path / "run")
+    good = (d / CHECKPOINT).read_bytes()
+
+    def unreadable(spec, device_id):
+        raise OSError(f"device {device_id} cannot read its legacy model (test)")
+
+    monkeypatch.setattr(apps, "get_device", unreadable)
+    with pytest.raises(EngineError):
+        simulate(cfg(finished.cache, **{"sim.resume": str(d)}), tmp_path / "unused")
+    assert (d / CHECKPOINT).read_bytes() == good and not (d / "summary.json").exists()
+    monkeypatch.undo()
+    simulate(cfg(finished.cache, **{"sim.resume": str(d)}), tmp_path / "unused")
+    assert rounds(d) == [1, 2]
+    assert json.loads((d / "summary.json").read_text()) == json.loads((finished.dir / "summary.json").read_text())
+
+
+# ---- 4. a resume never rewrites the run's .hydra record (CLI) -------------------------------------
+
+def cli(cwd: Path, cache: Path, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    env = {**os.environ, "L2H_SIM_CACHE": str(cache)}
+    return subprocess.run([sys.executable, "-m", "sim.run", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=timeout, check=False)
+
+
+@pytest.mark.slow
+def test_resuming_or_refusing_leaves_the_hydra_record_unchanged(tmp_path, shared_cache):
+    args = ["fleet.num_clients=4", "sim.num_rounds=2", "sim.backend=inprocess", "sim.plots=false",
+            "sim.progress=false"]
+    d = tmp_path / "run"
+    r = cli(tmp_path, shared_cache, *args, f"hydra.run.dir={d}")
+    assert r.returncode == 0, r.stderr[-2000:]
+    record = {p.name for p in (d / ".hydra").iterdir()}
+    assert record == {"config.yaml", "hydra.yaml", "overrides.yaml"}
+    assert "sim.num_rounds=2" in (d / ".hydra" / "overrides.yaml").read_text()
+    hydra_before, all_before = snapshot(d / ".hydra"), snapshot(d)
+
+    r = cli(tmp_path, shared_cache, *args, f"hydra.run.dir={d}")  # a new run there: refused
+    assert r.returncode == 2 and "already holds a run's results" in r.stderr and "sim.resume" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+    assert snapshot(d) == all_before
+
+    r = cli(tmp_path, shared_cache, *args, f"sim.resume={d}")  # the finished run resumed: nothing to do
+    assert r.returncode == 0 and "already finished" in r.stdout, r.stderr[-2000:]
+    assert snapshot(d) == all_before
+
+    (d / "summary.json").unlink()  # stopped after its last round: the resume writes the summary
+    r = cli(tmp_path, shared_cache, *args, f"sim.resume={d}")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.loads((d / "summary.json").read_bytes()) == json.loads(all_before["summary.json"][0])
+    assert snapshot(d / ".hydra") == hydra_before
+    assert not (tmp_path / "outputs").exists()
+
+
+# ---- 9. stop signals (Flower on Ray, real processes) ----------------------------------------------
+
+SIGNAL_ARGS = ["fleet.num_clients=4", "sim.num_rounds=3"]
+
+
+class Running:
+    """``python -m sim.run`` in its own process group, its output (stdout + stderr) read line by line."""
+
+    def __init__(self, cwd: Path, cache: Path, args: list[str]):
+        env = {**os.environ, "L2H_SIM_CACHE": str(cache)}
+        self.p = subprocess.Popen([sys.executable, "-m", "sim.run", *args], cwd=cwd, env=env,
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                  start_new_session=True)
+        self.lines: list[str] = []
+        self._q: queue.Queue = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self.p.stdout:
+            self._q.put(line)
+        self._q.put(None)
+
+    def wait_for(self, pattern: str, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                line = self._q.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                raise AssertionError(f"no line matching {pattern!r} in {timeout}s:\n" + "".join(self.lines[-30:]))
+            if line is None:
+                raise AssertionError(f"exited ({self.p.wait()}) before {pattern!r}:\n" + "".join(self.lines[-30:]))
+            self.lines.append(line)
+            if re.search(pattern, line):
+                return
+
+    def finish(self, timeout: float) -> str:
+        """Wait for the process to end (TimeoutExpired past ``timeout``); all its output."""
+        self.p.wait(timeout=timeout)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                line = self._q.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                break
+            if line is None:
+                break
+            self.lines.append(line)
+        return "".join(self.lines)
+
+    def kill_group(self) -> None:
+        try:
+            os.killpg(self.p.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        try:
+            self.p.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            pass
+        self.p.stdout.close()
+
+
+def stop_after_round_1(tmp_path: Path, cache: Path, run_dir: Path, sig: int) -> tuple[int, float, str]:
+    """Start a Ray run, send ``sig`` when round 1's line appears: (exit code, seconds to exit, output)."""
+    run = Running(tmp_path, cache, [*SIGNAL_ARGS, f"hydra.run.dir={run_dir}"])
+    try:
+        run.wait_for(r"round\s+1/3\b", timeout=400)
+        run.p.send_signal(sig)
+        t = time.monotonic()
+        try:
+            out = run.finish(timeout=30)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"still running 30s after {signal.Signals(sig).name}:\n" + "".join(run.lines[-30:]))
+        return run.p.returncode, time.monotonic() - t, out
+    finally:
+        run.kill_group()
+
+
+def printed_resume(out: str, run_dir: Path) -> list[str]:
+    m = re.search(r"resume with:\n(.+)", out)
+    assert m, out[-3000:]
+    argv = shlex.split(m.group(1))
+    assert argv == ["python", "-m", "sim.run", *SIGNAL_ARGS, resume_override(run_dir)]
+    return argv
+
+
+@pytest.mark.slow
+def test_sigint_exits_130_promptly_and_the_printed_command_resumes(tmp_path, shared_cache):
+    run_dir = tmp_path / "runs a b" / "run"  # a space: the printed command must be quoted
+    code, seconds, out = stop_after_round_1(tmp_path, shared_cache, run_dir, signal.SIGINT)
+    assert code == 130, out[-3000:]
+    assert seconds < 30 and "Traceback" not in out
+    assert re.search(r"interrupted \(SIGINT\) after round [12]\b", out), out[-3000:]
+    argv = printed_resume(out, run_dir)
+    done = checkpoint.finished_round(run_dir)
+    assert done in (1, 2) and not (run_dir / "summary.json").exists()
+    r = cli(tmp_path, shared_cache, *argv[3:], timeout=500)  # the printed command, python -> this interpreter
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"after round {done} of 3" in r.stdout
+    assert (run_dir / "summary.json").is_file() and rounds(run_dir) == [1, 2, 3]
+
+
+@pytest.mark.slow
+def test_sigterm_exits_143_promptly_with_the_resume_command(tmp_path, shared_cache):
+    run_dir = tmp_path / "run"
+    code, seconds, out = stop_after_round_1(tmp_path, shared_cache, run_dir, signal.SIGTERM)
+    assert code == 143, out[-3000:]
+    assert seconds < 30 and "Traceback" not in out
+    assert re.search(r"interrupted \(SIGTERM\) after round [12]\b", out), out[-3000:]
+    printed_resume(out, run_dir)
+    assert checkpoint.finished_round(run_dir) in (1, 2)
+
+
+# ---- 8. a slow server does not stall every round (Ray: the delay is real) ------------------------
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    yield
+    ray.shutdown()
+
+
+@pytest.mark.slow
+def test_a_slow_server_costs_its_timeout_not_its_delay(tmp_path, shared_cache, ray_local):
+    """Server 0 answers after 8 s in every round, the query timeout is 1 s: it counts as down at once
+    in every round; the three rounds together take less than one delay (waiting for it: >= 3 x 8 s)."""
+    from sim.pipeline import simulate
+
+    delay = 8.0
+    c = small_cfg(**{"sim.backend": "ray", "sim.cache_dir": str(shared_cache), "sim.num_rounds": 3,
+                     "failures": "slow", "failures.slow.servers": "[0]", "failures.slow.delay_s": delay,
+                     "failures.slow.start": 1, "failures.slow.end": 3, "failures.query_timeout_s": 1,
+                     "failures.reference": "false"})
+    t = time.perf_counter()
+    simulate(c, tmp_path / "run")
+    wall = time.perf_counter() - t
+    timing = json.loads((tmp_path / "run" / "timing.json").read_text())
+    records = [json.loads(ln) for ln in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in records] == [1, 2, 3]
+    assert all(r["availability"] == [0] for r in records)  # slower than the timeout: down
+    assert timing["rounds_s"] < delay, timing
+    elapsed = [0.0] + [r["elapsed_s"] for r in records]
+    assert max(b - a for a, b in itertools.pairwise(elapsed)) < delay, elapsed
+    print(f"slow server: whole run {wall:.1f}s, rounds {timing['rounds_s']:.1f}s, per round {elapsed}")
