@@ -16,6 +16,7 @@ name that schema in their defaults list. See docs/adding.md.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, field
 from enum import Enum
@@ -58,6 +59,16 @@ Federation = choice("Federation", ("local", "fedavg", "fedavg_finetune"))
 FederateBy = choice("FederateBy", ("group", "fleet"))
 
 
+MAX_ROUNDS = 100_000
+"""Most rounds a run may have (the failure schedule holds one entry per round)."""
+MAX_DEVICES = 100_000
+"""Most devices a fleet may have (each has its legacy model on disk and its splits in memory)."""
+MAX_SIDE = 4096
+"""Largest sensor block (``fleet.groups.<i>.downsample``); the data's own side is checked once it is loaded."""
+MAX_SAMPLES = 10_000_000
+"""Most samples ``data.num_samples`` may generate (MNIST-1D)."""
+
+
 def invalid(key: str, value: Any, rule: str) -> ConfigError:
     """The one-line error for a bad value: ``<key>=<value> is invalid: <rule>``."""
     return ConfigError(f"{key}={value.value if isinstance(value, Enum) else value!r} is invalid: {rule}")
@@ -70,10 +81,37 @@ def need(ok: bool, key: str, value: Any, rule: str) -> None:
 
 
 def check_fields(obj: Any, prefix: str, rules: dict[str, tuple[Any, str]]) -> None:
-    """Check ``rules``: field name -> (predicate of the value, rule text); first failure raises."""
+    """Check ``rules``: field name -> (predicate of the value, rule text); first failure raises.
+    A NaN or infinite value fails first, with its own rule (:func:`check_finite`)."""
     for name, (ok, rule) in rules.items():
         value = getattr(obj, name)
+        check_finite(f"{prefix}.{name}", value)
         need(bool(ok(value)), f"{prefix}.{name}", value, rule)
+
+
+def check_finite(key: str, value: Any) -> None:
+    """Refuse a NaN or infinite float (alone or in a list): ``key=nan is invalid: must be a finite number``."""
+    values = value if isinstance(value, (list, tuple)) else [value]
+    for v in values:
+        if isinstance(v, float) and not math.isfinite(v):
+            raise invalid(key, value, "must be a finite number (NaN and infinity are not values a run can use)")
+
+
+def check_all_finite(obj: Any, prefix: str = "") -> None:
+    """Every float field of a config dataclass, nested ones and lists included, is finite
+    (:func:`check_finite`), whatever its own checks are."""
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        key = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            check_all_finite(value, f"{key}.")
+        elif isinstance(value, (list, tuple)):
+            check_finite(key, list(value))
+            for i, item in enumerate(value):
+                if dataclasses.is_dataclass(item):
+                    check_all_finite(item, f"{key}.{i}.")
+        else:
+            check_finite(key, value)
 
 
 def _at_least(n: float) -> tuple[Any, str]:
@@ -138,8 +176,9 @@ class DataConfig:
     def __post_init__(self) -> None:
         need(self.max_samples is None or self.max_samples >= 1, "data.max_samples", self.max_samples,
              "must be >= 1 or null")
-        need(self.num_samples >= 10 and self.num_samples % 10 == 0, "data.num_samples", self.num_samples,
-             "mnist1d generates as many samples of each of its 10 classes: give a multiple of 10, >= 10")
+        need(10 <= self.num_samples <= MAX_SAMPLES and self.num_samples % 10 == 0, "data.num_samples",
+             self.num_samples, f"mnist1d generates as many samples of each of its 10 classes: give a multiple of 10, "
+                               f"10 to {MAX_SAMPLES}")
         if self.source == DataSource.file and not self.path:
             raise ConfigError("data.path is not set: data=local needs data.path=/path/to/file.npz or .parquet")
         if self.path and not os.path.exists(os.path.expanduser(str(self.path))):
@@ -164,7 +203,8 @@ class DeviceGroupConfig:
         check_fields(self, f"fleet.groups.{index}", {
             "share": _positive(),
             "pretrain_fraction": (lambda v: 0 < v <= 1, "must be in (0, 1]"),
-            "downsample": _at_least(1),
+            "downsample": (lambda v: 1 <= v <= MAX_SIDE, f"must be in 1..{MAX_SIDE} (a sensor block of that many "
+                                                          "pixels; at most the inputs' side)"),
             "noise_std": _at_least(0),
             "epochs": _at_least(1),
             "hidden": _at_least(1),
@@ -183,6 +223,8 @@ class FleetConfig:
 
     def __post_init__(self) -> None:
         need(self.num_clients >= 1, "fleet.num_clients", self.num_clients, "need at least 1 device")
+        need(self.num_clients <= MAX_DEVICES, "fleet.num_clients", self.num_clients,
+             f"at most {MAX_DEVICES} devices can be simulated")
         if len(self.groups) == 0:
             raise ConfigError("fleet.groups is empty: the fleet needs at least one device group")
         for i, g in enumerate(self.groups):
@@ -221,7 +263,10 @@ class StrategyConfig:
     # Where a device's labels of the servers' errors come from (L2H, CompareConfidence; docs/methods.md §8):
     # prequential: the answer a sample got when it was first sent, before any server trained on it
     # (never-sent samples: the current servers) | holdout: a part of the rejector split that is never
-    # sent | in_sample: the current servers, which have trained on every sample sent before
+    # sent | in_sample: the current servers, which have trained on every sample sent before.
+    # Default in_sample, by measurement (README "Findings", docs/methods.md §8): the lowest L01 cost on
+    # digits and MNIST-1D (5 seeds, paired); the out-of-sample options pay more in halved data (holdout)
+    # or stale labels (prequential) than the bias costs, and none ranks samples better at a fixed defer rate.
     server_labels: ServerLabels = ServerLabels.in_sample
     holdout: float = 0.5  # server_labels=holdout: fraction of the rejector split never sent to a server
     label_max_age: Optional[int] = None  # prequential: labels older than this many rounds are dropped (null: kept)
@@ -392,7 +437,7 @@ class SimConfig:
     def __post_init__(self) -> None:
         inside = (lambda v: 0 < v <= 1, "must be in (0, 1]")
         check_fields(self, "sim", {
-            "num_rounds": (lambda v: v >= 1, "need at least 1 round"),
+            "num_rounds": (lambda v: 1 <= v <= MAX_ROUNDS, f"need 1 to {MAX_ROUNDS} rounds"),
             "fraction_train": inside, "fraction_evaluate": inside,
             "eval_every": _at_least(1),
             "devices_per_node": (lambda v: v is None or v >= 1,
@@ -499,6 +544,9 @@ class Config:
     failures: FailuresConfig = MISSING
 
     def __post_init__(self) -> None:
+        need(isinstance(self.seed, int) and 0 <= self.seed < 2**63, "seed", self.seed,
+             "must be an integer in 0 .. 2^63 - 1")
+        check_all_finite(self)
         if STRATEGY_SCHEMAS and self.strategy.name not in STRATEGY_SCHEMAS:
             raise invalid("strategy.name", self.strategy.name, f"choose one of {', '.join(STRATEGY_SCHEMAS)}")
         self.strategy.check_with(self.servers)
