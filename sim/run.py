@@ -256,7 +256,7 @@ def _hydra_argv(argv: list[str]) -> list[str]:
         extra.append(f"hydra.run.dir={resume[-1]}")
     if not any(a.startswith("hydra.output_subdir=") for a in argv[1:]):
         extra.extend(_INJECTED)
-    return argv[:1] + extra + argv[1:]  # before the user's arguments: flags such as `--cfg job` stay last
+    return argv + extra
 
 
 def main() -> None:
