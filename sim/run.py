@@ -256,7 +256,10 @@ def _hydra_argv(argv: list[str]) -> list[str]:
         extra.append(f"hydra.run.dir={resume[-1]}")
     if not any(a.startswith("hydra.output_subdir=") for a in argv[1:]):
         extra.extend(_INJECTED)
-    return argv + extra
+    # Hydra's argparse takes the overrides as one run of positionals: the extras go right before the
+    # first override (after flags such as -m), so a flag after the overrides (`--cfg job`) still parses.
+    at = next((i for i, a in enumerate(argv) if i > 0 and "=" in a and not a.startswith("-")), len(argv))
+    return argv[:at] + extra + argv[at:]
 
 
 def main() -> None:

@@ -49,3 +49,15 @@ def test_override_expansion_checks_every_swept_value():
     combos = _expand(["strategy.c_e=0,0.1", "seed=1", "sim.num_rounds=2,3"])
     flat = {c for combo in combos for c in combo}
     assert {"strategy.c_e=0", "strategy.c_e=0.1", "sim.num_rounds=2", "sim.num_rounds=3", "seed=1"} <= flat
+
+
+def test_injected_hydra_overrides_go_before_the_users_so_trailing_flags_still_parse():
+    """`-m ... --cfg job` and plain multiruns: Hydra's argparse reads the overrides as one run of
+    positionals, so what sim.run adds must join that run, not follow a trailing flag."""
+    from sim.run import _hydra_argv
+
+    assert _hydra_argv(["p", "-m", "seed=0,1", "--cfg", "job"]) == [
+        "p", "-m", "hydra.output_subdir=null", "seed=0,1", "--cfg", "job"]
+    assert _hydra_argv(["p", "-m", "experiment=compare"]) == ["p", "-m", "hydra.output_subdir=null",
+                                                               "experiment=compare"]
+    assert _hydra_argv(["p"]) == ["p", "hydra.output_subdir=null"]
