@@ -382,11 +382,26 @@ def release_device_workers() -> None:
     ``ray.get``/``ray.wait``: those calls then never return and the process hangs at exit. Here
     ``terminate`` only terminates the device actors; on a stop it also kills the actors that are busy
     with a message, so the threads waiting on them are released at once. Applied once per process.
+
+    What Flower lacks (upstream-style): a backend option to leave an externally managed Ray
+    instance running on ``terminate``. Version-guarded like :func:`dispatch_on_push`.
+
+    Raises:
+        FlowerChanged: Flower is outside :data:`FLOWER_TESTED`, or ``RayBackend`` no longer has the
+            ``terminate`` method and the ``pool.terminate_all_actors`` the replacement relies on.
     """
     from flwr.server.superlink.fleet.vce.backend.raybackend import RayBackend
+    from flwr.simulation.ray_transport.ray_actor import BasicActorPool
 
     if getattr(RayBackend, "_leaves_ray_up", False):
         return
+    low, high = FLOWER_TESTED
+    found = flower_version()
+    if not low <= found < high or not callable(getattr(RayBackend, "terminate", None)) or \
+            not callable(getattr(BasicActorPool, "terminate_all_actors", None)):
+        raise FlowerChanged(f"flwr {found[0]}.{found[1]}: sim/engine.py release_device_workers replaces "
+                            f"RayBackend.terminate, tested with flwr {low[0]}.{low[1]}-{high[0]}.{high[1] - 1}; "
+                            f"install flwr[simulation]>={low[0]}.{low[1]},<{high[0]}.{high[1]}")
 
     def terminate(self: Any) -> None:
         import ray

@@ -195,3 +195,16 @@ def test_ray_ships_the_project_packages_to_its_workers(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     where = r.stdout.strip().splitlines()[-1]
     assert "py_modules_files" in where and not where.startswith(str(ROOT)), where
+
+
+def test_the_terminate_patch_refuses_an_untested_flower(monkeypatch):
+    """release_device_workers replaces a private Flower method: outside the tested range it must fail
+    loudly instead of silently patching something else."""
+    from flwr.server.superlink.fleet.vce.backend.raybackend import RayBackend
+
+    from sim import engine
+
+    monkeypatch.delattr(RayBackend, "_leaves_ray_up", raising=False)
+    monkeypatch.setattr(engine, "flower_version", lambda: (1, 99))
+    with pytest.raises(engine.FlowerChanged, match="release_device_workers"):
+        engine.release_device_workers()

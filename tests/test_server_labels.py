@@ -115,3 +115,17 @@ def method_answers(method, dev, server):
 
     return current_answers(server, torch.from_numpy(dev.data.x_rejector), torch.from_numpy(dev.data.y_rejector),
                            [0], method.servers)
+
+
+def test_the_measured_defaults():
+    """The defaults README "Findings" chose by measurement: in-sample server labels; federated (FedAvg
+    within a fleet group) rejectors for L2H and the strategies built on it; L2D's models stay local."""
+    from sim.cli import compose_checked
+
+    for strategy in ("l2h", "dml", "mel", "coop"):
+        cfg = compose_checked([f"strategy={strategy}"])
+        assert cfg.strategy.server_labels.value == "in_sample"
+        assert cfg.strategy.rejector.federation.value == "fedavg"
+        assert cfg.strategy.rejector.federate_by.value == "group"
+    assert compose_checked(["strategy=l2d"]).strategy.rejector.federation.value == "local"
+    assert compose_checked([]).data.name == "digits"
