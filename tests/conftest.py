@@ -40,3 +40,14 @@ def fleet_for(cfg, prep, cache_dir):
     from clients.legacy import build_fleet
 
     return build_fleet(cfg.fleet, cfg.data, prep, cfg.seed, cache_dir)
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    """One local Ray per test module for its Ray cases (a run joins a Ray that is already up and
+    leaves it up); ``address="local"`` never joins another job's cluster."""
+    import ray
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    yield
+    ray.shutdown()

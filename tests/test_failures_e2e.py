@@ -65,15 +65,6 @@ def test_device_dropout_on_ray_is_counted_not_a_crash(tmp_path, ray_local):
     assert s["resilience"]["device_errors"] == 10
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
-    yield
-    ray.shutdown()
-
-
 def test_cli_mel_crash_stop_reports_resilience(tmp_path, shared_cache):
     """The issue's command, on a small fleet: the all-up reference, the schedule and the plots."""
     run_dir = tmp_path / "run"

@@ -23,15 +23,6 @@ def test_in_process_run_matches_its_golden_file(name, tmp_path, shared_cache):
     _check(name, run_case(name, tmp_path / "run", shared_cache))
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    """One local Ray for the Ray cases (a run joins a Ray that is already up, and leaves it up)."""
-    import ray
-
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
-    yield
-    ray.shutdown()
-
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", RAY_CASES)

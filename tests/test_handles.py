@@ -77,14 +77,6 @@ def test_verbose_logs_show_the_traceback_and_quiet_ones_do_not():
         quiet_logs(False)
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
-    yield
-    ray.shutdown()
-
 
 @pytest.mark.slow
 def test_on_ray_a_killed_actor_is_dead_a_raising_method_is_a_bug(ray_local):

@@ -206,14 +206,6 @@ def test_schedule_presets():
     assert sum(len(r.dropout) for r in build_schedule(drop, 1, 10, 10, 0)) > 20
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
-    yield
-    ray.shutdown()
-
 
 @pytest.mark.slow
 def test_killed_actor_is_really_dead_and_its_samples_go_elsewhere(ray_local):

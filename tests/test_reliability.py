@@ -502,14 +502,6 @@ def test_sigterm_exits_143_promptly_with_the_resume_command(tmp_path, shared_cac
 
 # ---- 8. a slow server does not stall every round (Ray: the delay is real) ------------------------
 
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
-    yield
-    ray.shutdown()
-
 
 @pytest.mark.slow
 def test_a_slow_server_costs_its_timeout_not_its_delay(tmp_path, shared_cache, ray_local):
