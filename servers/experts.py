@@ -86,7 +86,7 @@ def pretrain_experts(sv: ServersConfig, epochs: int, lr: float, data_cfg: DataCo
     manifest = build_entry(entry, build, "L2D experts")
     states = []
     for s in range(count):
-        with np.load(entry / expert_file(s), allow_pickle=False) as z:
+        with open(entry / expert_file(s), "rb") as f, np.load(f, allow_pickle=False) as z:
             states.append({k: np.array(z[k]) for k in z.files})
     meta = manifest["meta"]
     return states, {"pool_size": meta["pool_size"], "train_accuracy": meta["train_accuracy"]}

@@ -91,7 +91,7 @@ def load(run_dir: Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         raise CheckpointError(f"no checkpoint in {run_dir} (expected {CHECKPOINT}): sim.resume needs the run "
                               "directory of a run that finished at least one round")
     try:
-        with np.load(path, allow_pickle=False) as z:
+        with open(path, "rb") as f, np.load(f, allow_pickle=False) as z:  # our handle: closed on a bad file
             arrays = {k: z[k] for k in z.files}
         meta = json.loads(arrays.pop(META).tobytes().decode())
     except (zipfile.BadZipFile, ValueError, KeyError, OSError, EOFError, UnicodeDecodeError) as exc:
@@ -106,7 +106,7 @@ def load(run_dir: Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
 def finished_round(run_dir: Path) -> int | None:
     """The last finished round recorded in ``run_dir``'s checkpoint (None: no readable checkpoint)."""
     try:
-        with np.load(Path(run_dir) / CHECKPOINT, allow_pickle=False) as z:
+        with open(Path(run_dir) / CHECKPOINT, "rb") as f, np.load(f, allow_pickle=False) as z:
             meta = json.loads(z[META].tobytes().decode())
     except Exception:  # noqa: BLE001 -- any unreadable file means "nothing to resume"
         return None

@@ -43,7 +43,8 @@ def test_cli_run_writes_results(cli_run):
         assert s["baselines"][b]["defer_rate"] == s["defer_rate"]
         assert 0 <= s["baselines"][b]["system_accuracy"] <= 1
     assert s["oracle_accuracy"] >= max(s["system_accuracy"], s["legacy_accuracy"], s["server_accuracy"])
-    rows = list(csv.DictReader(open(run_dir / "clients.csv")))
+    with open(run_dir / "clients.csv") as f:
+        rows = list(csv.DictReader(f))
     assert [int(row["device"]) for row in rows] == [0, 1, 2, 3]
     assert sum(int(row["num_test"]) for row in rows) == s["num_test_samples"]
     # the terminal shows the fleet spread, per-round progress and the summary table
@@ -61,7 +62,7 @@ def test_deferral_price_controls_defer_rate(tmp_path):
     for c_e in (0.0, 0.3, 1.0):
         cfg = small_cfg(**{"strategy.c_e": c_e, "sim.num_rounds": 4, "sim.backend": "inprocess",
                            "sim.cache_dir": str(tmp_path / "cache")})
-        rates[c_e] = simulate(cfg, tmp_path / str(c_e), console=Console(file=open(os.devnull, "w")))["defer_rate"]
+        rates[c_e] = simulate(cfg, tmp_path / str(c_e), console=Console(quiet=True))["defer_rate"]
     assert rates[0.0] > rates[0.3] > rates[1.0] == 0.0
 
 
@@ -73,7 +74,7 @@ def test_binary_task_partial_participation_and_staleness_run(tmp_path):
 
     cfg = small_cfg(**{"data.classes": "[3,8]", "sim.fraction_train": 0.5, "strategy.staleness": 2,
                        "sim.num_rounds": 3, "sim.backend": "inprocess", "sim.cache_dir": str(tmp_path / "cache")})
-    s = simulate(cfg, tmp_path / "run", console=Console(file=open(os.devnull, "w")))
+    s = simulate(cfg, tmp_path / "run", console=Console(quiet=True))
     assert s["num_classes"] == 2 and 0.0 <= s["defer_rate"] <= 1.0
     rounds = [json.loads(ln) for ln in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["train_devices"] for r in rounds] == [2, 2, 2] and all(r["eval_devices"] == 4 for r in rounds)
@@ -88,7 +89,7 @@ def test_binary_surrogate_on_multiclass_data_is_a_config_error(tmp_path):
     cfg = small_cfg(**{"strategy.surrogate": "binary", "sim.backend": "inprocess",
                        "sim.cache_dir": str(tmp_path / "cache")})
     with pytest.raises(ConfigError, match="needs 2-class data"):
-        simulate(cfg, tmp_path / "run", console=Console(file=open(os.devnull, "w")))
+        simulate(cfg, tmp_path / "run", console=Console(quiet=True))
 
 
 def test_joins_a_ray_head_started_with_ray_start(cli_run, tmp_path):

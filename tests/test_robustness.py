@@ -102,7 +102,8 @@ def _client_workers():
     for d in os.listdir("/proc"):
         if d.isdigit():
             try:
-                cmd = open(f"/proc/{d}/cmdline", "rb").read().decode(errors="ignore")
+                with open(f"/proc/{d}/cmdline", "rb") as f:
+                    cmd = f.read().decode(errors="ignore")
             except OSError:
                 continue
             if "ClientAppActor" in cmd:
@@ -129,9 +130,13 @@ def test_a_worker_killed_from_outside_costs_its_replies_not_the_run(tmp_path, sh
     assert p.returncode == 0, err[-2000:]
     rounds = [json.loads(ln) for ln in metrics.read_text().splitlines()]
     assert [r["round"] for r in rounds] == [1, 2, 3]
-    lost = sum(r["train_errors"] + r["eval_errors"] for r in rounds)
-    assert lost >= 1  # the killed worker's reply is recorded as lost ...
-    assert lost <= 2 and rounds[-1]["eval_errors"] == 0 and rounds[-1]["eval_devices"] == 4  # ... and replaced
+    per_round = [(r["train_errors"], r["eval_errors"]) for r in rounds]
+    # The killed worker's replies are recorded as lost: every message queued on that actor when it
+    # died (Flower pushes several per actor, so 1-3 of a round's 8 were measured, timing-dependent) ...
+    assert sum(t + e for t, e in per_round) >= 1, per_round
+    # ... the rest of the fleet answers every round, and the restarted worker serves the last round whole.
+    assert all(r["train_devices"] >= 1 and r["eval_devices"] >= 1 for r in rounds), per_round
+    assert rounds[-1]["eval_errors"] == 0 and rounds[-1]["eval_devices"] == 4, per_round
     assert json.loads((run_dir / "summary.json").read_text())["num_test_samples"] > 0
 
 

@@ -2,7 +2,6 @@
 identical results to Flower on Ray, tests/test_e2e.py)."""
 import json
 import math
-import os
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +19,7 @@ def run(tmp_path, shared_cache, name="run", **over):
 
     cfg = small_cfg(**{"sim.cache_dir": str(shared_cache), "sim.backend": "inprocess", **over})
     out = tmp_path / name
-    summary = simulate(cfg, out, console=Console(file=open(os.devnull, "w")))
+    summary = simulate(cfg, out, console=Console(quiet=True))
     rounds = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return summary, rounds, out
 
