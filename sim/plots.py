@@ -172,28 +172,30 @@ def plot_states(summary: dict[str, Any], path: Path) -> Path:
 
 
 @styled
-def plot_mode_comparison(rows: list[dict[str, Any]], path: Path) -> Path:
-    """Accuracy per failure state (x) for each server training mode (dodged dots), with error bars:
-    a 95% interval when rows carry ``lo``/``hi``, else ± ``std``. ``rows``: dicts with
-    ``training``, ``state``, ``mean`` and ``std`` (or ``lo`` and ``hi``)."""
-    states = list(dict.fromkeys(r["state"] for r in rows))
-    modes = list(dict.fromkeys(r["training"] for r in rows))
-    ci = all("lo" in r and "hi" in r for r in rows)
-    fig, ax = figure(SINGLE if len(states) <= 4 else DOUBLE, 2.8)
-    width = 0.6 / max(len(modes), 1)
-    for i, m in enumerate(modes):
-        vals = [next((r for r in rows if r["training"] == m and r["state"] == st), None) for st in states]
-        mean = [v["mean"] if v else np.nan for v in vals]
-        lo = [(v["lo"] if ci else v["mean"] - v["std"]) if v else np.nan for v in vals]
-        hi = [(v["hi"] if ci else v["mean"] + v["std"]) if v else np.nan for v in vals]
-        ax.errorbar(np.arange(len(states)) - 0.3 + width * (i + 0.5), mean, yerr=half_widths(mean, lo, hi),
-                    ls="none", marker="o", ms=4, color=color(i), label=m)
-    ax.set_xticks(np.arange(len(states)))
-    ax.set_xticklabels(states)
+def plot_report_resilience(groups: list[dict[str, Any]], path: Path) -> Path:
+    """MEL's resilience measures per configuration (x): the fraction of the all-up system accuracy
+    kept over the rounds with servers down and the inference-only fraction (docs/methods.md §7), each
+    a mean over seeds with its 95% CI as error bars, and the line 1 (nothing lost).
+
+    ``groups``: dicts with ``label`` and, per measure, ``fraction_kept`` / ``inference_kept`` =
+    ``(mean, lo, hi)`` (NaN where a configuration has no such rounds).
+    """
+    measures = (("fraction_kept", "system accuracy kept (vs the all-up run)"),
+                ("inference_kept", "inference kept (same pool, all up)"))
+    fig, ax = figure(SINGLE if len(groups) <= 4 else DOUBLE, 2.8)
+    width = 0.6 / len(measures)
+    xs = np.arange(len(groups))
+    for i, (m, label) in enumerate(measures):
+        mean, lo, hi = (np.array([g[m][j] for g in groups], dtype=float) for j in range(3))
+        ax.errorbar(xs - 0.3 + width * (i + 0.5), mean, yerr=half_widths(mean, lo, hi), ls="none", marker="o",
+                    ms=4, color=color(i), label=label)
+    ax.axhline(1.0, color="0.5", lw=0.8, ls=":")
+    ax.set_xticks(xs)
+    ax.set_xticklabels([g["label"] for g in groups], rotation=20 if len(groups) > 3 else 0, ha="right"
+                       if len(groups) > 3 else "center")
     ax.grid(axis="x", visible=False)
-    ax.set_xlabel("failure state")
-    ax.set_ylabel("system accuracy" + (" (95% CI)" if ci else " (± std)"))
-    legend_outside(fig, ax, "upper center", title="server training")
+    ax.set_ylabel("fraction kept (95% CI)")
+    legend_outside(fig, ax, "upper center", ncol=1)
     return save(fig, path)
 
 

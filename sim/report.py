@@ -38,7 +38,8 @@ Written into ``--out`` (default: the first directory given):
 - ``report.json``: the same numbers for scripts.
 - figures, each as ``.pdf`` and ``.png``: ``accuracy_vs_defer_rate``; when the runs vary in
   them, ``cost_coverage`` and ``accuracy_vs_c_e`` (c_e), ``accuracy_vs_staleness`` (S, log2 axis),
-  ``achieved_vs_requested_defer_rate`` (``strategy.max_defer_rate``).
+  ``achieved_vs_requested_defer_rate`` (``strategy.max_defer_rate``); for runs with failures,
+  ``resilience_kept`` (fraction kept and inference kept per configuration).
 
 A missing directory, a directory without runs or a bad ``--baseline`` is a one-line error (exit
 2); a run whose summary.json cannot be read is skipped with a one-line warning. Nothing in the run
@@ -66,14 +67,20 @@ METRICS = (("system_accuracy", "system acc"), ("defer_rate", "defer rate"), ("l0
            ("vs_confidence", "vs confidence @ same rate"), ("legacy_accuracy", "local acc"),
            ("server_accuracy", "server acc"), ("aurc", "AURC"), ("e_aurc", "E-AURC"),
            ("worst_device_accuracy", "worst device"), ("p10_device_accuracy", "10th pct device"),
-           ("fraction_kept", "fraction kept"), ("coverage", "coverage"))
+           ("fraction_kept", "fraction kept"), ("fraction_kept_min", "fraction kept, worst round"),
+           ("inference_kept", "inference kept"), ("coverage", "coverage"))
 """Metric columns (name, table header) aggregated over seeds; ``acc@r`` columns are added per fixed defer rate."""
 
 MAIN = ("system_accuracy", "defer_rate", "l01_cost", "vs_confidence")
 """The metrics of the first table (and of the paired table)."""
 
 MORE = ("legacy_accuracy", "server_accuracy", "aurc", "e_aurc", "worst_device_accuracy", "p10_device_accuracy")
-"""The metrics of the second table (``fraction_kept`` joins it for runs with failures)."""
+"""The metrics of the second table (:data:`RESILIENCE` joins it for runs with failures)."""
+
+RESILIENCE = ("fraction_kept", "fraction_kept_min", "inference_kept")
+"""MEL's resilience measures (docs/methods.md §7): over the rounds with servers down, the system accuracy
+kept against the all-up reference run (mean, worst round), and the same trained pool answering with the
+failure state against all up (inference only, the number comparable to MEL's 95.6%)."""
 
 ALIASES = {"strategy": ("strategy.name", "strategy"), "c_e": ("strategy.c_e", "c_e"),
            "staleness": ("strategy.staleness", "staleness"),
@@ -174,7 +181,7 @@ def metrics_of(s: dict[str, Any]) -> dict[str, Any]:
                 "aurc": s.get("aurc"), "e_aurc": s.get("e_aurc"),
                 "worst_device_accuracy": (s.get("fairness") or {}).get("worst"),
                 "p10_device_accuracy": (s.get("fairness") or {}).get("p10"),
-                "fraction_kept": (s.get("resilience") or {}).get("fraction_kept"),
+                **{k: (s.get("resilience") or {}).get(k) for k in RESILIENCE},
                 "num_test_samples": s["num_test_samples"]})
     for r, a in (s.get("accuracy_at_defer_rate") or {}).items():
         row[f"acc@{r}"] = a
@@ -488,7 +495,7 @@ def markdown(ctx: dict[str, Any]) -> str:
              ""]
     lines += stat_table(groups, varying, stats, list(MAIN), headers)
     failed = any(_value(g["runs"][0]["ident"], "failures") not in (None, "none") for g in groups)
-    more = list(MORE) + (["fraction_kept"] if failed else [])
+    more = list(MORE) + (list(RESILIENCE) if failed else [])
     lines += ["", "More metrics (same cells):", ""] + stat_table(groups, varying, stats, more, headers)
     rates = [c for c in metric_columns(df) if c.startswith("acc@")]
     if rates:
@@ -552,6 +559,10 @@ def figures_section(ctx: dict[str, Any]) -> list[str]:
         "band).",
         "achieved_vs_requested_defer_rate": "achieved test defer rate against the requested bound delta (mean, 95% "
         "CI band).",
+        "resilience_kept": "per configuration with failures, over the rounds with servers down: the system accuracy "
+        "kept against the all-up reference run (models trained with the failure) and the inference-only fraction "
+        "(the same trained pool answering with the failure state vs all up: MEL's measure); mean over seeds, 95% "
+        "CI bars.",
     }
     shown = [f"- `{n}` (.pdf, .png): {t}" for n, t in text.items() if n in names]
     return ["", "## Figures", "", *shown] if shown else []
@@ -670,6 +681,11 @@ def figures(ctx: dict[str, Any], out: Path) -> list[Path]:
     if bounded:
         made.append(P.plot_report_bounded(sweep_series(ctx, "max_defer_rate", ("defer_rate",), bounded),
                                           out / "achieved_vs_requested_defer_rate.png"))
+    failed = [g for g in ctx["groups"] if _value(g["runs"][0]["ident"], "failures") not in (None, "none")]
+    if failed:
+        made.append(P.plot_report_resilience(
+            [{"label": g["label"], **{m: _point(ctx["stats"], g["id"], m) for m in ("fraction_kept", "inference_kept")}}
+             for g in failed], out / "resilience_kept.png"))
     return [f for png in made for f in outputs(png)]
 
 

@@ -196,6 +196,27 @@ def test_figures_are_pdf_and_png_and_runs_are_untouched(tmp_path):
     assert "cost-coverage curve" in md and "not what the method would do at another deferral cost" in md
 
 
+def test_runs_with_failures_report_mels_measures_with_intervals(tmp_path):
+    """A sweep of server training under a crash: the table gains fraction kept (mean and worst round)
+    and inference kept, each mean ± t-interval over seeds, and resilience_kept is drawn."""
+    runs = tmp_path / "runs"
+    kept = {"independent": (0.99, 0.97), "mel": (0.95, 0.92)}
+    for training, (fk, ik) in kept.items():
+        for seed in (0, 1, 2):
+            fake_run(runs, f"{training}-{seed}", seed, 0.85, {**cfg(), "servers": {"training": training},
+                                                           "failures": {"name": "crash_stop"}},
+                     resilience={"failures": "crash_stop", "fraction_kept": fk + seed / 100,
+                                 "fraction_kept_min": fk - 0.02, "inference_kept": ik + seed / 100})
+    R.report([runs], tmp_path / "out")
+    md = (tmp_path / "out" / "report.md").read_text()
+    row = next(ln for ln in md.splitlines() if ln.startswith("| mel | 3 |") and "0.960 ±" in ln)
+    half = sps.t.ppf(0.975, 2) * 0.01 / math.sqrt(3)  # sample std of (0.95, 0.96, 0.97) is 0.01
+    assert f"0.960 ± {half:.3f}" in row and f"0.930 ± {half:.3f}" in row and "0.930 ± 0.000" in row
+    assert "| fraction kept | fraction kept, worst round | inference kept |" in md
+    for ext in ("pdf", "png"):
+        assert (tmp_path / "out" / f"resilience_kept.{ext}").stat().st_size > 5_000
+
+
 def simulate_into(path, cache, **over):
     from rich.console import Console
 
