@@ -515,8 +515,10 @@ def paired_section(ctx: dict[str, Any]) -> list[str]:
     head = ["", f"## Paired differences against {_text(base['values'])} (n = {base['n']} seeds)", "",
             ("Each row: the configuration minus the baseline, seed by seed, on the seeds both have (n common "
              f"seeds); cells: {INTERVAL_TEXT}. An interval that excludes 0 is a difference at the 5% level."), ""]
-    return head + stat_table(ctx["groups"], ctx["varying"], ctx["paired"], list(MAIN), dict(METRICS), "n common",
-                             counts)
+    failed = any(_value(g["runs"][0]["ident"], "failures") not in (None, "none") for g in ctx["groups"])
+    return head + stat_table(ctx["groups"], ctx["varying"], ctx["paired"], list(MAIN) + (list(RESILIENCE) if failed
+                                                                                        else []),
+                             dict(METRICS), "n common", counts)
 
 
 def bounded_section(ctx: dict[str, Any]) -> list[str]:

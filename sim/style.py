@@ -66,6 +66,7 @@ KEY_LABELS = {
     "fleet.num_clients": "devices", "num_clients": "devices", "sim.num_rounds": "rounds", "num_rounds": "rounds",
     "servers.count": "servers", "num_servers": "servers", "servers.routing": "routing",
     "servers.training": "server training", "failures.name": "failures", "failures": "failures",
+    "failures.round": "failure round", "failures.servers": "failed servers",
     "servers.coop.serve_depth": "serve depth", "serve_depth": "serve depth", "servers.coop.capacity": "capacity",
     "capacity": "capacity", "strategy.tau": r"$\tau$", "strategy.defer_rate": "defer rate",
 }

@@ -228,3 +228,26 @@ def test_a_tiny_mnist1d_fleet_runs_end_to_end(tmp_path, shared_cache):
     assert summary["num_clients"] == 4 and summary["num_rounds"] == 2 and summary["num_classes"] == 10
     assert 0 <= summary["system_accuracy"] <= 1 and 0 <= summary["defer_rate"] <= 1
     assert (tmp_path / "run" / "summary.json").exists() and (tmp_path / "run" / "clients.csv").exists()
+
+
+def test_mnist1d_grows_with_the_fleet_so_every_device_keeps_50_samples():
+    from sim.cli import compose_checked
+
+    assert compose_checked(["data=mnist1d"]).data.num_samples == 10_000  # the default fleet: unchanged
+    assert compose_checked(["data=mnist1d", "fleet.num_clients=200"]).data.num_samples == 10_000
+    assert compose_checked(["data=mnist1d", "fleet.num_clients=1000"]).data.num_samples == 50_000
+    assert compose_checked(["data=mnist1d", "fleet.num_clients=10000"]).data.num_samples == 500_000
+    assert compose_checked(["data=mnist1d", "fleet.num_clients=1000", "data.num_samples=60000"]
+                           ).data.num_samples == 60_000  # the user's value wins
+
+
+@pytest.mark.slow
+def test_a_1000_device_mnist1d_fleet_has_disjoint_data_with_50_samples_each(cache_dir):
+    from sim.cli import compose_checked
+    from sim.core import data
+
+    c = compose_checked(["data=mnist1d", "fleet.num_clients=1000"])
+    prep = data.prepare(c.data, 1000, 0, cache_dir)
+    owned = prep.owner[prep.owner >= 0]
+    counts = np.bincount(owned, minlength=1000)
+    assert len(counts) == 1000 and counts.min() >= 50  # every sample has one owner: disjoint by construction

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, ClassVar, List, Optional
 
-from omegaconf import MISSING
+from omegaconf import MISSING, OmegaConf
 
 from sim.core.errors import ConfigError
 
@@ -67,6 +67,22 @@ MAX_SIDE = 4096
 """Largest sensor block (``fleet.groups.<i>.downsample``); the data's own side is checked once it is loaded."""
 MAX_SAMPLES = 10_000_000
 """Most samples ``data.num_samples`` may generate (MNIST-1D)."""
+MNIST1D_MIN_SAMPLES = 10_000
+MNIST1D_PER_DEVICE = 50
+
+
+def mnist1d_samples(num_clients: Any) -> int:
+    """``data.num_samples`` of ``data=mnist1d`` (the ``${mnist1d_samples:${fleet.num_clients}}`` resolver):
+    10,000, or 50 per device for fleets over 200 devices, so the iid partition stays disjoint with at
+    least 50 samples on every device. A non-integer fleet size is left to the fleet's own validation."""
+    try:
+        n = int(num_clients)
+    except (TypeError, ValueError):
+        return MNIST1D_MIN_SAMPLES
+    return max(MNIST1D_MIN_SAMPLES, MNIST1D_PER_DEVICE * n)
+
+
+OmegaConf.register_new_resolver("mnist1d_samples", mnist1d_samples, replace=True)
 
 
 def invalid(key: str, value: Any, rule: str) -> ConfigError:
