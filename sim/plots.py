@@ -200,10 +200,13 @@ def plot_report_resilience(groups: list[dict[str, Any]], path: Path) -> Path:
 
 
 # ---- report figures (python -m sim.report) ---------------------------------------------------------
-def _wide(n_series: int) -> tuple[float, str]:
-    """Figure width and legend place: one column with the legend below for a few series, two
-    columns with the legend on the right for many."""
-    return (SINGLE, "lower center") if n_series <= 4 else (DOUBLE, "right upper")
+def _wide(labels: list[str]) -> tuple[float, float, str]:
+    """Figure width, height and legend place: one column with the legend below for a few short
+    labels; two columns with the legend on the right for many; the legend below, one label a line,
+    when the labels are too long to sit beside the axes."""
+    if max((len(lab) for lab in labels), default=0) > 60:
+        return DOUBLE, 3.0 + 0.2 * len(labels), "lower center"
+    return (SINGLE, 2.9, "lower center") if len(labels) <= 4 else (DOUBLE, 3.2, "right upper")
 
 
 @styled
@@ -215,8 +218,8 @@ def plot_report_curves(curves: list[dict[str, Any]], path: Path) -> Path:
     ``curves``: dicts with ``label``, ``x`` (defer rates), ``mean``/``lo``/``hi`` (accuracy, one per
     x) and ``point`` = ``{"defer_rate": (mean, lo, hi), "system_accuracy": (mean, lo, hi)}``.
     """
-    width, where = _wide(len(curves))
-    fig, ax = figure(width, 2.9 if width == SINGLE else 3.2)
+    width, height, where = _wide([c["label"] for c in curves])
+    fig, ax = figure(width, height)
     for i, c in enumerate(curves):
         band(ax, c["x"], c["mean"], c["lo"], c["hi"], alpha=band_alpha(len(curves)), color=color(i), label=c["label"])
         (xm, xl, xh), (ym, yl, yh) = c["point"]["defer_rate"], c["point"]["system_accuracy"]
@@ -224,7 +227,7 @@ def plot_report_curves(curves: list[dict[str, Any]], path: Path) -> Path:
                     marker="o", ms=5, color=color(i), mec="white", mew=0.6, zorder=5)
     ax.set_xlabel("defer rate (top-k of the score deferred)")
     ax.set_ylabel("system accuracy")
-    legend_outside(fig, ax, where)
+    legend_outside(fig, ax, where, ncol=1 if height > 3.2 else None)
     return save(fig, path)
 
 
