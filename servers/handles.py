@@ -10,7 +10,9 @@ timeout as ``timeout``. Any other exception a server method raises is a bug in t
 
 Ray usage (each by the book): the actor class is made remote once per process
 (:func:`remote_server_class`); server actors are placed with ``scheduling_strategy="SPREAD"``
-(on a cluster they go to different nodes when resources allow); a large argument shared by
+(on a cluster, actors that request resources -- ``servers.resources`` > 0 -- go round-robin to
+different nodes; Ray places an actor requesting nothing, the default, on a node of its choosing,
+measured: both servers of a 2-node test cluster on one node); a large argument shared by
 several servers in one round of calls is put in the object store once (:data:`PUT_MIN_BYTES`)
 instead of being copied into every actor call; results come back as arrays the pool owns, as
 in-process (:func:`_owned`).
@@ -173,7 +175,7 @@ def new_handle(placement: str, cfg: ServersConfig, in_shape: tuple[int, ...], nu
                index: int, torch_threads: int) -> LocalHandle | RayHandle:
     """A new helper server ``index``: in this process (``placement="local"``) or in a new Ray actor
     with ``servers.resources`` (``"ray"``; Ray must be initialised). Actors are spread over the
-    cluster's nodes (``SPREAD``) and never restarted by Ray: a lost server stays lost until the
+    cluster's nodes (``SPREAD``, for actors that request resources) and never restarted by Ray: a lost server stays lost until the
     failure schedule recovers it (a new actor)."""
     args = (cfg, list(in_shape), num_classes, seed, index, torch_threads)
     if placement == "local":

@@ -212,7 +212,8 @@ def _train_device(spec: dict[str, Any], device: Device, msg: Message, context: C
 def _evaluate_device(spec: dict[str, Any], device: Device, msg: Message, context: Context, reachable: list[int]
                      ) -> tuple[dict[str, np.ndarray], dict[str, Any], None]:
     """One device's evaluation: its per-sample decisions on its test split (``DEVICE_FIELDS`` + x)."""
-    ctx = RoundContext(device, _learner(spec, device, msg, context, create=False), reachable, 0)
+    ctx = RoundContext(device, _learner(spec, device, msg, context, create=False), reachable,
+                       int(msg.content["config"]["round"]))
     rec = _runtime(spec)["method"].evaluate(ctx)
     rec.pop("device")
     return rec, {"num_examples": len(rec["y"])}, None

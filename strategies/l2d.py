@@ -135,13 +135,17 @@ class L2DMethod(DeviceMethod):
                                seed=derive_seed(self.seed, "l2d", device.device_id, ctx.round))
         _, pred, _, score = self.decisions(model, x, avail)
         if cal.any() and self.cfg.max_defer_rate is not None:
-            t, rho = bounded.fit(score[cal].numpy(), (score[cal] > 0).numpy(), float(self.cfg.max_defer_rate))
-            model.local_bound.copy_(torch.tensor([t, rho]))
+            self.fit_bound(model, score[cal])
         none = np.zeros(len(y), dtype=bool)
         return TrainResult(none, np.full(len(y), -1, dtype=np.int64), none, {
             "rejector_loss": loss, "train_defer_rate": float((score > 0).float().mean()),
             "train_legacy_error": float((pred != y).float().mean()),
             "train_server_error": float(1 - ok[:, reach].mean()) if reach else float("nan")})
+
+    def fit_bound(self, model: L2DModel, score_cal: torch.Tensor) -> None:
+        """Fit the reject-rate bound ``(t, rho)`` on the calibration scores ``(M,)`` into ``model.local_bound``."""
+        t, rho = bounded.fit(score_cal.numpy(), (score_cal > 0).numpy(), float(self.cfg.max_defer_rate))
+        model.local_bound.copy_(torch.tensor([t, rho]))
 
     @torch.no_grad()
     def evaluate(self, ctx: RoundContext) -> dict[str, np.ndarray]:
@@ -155,6 +159,11 @@ class L2DMethod(DeviceMethod):
             defer, route, score = np.zeros(n, dtype=bool), np.full(n, -1, dtype=np.int64), np.zeros(n, np.float32)
         else:
             avail = available(self.servers, ctx.reachable)
+            if bounded.refit_before_evaluation(self.cfg):  # the group average decides: bound it, not the local model
+                x_cal = torch.from_numpy(device.data.x_rejector)
+                cal = bounded.calibration_split(self.cfg, len(x_cal), self.seed, device.device_id, ctx.round)
+                if cal.any():
+                    self.fit_bound(model, self.decisions(model, x_cal[torch.from_numpy(cal)], avail)[3])
             logits, _, expert, score_t = self.decisions(model, torch.from_numpy(x), avail)
             k = logits.shape[1] - int(self.servers.count)
             probs = torch.softmax(logits[:, :k], 1)

@@ -187,6 +187,11 @@ class L2HMethod(DeviceMethod):
             defer, route = np.zeros(n, dtype=bool), np.full(n, -1, dtype=np.int64)
         else:
             rejector.eval()
+            if bounded.refit_before_evaluation(self.cfg):  # the group average decides: bound it, not the local model
+                cal_feats = device.features("rejector", self.cfg.rejector.inputs)
+                cal = bounded.calibration_split(self.cfg, len(cal_feats), self.seed, device.device_id, ctx.round)
+                if cal.any():
+                    self.fit_bound(rejector, cal_feats[cal], avail)
             feats = device.features("test", self.cfg.rejector.inputs)
             _, score = masked_decision(rejector(feats), avail)
             defer, route = decide(rejector, feats, avail, self.servers)

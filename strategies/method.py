@@ -32,7 +32,8 @@ class RoundContext:
         learner: the device's trained part from earlier rounds (None: none yet, or the method has
             none).
         reachable: the helper servers the device can reach this round (up, not cut off).
-        round: the round (1-based; 0 for the final evaluation's seeds).
+        round: the round (1-based), in training and in evaluation (evaluation seeds its draws with
+            round 0 itself: a device's test decisions do not depend on when it is evaluated).
         view: the servers' networks as received this round (training only; None in evaluation).
     """
 

@@ -92,11 +92,18 @@ def test_binary_surrogate_on_multiclass_data_is_a_config_error(tmp_path):
         simulate(cfg, tmp_path / "run", console=Console(quiet=True))
 
 
-def test_joins_a_ray_head_started_with_ray_start(cli_run, tmp_path):
-    """`ray start --head` on loopback, a run joined to it via sim.ray_address, then the head stopped."""
+def test_a_two_node_ray_cluster_runs_devices_and_servers_on_both_nodes(cli_run, tmp_path):
+    """A real multi-node cluster on this machine: `ray start --head --num-cpus=1` and a second node
+    joined to it (`ray start --address=...`, its own raylet and object store), both in their own temp
+    dir (so nothing else on the machine joins them). A run with sim.ray_address and 2 helper servers
+    places device actors (Flower's ClientAppActor) on both nodes and its server actors on the
+    cluster -- shown by Ray's GCS actor table -- and gives the same summary.json as the run in one
+    process. (Server actors request no resources by default, and Ray places such actors where it
+    likes, SPREAD or not: both were measured on one node.) Both nodes are stopped whatever happens."""
     import shutil
     import signal
     import socket
+    import tempfile
     import time
 
     if shutil.which("ray") is None:
@@ -104,24 +111,67 @@ def test_joins_a_ray_head_started_with_ray_start(cli_run, tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    head = subprocess.Popen(["ray", "start", "--head", "--block", f"--port={port}", "--node-ip-address=127.0.0.1",
-                             "--num-cpus=2", "--include-dashboard=false"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    temp = tempfile.mkdtemp(prefix="r2n", dir="/tmp")  # short: Ray's socket paths have a length limit
+    common = ["--block", "--num-cpus=1", "--object-store-memory=100000000", f"--temp-dir={temp}",
+              "--disable-usage-stats"]
+    nodes = [subprocess.Popen(["ray", "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1",
+                               "--include-dashboard=false", *common],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)]
+    address = f"127.0.0.1:{port}"
+    probe = ("import json, sys, ray\n"
+             "ray.init(address=sys.argv[1], logging_level='ERROR')\n"
+             "from ray._private import state\n"  # the GCS tables (no dashboard in core Ray)
+             "nodes = [n['NodeID'] for n in ray.nodes() if n['Alive']]\n"
+             "actors = [(a['ActorClassName'], a['Address']['NodeID']) for a in state.actors().values()]\n"
+             "print(json.dumps({'nodes': nodes, 'actors': actors}))\n")
+
+    def cluster() -> dict:
+        r = subprocess.run([sys.executable, "-c", probe, address], capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, f"Ray's GCS tables could not be read (did Ray's state API change?): {r.stderr[-1500:]}"
+        return json.loads(r.stdout.strip().splitlines()[-1])
+
     try:
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 90
         while time.monotonic() < deadline:  # wait until the head's GCS accepts connections
             try:
                 socket.create_connection(("127.0.0.1", port), timeout=1).close()
                 break
             except OSError:
                 time.sleep(0.5)
+        nodes.append(subprocess.Popen(["ray", "start", f"--address={address}", "--node-ip-address=127.0.0.1",
+                                       *common], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                      start_new_session=True))
+        while len(cluster()["nodes"]) < 2:
+            assert time.monotonic() < deadline, "the second node never joined the head"
+            time.sleep(1)
         run_dir, _, cache = cli_run
         env = {**os.environ, "L2H_SIM_CACHE": str(cache)}
-        r = subprocess.run([sys.executable, "-m", "sim.run", "fleet.num_clients=4", "sim.num_rounds=2", "seed=3",
-                            f"sim.ray_address=127.0.0.1:{port}", f"hydra.run.dir={tmp_path / 'run'}"],
-                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+        args = ["fleet.num_clients=4", "sim.num_rounds=2", "seed=3", "servers.count=2"]
+        alone = subprocess.run([sys.executable, "-m", "sim.run", *args, "sim.backend=inprocess",
+                                f"hydra.run.dir={tmp_path / 'alone'}"], cwd=tmp_path, env=env, capture_output=True,
+                               text=True, timeout=300)
+        assert alone.returncode == 0, alone.stderr[-2000:]
+        r = subprocess.run([sys.executable, "-m", "sim.run", *args, f"sim.ray_address={address}",
+                            f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path, env=env, capture_output=True,
+                           text=True, timeout=600)
         assert r.returncode == 0, r.stderr[-2000:]
-        assert (tmp_path / "run" / "summary.json").read_text() == (run_dir / "summary.json").read_text()
+        assert json.loads((tmp_path / "run" / "summary.json").read_text()) == \
+            json.loads((tmp_path / "alone" / "summary.json").read_text())
+        seen = cluster()
+        where = {cls: {node for c, node in seen["actors"] if c == cls} for cls in ("ClientAppActor", "HelperServer")}
+        counts = {cls: [c for c, _ in seen["actors"]].count(cls) for cls in where}
+        assert counts == {"ClientAppActor": 2, "HelperServer": 2}, counts  # one device worker per CPU, 2 servers
+        assert where["ClientAppActor"] == set(seen["nodes"]), (where, seen["nodes"])  # devices: on both nodes
+        assert where["HelperServer"] <= set(seen["nodes"]), (where, seen["nodes"])  # servers: on the cluster
     finally:
-        os.killpg(head.pid, signal.SIGTERM)  # `ray start --block` tears the head down when terminated
-        head.wait(timeout=60)
+        for n in reversed(nodes):  # the joined node first; `ray start --block` tears its node down on SIGTERM
+            try:
+                os.killpg(n.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        for n in nodes:
+            try:
+                n.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(n.pid, signal.SIGKILL)
+        shutil.rmtree(temp, ignore_errors=True)
