@@ -224,16 +224,32 @@ def check_command_line(argv: list[str]) -> None:
         if name not in available and f"{name}.yaml" not in available and name.removesuffix(".yaml") not in available:
             raise ConfigError(f"--config-name {name}: no such primary config (available: {', '.join(available)}); "
                               "leave the flag out to use config")
-    precheck(argv)
     multirun = "-m" in argv or "--multirun" in argv
+    if multirun and any(a in ("--cfg", "-c", "--info", "-i") or a.startswith(("--cfg=", "--info=")) for a in argv):
+        raise ConfigError("--cfg/--info show one job's config: leave out -m (give one value per key) to see it")
+    precheck(argv)
     for a in argv:
         key, _, value = a.partition("=")
+        if key in ("hydra.run.dir", "hydra.sweep.dir"):
+            value = _override_value(a)  # Hydra's quoting removed: 'dir,with=chars' is the path dir,with=chars
         if key == "hydra.run.dir" and not multirun and not any(b.startswith("sim.resume=") for b in argv):
             from sim.results import check_run_dir
 
             check_run_dir(Path(value))
         elif key == "hydra.sweep.dir" and multirun and (Path(os.path.expanduser(value)) / "multirun.yaml").exists():
             raise ConfigError(f"hydra.sweep.dir={value} already holds a sweep (multirun.yaml): give a new directory")
+
+
+def _override_value(override: str) -> str:
+    """The value of one ``key=value`` override as Hydra parses it (quotes removed); the raw text
+    after ``=`` when Hydra cannot parse it (Hydra then reports the override itself)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    try:
+        return str(OverridesParser.create().parse_override(override).value())
+    except HydraException:
+        return override.partition("=")[2]
 
 
 def _flag(argv: list[str], names: tuple[str, ...]) -> str | None:

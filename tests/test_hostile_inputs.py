@@ -89,3 +89,23 @@ def test_a_forged_checkpoint_header_is_named(meta, expect):
     problem = header_problem(meta, num_rounds=3)
     assert problem is not None and expect in problem
     assert header_problem({"round": 2, "config": {}, "pool": {}, "strategy": {}}, num_rounds=3) is None
+
+
+def test_cfg_with_a_sweep_is_one_line_not_hydras_traceback():
+    from sim.run import check_command_line
+
+    with pytest.raises(ConfigError, match="leave out -m"):
+        check_command_line(["-m", "seed=0,1", "--cfg", "job"])
+
+
+def test_a_hydra_quoted_run_dir_is_checked_as_the_path_hydra_uses(tmp_path):
+    """`hydra.run.dir='a,b=c'` is the directory a,b=c: an existing run there is found (and no stray
+    directory named with the quotes is made)."""
+    from sim.run import check_command_line
+
+    run = tmp_path / "x,y=1"
+    run.mkdir()
+    (run / "summary.json").write_text("{}")
+    with pytest.raises(ConfigError):
+        check_command_line([f"hydra.run.dir='{run}'", "sim.num_rounds=1"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x,y=1"]
