@@ -31,7 +31,6 @@ from sim.results import claim, resume_override
 from tests.conftest import small_cfg
 
 RESULTS = ("summary.json", "metrics.jsonl", "clients.csv", CHECKPOINT)
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def cfg(cache: Path, **over):
@@ -527,25 +526,3 @@ def test_a_slow_server_costs_its_timeout_not_its_delay(tmp_path, shared_cache, r
     assert max(b - a for a, b in itertools.pairwise(elapsed)) < delay, elapsed
     print(f"slow server: whole run {wall:.1f}s, rounds {timing['rounds_s']:.1f}s, per round {elapsed}")
 
-
-# ---- 10. stop signals at random moments, then resume (benchmarks/stress_signals.py, fewer tries) ----
-
-
-@pytest.mark.slow
-def test_signals_at_random_moments_exit_promptly_and_resume_to_the_uninterrupted_summary(tmp_path, shared_cache,
-                                                                                           monkeypatch):
-    """Two tries of the stress script (30 in benchmarks/results): a 3-server MEL multirun on Flower+Ray
-    and a 1-server in-process run, each stopped at a moment drawn between its start and its end; each
-    exits within 30 s with 130/143 (or had finished), leaves no process behind, and its printed resume
-    command ends with the uninterrupted run's summary.json."""
-    import argparse
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("stress_signals", ROOT / "benchmarks" / "stress_signals.py")
-    stress = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(stress)
-    monkeypatch.setenv("L2H_SIM_CACHE", str(shared_cache))
-    args = argparse.Namespace(clients=4, rounds=3, exit_timeout=30.0, start_timeout=600.0, keep=False, verbose=True)
-    settings = [stress.Setting("ray", 3, True), stress.Setting("inprocess", 1, False)]
-    results = stress.stress(2, settings, args, tmp_path, seed=3)
-    assert [r["problem"] for r in results] == [None, None], results
