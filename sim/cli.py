@@ -16,7 +16,7 @@ import itertools
 import math
 import os
 import sys
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -201,8 +201,14 @@ def _hydra(line: CommandLine | None = None) -> Iterator[Any]:
         if not os.path.isdir(path):
             raise ConfigError(f"--config-path {line.config_path if line else path}: no such directory")
     GlobalHydra.instance().clear()
-    init = initialize_config_module(config_module=path[len("pkg://"):].replace("/", "."), version_base="1.3") \
-        if path.startswith("pkg://") else initialize_config_dir(config_dir=os.path.normpath(path), version_base="1.3")
+    if line is not None and line.config_dir:
+        _initialise_with_config_dir(path if path.startswith("pkg://") else f"file://{os.path.normpath(path)}",
+                                    os.path.abspath(line.config_dir))
+        init: Any = nullcontext()
+    else:
+        init = initialize_config_module(config_module=path[len("pkg://"):].replace("/", "."), version_base="1.3") \
+            if path.startswith("pkg://") else initialize_config_dir(config_dir=os.path.normpath(path),
+                                                                     version_base="1.3")
     try:
         with init:
             yield GlobalHydra.instance().config_loader()
@@ -210,11 +216,31 @@ def _hydra(line: CommandLine | None = None) -> Iterator[Any]:
         GlobalHydra.instance().clear()
 
 
-def _search(line: CommandLine | None) -> list[str]:
-    """The override that adds ``--config-dir`` to the config search path (after the primary config's)."""
-    if line is None or not line.config_dir:
-        return []
-    return [f"hydra.searchpath=['file://{os.path.abspath(line.config_dir)}']"]
+def _initialise_with_config_dir(primary: str, config_dir: str) -> None:
+    """Initialise Hydra's global state with the search path ``@hydra.main`` builds for ``--config-dir``:
+    the primary config path, then ``config_dir`` before the structured configs, so a primary config that
+    lives in ``config_dir`` is found (a ``hydra.searchpath`` override is applied only after the primary
+    config is loaded, so it cannot do this).
+
+    Hydra has no public API for it; this is what ``hydra._internal.utils._run_hydra`` does (hydra-core 1.3).
+
+    Raises:
+        ConfigError: this Hydra no longer has those internals (one line naming the tested version).
+    """
+    try:
+        from hydra._internal.hydra import Hydra
+        from hydra._internal.utils import create_config_search_path
+        from hydra.core.config_search_path import SearchPathQuery
+
+        search_path = create_config_search_path(primary)
+        search_path.prepend(provider="command-line", path=f"file://{config_dir}",
+                            anchor=SearchPathQuery(provider="schema"))
+        Hydra.create_main_hydra2(task_name="app", config_search_path=search_path)
+    except (ImportError, AttributeError, TypeError) as exc:  # pragma: no cover - only when Hydra changes
+        import hydra
+
+        raise ConfigError(f"--config-dir needs Hydra 1.3's internal search-path API, which hydra-core "
+                          f"{hydra.__version__} lacks ({exc}); install hydra-core 1.3") from None
 
 
 def _compose(overrides: list[str], config_name: str = CONFIG_NAME, hydra_config: bool = False) -> Any:
@@ -252,7 +278,7 @@ def compose_checked(overrides: list[str], line: CommandLine | None = None) -> Co
         ConfigError: one line, for any composition, type or range error.
     """
     with _hydra(line):
-        extra = (line.hydra_overrides if line else []) + _search(line)
+        extra = (line.hydra_overrides if line else [])
         return _checked(_compose(extra + list(overrides), line.config_name if line else CONFIG_NAME))
 
 
@@ -268,7 +294,7 @@ def sweep_jobs(line: CommandLine) -> list[list[str]]:
 
     fixed = [o for o, p in zip(line.overrides, _parse(line.overrides, OverridesParser)) if not p.is_sweep_override()]
     with _hydra(line) as loader:
-        primary = _compose(line.hydra_overrides + _search(line) + fixed, line.config_name, hydra_config=True)
+        primary = _compose(line.hydra_overrides + fixed, line.config_name, hydra_config=True)
         from omegaconf import OmegaConf
 
         params = OmegaConf.to_container(primary.hydra.sweeper.params, resolve=False) \
@@ -299,7 +325,7 @@ def precheck(argv: list[str]) -> None:
         print(f"note: the sweep has {len(jobs)} jobs; checking {len(checked)} of them (every swept value at "
               "least once) before the first runs", file=sys.stderr)
     with _hydra(line):
-        extra = line.hydra_overrides + _search(line)
+        extra = line.hydra_overrides
         for job in checked:
             cfg = _checked(_compose(extra + job, line.config_name))
             if cfg.sim.resume:

@@ -152,11 +152,6 @@ def test_known_config_name_is_accepted():
     check_command_line(["--config-name", "config.yaml", "fleet.num_clients=4"])
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "sim/cli.py adds --config-dir as a hydra.searchpath override, which Hydra applies only after the "
-    "primary config is found: a primary config in --config-dir is refused with \"Cannot find primary "
-    "config\", though Hydra itself (@hydra.main) runs it. Hydra's run_hydra prepends file://<dir> to the "
-    "search path before the 'schema' provider; _hydra should do the same"))
 def test_primary_config_in_config_dir_is_honoured(tmp_path):
     """A primary config of one's own (--config-dir, --config-name) is what precheck composes."""
     (tmp_path / "mine.yaml").write_text("defaults:\n  - config\n  - _self_\nfleet:\n  num_clients: 0\n")
