@@ -170,9 +170,19 @@ def _report_and_exit(note: str = "") -> None:
 
 
 def _leave(code: int) -> None:
-    """End the process with ``code``: normally (``sys.exit``) when nothing is left running; else at
-    once (``os._exit``), after stopping the Ray instance this process started -- a thread stuck in a
-    Ray call would otherwise keep the interpreter from exiting."""
+    """End the process with ``code``: normally (``sys.exit``) when the run was not stopped and nothing
+    is left running; else at once (``os._exit``), after stopping the Ray instance this process started
+    -- a thread stuck in a Ray call would otherwise keep the interpreter from exiting.
+
+    A stopped run always ends with ``os._exit``: CPython (3.11-3.13, gh-128130) keeps a process-wide
+    "unhandled KeyboardInterrupt" flag that code run through ``PyRun_String`` (C extensions do) sets
+    when the stop's KeyboardInterrupt passes through it, even though this module then catches it; a
+    ``python -m`` process whose flag is set kills itself with SIGINT at exit, so ``sys.exit(143)``
+    would end as "killed by SIGINT" (-2) instead of 143. Every result file is already written
+    atomically; only third-party exit hooks are skipped (logging is flushed first).
+    """
+    import logging
+
     from sim import engine
 
     sys.stdout.flush()
@@ -180,9 +190,11 @@ def _leave(code: int) -> None:
     main_thread = _threading.current_thread() is _threading.main_thread()
     others = [t for t in _threading.enumerate() if t is not _threading.current_thread() and not t.daemon
               and t.is_alive()]
-    if main_thread and not others and not engine.STUCK and not _ray_up():
+    if main_thread and not others and not engine.STUCK and not _ray_up() and not _STOP.is_set():
         sys.exit(code)
-    engine.kill_ray()
+    if "ray" in sys.modules:
+        engine.kill_ray()
+    logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)

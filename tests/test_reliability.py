@@ -31,6 +31,7 @@ from sim.results import claim, resume_override
 from tests.conftest import small_cfg
 
 RESULTS = ("summary.json", "metrics.jsonl", "clients.csv", CHECKPOINT)
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def cfg(cache: Path, **over):
@@ -526,3 +527,59 @@ def test_a_slow_server_costs_its_timeout_not_its_delay(tmp_path, shared_cache, r
     assert max(b - a for a, b in itertools.pairwise(elapsed)) < delay, elapsed
     print(f"slow server: whole run {wall:.1f}s, rounds {timing['rounds_s']:.1f}s, per round {elapsed}")
 
+
+
+# ---- 9. the exit status of a stopped run does not depend on where the stop landed ----------------
+
+_STOPPED_INSIDE_PYRUN = '''
+import ctypes, signal
+from sim import run
+from sim.core.stop import SIGNAL, STOP
+
+run_string = ctypes.pythonapi.PyRun_String
+run_string.restype = ctypes.py_object
+run_string.argtypes = [ctypes.c_char_p, ctypes.c_int, ctypes.py_object, ctypes.py_object]
+STOP.set()
+SIGNAL.append(signal.SIGTERM)
+try:  # the stop's KeyboardInterrupt passes through code a C extension runs with PyRun_String
+    run_string(b"raise KeyboardInterrupt", 257, {}, {})
+except KeyboardInterrupt:
+    run._report_and_exit()
+'''
+
+
+def test_a_stop_that_passed_through_c_extension_code_still_exits_143(tmp_path):
+    """CPython (gh-128130) remembers a KeyboardInterrupt that passed through ``PyRun_String`` even when
+    it was caught, and a ``python -m`` process then kills itself with SIGINT at exit (-2): the stress
+    run saw it once (SIGTERM while job #0 of a sweep was starting). The stopped run's exit is 143."""
+    (tmp_path / "stopped_inside_pyrun.py").write_text(_STOPPED_INSIDE_PYRUN)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(Path(__file__).parents[1])])}
+    r = subprocess.run([sys.executable, "-m", "stopped_inside_pyrun"], cwd=tmp_path, env=env, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 143, (r.returncode, r.stderr[-2000:])
+    assert "interrupted (SIGTERM) before the run started" in r.stderr and "Traceback" not in r.stderr
+
+
+# ---- 10. stop signals at random moments, then resume (benchmarks/stress_signals.py, fewer tries) ----
+
+
+@pytest.mark.slow
+def test_signals_at_random_moments_exit_promptly_and_resume_to_the_uninterrupted_summary(tmp_path, shared_cache,
+                                                                                           monkeypatch):
+    """Two tries of the stress script (30 over every setting in benchmarks/README.md): a 1-server
+    two-job multirun and a 3-server MEL single run, in-process (the Flower+Ray stops are the
+    SIGINT/SIGTERM tests above), each stopped at a moment drawn between its start and its end; each exits within 30 s with
+    130/143 (or had finished), leaves no process behind, and its printed resume command (or, when
+    nothing was saved, the command again) ends with the uninterrupted run's summary.json."""
+    import argparse
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("stress_signals", ROOT / "benchmarks" / "stress_signals.py")
+    stress = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "stress_signals", stress)  # its dataclasses look their module up
+    spec.loader.exec_module(stress)
+    monkeypatch.setenv("L2H_SIM_CACHE", str(shared_cache))
+    args = argparse.Namespace(clients=4, rounds=3, exit_timeout=30.0, start_timeout=600.0, keep=False, verbose=True)
+    settings = [stress.Setting("inprocess", 1, True), stress.Setting("inprocess", 3, False)]
+    results = stress.stress(2, settings, args, tmp_path, seed=3)
+    assert [r["problem"] for r in results] == [None, None], results
