@@ -39,6 +39,22 @@ def test_every_module_of_the_project_imports():
         importlib.import_module(name)  # an ImportError / AttributeError here names the module
 
 
+def test_every_benchmark_script_imports(monkeypatch):
+    """The scripts of benchmarks/ load (their module-level code runs): a config or API change that
+    breaks one shows here, not when someone next measures."""
+    import importlib.util
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    scripts = sorted((ROOT / "benchmarks").glob("*.py"))
+    assert len(scripts) >= 5
+    for path in scripts:
+        spec = importlib.util.spec_from_file_location(f"bench_{path.stem}", path)
+        module = importlib.util.module_from_spec(spec)
+        monkeypatch.setitem(sys.modules, spec.name, module)
+        spec.loader.exec_module(module)
+        assert callable(getattr(module, "main", None)), path.name
+
+
 def test_the_installed_flower_is_in_the_pinned_range():
     import tomllib
 
