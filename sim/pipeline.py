@@ -339,6 +339,10 @@ class Federation:
 
         cfg, inp, timing = self.cfg, self.inp, self.inp.timing
         timing["engine_start_s"] = time.perf_counter() - self.t_sim
+        if cfg.sim.backend == Backend.ray:  # which Ray instance ran it (a sweep's jobs share one: sim/sweep.py)
+            import ray
+
+            timing["ray_node_id"] = ray.get_runtime_context().get_node_id()
         self.pool = ServerPool(cfg.servers, inp.prep.in_shape, inp.prep.num_classes, int(cfg.seed),
                                cfg.failures.query_timeout_s, "ray" if cfg.sim.backend == Backend.ray else "local",
                                int(cfg.sim.torch_threads), cfg.servers.prices(cfg.strategy.c_e))

@@ -438,6 +438,7 @@ class SimConfig:
     devices_per_node: Optional[int] = None  # devices one Flower node simulates (null: ceil(N / max_nodes))
     max_nodes: int = 10  # with devices_per_node=null: at most this many Flower nodes
     ray_address: Optional[str] = None  # None: start a local Ray; "auto" or "host:port": join
+    shared_ray_session: bool = True  # a sweep (-m) starts Ray once for all its jobs (sim/sweep.py)
     client_resources: ResourcesConfig = field(default_factory=ResourcesConfig)
     num_cpus: Optional[int] = None  # CPUs a local Ray may use (None: all)
     torch_threads: int = 1
