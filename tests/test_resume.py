@@ -48,8 +48,11 @@ def interrupt(tmp_path: Path, run_dir: Path, args: list[str], sig: int, after_li
         assert time.monotonic() < deadline
         time.sleep(0.05)
     p.send_signal(sig)
+    t = time.monotonic()
     out, err = p.communicate(timeout=120)  # it must exit on its own, promptly
-    return subprocess.CompletedProcess(p.args, p.returncode, out, err)
+    done = subprocess.CompletedProcess(p.args, p.returncode, out, err)
+    done.seconds_to_exit = time.monotonic() - t
+    return done
 
 
 def cli(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
@@ -77,6 +80,7 @@ def test_sigint_then_resume_equals_the_uninterrupted_run(tmp_path, uninterrupted
     r = interrupt(tmp_path, run_dir, ARGS, signal.SIGINT, after_lines=2)
     assert r.returncode == 130, r.stderr[-2000:]
     assert "Traceback" not in r.stderr
+    assert r.seconds_to_exit < 30  # no thread left hanging in a Ray call (the engine's stop, sim/engine.py)
     done = checkpoint.finished_round(run_dir)
     assert done is not None and done >= 1
     assert f"sim.resume={run_dir}" in r.stderr and f"after round {done}" in r.stderr

@@ -67,8 +67,10 @@ CASES: dict[str, list[str]] = {
 seven failure kinds; both surrogates; both bounds; staleness, partial participation, three
 partitions, per-server prices, several devices per node."""
 
-RAY_CASES = ("l2h", "mel_crash_stop")
-"""Cases also run on Flower + Ray: they must give the in-process golden file exactly."""
+RAY_CASES = ("l2h",)
+"""Cases also run on Flower + Ray: they must give the in-process golden file exactly. MEL servers with
+failures on Ray are pinned to the in-process numbers by tests/test_resume.py (interrupted on Ray,
+resumed in-process, equal to the uninterrupted in-process run to the last digit)."""
 
 
 def machine() -> dict[str, str]:
