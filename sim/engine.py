@@ -214,9 +214,33 @@ def start_ray(address: str | None, num_cpus: int | None, verbose: bool) -> bool:
         kwargs["address"] = "local"
         if num_cpus:
             kwargs["num_cpus"] = num_cpus
-    kwargs["runtime_env"] = runtime_env(address)
-    init_ray(kwargs, address)
+    env = runtime_env(address)
+    if address:
+        kwargs["runtime_env"] = env
+        init_ray(kwargs, address)
+    else:
+        # A local instance's processes are this process's children: they inherit its environment,
+        # so the variables are set for ray.init only. Passed as a runtime_env instead, they would
+        # keep every actor off the workers Ray prestarts (their environment differs), which cost
+        # 2-3 s of actor start per run on 2 cores (benchmarks/README.md).
+        with _environ(env["env_vars"]):
+            init_ray(kwargs, address)
     return True
+
+
+@contextmanager
+def _environ(values: dict[str, str]) -> Iterator[None]:
+    """``os.environ`` updated with ``values`` inside the block, as it was afterwards."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def init_ray(kwargs: dict[str, Any], address: str | None) -> None:

@@ -42,10 +42,12 @@ def fleet_for(cfg, prep, cache_dir):
     return build_fleet(cfg.fleet, cfg.data, prep, cfg.seed, cache_dir)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def ray_local():
-    """One local Ray per test module for its Ray cases (a run joins a Ray that is already up and
-    leaves it up); ``address="local"`` never joins another job's cluster."""
+    """One local Ray per test process (each pytest-xdist worker) for the Ray cases that run in the
+    test process: a run joins a Ray that is already up and leaves it up, as a sweep's jobs do
+    (sim/sweep.py), so the suite pays Ray's start once, not per test or module. ``address="local"``
+    never joins another job's cluster."""
     import ray
 
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")

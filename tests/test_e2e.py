@@ -106,6 +106,11 @@ def test_a_two_node_ray_cluster_runs_devices_and_servers_on_both_nodes(cli_run, 
     import tempfile
     import time
 
+    from rich.console import Console
+
+    from sim.cli import compose_checked
+    from sim.pipeline import simulate
+
     if shutil.which("ray") is None:
         pytest.skip("the ray command-line tool is not on PATH")
     with socket.socket() as s:
@@ -147,10 +152,8 @@ def test_a_two_node_ray_cluster_runs_devices_and_servers_on_both_nodes(cli_run, 
         run_dir, _, cache = cli_run
         env = {**os.environ, "L2H_SIM_CACHE": str(cache)}
         args = ["fleet.num_clients=4", "sim.num_rounds=2", "seed=3", "servers.count=2"]
-        alone = subprocess.run([sys.executable, "-m", "sim.run", *args, "sim.backend=inprocess",
-                                f"hydra.run.dir={tmp_path / 'alone'}"], cwd=tmp_path, env=env, capture_output=True,
-                               text=True, timeout=300)
-        assert alone.returncode == 0, alone.stderr[-2000:]
+        simulate(compose_checked([*args, "sim.backend=inprocess", f"sim.cache_dir={cache}"]),
+                 tmp_path / "alone", console=Console(quiet=True))  # in this process: what `python -m sim.run` calls
         r = subprocess.run([sys.executable, "-m", "sim.run", *args, f"sim.ray_address={address}",
                             f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path, env=env, capture_output=True,
                            text=True, timeout=600)

@@ -186,7 +186,7 @@ def _flwr() -> str:
 
 
 @pytest.mark.slow
-def test_flwr_run_local_simulation(tmp_path):
+def test_flwr_run_local_simulation(tmp_path, shared_cache):
     """``flwr run .`` from the project directory: a local SuperLink, 2 SuperNodes, 2 rounds, summary.json."""
     flwr = _flwr()
     run_dir = tmp_path / "run"
@@ -205,7 +205,7 @@ def test_flwr_run_local_simulation(tmp_path):
         "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",  # offline: no `uv sync` of the app's deps
         "FLWR_DISABLE_UPDATE_CHECK": "1",
         "FLWR_TELEMETRY_ENABLED": "0",
-        "L2H_SIM_CACHE": str(tmp_path / "cache"),
+        "L2H_SIM_CACHE": str(shared_cache),
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
     })
     cmd = [flwr, "run", ".", "--stream",

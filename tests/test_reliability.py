@@ -392,9 +392,9 @@ def test_resuming_or_refusing_leaves_the_hydra_record_unchanged(tmp_path, shared
 # ---- 9. stop signals (Flower on Ray, real processes) ----------------------------------------------
 
 SIGNAL_ARGS = ["fleet.num_clients=4", "sim.num_rounds=3", "sim.backend=inprocess"]
-"""In-process: what these tests check (exit status, the printed command, resuming with it) does not
-depend on the backend; a stop on Flower + Ray (threads inside Ray calls) is tests/test_resume.py's
-SIGINT test, which also checks the exit is prompt."""
+"""In-process: what these tests check (exit status, the printed command) does not depend on the
+backend; Ctrl-C on Flower + Ray (threads inside Ray calls), then resuming with the printed command,
+is tests/test_resume.py's SIGINT test, which also checks the exit is prompt."""
 
 
 class Running:
@@ -478,22 +478,6 @@ def printed_resume(out: str, run_dir: Path) -> list[str]:
 
 
 @pytest.mark.slow
-def test_sigint_exits_130_promptly_and_the_printed_command_resumes(tmp_path, shared_cache):
-    run_dir = tmp_path / "runs a b" / "run"  # a space: the printed command must be quoted
-    code, seconds, out = stop_after_round_1(tmp_path, shared_cache, run_dir, signal.SIGINT)
-    assert code == 130, out[-3000:]
-    assert seconds < 30 and "Traceback" not in out
-    assert re.search(r"interrupted \(SIGINT\) after round [12]\b", out), out[-3000:]
-    argv = printed_resume(out, run_dir)
-    done = checkpoint.finished_round(run_dir)
-    assert done in (1, 2) and not (run_dir / "summary.json").exists()
-    r = cli(tmp_path, shared_cache, *argv[3:], timeout=500)  # the printed command, python -> this interpreter
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert f"after round {done} of 3" in r.stdout
-    assert (run_dir / "summary.json").is_file() and rounds(run_dir) == [1, 2, 3]
-
-
-@pytest.mark.slow
 def test_sigterm_exits_143_promptly_with_the_resume_command(tmp_path, shared_cache):
     run_dir = tmp_path / "run"
     code, seconds, out = stop_after_round_1(tmp_path, shared_cache, run_dir, signal.SIGTERM)
@@ -569,11 +553,12 @@ def test_a_stop_that_passed_through_c_extension_code_still_exits_143(tmp_path):
 @pytest.mark.slow
 def test_signals_at_random_moments_exit_promptly_and_resume_to_the_uninterrupted_summary(tmp_path, shared_cache,
                                                                                            monkeypatch):
-    """Two tries of the stress script (30 over every setting in benchmarks/README.md): a 1-server
-    two-job multirun and a 3-server MEL single run, in-process (the Flower+Ray stops are the
-    SIGINT/SIGTERM tests above), each stopped at a moment drawn between its start and its end; each exits within 30 s with
-    130/143 (or had finished), leaves no process behind, and its printed resume command (or, when
-    nothing was saved, the command again) ends with the uninterrupted run's summary.json."""
+    """One try of the stress script (30 tries over every setting in benchmarks/README.md): a
+    1-server two-job multirun in-process (where the stress run once found a wrong exit status; the
+    Flower+Ray stop is tests/test_resume.py's SIGINT test), stopped at a moment drawn between its start
+    and its end: it exits within 30 s with 130/143 (or had finished), leaves no process behind, and its
+    printed resume command (or, when nothing was saved, the command again) ends with the
+    uninterrupted run's summary.json."""
     import argparse
     import importlib.util
 
@@ -583,6 +568,5 @@ def test_signals_at_random_moments_exit_promptly_and_resume_to_the_uninterrupted
     spec.loader.exec_module(stress)
     monkeypatch.setenv("L2H_SIM_CACHE", str(shared_cache))
     args = argparse.Namespace(clients=4, rounds=3, exit_timeout=30.0, start_timeout=600.0, keep=False, verbose=True)
-    settings = [stress.Setting("inprocess", 1, True), stress.Setting("inprocess", 3, False)]
-    results = stress.stress(2, settings, args, tmp_path, seed=3)
-    assert [r["problem"] for r in results] == [None, None], results
+    results = stress.stress(1, [stress.Setting("inprocess", 1, True)], args, tmp_path, seed=3)
+    assert [r["problem"] for r in results] == [None], results

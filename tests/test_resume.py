@@ -2,6 +2,8 @@
 same summary.json, to the last digit, as the same run uninterrupted."""
 import json
 import os
+import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -13,6 +15,7 @@ import pytest
 
 from sim import checkpoint
 from sim.core.errors import ConfigError
+from sim.results import resume_override
 from tests.conftest import small_cfg
 
 pytestmark = pytest.mark.slow  # real runs: the full suite only (README)
@@ -66,30 +69,41 @@ def rounds_without_time(path: Path) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory, _cache):
+    """The run uninterrupted, in this process (``simulate`` is what ``python -m sim.run`` calls; the
+    command line's own path is what the interrupted and resumed runs below go through)."""
+    from rich.console import Console
+
+    from sim.cli import compose_checked
+    from sim.pipeline import simulate
+
     tmp = tmp_path_factory.mktemp("whole")
-    r = cli(tmp, *ARGS, "sim.backend=inprocess", f"hydra.run.dir={tmp / 'run'}")
-    assert r.returncode == 0, r.stderr[-2000:]
+    simulate(compose_checked([*ARGS, "sim.backend=inprocess", f"sim.cache_dir={CACHE[0]}"]), tmp / "run",
+             console=Console(quiet=True))
     return tmp / "run"
 
 
 def test_sigint_then_resume_equals_the_uninterrupted_run(tmp_path, uninterrupted):
-    """Interrupted on Ray, resumed in-process (the backend may change on resume), compared with
-    the run uninterrupted: equality also shows Flower on Ray and the in-process backend agree
-    with MEL servers and failures."""
-    run_dir = tmp_path / "run"
+    """Interrupted on Ray, resumed in-process (the backend may change on resume) with the command the
+    stopped run printed, compared with the run uninterrupted: equality also shows Flower on Ray and
+    the in-process backend agree with MEL servers and failures."""
+    run_dir = tmp_path / "runs a b" / "run"  # a space: the printed command must be quoted
     r = interrupt(tmp_path, run_dir, ARGS, signal.SIGINT, after_lines=2)
     assert r.returncode == 130, r.stderr[-2000:]
     assert "Traceback" not in r.stderr
     assert r.seconds_to_exit < 30  # no thread left hanging in a Ray call (the engine's stop, sim/engine.py)
     done = checkpoint.finished_round(run_dir)
     assert done is not None and done >= 1
-    assert f"sim.resume={run_dir}" in r.stderr and f"after round {done}" in r.stderr
+    assert f"interrupted (SIGINT) after round {done}" in r.stderr, r.stderr[-2000:]
     assert not (run_dir / "summary.json").exists()
     # the finished rounds are on disk as they were
     kept = rounds_without_time(run_dir / "metrics.jsonl")
     assert kept[:done] == rounds_without_time(uninterrupted / "metrics.jsonl")[:done]
 
-    r = cli(tmp_path, *ARGS, "sim.backend=inprocess", f"sim.resume={run_dir}")
+    printed = re.search(r"resume with:\n(.+)", r.stderr)
+    assert printed, r.stderr[-2000:]
+    argv = shlex.split(printed.group(1))
+    assert argv == ["python", "-m", "sim.run", *ARGS, resume_override(run_dir)]
+    r = cli(tmp_path, *argv[3:], "sim.backend=inprocess")  # the printed command (python: this interpreter)
     assert r.returncode == 0, r.stderr[-2000:]
     assert f"resuming {run_dir} after round {done}" in r.stdout
     assert json.loads((run_dir / "summary.json").read_text()) == json.loads((uninterrupted / "summary.json").read_text())
@@ -113,15 +127,6 @@ def test_stopped_during_the_reference_run_resumes_from_there(tmp_path, uninterru
     s["config"]["failures"]["reference"] = False
     assert s["config"] == base["config"]
     assert s["resilience"]["same_test_samples"] and s["resilience"]["fraction_kept"] is not None
-
-
-def test_sigterm_exits_143_and_says_how_to_resume(tmp_path):
-    run_dir = tmp_path / "run"
-    # many rounds, so the signal lands well before the run would end on its own
-    # round 2's metrics line is written after round 1's checkpoint, so something is resumable
-    r = interrupt(tmp_path, run_dir, ["fleet.num_clients=4", "sim.num_rounds=50", "sim.backend=inprocess"],
-                  signal.SIGTERM, after_lines=2)
-    assert r.returncode == 143 and "interrupted (SIGTERM)" in r.stderr and "sim.resume=" in r.stderr
 
 
 def test_resuming_with_another_config_or_without_a_checkpoint_is_a_one_line_error(tmp_path, uninterrupted):

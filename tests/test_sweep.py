@@ -52,12 +52,18 @@ def _run(args: list[str], cwd: Path, cache: Path) -> None:
 def test_a_ray_sweep_runs_every_job_on_one_ray_with_the_results_of_each_job_alone(tmp_path, shared_cache):
     """``-m seed=0,1`` on Flower + Ray: both jobs ran on the same Ray node (started once) and each
     job's summary.json equals that job run alone (in-process: the same numbers as Ray, golden tests)."""
+    from rich.console import Console
+
+    from sim.cli import compose_checked
+    from sim.pipeline import simulate
+
     _run(["-m", "seed=0,1", *ARGS, f"hydra.sweep.dir={tmp_path / 'sweep'}"], tmp_path, shared_cache)
     jobs = sorted((tmp_path / "sweep").glob("*/summary.json"))
     assert len(jobs) == 2
     nodes = {json.loads((j.parent / "timing.json").read_text())["ray_node_id"] for j in jobs}
     assert len(nodes) == 1, nodes
-    for seed, job in enumerate(jobs):
+    for seed, job in enumerate(jobs):  # alone: in this process (what `python -m sim.run` calls)
         alone = tmp_path / f"alone{seed}"
-        _run([f"seed={seed}", *ARGS, "sim.backend=inprocess", f"hydra.run.dir={alone}"], tmp_path, shared_cache)
+        simulate(compose_checked([f"seed={seed}", *ARGS, "sim.backend=inprocess", f"sim.cache_dir={shared_cache}"]),
+                 alone, console=Console(quiet=True))
         assert json.loads(job.read_text()) == json.loads((alone / "summary.json").read_text()), job
