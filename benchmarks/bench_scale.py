@@ -27,6 +27,8 @@ Usage:
     python benchmarks/bench_scale.py --devices 100 1000 --repeats 3
     python benchmarks/bench_scale.py --data mnist1d --devices 1000 10000 --target 10000 \
         --out benchmarks/results/scale_mnist1d.json
+    python benchmarks/bench_scale.py --data mnist1d --memory-curve --devices 100 1000 3000 \
+        --out benchmarks/results/memory_mnist1d.json
 """
 from __future__ import annotations
 
@@ -86,12 +88,18 @@ def main() -> None:
     ap.add_argument("--data", choices=sorted(TARGETS), default="digits")
     ap.add_argument("--eval-every", type=int, default=EVAL_EVERY, help="mnist1d workload's sim.eval_every")
     ap.add_argument("--no-floor", action="store_true", help="skip the no-op Flower floor runs")
+    ap.add_argument("--memory-curve", action="store_true",
+                    help="instead of the above: per size in --devices, a 2-round run on each backend (round 2 "
+                         "evaluates every device) -- peak memory and wall -- after a cold one-round build")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "scale.json")
     ns = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="l2h-scale-"))
     env = {**os.environ, "L2H_SIM_CACHE": str(work / "cache"), "FLWR_TELEMETRY_ENABLED": "0"}
     load = workload(ns.data, ns.eval_every)
     data = load[:1] if ns.data == "mnist1d" else ["data.partition.name=sampled"]
+    if ns.memory_curve:
+        memory_curve(ns, data, env, work)
+        return
     results: dict = {"cpus": os.cpu_count(), "workload": load, "data": ns.data, "repeats": ns.repeats, "sizes": {}}
 
     # 1. fleet build, cold then warm (one-round in-process runs; legacy_fleet_s and prepare_data_s are read)
@@ -133,6 +141,35 @@ def main() -> None:
     ns.out.parent.mkdir(parents=True, exist_ok=True)
     ns.out.write_text(json.dumps(results, indent=2, sort_keys=True))
     report(results)
+
+
+CURVE_RUN = ["sim.num_rounds=2", "sim.fraction_train=0.1", "sim.eval_every=2"]
+"""The memory curve's run: round 1 trains a tenth of the fleet, round 2 (the last) trains another tenth
+and evaluates every device, so every device's data, legacy model and rejector has been built in the
+workers by the end -- what the 20-round workload holds from its first full evaluation on."""
+
+
+def memory_curve(ns: argparse.Namespace, data: list[str], env: dict[str, str], work: Path) -> None:
+    """Peak memory (PSS of the process tree) and wall of :data:`CURVE_RUN` per fleet size, Ray and
+    in-process, after a cold one-round in-process run that builds and caches the data and the fleet."""
+    res: dict = {"cpus": os.cpu_count(), "data": ns.data, "run": [*data, *CURVE_RUN], "sizes": {}}
+    print("| devices | cold data s | cold legacy s | Ray wall s | Ray peak MiB | in-process wall s "
+          "| in-process peak MiB | same result |")
+    print("|---:|---:|---:|---:|---:|---:|---:|:---:|", flush=True)
+    for n in ns.devices:
+        first = run_once([f"fleet.num_clients={n}", *data, "sim.num_rounds=1", "sim.backend=inprocess"], env, work)
+        row: dict = {"data_cold_s": first[3]["prepare_data_s"], "legacy_cold_s": first[3]["legacy_fleet_s"]}
+        got = {b: run_once([f"fleet.num_clients={n}", *data, *CURVE_RUN, f"sim.backend={b}"], env, work)
+               for b in ("ray", "inprocess")}
+        for b, r in got.items():
+            row[b] = {"wall_s": r[0], "peak_mib": r[1], "rounds_s": r[3]["rounds_s"]}
+        row["same_result"] = got["ray"][2] == got["inprocess"][2]
+        res["sizes"][str(n)] = row
+        print(f"| {n} | {row['data_cold_s']:.1f} | {row['legacy_cold_s']:.1f} | {row['ray']['wall_s']:.1f} "
+              f"| {row['ray']['peak_mib']:.0f} | {row['inprocess']['wall_s']:.1f} | {row['inprocess']['peak_mib']:.0f} "
+              f"| {'yes' if row['same_result'] else 'NO'} |", flush=True)
+        ns.out.parent.mkdir(parents=True, exist_ok=True)
+        ns.out.write_text(json.dumps(res, indent=2, sort_keys=True))  # what is measured so far
 
 
 def report(res: dict) -> None:
