@@ -184,6 +184,31 @@ def test_a_local_ray_gets_the_drivers_path_and_a_cluster_gets_the_packages():
     assert all((Path(p) / "__init__.py").is_file() for p in cluster["py_modules"])
 
 
+def test_a_local_ray_inherits_the_workers_environment_instead_of_a_runtime_env(monkeypatch):
+    """A local Ray's processes are the driver's children: the variables are in os.environ while
+    ray.init starts them (no runtime_env, which would keep actors off Ray's prestarted workers) and
+    os.environ is as it was afterwards. Joining a cluster still passes the runtime_env."""
+    import ray
+
+    from sim import engine
+
+    seen = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kw: seen.append((dict(os.environ), kw)))
+    monkeypatch.setattr(engine, "_STARTED", [])
+    monkeypatch.setattr(engine, "check_reachable", lambda address: None)
+    monkeypatch.delenv("FLWR_TELEMETRY_ENABLED", raising=False)
+    monkeypatch.setenv("PYTHONPATH", "/before")
+    before = dict(os.environ)
+    assert engine.start_ray(None, 1, False)
+    env, kwargs = seen[-1]
+    assert "runtime_env" not in kwargs and kwargs["address"] == "local"
+    assert env["FLWR_TELEMETRY_ENABLED"] == "0" and str(ROOT) in env["PYTHONPATH"].split(os.pathsep)
+    assert dict(os.environ) == before
+    assert engine.start_ray("10.0.0.5:6379", None, False)
+    assert seen[-1][1]["runtime_env"] == engine.runtime_env("10.0.0.5:6379") and dict(os.environ) == before
+
+
 SHIPPED = """
 import ray
 from sim import engine

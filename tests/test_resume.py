@@ -1,5 +1,6 @@
-"""Interrupted runs: Ctrl-C / SIGTERM keep every finished round, and a resumed run ends with the
-same summary.json, to the last digit, as the same run uninterrupted."""
+"""Interrupted runs: Ctrl-C keeps every finished round, and a resumed run ends with the same
+summary.json, to the last digit, as the same run uninterrupted (SIGTERM's exit status and message:
+tests/test_reliability.py)."""
 import json
 import os
 import re
