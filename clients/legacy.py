@@ -109,18 +109,14 @@ def build_fleet(fleet_cfg: FleetConfig, data_cfg: DataConfig, prep: Prepared, se
     batched = fleet_cfg.pretrain == Pretrain.batched
     key: dict[str, Any] = {"v": FLEET_VERSION, "data": data_key(data_cfg, n, seed),
                            "groups": [plain(g) for g in group_cfgs]}
-    chunk = int(fleet_cfg.pretrain_chunk) if batched else 0
     if batched:  # a different float rounding, so a different entry (sequential keeps the earlier key)
         key["pretrain"] = "batched"
-    if 0 < chunk < max(groups.count(g) for g in set(groups)):  # a group may be split: another rounding
-        key["pretrain_chunk"] = chunk  # (a fleet whose groups each fit in one stack keeps its key)
     entry = cache_dir / "fleets" / f"{data_cfg.name}-{n}-{content_key(key)}"
     built = {"flag": False}
 
     def build(tmp: Path) -> dict[str, Any]:
         built["flag"] = True
-        # Devices of one group with equally many pretraining samples train together, in stacks of at
-        # most fleet.pretrain_chunk models (0: all of them in one stack).
+        # Devices of one group with equally many pretraining samples train together (one batch).
         data, buckets = {}, {}
         for dev in range(n):
             g = group_cfgs[groups[dev]]
@@ -131,10 +127,7 @@ def build_fleet(fleet_cfg: FleetConfig, data_cfg: DataConfig, prep: Prepared, se
             data[dev] = (d.x_legacy[sel], d.y_legacy[sel], d.x_test, d.y_test)
             buckets.setdefault((groups[dev], n_pre), []).append(dev)
         accs, sizes = [0.0] * n, [0] * n
-        stacks = [(gi, devs[i:i + (chunk or len(devs))]) for (gi, _), devs in sorted(buckets.items())
-                  for i in range(0, len(devs), chunk or len(devs))]
-        for gi, devs in stacks:
-            n_pre = len(data[devs[0]][1])
+        for (gi, n_pre), devs in sorted(buckets.items()):
             models = pretrain_legacy(np.stack([data[v][0] for v in devs]), np.stack([data[v][1] for v in devs]),
                                      group_cfgs[gi], prep.in_shape, prep.num_classes,
                                      [derive_seed(seed, v) for v in devs], batched)

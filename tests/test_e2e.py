@@ -92,7 +92,7 @@ def test_binary_surrogate_on_multiclass_data_is_a_config_error(tmp_path):
         simulate(cfg, tmp_path / "run", console=Console(quiet=True))
 
 
-def test_a_two_node_ray_cluster_runs_devices_and_servers_on_both_nodes(cli_run, tmp_path):
+def test_a_two_node_ray_cluster_runs_devices_and_servers_on_both_nodes(tmp_path, shared_cache):
     """A real multi-node cluster on this machine: `ray start --head --num-cpus=1` and a second node
     joined to it (`ray start --address=...`, its own raylet and object store), both in their own temp
     dir (so nothing else on the machine joins them). A run with sim.ray_address and 2 helper servers
@@ -149,7 +149,7 @@ def test_a_two_node_ray_cluster_runs_devices_and_servers_on_both_nodes(cli_run, 
         while len(cluster()["nodes"]) < 2:
             assert time.monotonic() < deadline, "the second node never joined the head"
             time.sleep(1)
-        run_dir, _, cache = cli_run
+        cache = shared_cache  # not cli_run's: under xdist that would repeat its CLI run on this worker
         env = {**os.environ, "L2H_SIM_CACHE": str(cache)}
         args = ["fleet.num_clients=4", "sim.num_rounds=2", "seed=3", "servers.count=2"]
         simulate(compose_checked([*args, "sim.backend=inprocess", f"sim.cache_dir={cache}"]),

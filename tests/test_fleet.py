@@ -99,19 +99,6 @@ def test_batched_pretraining_is_the_one_by_one_training(arch):
         assert moved > 0.1 and diff <= 1e-4 * moved, (arch, diff, moved)
 
 
-def test_pretraining_in_smaller_stacks_agrees_and_is_cached_apart_only_when_a_group_is_split(tmp_path):
-    """fleet.pretrain_chunk splits a group's stack: the same models up to float rounding, another
-    cache entry; a chunk every group fits in is the unsplit fleet itself (same entry, same numbers)."""
-    cfg = small_cfg(**{"fleet.num_clients": 8})  # 4 groups of 2 devices
-    prep = prepare_for(cfg, tmp_path)
-    whole = fleet_for(cfg, prep, tmp_path)
-    fits = fleet_for(small_cfg(**{"fleet.num_clients": 8, "fleet.pretrain_chunk": 2}), prep, tmp_path)
-    assert fits.path == whole.path and not fits.built
-    split = fleet_for(small_cfg(**{"fleet.num_clients": 8, "fleet.pretrain_chunk": 1}), prep, tmp_path)
-    assert split.path != whole.path and split.built
-    assert np.abs(split.legacy_accuracy - whole.legacy_accuracy).max() <= 1 / 36  # at most one test sample flips
-
-
 @pytest.mark.slow
 def test_sequential_and_batched_fleets_agree_and_are_cached_apart(tmp_path):
     cfg_b = small_cfg(**{"fleet.num_clients": 8})

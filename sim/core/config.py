@@ -236,15 +236,9 @@ class FleetConfig:
     # batched: same-shaped legacy models pretrain together (torch.func); sequential: one by one, as
     # before 2026-11-21 (the same training up to float rounding; reproduces earlier figures exactly)
     pretrain: Pretrain = Pretrain.batched
-    # batched: at most this many models train in one stack (0: a whole group at once). Smaller
-    # stacks of large groups train faster per model (benchmarks/README.md, "the legacy build"); a
-    # fleet no group of which exceeds it is trained, and cached, exactly as without it.
-    pretrain_chunk: int = 0
 
     def __post_init__(self) -> None:
         need(self.num_clients >= 1, "fleet.num_clients", self.num_clients, "need at least 1 device")
-        need(self.pretrain_chunk >= 0, "fleet.pretrain_chunk", self.pretrain_chunk,
-             "need 0 (a whole group at once) or a positive number of models")
         need(self.num_clients <= MAX_DEVICES, "fleet.num_clients", self.num_clients,
              f"at most {MAX_DEVICES} devices can be simulated")
         if len(self.groups) == 0:
