@@ -76,6 +76,18 @@ def floor(nodes: int, rounds: int) -> tuple[float, dict]:
     return time.perf_counter() - t0, json.loads(out.strip().splitlines()[-1])
 
 
+def one_round(devices: int, data: list[str]) -> list[str]:
+    """Overrides of a one-round in-process run of ``devices`` devices: into an empty cache it builds
+    and caches the data and the legacy fleet (its timing.json has both times)."""
+    return [f"fleet.num_clients={devices}", *data, "sim.num_rounds=1", "sim.backend=inprocess"]
+
+
+def save(out: Path, results: dict) -> None:
+    """Write ``results`` to ``out`` as JSON (the folder made if missing)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2, sort_keys=True))
+
+
 def med(values: list[float]) -> float:
     return statistics.median(values)
 
@@ -103,7 +115,7 @@ def main() -> None:
     results: dict = {"cpus": os.cpu_count(), "workload": load, "data": ns.data, "repeats": ns.repeats, "sizes": {}}
 
     # 1. fleet build, cold then warm (one-round in-process runs; legacy_fleet_s and prepare_data_s are read)
-    one = [f"fleet.num_clients={ns.target}", *data, "sim.num_rounds=1", "sim.backend=inprocess"]
+    one = one_round(ns.target, data)
     first = run_once(one, env, work)
     cold, data_s = first[3]["legacy_fleet_s"], first[3]["prepare_data_s"]
     warm = [run_once(one, env, work)[3]["legacy_fleet_s"] for _ in range(ns.repeats)]
@@ -115,8 +127,7 @@ def main() -> None:
     # 2. the workload per fleet size, both backends; 3. the floor at the same node count
     for n in ns.devices:
         if n != ns.target:
-            run_once([f"fleet.num_clients={n}", *data, "sim.num_rounds=1",
-                      "sim.backend=inprocess"], env, work)  # build + cache this fleet first
+            run_once(one_round(n, data), env, work)  # build + cache this fleet first
         runs: dict[str, list] = {"inprocess": [], "ray": []}
         for _ in range(ns.repeats):
             for backend in ("ray", "inprocess"):
@@ -136,10 +147,8 @@ def main() -> None:
         print(f"devices={n}: ray {[round(r[0], 1) for r in runs['ray']]} s, "
               f"in-process {[round(r[0], 1) for r in runs['inprocess']]} s, peak "
               f"{row['ray']['peak_mib']:.0f} / {row['inprocess']['peak_mib']:.0f} MiB", flush=True)
-        ns.out.parent.mkdir(parents=True, exist_ok=True)
-        ns.out.write_text(json.dumps(results, indent=2, sort_keys=True))  # what is measured so far
-    ns.out.parent.mkdir(parents=True, exist_ok=True)
-    ns.out.write_text(json.dumps(results, indent=2, sort_keys=True))
+        save(ns.out, results)  # what is measured so far
+    save(ns.out, results)
     report(results)
 
 
@@ -157,7 +166,7 @@ def memory_curve(ns: argparse.Namespace, data: list[str], env: dict[str, str], w
           "| in-process peak MiB | same result |")
     print("|---:|---:|---:|---:|---:|---:|---:|:---:|", flush=True)
     for n in ns.devices:
-        first = run_once([f"fleet.num_clients={n}", *data, "sim.num_rounds=1", "sim.backend=inprocess"], env, work)
+        first = run_once(one_round(n, data), env, work)
         row: dict = {"data_cold_s": first[3]["prepare_data_s"], "legacy_cold_s": first[3]["legacy_fleet_s"]}
         got = {b: run_once([f"fleet.num_clients={n}", *data, *CURVE_RUN, f"sim.backend={b}"], env, work)
                for b in ("ray", "inprocess")}
@@ -168,8 +177,7 @@ def memory_curve(ns: argparse.Namespace, data: list[str], env: dict[str, str], w
         print(f"| {n} | {row['data_cold_s']:.1f} | {row['legacy_cold_s']:.1f} | {row['ray']['wall_s']:.1f} "
               f"| {row['ray']['peak_mib']:.0f} | {row['inprocess']['wall_s']:.1f} | {row['inprocess']['peak_mib']:.0f} "
               f"| {'yes' if row['same_result'] else 'NO'} |", flush=True)
-        ns.out.parent.mkdir(parents=True, exist_ok=True)
-        ns.out.write_text(json.dumps(res, indent=2, sort_keys=True))  # what is measured so far
+        save(ns.out, res)  # what is measured so far
 
 
 def report(res: dict) -> None:
