@@ -7,9 +7,16 @@ os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
 
 
 @pytest.fixture(scope="session")
-def shared_cache(tmp_path_factory):
-    """One dataset/fleet cache for the tests that do not test caching (built once, reused)."""
-    return tmp_path_factory.mktemp("shared-cache")
+def shared_cache(tmp_path_factory, worker_id):
+    """One dataset/fleet cache for the tests that do not test caching, shared by every pytest-xdist
+    worker of the run (each entry built once per suite, not once per worker). Two workers building the
+    same entry at once is safe: entries are written aside and renamed into place (sim/core/cache.py;
+    tests/test_robustness.py runs two jobs doing exactly that)."""
+    if worker_id == "master":  # not under xdist
+        return tmp_path_factory.mktemp("shared-cache")
+    path = tmp_path_factory.getbasetemp().parent / "shared-cache"  # the run's root, the same for every worker
+    path.mkdir(exist_ok=True)
+    return path
 
 
 @pytest.fixture

@@ -15,20 +15,14 @@ SUMMARY_KEYS = ["system_accuracy", "legacy_accuracy", "server_accuracy", "oracle
                 "l01_cost", "num_clients", "num_rounds", "seed"]
 
 
-@pytest.fixture(scope="module")
-def cli_run(tmp_path_factory):
-    """One run through the real command line, as a user runs it."""
-    root = tmp_path_factory.mktemp("cli")
-    run_dir = root / "run"
-    env = {**os.environ, "L2H_SIM_CACHE": str(root / "cache")}
+def test_cli_run_writes_results(tmp_path, shared_cache):
+    """One run through the real command line, as a user runs it (Flower on Ray, the default)."""
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "L2H_SIM_CACHE": str(shared_cache)}
     r = subprocess.run([sys.executable, "-m", "sim.run", "fleet.num_clients=4", "sim.num_rounds=2", "seed=3",
-                        f"hydra.run.dir={run_dir}"], cwd=root, env=env, capture_output=True, text=True, timeout=300)
+                        f"hydra.run.dir={run_dir}"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                       timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
-    return run_dir, r, root / "cache"
-
-
-def test_cli_run_writes_results(cli_run):
-    run_dir, r, _ = cli_run
     for name in ("metrics.jsonl", "summary.json", "clients.csv", "rounds.png", "accuracy_vs_defer_rate.png",
                  "devices.png", ".hydra/config.yaml"):
         assert (run_dir / name).is_file(), name
@@ -52,7 +46,7 @@ def test_cli_run_writes_results(cli_run):
     assert "DEPRECATED" not in r.stdout + r.stderr and "Traceback" not in r.stderr
 
 
-def test_deferral_price_controls_defer_rate(tmp_path):
+def test_deferral_price_controls_defer_rate(tmp_path, shared_cache):
     """c_e = 0 defers; c_e >= 1 costs at least as much as any legacy error, so nothing is deferred."""
     from rich.console import Console
 
@@ -61,7 +55,7 @@ def test_deferral_price_controls_defer_rate(tmp_path):
     rates = {}
     for c_e in (0.0, 0.3, 1.0):
         cfg = small_cfg(**{"strategy.c_e": c_e, "sim.num_rounds": 4, "sim.backend": "inprocess",
-                           "sim.cache_dir": str(tmp_path / "cache")})
+                           "sim.cache_dir": str(shared_cache)})
         rates[c_e] = simulate(cfg, tmp_path / str(c_e), console=Console(quiet=True))["defer_rate"]
     assert rates[0.0] > rates[0.3] > rates[1.0] == 0.0
 
@@ -123,15 +117,20 @@ def test_a_two_node_ray_cluster_runs_devices_and_servers_on_both_nodes(tmp_path,
                                "--include-dashboard=false", *common],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)]
     address = f"127.0.0.1:{port}"
-    probe = ("import json, sys, ray\n"
+    probe = ("import json, sys, time, ray\n"
              "ray.init(address=sys.argv[1], logging_level='ERROR')\n"
              "from ray._private import state\n"  # the GCS tables (no dashboard in core Ray)
+             "deadline = time.monotonic() + 90\n"  # one process waits for the nodes: each probe is a Ray driver
+             "while len([n for n in ray.nodes() if n['Alive']]) < int(sys.argv[2]) and time.monotonic() < deadline:\n"
+             "    time.sleep(0.5)\n"
              "nodes = [n['NodeID'] for n in ray.nodes() if n['Alive']]\n"
              "actors = [(a['ActorClassName'], a['Address']['NodeID']) for a in state.actors().values()]\n"
              "print(json.dumps({'nodes': nodes, 'actors': actors}))\n")
 
-    def cluster() -> dict:
-        r = subprocess.run([sys.executable, "-c", probe, address], capture_output=True, text=True, timeout=120)
+    def cluster(min_nodes: int = 1) -> dict:
+        """Ray's node and actor tables, once at least ``min_nodes`` nodes are alive (or 90 s passed)."""
+        r = subprocess.run([sys.executable, "-c", probe, address, str(min_nodes)], capture_output=True, text=True,
+                           timeout=150)
         assert r.returncode == 0, f"Ray's GCS tables could not be read (did Ray's state API change?): {r.stderr[-1500:]}"
         return json.loads(r.stdout.strip().splitlines()[-1])
 
@@ -146,10 +145,8 @@ def test_a_two_node_ray_cluster_runs_devices_and_servers_on_both_nodes(tmp_path,
         nodes.append(subprocess.Popen(["ray", "start", f"--address={address}", "--node-ip-address=127.0.0.1",
                                        *common], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                       start_new_session=True))
-        while len(cluster()["nodes"]) < 2:
-            assert time.monotonic() < deadline, "the second node never joined the head"
-            time.sleep(1)
-        cache = shared_cache  # not cli_run's: under xdist that would repeat its CLI run on this worker
+        assert len(cluster(min_nodes=2)["nodes"]) == 2, "the second node never joined the head"
+        cache = shared_cache
         env = {**os.environ, "L2H_SIM_CACHE": str(cache)}
         args = ["fleet.num_clients=4", "sim.num_rounds=2", "seed=3", "servers.count=2"]
         simulate(compose_checked([*args, "sim.backend=inprocess", f"sim.cache_dir={cache}"]),

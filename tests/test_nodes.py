@@ -55,8 +55,8 @@ def _run(tmp_path, name, cache, **over):
     {"strategy": "l2d", "strategy.rejector.federation": "fedavg", "strategy.rejector.federate_by": "fleet"},
 ], ids=["l2h-dropout", "l2d-fedavg"])
 @pytest.mark.slow
-def test_devices_per_node_changes_no_result(tmp_path, over):
-    cache = tmp_path / "cache"
+def test_devices_per_node_changes_no_result(tmp_path, over, shared_cache):
+    cache = shared_cache
     one = _run(tmp_path, "one", cache, **{"sim.devices_per_node": 1, **over})
     three = _run(tmp_path, "three", cache, **{"sim.devices_per_node": 3, **over})
     assert one == three

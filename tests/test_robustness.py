@@ -96,19 +96,28 @@ def test_two_jobs_building_the_same_cache_entry_at_once_do_not_corrupt_it(tmp_pa
     assert not [p for p in Path(results[0][1]).parent.iterdir() if p.name.startswith(".tmp")]
 
 
-def _client_workers():
-    """PIDs of Flower's device-worker actors (Ray titles their processes ray::ClientAppActor)."""
-    pids = []
+def _client_workers(root: int) -> list[int]:
+    """PIDs of Flower's device-worker actors (Ray titles their processes ray::ClientAppActor) that
+    descend from process ``root`` -- never another test's, which may be running beside this one."""
+    parent, cmdline = {}, {}
     for d in os.listdir("/proc"):
         if d.isdigit():
             try:
+                with open(f"/proc/{d}/stat", "rb") as f:
+                    parent[int(d)] = int(f.read().rsplit(b")", 1)[1].split()[1])  # field 4: ppid
                 with open(f"/proc/{d}/cmdline", "rb") as f:
-                    cmd = f.read().decode(errors="ignore")
-            except OSError:
+                    cmdline[int(d)] = f.read().decode(errors="ignore")
+            except (OSError, IndexError, ValueError):
                 continue
-            if "ClientAppActor" in cmd:
-                pids.append(int(d))
-    return pids
+
+    def descends(pid: int) -> bool:
+        while pid > 1:
+            pid = parent.get(pid, 0)
+            if pid == root:
+                return True
+        return False
+
+    return [pid for pid, cmd in cmdline.items() if "ClientAppActor" in cmd and descends(pid)]
 
 
 @pytest.mark.slow
@@ -123,7 +132,7 @@ def test_a_worker_killed_from_outside_costs_its_replies_not_the_run(tmp_path, sh
     while not (metrics.is_file() and metrics.read_text().strip()):
         assert p.poll() is None and time.monotonic() < deadline
         time.sleep(0.02)
-    workers = _client_workers()
+    workers = _client_workers(p.pid)  # the run started its own Ray: its workers are the run's descendants
     assert workers
     os.kill(workers[0], signal.SIGKILL)
     out, err = p.communicate(timeout=300)
