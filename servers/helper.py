@@ -19,6 +19,7 @@ from servers.losses import dml_loss, sfsl_distillation_loss
 from servers.models import COOP_LEADER, MultiExitNet, make_server_net
 from sim.core.arrays import load_optimizer, optimizer_arrays, prefixed, sub
 from sim.core.config import ServersConfig, Training
+from sim.core.optim import Adam
 from sim.core.seeding import derive_seed, seeded
 from sim.core.training import predict_logits, train_minibatch
 
@@ -84,7 +85,7 @@ class HelperServer:
             self.model = make_server_net(cfg, tuple(in_shape), num_classes).to(self.dev)
         # Cooperative learning: the Leader learns from labels only, the Teammates also from their peers.
         self.teammate = cfg.training == Training.coop and index != COOP_LEADER
-        self.opt = torch.optim.Adam(self.model.parameters(), lr=float(cfg.lr))
+        self.opt = Adam(self.model.parameters(), lr=float(cfg.lr))
         self.buffer = ReplayBuffer(int(cfg.buffer_size))
         self.delay_s = 0.0
         self._pending: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -210,7 +211,7 @@ class HelperServer:
         self.buffer = ReplayBuffer(self.buffer.capacity)
         if "buffer.ids" in state:
             self.buffer.add(state["buffer.ids"], state["buffer.x"], state["buffer.y"])
-        self.opt = torch.optim.Adam(self.model.parameters(), lr=float(self.cfg.lr))
+        self.opt = Adam(self.model.parameters(), lr=float(self.cfg.lr))
 
     def full_state(self) -> dict[str, np.ndarray]:
         """:meth:`state` plus the optimizer's state (``opt.*``): what a resumed run needs to continue

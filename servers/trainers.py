@@ -26,6 +26,7 @@ from servers.losses import mel_combiner_loss
 from servers.models import COOP_LEADER, Combiners, all_subsets
 from sim.core.arrays import load_optimizer, optimizer_arrays, prefixed, sub
 from sim.core.config import ServersConfig, Training
+from sim.core.optim import Adam
 from sim.core.seeding import derive_seed, seeded
 
 Call = Callable[..., dict[int, Any]]
@@ -71,7 +72,7 @@ class JointTrainer:
             with seeded(derive_seed(seed, "combiner-init")):
                 feat = HelperServer(cfg, in_shape, num_classes, seed).model.feature_dim
                 self.combiners = Combiners(cfg.count, feat, num_classes)
-            self.comb_opt = torch.optim.Adam(self.combiners.parameters(), lr=float(cfg.lr))
+            self.comb_opt = Adam(self.combiners.parameters(), lr=float(cfg.lr))
 
     def fit(self, call: Call, live: Callable[[], list[int]], ids: np.ndarray, x: np.ndarray, y: np.ndarray,
             rows: dict[int, list[int]], server_round: int) -> dict[str, Any]:

@@ -11,6 +11,8 @@ from typing import Callable, Sequence
 
 import torch
 
+from sim.core.optim import Adam
+
 
 def train_minibatch(
     params: Sequence[torch.nn.Parameter] | torch.optim.Optimizer,
@@ -43,7 +45,7 @@ def train_minibatch(
         raise ValueError("train_minibatch: tensors must all have the same first dimension")
     if n == 0:
         return float("nan")
-    opt = params if isinstance(params, torch.optim.Optimizer) else torch.optim.Adam(list(params), lr=lr)
+    opt = params if isinstance(params, torch.optim.Optimizer) else Adam(list(params), lr=lr)
     gen = torch.Generator().manual_seed(seed)
     last = float("nan")
     for _ in range(epochs):
@@ -93,7 +95,7 @@ def train_stacked(models: Sequence[torch.nn.Module], xs: torch.Tensor, ys: torch
         return functional_call(base, (p, b), (x,))
 
     forward = torch.vmap(one)
-    opt = torch.optim.Adam(list(params.values()), lr=lr)
+    opt = Adam(list(params.values()), lr=lr)
     gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
     rows = torch.arange(m)[:, None]
     for _ in range(epochs):
