@@ -29,6 +29,8 @@ Usage:
         --out benchmarks/results/scale_mnist1d.json
     python benchmarks/bench_scale.py --data mnist1d --memory-curve --devices 100 1000 3000 \
         --out benchmarks/results/memory_mnist1d.json
+    python benchmarks/bench_scale.py --data mnist1d --cold-run ray --devices 10000 \
+        --out benchmarks/results/cold10k_mnist1d.json
 """
 from __future__ import annotations
 
@@ -103,6 +105,10 @@ def main() -> None:
     ap.add_argument("--memory-curve", action="store_true",
                     help="instead of the above: per size in --devices, a 2-round run on each backend (round 2 "
                          "evaluates every device) -- peak memory and wall -- after a cold one-round build")
+    ap.add_argument("--cold-run", choices=("ray", "inprocess"),
+                    help="instead of the above: per size in --devices, one run of the workload on this backend "
+                         "into an empty cache (it builds its own data and legacy fleet) -- for sizes where "
+                         "both backends and separate builds do not fit in the time at hand")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "scale.json")
     ns = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="l2h-scale-"))
@@ -111,6 +117,9 @@ def main() -> None:
     data = load[:1] if ns.data == "mnist1d" else ["data.partition.name=sampled"]
     if ns.memory_curve:
         memory_curve(ns, data, env, work)
+        return
+    if ns.cold_run:
+        cold_run(ns, load, env, work)
         return
     results: dict = {"cpus": os.cpu_count(), "workload": load, "data": ns.data, "repeats": ns.repeats, "sizes": {}}
 
@@ -178,6 +187,28 @@ def memory_curve(ns: argparse.Namespace, data: list[str], env: dict[str, str], w
               f"| {row['ray']['peak_mib']:.0f} | {row['inprocess']['wall_s']:.1f} | {row['inprocess']['peak_mib']:.0f} "
               f"| {'yes' if row['same_result'] else 'NO'} |", flush=True)
         save(ns.out, res)  # what is measured so far
+
+
+def cold_run(ns: argparse.Namespace, load: list[str], env: dict[str, str], work: Path) -> None:
+    """Per fleet size, one run of the 20-round workload on backend ``ns.cold_run`` into an empty cache:
+    wall (with the build), the build's phases (timing.json), the rounds, peak memory (PSS of the tree)."""
+    res: dict = {"cpus": os.cpu_count(), "workload": load, "backend": ns.cold_run, "sizes": {}}
+    target = TARGETS[ns.data]
+    print(f"One cold run per size: `{' '.join(load)} sim.backend={ns.cold_run}`; {res['cpus']} CPUs.\n")
+    print("| devices | wall s (with build) | data s | legacy build s | engine start + handshake s | rounds s "
+          "| wall without build s | peak MiB |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|", flush=True)
+    for n in ns.devices:
+        wall, peak, summary, t = run_once([f"fleet.num_clients={n}", *load, f"sim.backend={ns.cold_run}"], env, work)
+        build = t["prepare_data_s"] + t["legacy_fleet_s"]
+        res["sizes"][str(n)] = {"wall_s": wall, "wall_without_build_s": wall - build, "peak_mib": peak,
+                                "phases": t, "system_accuracy": summary["system_accuracy"]}
+        start = t.get("engine_start_s", 0.0) + t.get("handshake_s", 0.0)
+        print(f"| {n} | {wall:.0f} | {t['prepare_data_s']:.0f} | {t['legacy_fleet_s']:.0f} | {start:.0f} "
+              f"| {t['rounds_s']:.0f} | {wall - build:.0f} | {peak:.0f} |", flush=True)
+        save(ns.out, res)  # what is measured so far
+    print(f"\nTargets ({ns.data}): wall < {target['wall_s']} s, peak < {target['peak_mib']} MiB, "
+          f"legacy build < {target['build_s']} s.")
 
 
 def report(res: dict) -> None:
