@@ -17,7 +17,7 @@ from tests.conftest import fleet_for, prepare_for, small_cfg
 
 @pytest.fixture(scope="module")
 def setup(shared_cache):
-    cache = shared_cache  # the small fleet other tests build too (built once per test process)
+    cache = shared_cache  # the small fleet other tests build too (built once per suite)
     cfg = small_cfg()
     prep = prepare_for(cfg, cache)
     fleet = fleet_for(cfg, prep, cache)
