@@ -109,10 +109,16 @@ def main() -> None:
                     help="instead of the above: per size in --devices, one run of the workload on this backend "
                          "into an empty cache (it builds its own data and legacy fleet) -- for sizes where "
                          "both backends and separate builds do not fit in the time at hand")
+    ap.add_argument("--cache", type=Path,
+                    help="with --cold-run: use (and fill) this cache directory instead of a new empty one, so a "
+                         "second command on the same directory measures a warm run (data and fleet reused)")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "scale.json")
     ns = ap.parse_args()
+    if ns.cache is not None and not ns.cold_run:
+        ap.error("--cache goes with --cold-run (the other modes build their own caches)")
     work = Path(tempfile.mkdtemp(prefix="l2h-scale-"))
-    env = {**os.environ, "L2H_SIM_CACHE": str(work / "cache"), "FLWR_TELEMETRY_ENABLED": "0"}
+    cache = ns.cache.expanduser().resolve() if ns.cache is not None else work / "cache"
+    env = {**os.environ, "L2H_SIM_CACHE": str(cache), "FLWR_TELEMETRY_ENABLED": "0"}
     load = workload(ns.data, ns.eval_every)
     data = load[:1] if ns.data == "mnist1d" else ["data.partition.name=sampled"]
     if ns.memory_curve:
@@ -190,11 +196,15 @@ def memory_curve(ns: argparse.Namespace, data: list[str], env: dict[str, str], w
 
 
 def cold_run(ns: argparse.Namespace, load: list[str], env: dict[str, str], work: Path) -> None:
-    """Per fleet size, one run of the 20-round workload on backend ``ns.cold_run`` into an empty cache:
-    wall (with the build), the build's phases (timing.json), the rounds, peak memory (PSS of the tree)."""
+    """Per fleet size, one run of the 20-round workload on backend ``ns.cold_run`` into an empty cache
+    (or into ``--cache``, warm when an earlier command filled it): wall (with the build, if any), the
+    build's phases (timing.json), the rounds, peak memory (PSS of the tree), the summary."""
     res: dict = {"cpus": os.cpu_count(), "workload": load, "backend": ns.cold_run, "sizes": {}}
     target = TARGETS[ns.data]
-    print(f"One cold run per size: `{' '.join(load)} sim.backend={ns.cold_run}`; {res['cpus']} CPUs.\n")
+    cache = Path(env["L2H_SIM_CACHE"])
+    state = "a filled cache (warm)" if cache.is_dir() and any(cache.iterdir()) else "an empty cache (cold)"
+    print(f"One run per size: `{' '.join(load)} sim.backend={ns.cold_run}` into {state} ({cache}); "
+          f"{res['cpus']} CPUs.\n")
     print("| devices | wall s (with build) | data s | legacy build s | engine start + handshake s | rounds s "
           "| wall without build s | peak MiB |")
     print("|---:|---:|---:|---:|---:|---:|---:|---:|", flush=True)
@@ -202,7 +212,7 @@ def cold_run(ns: argparse.Namespace, load: list[str], env: dict[str, str], work:
         wall, peak, summary, t = run_once([f"fleet.num_clients={n}", *load, f"sim.backend={ns.cold_run}"], env, work)
         build = t["prepare_data_s"] + t["legacy_fleet_s"]
         res["sizes"][str(n)] = {"wall_s": wall, "wall_without_build_s": wall - build, "peak_mib": peak,
-                                "phases": t, "system_accuracy": summary["system_accuracy"]}
+                                "phases": t, "system_accuracy": summary["system_accuracy"], "summary": summary}
         start = t.get("engine_start_s", 0.0) + t.get("handshake_s", 0.0)
         print(f"| {n} | {wall:.0f} | {t['prepare_data_s']:.0f} | {t['legacy_fleet_s']:.0f} | {start:.0f} "
               f"| {t['rounds_s']:.0f} | {wall - build:.0f} | {peak:.0f} |", flush=True)
