@@ -311,15 +311,39 @@ def _parse(overrides: list[str], parser_cls: Any) -> list[Any]:
         raise ConfigError(one_line(exc)) from None
 
 
-def precheck(argv: list[str]) -> None:
+SWEEP_SETTINGS = ("sim.sweep_parallel",)
+"""Keys that set up the sweep itself, so every job of a sweep must have the same value."""
+
+
+def check_sweep_settings(jobs: list[list[str]]) -> None:
+    """Refuse a sweep whose jobs differ in a :data:`SWEEP_SETTINGS` key.
+
+    Raises:
+        ConfigError: one line.
+    """
+    for key in SWEEP_SETTINGS:
+        values = {next((o.split("=", 1)[1] for o in job if o.lstrip("+~").split("=", 1)[0] == key), "default")
+                  for job in jobs}
+        if len(values) > 1:
+            raise ConfigError(f"{key} is one setting for the whole sweep, but its jobs would get "
+                              f"{', '.join(sorted(values))}: give it one value")
+
+
+def precheck(argv: list[str]) -> int:
     """Check every job a command line would run (see the module docstring).
+
+    Returns:
+        How many of the sweep's jobs run at once: ``sim.sweep_parallel`` with ``-m``, else 1.
 
     Raises:
         ConfigError: one line, for the first bad job (with ``sim.resume``: also a resume that does
-            not fit the run directory, or a resume in a sweep).
+            not fit the run directory, or a resume in a sweep; a sweep setting that differs between
+            jobs, :func:`check_sweep_settings`).
     """
     line = parse_command_line(argv)
     jobs = sweep_jobs(line)
+    if line.multirun:
+        check_sweep_settings(jobs)
     checked = sample_jobs(jobs, MAX_CHECKED)
     if len(checked) < len(jobs):
         print(f"note: the sweep has {len(jobs)} jobs; checking {len(checked)} of them (every swept value at "
@@ -334,3 +358,8 @@ def precheck(argv: list[str]) -> None:
                 from sim.checkpoint import open_for_resume
 
                 open_for_resume(cfg, Path(os.path.expanduser(str(cfg.sim.resume))))
+    parallel = int(cfg.sim.sweep_parallel) if line.multirun else 1
+    if parallel > 1 and any(o.lstrip("+~").startswith("hydra/launcher=") for o in line.hydra_overrides):
+        raise ConfigError(f"sim.sweep_parallel={parallel} runs the sweep on Hydra's joblib launcher: leave out "
+                          "hydra/launcher=... (or set sim.sweep_parallel=1 to use the launcher you give)")
+    return parallel

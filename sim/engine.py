@@ -32,6 +32,14 @@ class EngineError(RuntimeError):
     """The simulation engine could not start or run (one line: what and how to fix)."""
 
 
+SWEEP_RAY_ENV = "L2H_SWEEP_RAY_ADDRESS"
+"""Set by a sweep running several jobs at once (:mod:`sim.sweep`) to the address of the local Ray it
+started: a job with ``sim.ray_address=null`` joins that Ray instead of starting its own."""
+SWEEP_JOBS_ENV = "L2H_SWEEP_JOBS_AT_ONCE"
+"""Set by a sweep running N > 1 jobs at once (:mod:`sim.sweep`): a job on a Ray it did not start takes
+1/N of the device-worker pool (:func:`worker_resources`), so the jobs' pools together fit the cluster."""
+
+
 DISPATCH = threading.Event()
 """Set when the ServerApp has pushed messages: the simulation engine's dispatcher looks for them
 at once instead of at its next 0.1 s poll (:func:`dispatch_on_push`)."""
@@ -199,6 +207,7 @@ def start_ray(address: str | None, num_cpus: int | None, verbose: bool) -> bool:
 
     if ray.is_initialized():
         return False
+    shared = os.environ.get(SWEEP_RAY_ENV) if not address else None
     kwargs: dict[str, Any] = {
         "include_dashboard": False,
         "log_to_driver": verbose,
@@ -214,6 +223,12 @@ def start_ray(address: str | None, num_cpus: int | None, verbose: bool) -> bool:
         kwargs["address"] = "local"
         if num_cpus:
             kwargs["num_cpus"] = num_cpus
+    if shared:
+        # The sweep's local instance, started by the sweep's process with this project's environment
+        # (its workers already import this code): joined as it is, nothing shipped.
+        kwargs["address"] = shared
+        init_ray(kwargs, shared)
+        return True
     env = runtime_env(address)
     if address:
         kwargs["runtime_env"] = env
@@ -458,11 +473,42 @@ restart, Flower's ``BasicActorPool`` puts the dead actor back into its pool and 
 message it gets fails too (``ActorDiedError``)."""
 
 
-def worker_resources(client_resources: ResourcesConfig) -> dict[str, float | int]:
+def worker_resources(client_resources: ResourcesConfig, jobs_at_once: int = 1) -> dict[str, float | int]:
     """Flower's ``backend_config["client_resources"]`` for a device worker: ``sim.client_resources``
-    (CPUs, GPUs per worker actor) plus :data:`RESTART_DEAD_WORKERS`."""
-    return {"num_cpus": float(client_resources.num_cpus), "num_gpus": float(client_resources.num_gpus),
+    (CPUs, GPUs per worker actor) plus :data:`RESTART_DEAD_WORKERS`.
+
+    ``jobs_at_once`` = N > 1 (jobs of a parallel sweep on one Ray): each worker asks for N times the
+    resources. Flower sizes its worker pool from the cluster's whole resources, node by node
+    (``int(node CPUs / worker CPUs)``), so N jobs asking for the plain amount would make N full pools:
+    the workers that do not fit wait for resources that the other jobs' workers hold until those jobs
+    end -- and those jobs wait on their own waiting workers. With N times the amount the N pools fit."""
+    n = max(1, int(jobs_at_once))
+    return {"num_cpus": float(client_resources.num_cpus) * n, "num_gpus": float(client_resources.num_gpus) * n,
             **RESTART_DEAD_WORKERS}
+
+
+def check_worker_pool(resources: dict[str, float | int], jobs_at_once: int) -> None:
+    """Refuse a run whose device-worker pool would be empty on the Ray it is connected to (counted as
+    Flower counts it, node by node): Flower would only log a warning and wait.
+
+    Raises:
+        EngineError: one line with the nodes' CPUs and the fix.
+    """
+    import ray
+
+    cpus = [float(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n.get("Alive") and n.get("Resources")]
+    gpus = [float(n["Resources"].get("GPU", 0)) for n in ray.nodes() if n.get("Alive") and n.get("Resources")]
+    need_cpu, need_gpu = float(resources["num_cpus"]), float(resources["num_gpus"])
+    fits = sum(min(int(c / need_cpu), int(g / need_gpu) if need_gpu > 0 else int(c / need_cpu))
+               for c, g in zip(cpus, gpus))
+    if fits >= 1:
+        return
+    what = (f"a sweep running {jobs_at_once} jobs at once gives each device worker {need_cpu:g} CPUs "
+            f"(sim.client_resources x sim.sweep_parallel)" if jobs_at_once > 1 else
+            f"each device worker asks for {need_cpu:g} CPUs and {need_gpu:g} GPUs (sim.client_resources)")
+    fix = "lower sim.sweep_parallel or sim.client_resources" if jobs_at_once > 1 else "lower sim.client_resources"
+    raise EngineError(f"no device worker fits on this Ray (nodes' CPUs: {[round(c, 2) for c in cpus]}, GPUs: "
+                      f"{[round(g, 2) for g in gpus]}): {what}; {fix}, or give Ray more CPUs (sim.num_cpus, a cluster)")
 
 
 def flower_version() -> tuple[int, int]:
@@ -538,7 +584,7 @@ def dispatch_on_push() -> None:
 
 
 def run_fleet(server_app: Any, client_app: Any, num_clients: int, client_resources: ResourcesConfig,
-              verbose: bool) -> None:
+              verbose: bool, jobs_at_once: int = 1) -> None:
     """Run ``server_app`` against ``num_clients`` virtual nodes of ``client_app`` on Ray
     (:func:`flwr.simulation.run_simulation`; device workers restart when they die,
     :data:`RESTART_DEAD_WORKERS`).
@@ -551,7 +597,8 @@ def run_fleet(server_app: Any, client_app: Any, num_clients: int, client_resourc
 
     quiet_logs(verbose)
     dispatch_on_push()
-    backend_config = {"client_resources": worker_resources(client_resources)}
+    backend_config = {"client_resources": worker_resources(client_resources, jobs_at_once)}
+    check_worker_pool(backend_config["client_resources"], jobs_at_once)
     run_simulation(server_app=server_app, client_app=client_app, num_supernodes=num_clients,
                    backend_name="ray", backend_config=backend_config, verbose_logging=verbose)
 
@@ -578,8 +625,13 @@ def run(sim_cfg: SimConfig, server_main: Any, client_app: Any, num_clients: int)
 
     with ray_session(sim_cfg.ray_address, sim_cfg.num_cpus, sim_cfg.verbose):
         release_device_workers()
+        # One of several jobs running at once on a Ray this process did not start (a parallel sweep's
+        # shared Ray, or a cluster): a 1/N share of the device workers (:func:`worker_resources`).
+        private = bool(_STARTED and _STARTED[0])
+        jobs_at_once = 1 if private else int(os.environ.get(SWEEP_JOBS_ENV, "1"))
         try:
-            run_fleet(make_server_app(main), client_app, num_clients, sim_cfg.client_resources, sim_cfg.verbose)
+            run_fleet(make_server_app(main), client_app, num_clients, sim_cfg.client_resources, sim_cfg.verbose,
+                      jobs_at_once)
         except KeyboardInterrupt:
             STOP.set()  # the ServerApp thread stops at its next check (ray_session waits for it)
             raise

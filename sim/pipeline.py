@@ -170,11 +170,11 @@ def prepare_inputs(cfg: Config, run_dir: Path, console: Any, resume: tuple | Non
     from strategies.registry import method
 
     t_start = time.perf_counter()
+    timing: dict[str, Any] = {"started_at": time.time()}  # Unix seconds (when, beside how long)
     engine.quiet_logs(cfg.sim.verbose)
     torch.set_num_threads(int(cfg.sim.torch_threads))
     torch.manual_seed(int(cfg.seed))
     cache_dir = check_cache_dir(cfg.sim.cache_dir)
-    timing: dict[str, float] = {}
     prep = prepare(cfg.data, cfg.fleet.num_clients, cfg.seed, cache_dir)
     check_archs(cfg, prep.in_shape)
     timing["prepare_data_s"] = time.perf_counter() - t_start
@@ -444,6 +444,7 @@ def finish(inp: Inputs, out: Outcome, reference: dict[str, Any] | None) -> dict[
         inp.console.print(f"note: {errors} device replies were errors (injected dropouts count here); "
                           "sim.verbose=true shows each one")
     inp.timing["total_s"] = time.perf_counter() - inp.t_start
+    inp.timing["finished_at"] = time.time()
     # Wall-clock phases go to their own file: summary.json holds only seed-determined numbers.
     rec.write_json("timing.json", {"backend": str(cfg.sim.backend), **inp.timing})
     terminal.print_summary(inp.console, summary, inp.run_dir, out.sim_seconds, inp.timing["total_s"])

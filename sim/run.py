@@ -48,6 +48,7 @@ from sim.core.errors import ConfigError  # noqa: E402
 from sim.core.stop import exit_code, signal_name  # noqa: E402
 from sim.pipeline import simulate  # noqa: E402
 from sim.results import claim, resume_override  # noqa: E402
+from sim.sweep import FAILED, SWEEP, record_failure  # noqa: E402
 from strategies.config import register_all  # noqa: E402
 
 register()
@@ -60,8 +61,6 @@ EXIT_TIMEOUT_S = float(os.environ.get("L2H_SIM_EXIT_TIMEOUT_S", "20"))
 
 _CURRENT: dict[str, Any] = {}
 """The job running now: ``run_dir``, ``overrides`` (its own), ``multirun``, ``config_name``."""
-_FAILED: list[str] = []
-"""Multirun jobs that failed with a one-line error (the sweep goes on; the command then exits 2)."""
 _EXITING = _threading.Lock()
 
 
@@ -89,7 +88,11 @@ def _hydra_task(cfg: DictConfig) -> float | None:
         if not multirun:
             print(f"error: {exc}", file=sys.stderr)
             sys.exit(2)
-        _FAILED.append(f"job {hc.job.num} ({' '.join(hc.overrides.task)}): {exc}")
+        # The sweep goes on. The failure is kept in the job's directory too: a parallel sweep's jobs run
+        # in other processes, and :class:`sim.sweep.RaySweepSession` gathers them all at the sweep's end.
+        message = f"job {hc.job.num} ({' '.join(hc.overrides.task)}): {exc}"
+        FAILED.append(message)
+        record_failure(Path(hc.runtime.output_dir), message)
         return None
     return float(summary["system_accuracy"])
 
@@ -140,6 +143,11 @@ def _interrupted_message() -> str:
 
     name = signal_name()
     run_dir = _CURRENT.get("run_dir")
+    if SWEEP.get("parallel", 1) > 1:
+        return (f"interrupted ({name}) during a sweep running {SWEEP['parallel']} jobs at once: the jobs still "
+                f"running were stopped and later jobs did not run; each job's finished rounds are saved in its "
+                f"directory under {SWEEP['dir']} (resume one with `python -m sim.run <its overrides> "
+                "sim.resume=<its directory>`)")
     if run_dir is None:
         return f"interrupted ({name}) before the run started"
     rest = "; this sweep's later jobs did not run" if _CURRENT.get("multirun") else ""
@@ -221,9 +229,12 @@ def _insist() -> None:
                       daemon=True).start()
 
 
-def check_command_line(argv: list[str]) -> None:
+def check_command_line(argv: list[str]) -> int:
     """Refuse a bad command line before Hydra starts: every job's config (:func:`sim.cli.precheck`),
     ``--config-name``, and an explicit ``hydra.run.dir`` / ``hydra.sweep.dir`` that cannot be used.
+
+    Returns:
+        How many jobs of the sweep run at once (``sim.sweep_parallel``; 1 without ``-m``).
 
     Raises:
         ConfigError: one line.
@@ -239,7 +250,7 @@ def check_command_line(argv: list[str]) -> None:
     multirun = "-m" in argv or "--multirun" in argv
     if multirun and any(a in ("--cfg", "-c", "--info", "-i") or a.startswith(("--cfg=", "--info=")) for a in argv):
         raise ConfigError("--cfg/--info show one job's config: leave out -m (give one value per key) to see it")
-    precheck(argv)
+    parallel = precheck(argv)
     for a in argv:
         key, _, value = a.partition("=")
         if key in ("hydra.run.dir", "hydra.sweep.dir"):
@@ -250,6 +261,7 @@ def check_command_line(argv: list[str]) -> None:
             check_run_dir(Path(value))
         elif key == "hydra.sweep.dir" and multirun and (Path(os.path.expanduser(value)) / "multirun.yaml").exists():
             raise ConfigError(f"hydra.sweep.dir={value} already holds a sweep (multirun.yaml): give a new directory")
+    return parallel
 
 
 def _override_value(override: str) -> str:
@@ -275,10 +287,12 @@ def _flag(argv: list[str], names: tuple[str, ...]) -> str | None:
     return None
 
 
-def _hydra_argv(argv: list[str]) -> list[str]:
-    """The command line Hydra gets: a resume writes into its own directory, and Hydra does not
-    write its ``.hydra`` record itself (:func:`save_hydra_record` does, for new runs only)."""
-    extra = []
+def _hydra_argv(argv: list[str], parallel: int = 1) -> list[str]:
+    """The command line Hydra gets: a resume writes into its own directory, Hydra does not write its
+    ``.hydra`` record itself (:func:`save_hydra_record` does, for new runs only), and a sweep of
+    ``parallel`` > 1 jobs at once runs on Hydra's joblib launcher (``hydra-joblib-launcher``: one
+    process per running job, ``n_jobs=parallel``)."""
+    extra = ["hydra/launcher=joblib", f"hydra.launcher.n_jobs={parallel}"] if parallel > 1 else []
     resume = [a.split("=", 1)[1] for a in argv[1:] if a.startswith("sim.resume=")]
     if resume and not any(a.startswith("hydra.run.dir=") for a in argv[1:]):
         extra.append(f"hydra.run.dir={resume[-1]}")
@@ -302,8 +316,8 @@ def main() -> None:
         if _STOP.is_set():  # a signal came while the program was importing
             _watchdog()
             raise KeyboardInterrupt
-        check_command_line(argv[1:])
-        sys.argv = _hydra_argv(argv)
+        parallel = check_command_line(argv[1:])
+        sys.argv = _hydra_argv(argv, parallel)
         _hydra_task()
     except KeyboardInterrupt:
         sys.argv = argv
@@ -319,8 +333,8 @@ def main() -> None:
     sys.argv = argv
     if _STOP.is_set():
         _report_and_exit()
-    if _FAILED and code == 0:
-        print(f"error: {len(_FAILED)} job(s) of the sweep failed, the others finished; first: {_FAILED[0]}",
+    if FAILED and code == 0:
+        print(f"error: {len(FAILED)} job(s) of the sweep failed, the others finished; first: {FAILED[0]}",
               file=sys.stderr)
         code = 2
     _leave(code)

@@ -439,6 +439,7 @@ class SimConfig:
     max_nodes: int = 10  # with devices_per_node=null: at most this many Flower nodes
     ray_address: Optional[str] = None  # None: start a local Ray; "auto" or "host:port": join
     shared_ray_session: bool = True  # a sweep (-m) starts Ray once for all its jobs (sim/sweep.py)
+    sweep_parallel: int = 1  # a sweep (-m) runs this many jobs at once (Hydra's joblib launcher; sim/sweep.py)
     client_resources: ResourcesConfig = field(default_factory=ResourcesConfig)
     num_cpus: Optional[int] = None  # CPUs a local Ray may use (None: all)
     torch_threads: int = 1
@@ -462,6 +463,7 @@ class SimConfig:
             "max_nodes": _at_least(1), "torch_threads": _at_least(1),
             "round_timeout": (lambda v: v > 0, "must be > 0 seconds"),
             "num_cpus": (lambda v: v is None or v >= 1, "must be >= 1 or null"),
+            "sweep_parallel": (lambda v: v >= 1, "must be >= 1 (jobs of a sweep run at once; 1: one after another)"),
         })
         check_fields(self.client_resources, "sim.client_resources",
                      {"num_cpus": _positive(), "num_gpus": _at_least(0)})
