@@ -106,7 +106,8 @@ def stop_job_processes(parallel: int) -> None:
 
 
 class RaySweepSession(Callback):
-    """Hydra callback (``hydra.callbacks.ray_sweep`` in configs/config.yaml): one Ray session per sweep."""
+    """Hydra callback (``hydra.callbacks.ray_sweep`` in configs/config.yaml): one Ray session per sweep,
+    the set-up of a sweep's jobs at once, and its failed jobs gathered at the end (module docstring)."""
 
     def on_multirun_start(self, config: Any, **kwargs: Any) -> None:
         from sim import engine
@@ -133,7 +134,8 @@ class RaySweepSession(Callback):
     def on_multirun_end(self, config: Any, **kwargs: Any) -> None:
         from sim import engine
 
-        FAILED[:] = gather_failures(Path(str(config.hydra.sweep.dir)))
+        gathered = gather_failures(Path(str(config.hydra.sweep.dir)))  # this process's failures are among them
+        FAILED[:] = gathered + [m for m in FAILED if m not in gathered]
         if SWEEP.get("parallel", 1) > 1:
             stop_job_processes(int(SWEEP["parallel"]))
         SWEEP.clear()

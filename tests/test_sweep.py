@@ -83,8 +83,8 @@ def _at_once(dirs: list[Path]) -> bool:
 @pytest.mark.slow
 def test_a_ray_sweep_runs_every_job_on_one_ray_with_the_results_of_each_job_alone(tmp_path, shared_cache):
     """``-m seed=0,1`` on Flower + Ray: both jobs ran on the same Ray node (started once) and each
-    job's summary.json equals that job run alone."""
-    _run(["-m", "seed=0,1", *ARGS, f"hydra.sweep.dir={tmp_path / 'sweep'}"], tmp_path, shared_cache)
+    job's summary.json equals that job run alone. (One CPU for Ray: one device worker to start, not two.)"""
+    _run(["-m", "seed=0,1", *ARGS, "sim.num_cpus=1", f"hydra.sweep.dir={tmp_path / 'sweep'}"], tmp_path, shared_cache)
     jobs = sorted((tmp_path / "sweep").glob("*/summary.json"))
     assert len(jobs) == 2
     nodes = {json.loads((j.parent / "timing.json").read_text())["ray_node_id"] for j in jobs}
