@@ -226,3 +226,21 @@ def test_killed_actor_is_really_dead_and_its_samples_go_elsewhere(ray_local):
     out, _ = answer(pool, route=0, round_=2)
     assert out.served.all() and pool.load[0] == 0
     pool.shutdown()
+
+
+def test_answers_are_not_timed_only_the_health_check_is(monkeypatch):
+    """Whether a server is slower than failures.query_timeout_s is decided by the round's health check
+    (ping, which sleeps an injected delay as every call does). The answer call carries the round's
+    every deferred test sample -- 100,000 at 10,000 devices -- so timing it too made an un-faulted
+    server whose compute took longer than the timeout count as down (measured: a whole evaluation
+    round of a 10,000-device run failed over to legacy on a busy machine)."""
+    pool = make_pool(2)
+    pool.begin_round(RoundFaults(round=1))
+    seen = []
+    real = pool.call
+    monkeypatch.setattr(pool, "call", lambda method, servers, *a, timeout=None, **k: (
+        seen.append((method, timeout)), real(method, servers, *a, timeout=timeout, **k))[1])
+    out, _ = answer(pool)
+    assert ("predict", None) in seen and out.served.all()
+    pool.begin_round(RoundFaults(round=2, slow={1: 5.0}))  # slower than the timeout: down this round
+    assert ("ping", pool.timeout) in seen and pool.up == [0]

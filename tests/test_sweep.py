@@ -108,6 +108,7 @@ def test_a_parallel_ray_sweep_runs_its_jobs_at_once_on_one_ray_with_the_results_
         assert json.loads((d / "summary.json").read_text()) == _alone(seed, tmp_path / f"alone{seed}", shared_cache)
 
 
+@pytest.mark.slow
 def test_a_parallel_sweep_runs_jobs_at_once_and_finishes_the_others_when_some_fail(tmp_path, shared_cache):
     """``sim.sweep_parallel=2``: jobs 0 and 1 (in-process) ran at the same time in two processes, each
     with the summary.json of the job alone; jobs 2 and 3 (Ray, at an address where no cluster answers)
@@ -127,6 +128,7 @@ def test_a_parallel_sweep_runs_jobs_at_once_and_finishes_the_others_when_some_fa
         assert json.loads((d / "summary.json").read_text()) == _alone(seed, tmp_path / f"alone{seed}", shared_cache)
 
 
+@pytest.mark.slow
 def test_a_sweep_one_job_at_a_time_reports_its_failed_jobs_the_same_way(tmp_path, shared_cache):
     r = _run(["-m", "sim.ray_address=127.0.0.1:9,127.0.0.1:8", *ARGS, f"hydra.sweep.dir={tmp_path / 's'}"],
              tmp_path, shared_cache, code=2)
@@ -135,6 +137,7 @@ def test_a_sweep_one_job_at_a_time_reports_its_failed_jobs_the_same_way(tmp_path
     assert "127.0.0.1:9" in last and all((d / "failed.txt").exists() for d in _jobs(tmp_path / "s"))
 
 
+@pytest.mark.slow
 def test_a_stopped_parallel_sweep_says_what_is_saved_and_leaves_no_job_process(tmp_path, shared_cache):
     """SIGTERM to the command while two jobs run at once: exit 143 with the one message (no traceback),
     each job's finished rounds are in its checkpoint, and no process the sweep started is left."""
