@@ -4,6 +4,7 @@ Examples:
     python -m sim.run                                   # digits, default fleet, L2H, 1 server
     python -m sim.run fleet.num_clients=20 sim.num_rounds=15 strategy.c_e=0.2
     python -m sim.run -m strategy.c_e=0,0.1,0.3          # Hydra multirun (sweep)
+    python -m sim.run -m seed=0,1,2,3 sim.sweep_parallel=2   # two jobs at a time (sim/sweep.py)
 
 The run itself is :func:`sim.pipeline.simulate`. Outputs go to the Hydra run directory (``outputs/DATE/TIME`` or ``multirun/DATE/TIME/N_...``):
 metrics.jsonl, summary.json, clients.csv, rounds.png, accuracy_vs_defer_rate.png, devices.png.
