@@ -496,12 +496,16 @@ def check_worker_pool(resources: dict[str, float | int], jobs_at_once: int) -> N
     """
     import ray
 
-    cpus = [float(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n.get("Alive") and n.get("Resources")]
-    gpus = [float(n["Resources"].get("GPU", 0)) for n in ray.nodes() if n.get("Alive") and n.get("Resources")]
+    alive = [n["Resources"] for n in ray.nodes() if n.get("Alive") and n.get("Resources")]  # one GCS call
+    cpus = [float(r.get("CPU", 0)) for r in alive]
+    gpus = [float(r.get("GPU", 0)) for r in alive]
     need_cpu, need_gpu = float(resources["num_cpus"]), float(resources["num_gpus"])
-    fits = sum(min(int(c / need_cpu), int(g / need_gpu) if need_gpu > 0 else int(c / need_cpu))
-               for c, g in zip(cpus, gpus))
-    if fits >= 1:
+
+    def fit(c: float, g: float) -> int:
+        n = int(c / need_cpu)
+        return min(n, int(g / need_gpu)) if need_gpu > 0 else n
+
+    if sum(fit(c, g) for c, g in zip(cpus, gpus)) >= 1:
         return
     what = (f"a sweep running {jobs_at_once} jobs at once gives each device worker {need_cpu:g} CPUs "
             f"(sim.client_resources x sim.sweep_parallel)" if jobs_at_once > 1 else
