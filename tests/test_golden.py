@@ -1,8 +1,9 @@
 """Behaviour pinned by golden outputs (tests/golden/): every case's summary.json and per-round
-records equal the recorded ones to the last digit, in-process and on Flower + Ray."""
+records equal the recorded ones to the last digit (on another CPU: to float rounding, see
+``tests.golden.RTOL``), in-process and on Flower + Ray."""
 import pytest
 
-from tests.golden import CASES, RAY_CASES, dump, golden_path, load, machine, run_case
+from tests.golden import CASES, RAY_CASES, differences, dump, golden_path, load, machine, run_case
 
 FAST = ("l2h", "l2d", "mel_crash_stop")
 """Cases in the quick suite (``-m "not slow"``); the full suite runs every case."""
@@ -10,12 +11,17 @@ FAST = ("l2h", "l2d", "mel_crash_stop")
 
 def _check(name, got):
     want = load(name)
-    if want["machine"] != machine():
-        pytest.skip(f"golden files were recorded with {want['machine']}, this machine is {machine()}: exact "
-                    "float equality is not expected; regenerate with `python -m tests.golden` to pin it here")
-    assert dump({"machine": want["machine"], **got}) == golden_path(name).read_text(), (
-        f"{name}: results moved; if that is intended, regenerate with `python -m tests.golden {name}` and say "
-        "in the commit message which numbers moved and why")
+    if want["machine"] == machine():
+        assert dump({"machine": want["machine"], **got}) == golden_path(name).read_text(), (
+            f"{name}: results moved; if that is intended, regenerate with `python -m tests.golden {name}` and "
+            "say in the commit message which numbers moved and why")
+        return
+    # Another machine's rounding: keys, counts and strings exactly; floats (losses, accuracies) to RTOL,
+    # far below one test sample's share of a golden run's accuracy (1/360).
+    moved = differences({k: v for k, v in want.items() if k != "machine"}, got)
+    assert not moved, (f"{name}: results moved beyond float rounding (golden files from {want['machine']}, this "
+                       f"machine {machine()}): {len(moved)} values, first {moved[:3]}; if intended, regenerate "
+                       f"with `python -m tests.golden {name}`")
 
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=[] if n in FAST else [pytest.mark.slow]) for n in CASES])
@@ -30,3 +36,16 @@ def test_flower_on_ray_matches_the_same_golden_file(name, tmp_path, shared_cache
     """Flower on Ray adds no arithmetic: the same golden file as in-process, to the last digit
     (a recorded file from another process: the same seed gives the same numbers)."""
     _check(name, run_case(name, tmp_path / "run", shared_cache, backend="ray"))
+
+
+def test_another_machines_rounding_passes_but_a_moved_accuracy_or_count_does_not():
+    want = {"summary": {"system_accuracy": 0.8361111111111111, "server_loss": 18.409246, "defer_rate": 0.3333,
+                        "samples_deferred": 238, "strategy": "l2h"}, "rounds": [{"round": 1}]}
+    rounded = {"summary": {**want["summary"], "server_loss": 18.411662}, "rounds": [{"round": 1}]}
+    assert differences(want, rounded) == []
+    one_sample = {"summary": {**want["summary"], "system_accuracy": 0.8361111111111111 - 1 / 360}, "rounds": [{"round": 1}]}
+    assert differences(want, one_sample) == ["summary.system_accuracy: 0.8333333333333334 != 0.8361111111111111"]
+    assert differences(want, {"summary": {**want["summary"], "samples_deferred": 239}, "rounds": []}) == [
+        "rounds: 0 items != 1", "summary.samples_deferred: 239 != 238"]
+    assert differences(want, {"summary": {**want["summary"], "strategy": "l2d"}, "rounds": [{}]}) == [
+        "rounds[0].round: missing", "summary.strategy: 'l2d' != 'l2h'"]
