@@ -31,6 +31,8 @@ Usage:
         --out benchmarks/results/memory_mnist1d.json
     python benchmarks/bench_scale.py --data mnist1d --cold-run ray --devices 10000 \
         --out benchmarks/results/cold10k_mnist1d.json
+    python benchmarks/bench_scale.py --data mnist1d --build-only --devices 10000 --build-threads 1 2 \
+        --repeats 3 --cache /tmp/c10k --out benchmarks/results/build10k_mnist1d.json
 """
 from __future__ import annotations
 
@@ -109,13 +111,17 @@ def main() -> None:
                     help="instead of the above: per size in --devices, one run of the workload on this backend "
                          "into an empty cache (it builds its own data and legacy fleet) -- for sizes where "
                          "both backends and separate builds do not fit in the time at hand")
+    ap.add_argument("--build-only", action="store_true",
+                    help="instead of the above: per size in --devices and count in --build-threads, build the "
+                         "legacy fleet --repeats times in this process (data prepared once, into --cache)")
+    ap.add_argument("--build-threads", type=int, nargs="+", default=[1], help="with --build-only: fleet.build_threads")
     ap.add_argument("--cache", type=Path,
-                    help="with --cold-run: use (and fill) this cache directory instead of a new empty one, so a "
+                    help="with --cold-run or --build-only: use (and fill) this cache directory instead of a new empty one, so a "
                          "second command on the same directory measures a warm run (data and fleet reused)")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "scale.json")
     ns = ap.parse_args()
-    if ns.cache is not None and not ns.cold_run:
-        ap.error("--cache goes with --cold-run (the other modes build their own caches)")
+    if ns.cache is not None and not (ns.cold_run or ns.build_only):
+        ap.error("--cache goes with --cold-run or --build-only (the other modes build their own caches)")
     work = Path(tempfile.mkdtemp(prefix="l2h-scale-"))
     cache = ns.cache.expanduser().resolve() if ns.cache is not None else work / "cache"
     env = {**os.environ, "L2H_SIM_CACHE": str(cache), "FLWR_TELEMETRY_ENABLED": "0"}
@@ -126,6 +132,9 @@ def main() -> None:
         return
     if ns.cold_run:
         cold_run(ns, load, env, work)
+        return
+    if ns.build_only:
+        build_only(ns, data, cache)
         return
     results: dict = {"cpus": os.cpu_count(), "workload": load, "data": ns.data, "repeats": ns.repeats, "sizes": {}}
 
@@ -193,6 +202,38 @@ def memory_curve(ns: argparse.Namespace, data: list[str], env: dict[str, str], w
               f"| {row['ray']['peak_mib']:.0f} | {row['inprocess']['wall_s']:.1f} | {row['inprocess']['peak_mib']:.0f} "
               f"| {'yes' if row['same_result'] else 'NO'} |", flush=True)
         save(ns.out, res)  # what is measured so far
+
+
+def build_only(ns: argparse.Namespace, data: list[str], cache: Path) -> None:
+    """Per fleet size and build thread count, the legacy build alone, ``--repeats`` times, each into
+    an empty fleet cache (the data is prepared once and reused): seconds of ``build_fleet``, as a run's
+    ``legacy_fleet_s``, with one torch thread outside the build as in a run."""
+    import shutil
+
+    import torch
+
+    from clients.legacy import build_fleet
+    from sim.core.data import prepare
+
+    torch.set_num_threads(1)
+    res: dict = {"cpus": os.cpu_count(), "data": data, "sizes": {}}
+    print("| devices | build threads | legacy build s (each run) | median s | mean legacy accuracy |")
+    print("|---:|---:|---|---:|---:|", flush=True)
+    for n in ns.devices:
+        for threads in ns.build_threads:
+            cfg = compose_checked([f"fleet.num_clients={n}", f"fleet.build_threads={threads}", *data])
+            prep = prepare(cfg.data, n, cfg.seed, cache)
+            times, acc = [], 0.0
+            for _ in range(ns.repeats):
+                shutil.rmtree(cache / "fleets", ignore_errors=True)
+                t0 = time.perf_counter()
+                acc = float(build_fleet(cfg.fleet, cfg.data, prep, cfg.seed, cache).legacy_accuracy.mean())
+                times.append(time.perf_counter() - t0)
+            res["sizes"].setdefault(str(n), {})[str(threads)] = {"build_s": times, "median_s": med(times),
+                                                                 "mean_legacy_accuracy": acc}
+            print(f"| {n} | {threads} | {', '.join(f'{t:.1f}' for t in times)} | {med(times):.1f} | {acc:.5f} |",
+                  flush=True)
+            save(ns.out, res)
 
 
 def cold_run(ns: argparse.Namespace, load: list[str], env: dict[str, str], work: Path) -> None:

@@ -6,14 +6,16 @@ updated afterwards: L2H trains only the rejector and the helper server.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from clients.stacked import STACKED_GRADS
 from clients.zoo import build_model
 from sim.core.cache import build_entry, content_key
 from sim.core.config import DataConfig, DeviceGroupConfig, FleetConfig, Pretrain, plain
@@ -37,6 +39,18 @@ def assign_groups(num_clients: int, shares: list[float]) -> list[int]:
         counts[g] += 1
         out.append(g)
     return out
+
+
+@contextmanager
+def build_threads(threads: int) -> Iterator[None]:
+    """Run the block with ``threads`` torch threads, then restore the count a run's rounds use
+    (``sim.torch_threads``)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def legacy_file(device: int) -> str:
@@ -69,18 +83,20 @@ def pretrain_legacy(xs: np.ndarray, ys: np.ndarray, group: DeviceGroupConfig, in
 
     Model i is initialised from ``seeds[i]`` and trained with cross-entropy and Adam (batch 32,
     ``group.epochs``, ``group.lr``) on ``xs[i]: (n, C, H, W)``, ``ys[i]: (n,)``; all M models train
-    together (:func:`sim.core.training.train_stacked`), or one after the other with
+    together (:func:`sim.core.training.train_stacked`; 1-D CNNs with the hand-written gradients of
+    :mod:`clients.stacked`), or one after the other with
     :func:`sim.core.training.train_minibatch` when ``batched`` is False (``fleet.pretrain=sequential``:
     the same training up to float rounding). Returns the M models, frozen.
     """
     models = []
     for s in seeds:
-        torch.manual_seed(derive_seed(s, "legacy-init"))
+        torch.default_generator.manual_seed(derive_seed(s, "legacy-init"))  # torch.manual_seed, less CUDA bookkeeping
         models.append(build_model(group.arch, in_shape, num_classes, hidden=int(group.hidden)))
     xt, yt = torch.from_numpy(np.ascontiguousarray(xs)), torch.from_numpy(np.ascontiguousarray(ys))
     hp = {"epochs": int(group.epochs), "batch_size": 32, "lr": float(group.lr)}
     if batched:
-        train_stacked(models, xt, yt, seeds=[derive_seed(s, "legacy") for s in seeds], **hp)
+        train_stacked(models, xt, yt, seeds=[derive_seed(s, "legacy") for s in seeds], grads=STACKED_GRADS.get(group.arch),
+                      **hp)
     else:
         for model, x, y, s in zip(models, xt, yt, seeds):
             model.train()
@@ -111,6 +127,10 @@ def build_fleet(fleet_cfg: FleetConfig, data_cfg: DataConfig, prep: Prepared, se
                            "groups": [plain(g) for g in group_cfgs]}
     if batched:  # a different float rounding, so a different entry (sequential keeps the earlier key)
         key["pretrain"] = "batched"
+        if any(g.arch in STACKED_GRADS for g in group_cfgs):  # hand-written gradients: their own rounding
+            key["grads"] = "stacked-v1"
+    if fleet_cfg.build_threads != 1:  # so does another thread count (1 keeps the earlier key)
+        key["build_threads"] = int(fleet_cfg.build_threads)
     entry = cache_dir / "fleets" / f"{data_cfg.name}-{n}-{content_key(key)}"
     built = {"flag": False}
 
@@ -137,7 +157,8 @@ def build_fleet(fleet_cfg: FleetConfig, data_cfg: DataConfig, prep: Prepared, se
                 accs[dev], sizes[dev] = float((pred == data[dev][3]).mean()), int(n_pre)
         return {"key": key, "legacy_accuracy": accs, "pretrain_size": sizes}
 
-    manifest = build_entry(entry, build, "legacy fleet")
+    with build_threads(fleet_cfg.build_threads):
+        manifest = build_entry(entry, build, "legacy fleet")
     meta = manifest["meta"]
     return Fleet(entry, groups, group_cfgs, np.asarray(meta["legacy_accuracy"]), np.asarray(meta["pretrain_size"]),
                  built["flag"])

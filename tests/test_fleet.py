@@ -68,12 +68,14 @@ def test_corrupt_dataset_cache_is_rebuilt(tmp_path):
     assert (p2.path / "y.npy").read_bytes() == y
 
 
-@pytest.mark.parametrize("arch", ["logreg", "mlp", "cnn"])
+@pytest.mark.parametrize("arch", ["logreg", "mlp", "cnn", "cnn1d"])
 def test_batched_pretraining_is_the_one_by_one_training(arch):
     """Stacked (torch.func) training of M models == M separate train_minibatch runs (same seeds,
-    same shuffles, same Adam), up to float rounding."""
+    same shuffles, same Adam), up to float rounding; ``cnn1d`` with its hand-written gradients
+    (clients/stacked.py), the others through vmap and autograd."""
     import torch.nn.functional as F
 
+    from clients.stacked import STACKED_GRADS
     from clients.zoo import build_model
     from sim.core.training import train_minibatch, train_stacked
 
@@ -89,7 +91,8 @@ def test_batched_pretraining_is_the_one_by_one_training(arch):
         train_minibatch(r.parameters(), (xs[i], ys[i]), lambda xb, yb, r=r: F.cross_entropy(r(xb), yb),
                         epochs=20, batch_size=32, lr=1e-2, seed=7 + i)
     before = [[p.detach().clone() for p in mod.parameters()] for mod in models]
-    train_stacked(models, xs, ys, epochs=20, batch_size=32, lr=1e-2, seeds=[7 + i for i in range(m)])
+    train_stacked(models, xs, ys, epochs=20, batch_size=32, lr=1e-2, seeds=[7 + i for i in range(m)],
+                  grads=STACKED_GRADS.get(arch))
     # Rounding-level agreement: the batched and the one-by-one weights differ by less than 1e-4 of
     # how far training moved them (measured: <= 1e-5; Adam turns rounding noise in near-zero
     # gradients into steps of up to lr, so an absolute bound would depend on lr).
@@ -107,3 +110,52 @@ def test_sequential_and_batched_fleets_agree_and_are_cached_apart(tmp_path):
     fb, fs = fleet_for(cfg_b, prep, tmp_path), fleet_for(cfg_s, prep, tmp_path)
     assert fb.path != fs.path and fb.built and fs.built
     assert np.abs(fb.legacy_accuracy - fs.legacy_accuracy).max() <= 1 / 36  # at most one test sample flips
+
+
+def test_hand_written_conv1d_gradients_are_autograds_in_any_chunking(monkeypatch):
+    """clients/stacked.py's gradients of M stacked 1-D CNNs == autograd's through vmap, also when M
+    spans several chunks (the last one short)."""
+    import clients.stacked as stacked
+    from clients.zoo import build_model
+    from torch.func import functional_call, stack_module_state
+
+    monkeypatch.setattr(stacked, "CHUNK", 3)
+    m, b = 7, 12
+    torch.manual_seed(0)
+    models = [build_model("cnn1d", (1, 1, 40), 10, hidden=6) for _ in range(m)]
+    params, buffers = stack_module_state(models)
+    x, y = torch.randn(m, b, 1, 1, 40), torch.randint(0, 10, (m, b))
+    logits = torch.vmap(lambda p, bu, xx: functional_call(models[0], (p, bu), (xx,)))(params, buffers, x)
+    torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view(m, b).mean(1).sum().backward()
+    got = stacked.conv1d_net_grads({k: v.detach() for k, v in params.items()}, x, y)
+    assert set(got) == set(params)
+    for name, p in params.items():
+        assert got[name].shape == p.shape
+        assert torch.allclose(got[name], p.grad, rtol=1e-4, atol=1e-6), name
+
+
+@pytest.mark.slow
+def test_another_build_thread_count_is_its_own_cache_entry_and_the_runs_count_comes_back(tmp_path, shared_cache):
+    """fleet.build_threads=2 rounds differently from 1 (measured on the digits fleet), so it is built
+    into its own cache entry, never mixed with the 1-thread one; the models agree to float rounding
+    (a legacy accuracy moves by at most one test sample) and the run's torch thread count is back."""
+    torch.set_num_threads(1)
+    fleets = []
+    for threads in (1, 2):
+        cfg = small_cfg(**{"fleet.num_clients": 8, "fleet.build_threads": threads})
+        fleets.append(fleet_for(cfg, prepare_for(cfg, shared_cache), tmp_path))
+        assert torch.get_num_threads() == 1
+    one, two = fleets
+    assert one.built and two.built and one.path != two.path
+    assert np.abs(one.legacy_accuracy - two.legacy_accuracy).max() <= 1 / 36
+    again = fleet_for(small_cfg(**{"fleet.num_clients": 8}), prepare_for(small_cfg(**{"fleet.num_clients": 8}),
+                                                                          shared_cache), tmp_path)
+    assert not again.built and again.path == one.path
+
+
+def test_a_build_thread_count_below_one_is_a_one_line_config_error():
+    from sim.core.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"^fleet.build_threads=0 is invalid: must be >= 1"):
+        small_cfg(**{"fleet.build_threads": 0})
+    assert small_cfg().fleet.build_threads == 1

@@ -236,9 +236,14 @@ class FleetConfig:
     # batched: same-shaped legacy models pretrain together (torch.func); sequential: one by one, as
     # before 2026-11-21 (the same training up to float rounding; reproduces earlier figures exactly)
     pretrain: Pretrain = Pretrain.batched
+    # torch threads of the one-off legacy build (e.g. 2 on a 2-core machine: 10,000 MNIST-1D models
+    # in 50 s instead of 80 s); another count rounds differently, so it is its own cache entry
+    build_threads: int = 1
 
     def __post_init__(self) -> None:
         need(self.num_clients >= 1, "fleet.num_clients", self.num_clients, "need at least 1 device")
+        need(self.build_threads >= 1, "fleet.build_threads", self.build_threads,
+             "must be >= 1 (torch threads for building the legacy models)")
         need(self.num_clients <= MAX_DEVICES, "fleet.num_clients", self.num_clients,
              f"at most {MAX_DEVICES} devices can be simulated")
         if len(self.groups) == 0:

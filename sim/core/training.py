@@ -64,7 +64,8 @@ def train_minibatch(
 
 
 def train_stacked(models: Sequence[torch.nn.Module], xs: torch.Tensor, ys: torch.Tensor, *, epochs: int,
-                  batch_size: int, lr: float, seeds: Sequence[int]) -> None:
+                  batch_size: int, lr: float, seeds: Sequence[int],
+                  grads: Callable[..., dict[str, torch.Tensor]] | None = None) -> None:
     """Train M models of one architecture with cross-entropy, all at once, in place.
 
     Model i gets exactly :func:`train_minibatch`'s schedule on ``(xs[i], ys[i])`` with seed
@@ -77,6 +78,10 @@ def train_stacked(models: Sequence[torch.nn.Module], xs: torch.Tensor, ys: torch
     Args:
         models: M modules with identical parameter shapes. xs: ``(M, n, ...)``. ys: ``(M, n)`` int64.
         epochs, batch_size, lr: as :func:`train_minibatch`. seeds: M shuffling seeds.
+        grads: hand-written gradients for this architecture instead of autograd, called as
+            ``grads(params, x, y)`` with the stacked parameters (``{name: (M, ...)}``), a batch
+            ``x: (M, B, ...)``, ``y: (M, B)``; returns the gradient of the same summed loss,
+            ``{name: (M, ...)}`` (e.g. :func:`clients.stacked.conv1d_net_grads`).
 
     Raises:
         ValueError: ``len(models)``, ``len(xs)``, ``len(ys)`` and ``len(seeds)`` differ.
@@ -97,16 +102,21 @@ def train_stacked(models: Sequence[torch.nn.Module], xs: torch.Tensor, ys: torch
     forward = torch.vmap(one)
     opt = Adam(list(params.values()), lr=lr)
     gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
+    detached = {name: p.detach() for name, p in params.items()}  # the same storage: Adam's updates show
     rows = torch.arange(m)[:, None]
     for _ in range(epochs):
         orders = torch.stack([torch.randperm(n, generator=g) for g in gens])  # (M, n)
         for start in range(0, n, batch_size):
             idx = orders[:, start:start + batch_size]
-            logits = forward(params, buffers, xs[rows, idx])  # (M, B, K)
-            per_model = torch.nn.functional.cross_entropy(logits.flatten(0, 1), ys[rows, idx].flatten(),
-                                                          reduction="none").view(m, -1).mean(1)
             opt.zero_grad(set_to_none=True)
-            per_model.sum().backward()
+            if grads is None:
+                logits = forward(params, buffers, xs[rows, idx])  # (M, B, K)
+                per_model = torch.nn.functional.cross_entropy(logits.flatten(0, 1), ys[rows, idx].flatten(),
+                                                              reduction="none").view(m, -1).mean(1)
+                per_model.sum().backward()
+            else:
+                for name, g in grads(detached, xs[rows, idx], ys[rows, idx]).items():
+                    params[name].grad = g
             opt.step()
     with torch.no_grad():
         for i, model in enumerate(models):
