@@ -118,8 +118,12 @@ def main() -> None:
     ap.add_argument("--cache", type=Path,
                     help="with --cold-run or --build-only: use (and fill) this cache directory instead of a new empty one, so a "
                          "second command on the same directory measures a warm run (data and fleet reused)")
+    ap.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
+                    help="with --cold-run: more overrides for every run, e.g. fleet.build_threads=2")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "scale.json")
     ns = ap.parse_args()
+    if ns.set and not ns.cold_run:
+        ap.error("--set goes with --cold-run")
     if ns.cache is not None and not (ns.cold_run or ns.build_only):
         ap.error("--cache goes with --cold-run or --build-only (the other modes build their own caches)")
     work = Path(tempfile.mkdtemp(prefix="l2h-scale-"))
@@ -131,7 +135,7 @@ def main() -> None:
         memory_curve(ns, data, env, work)
         return
     if ns.cold_run:
-        cold_run(ns, load, env, work)
+        cold_run(ns, load + ns.set, env, work)
         return
     if ns.build_only:
         build_only(ns, data, cache)
