@@ -49,3 +49,4 @@ def test_another_machines_rounding_passes_but_a_moved_accuracy_or_count_does_not
         "rounds: 0 items != 1", "summary.samples_deferred: 239 != 238"]
     assert differences(want, {"summary": {**want["summary"], "strategy": "l2d"}, "rounds": [{}]}) == [
         "rounds[0].round: missing", "summary.strategy: 'l2d' != 'l2h'"]
+    assert differences({"loss": float("nan"), "a": 1}, {"loss": float("nan"), "b": 1}) == ["a: missing", "b: unexpected"]

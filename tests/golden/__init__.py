@@ -20,6 +20,7 @@ differs, keys, counts and strings must still be equal and floats equal to :data:
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -113,16 +114,19 @@ def differences(want: Any, got: Any, path: str = "", rtol: float = RTOL) -> list
     line per difference, e.g. ``"summary.system_accuracy: 0.83 != 0.84"`` (empty: the same run).
     """
     if isinstance(want, dict) and isinstance(got, dict):
-        out = [f"{path}.{k}: missing" if k not in got else f"{path}.{k}: unexpected" for k in sorted(set(want) ^ set(got))]
+        def at(k: str) -> str:
+            return f"{path}.{k}" if path else str(k)
+
+        out = [f"{at(k)}: missing" if k not in got else f"{at(k)}: unexpected" for k in sorted(set(want) ^ set(got))]
         for k in sorted(set(want) & set(got)):
-            out += differences(want[k], got[k], f"{path}.{k}" if path else str(k), rtol)
+            out += differences(want[k], got[k], at(k), rtol)
         return out
     if isinstance(want, list) and isinstance(got, list):
         if len(want) != len(got):
             return [f"{path}: {len(got)} items != {len(want)}"]
         return [d for i, (a, b) in enumerate(zip(want, got)) for d in differences(a, b, f"{path}[{i}]", rtol)]
     if isinstance(want, float) and isinstance(got, float):
-        if want == got or abs(want - got) <= rtol * max(abs(want), abs(got), 1e-3):
+        if want == got or (math.isnan(want) and math.isnan(got)) or abs(want - got) <= rtol * max(abs(want), abs(got), 1e-3):
             return []
     elif type(want) is type(got) and want == got:
         return []
