@@ -104,26 +104,32 @@ def main() -> None:
     ap.add_argument("--data", choices=sorted(TARGETS), default="digits")
     ap.add_argument("--eval-every", type=int, default=EVAL_EVERY, help="mnist1d workload's sim.eval_every")
     ap.add_argument("--no-floor", action="store_true", help="skip the no-op Flower floor runs")
-    ap.add_argument("--memory-curve", action="store_true",
+    mode = ap.add_mutually_exclusive_group()
+    mode.add_argument("--memory-curve", action="store_true",
                     help="instead of the above: per size in --devices, a 2-round run on each backend (round 2 "
                          "evaluates every device) -- peak memory and wall -- after a cold one-round build")
-    ap.add_argument("--cold-run", choices=("ray", "inprocess"),
+    mode.add_argument("--cold-run", choices=("ray", "inprocess"),
                     help="instead of the above: per size in --devices, one run of the workload on this backend "
                          "into an empty cache (it builds its own data and legacy fleet) -- for sizes where "
                          "both backends and separate builds do not fit in the time at hand")
-    ap.add_argument("--build-only", action="store_true",
+    mode.add_argument("--build-only", action="store_true",
                     help="instead of the above: per size in --devices and count in --build-threads, build the "
                          "legacy fleet --repeats times in this process (data prepared once, into --cache)")
     ap.add_argument("--build-threads", type=int, nargs="+", default=[1], help="with --build-only: fleet.build_threads")
     ap.add_argument("--cache", type=Path,
                     help="with --cold-run or --build-only: use (and fill) this cache directory instead of a new empty one, so a "
-                         "second command on the same directory measures a warm run (data and fleet reused)")
+                         "second --cold-run on the same directory measures a warm run (data and fleet reused; "
+                         "--build-only reuses the data and rebuilds the fleets it measures)")
     ap.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
                     help="with --cold-run: more overrides for every run, e.g. fleet.build_threads=2")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "scale.json")
     ns = ap.parse_args()
     if ns.set and not ns.cold_run:
         ap.error("--set goes with --cold-run")
+    if any(o.split("=")[0].lstrip("+~") in ("fleet.num_clients", "sim.backend") for o in ns.set):
+        ap.error("--set cannot change fleet.num_clients or sim.backend: use --devices and --cold-run")
+    if ns.build_threads != [1] and not ns.build_only:
+        ap.error("--build-threads goes with --build-only (a run takes --set fleet.build_threads=N)")
     if ns.cache is not None and not (ns.cold_run or ns.build_only):
         ap.error("--cache goes with --cold-run or --build-only (the other modes build their own caches)")
     work = Path(tempfile.mkdtemp(prefix="l2h-scale-"))
@@ -210,7 +216,8 @@ def memory_curve(ns: argparse.Namespace, data: list[str], env: dict[str, str], w
 
 def build_only(ns: argparse.Namespace, data: list[str], cache: Path) -> None:
     """Per fleet size and build thread count, the legacy build alone, ``--repeats`` times, each into
-    an empty fleet cache (the data is prepared once and reused): seconds of ``build_fleet``, as a run's
+    an empty cache entry (the data is prepared once and reused; the measured fleet's entry is deleted
+    after each build, other entries are left alone): seconds of ``build_fleet``, as a run's
     ``legacy_fleet_s``, with one torch thread outside the build as in a run."""
     import shutil
 
@@ -227,12 +234,14 @@ def build_only(ns: argparse.Namespace, data: list[str], cache: Path) -> None:
         for threads in ns.build_threads:
             cfg = compose_checked([f"fleet.num_clients={n}", f"fleet.build_threads={threads}", *data])
             prep = prepare(cfg.data, n, cfg.seed, cache)
-            times, acc = [], 0.0
-            for _ in range(ns.repeats):
-                shutil.rmtree(cache / "fleets", ignore_errors=True)
+            times: list[float] = []
+            while len(times) < ns.repeats:
                 t0 = time.perf_counter()
-                acc = float(build_fleet(cfg.fleet, cfg.data, prep, cfg.seed, cache).legacy_accuracy.mean())
-                times.append(time.perf_counter() - t0)
+                fleet = build_fleet(cfg.fleet, cfg.data, prep, cfg.seed, cache)
+                if fleet.built:  # (not when the first call found this fleet already cached)
+                    times.append(time.perf_counter() - t0)
+                shutil.rmtree(fleet.path)  # this fleet's entry only: the next call builds it again
+                acc = float(fleet.legacy_accuracy.mean())
             res["sizes"].setdefault(str(n), {})[str(threads)] = {"build_s": times, "median_s": med(times),
                                                                  "mean_legacy_accuracy": acc}
             print(f"| {n} | {threads} | {', '.join(f'{t:.1f}' for t in times)} | {med(times):.1f} | {acc:.5f} |",

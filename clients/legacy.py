@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from clients.stacked import STACKED_GRADS
+from clients.stacked import CACHE_TAG, STACKED_GRADS
 from clients.zoo import build_model
 from sim.core.cache import build_entry, content_key
 from sim.core.config import DataConfig, DeviceGroupConfig, FleetConfig, Pretrain, plain
@@ -128,7 +128,7 @@ def build_fleet(fleet_cfg: FleetConfig, data_cfg: DataConfig, prep: Prepared, se
     if batched:  # a different float rounding, so a different entry (sequential keeps the earlier key)
         key["pretrain"] = "batched"
         if any(g.arch in STACKED_GRADS for g in group_cfgs):  # hand-written gradients: their own rounding
-            key["grads"] = "stacked-v1"
+            key["grads"] = CACHE_TAG
     if fleet_cfg.build_threads != 1:  # so does another thread count (1 keeps the earlier key)
         key["build_threads"] = int(fleet_cfg.build_threads)
     entry = cache_dir / "fleets" / f"{data_cfg.name}-{n}-{content_key(key)}"

@@ -8,7 +8,9 @@ backward is slow on CPUs (measured on 2,500 models, 20 samples, one thread: 1.43
 convolution is patches ``(M, B*L_out, C*k)`` times weights, its backward two more products and ``k``
 strided additions, in chunks of :data:`CHUNK` models that stay in cache (0.53-0.73 s a step). The
 numbers equal autograd's up to float rounding (tests/test_fleet.py). Building 10,000 MNIST-1D
-legacy models took 157.2 s through ``vmap``, 80.1 s with these gradients (one thread each).
+legacy models took 157.2 s through ``vmap``, 75.4 s with these gradients (median of 3; one thread
+each; benchmarks/README.md). Changing this arithmetic needs a new :data:`CACHE_TAG`, so that no
+fleet built by the old one is reused.
 """
 from __future__ import annotations
 
@@ -20,6 +22,9 @@ import torch.nn.functional as F
 CHUNK = 250
 """Models per chunk. Measured, the whole 10,000-device MNIST-1D build on two threads (groups of
 2,500; single runs): chunks of 125: 54.7 s; 250: 50.8, 51.8, 52.9 s; 500: 49.6, 55.2, 58.5 s; 1,000: 66.1 s."""
+
+CACHE_TAG = "stacked-v1"
+"""Part of the fleet cache key of batched builds that use these gradients (:func:`clients.legacy.build_fleet`)."""
 
 Grads = Callable[[dict[str, torch.Tensor], torch.Tensor, torch.Tensor], dict[str, torch.Tensor]]
 

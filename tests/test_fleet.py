@@ -112,9 +112,11 @@ def test_sequential_and_batched_fleets_agree_and_are_cached_apart(tmp_path):
     assert np.abs(fb.legacy_accuracy - fs.legacy_accuracy).max() <= 1 / 36  # at most one test sample flips
 
 
-def test_hand_written_conv1d_gradients_are_autograds_in_any_chunking(monkeypatch):
+@pytest.mark.parametrize("in_shape", [(1, 1, 40), (2, 4, 8), (1, 1, 11)])
+def test_hand_written_conv1d_gradients_are_autograds_in_any_chunking(monkeypatch, in_shape):
     """clients/stacked.py's gradients of M stacked 1-D CNNs == autograd's through vmap, also when M
-    spans several chunks (the last one short)."""
+    spans several chunks (the last one short), for C*H rows as channels, the shortest signal (W=8)
+    and an odd length whose last sample no kernel reads."""
     import clients.stacked as stacked
     from clients.zoo import build_model
     from torch.func import functional_call, stack_module_state
@@ -122,9 +124,9 @@ def test_hand_written_conv1d_gradients_are_autograds_in_any_chunking(monkeypatch
     monkeypatch.setattr(stacked, "CHUNK", 3)
     m, b = 7, 12
     torch.manual_seed(0)
-    models = [build_model("cnn1d", (1, 1, 40), 10, hidden=6) for _ in range(m)]
+    models = [build_model("cnn1d", in_shape, 10, hidden=6) for _ in range(m)]
     params, buffers = stack_module_state(models)
-    x, y = torch.randn(m, b, 1, 1, 40), torch.randint(0, 10, (m, b))
+    x, y = torch.randn(m, b, *in_shape), torch.randint(0, 10, (m, b))
     logits = torch.vmap(lambda p, bu, xx: functional_call(models[0], (p, bu), (xx,)))(params, buffers, x)
     torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view(m, b).mean(1).sum().backward()
     got = stacked.conv1d_net_grads({k: v.detach() for k, v in params.items()}, x, y)

@@ -33,8 +33,8 @@ def test_in_process_run_matches_its_golden_file(name, tmp_path, shared_cache):
 @pytest.mark.slow
 @pytest.mark.parametrize("name", RAY_CASES)
 def test_flower_on_ray_matches_the_same_golden_file(name, tmp_path, shared_cache, ray_local):
-    """Flower on Ray adds no arithmetic: the same golden file as in-process, to the last digit
-    (a recorded file from another process: the same seed gives the same numbers)."""
+    """Flower on Ray adds no arithmetic: the same golden file as in-process, to the last digit on
+    the recording machine (a recorded file from another process: the same seed gives the same numbers)."""
     _check(name, run_case(name, tmp_path / "run", shared_cache, backend="ray"))
 
 
@@ -50,3 +50,5 @@ def test_another_machines_rounding_passes_but_a_moved_accuracy_or_count_does_not
     assert differences(want, {"summary": {**want["summary"], "strategy": "l2d"}, "rounds": [{}]}) == [
         "rounds[0].round: missing", "summary.strategy: 'l2d' != 'l2h'"]
     assert differences({"loss": float("nan"), "a": 1}, {"loss": float("nan"), "b": 1}) == ["a: missing", "b: unexpected"]
+    assert differences({"loss": float("inf")}, {"loss": 1.0}) == ["loss: 1.0 != inf"]
+    assert differences({"loss": float("inf")}, {"loss": float("-inf")}) == ["loss: -inf != inf"]

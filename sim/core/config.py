@@ -237,7 +237,8 @@ class FleetConfig:
     # before 2026-11-21 (the same training up to float rounding; reproduces earlier figures exactly)
     pretrain: Pretrain = Pretrain.batched
     # torch threads of the one-off legacy build (e.g. 2 on a 2-core machine: 10,000 MNIST-1D models
-    # in 50 s instead of 80 s); another count rounds differently, so it is its own cache entry
+    # in 51 s instead of 75 s); another count rounds differently, so it is its own cache entry.
+    # (Before 2026-12-04 the build ran on sim.torch_threads threads.)
     build_threads: int = 1
 
     def __post_init__(self) -> None:
