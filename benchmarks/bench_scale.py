@@ -128,6 +128,10 @@ def main() -> None:
         ap.error("--set goes with --cold-run")
     if any(o.split("=")[0].lstrip("+~") in ("fleet.num_clients", "sim.backend") for o in ns.set):
         ap.error("--set cannot change fleet.num_clients or sim.backend: use --devices and --cold-run")
+    if (ns.cold_run or ns.memory_curve) and ns.repeats != 1:
+        ap.error("--cold-run and --memory-curve make one run per size: repeat the command, each with its own --out")
+    if (ns.cold_run or ns.memory_curve or ns.build_only) and ns.no_floor:
+        ap.error("--no-floor goes with the default mode (the others run no floor)")
     if ns.build_threads != [1] and not ns.build_only:
         ap.error("--build-threads goes with --build-only (a run takes --set fleet.build_threads=N)")
     if ns.cache is not None and not (ns.cold_run or ns.build_only):
