@@ -494,8 +494,7 @@ def markdown(ctx: dict[str, Any]) -> str:
               "max-softmax) at the run's own defer rate on the same test samples, a within-run paired difference."),
              ""]
     lines += stat_table(groups, varying, stats, list(MAIN), headers)
-    failed = any(_value(g["runs"][0]["ident"], "failures") not in (None, "none") for g in groups)
-    more = list(MORE) + (list(RESILIENCE) if failed else [])
+    more = list(MORE) + (list(RESILIENCE) if any(map(has_failures, groups)) else [])
     lines += ["", "More metrics (same cells):", ""] + stat_table(groups, varying, stats, more, headers)
     rates = [c for c in metric_columns(df) if c.startswith("acc@")]
     if rates:
@@ -504,6 +503,11 @@ def markdown(ctx: dict[str, Any]) -> str:
         lines += stat_table(groups, varying, stats, rates, {c: c.replace("acc@", "defer ") for c in rates})
     lines += paired_section(ctx) + bounded_section(ctx) + figures_section(ctx)
     return "\n".join(lines) + "\n"
+
+
+def has_failures(group: dict[str, Any]) -> bool:
+    """Whether a configuration group's runs injected failures (its ``failures`` preset is not ``none``)."""
+    return _value(group["runs"][0]["ident"], "failures") not in (None, "none")
 
 
 def paired_section(ctx: dict[str, Any]) -> list[str]:
@@ -515,10 +519,8 @@ def paired_section(ctx: dict[str, Any]) -> list[str]:
     head = ["", f"## Paired differences against {_text(base['values'])} (n = {base['n']} seeds)", "",
             ("Each row: the configuration minus the baseline, seed by seed, on the seeds both have (n common "
              f"seeds); cells: {INTERVAL_TEXT}. An interval that excludes 0 is a difference at the 5% level."), ""]
-    failed = any(_value(g["runs"][0]["ident"], "failures") not in (None, "none") for g in ctx["groups"])
-    return head + stat_table(ctx["groups"], ctx["varying"], ctx["paired"], list(MAIN) + (list(RESILIENCE) if failed
-                                                                                        else []),
-                             dict(METRICS), "n common", counts)
+    metrics = list(MAIN) + (list(RESILIENCE) if any(map(has_failures, ctx["groups"])) else [])
+    return head + stat_table(ctx["groups"], ctx["varying"], ctx["paired"], metrics, dict(METRICS), "n common", counts)
 
 
 def bounded_section(ctx: dict[str, Any]) -> list[str]:
@@ -683,7 +685,7 @@ def figures(ctx: dict[str, Any], out: Path) -> list[Path]:
     if bounded:
         made.append(P.plot_report_bounded(sweep_series(ctx, "max_defer_rate", ("defer_rate",), bounded),
                                           out / "achieved_vs_requested_defer_rate.png"))
-    failed = [g for g in ctx["groups"] if _value(g["runs"][0]["ident"], "failures") not in (None, "none")]
+    failed = [g for g in ctx["groups"] if has_failures(g)]
     if failed:
         made.append(P.plot_report_resilience(
             [{"label": g["label"], **{m: _point(ctx["stats"], g["id"], m) for m in ("fraction_kept", "inference_kept")}}
