@@ -3,10 +3,9 @@
 :func:`sim.core.training.train_stacked` trains M same-shaped models at once through ``vmap`` and
 autograd. For :class:`clients.zoo.Conv1DNet` (MNIST-1D fleets) that costs most of a large build:
 ``vmap`` turns each convolution into a grouped convolution of M groups of a few channels, and its
-backward is slow on CPUs (measured on 2,500 models, 20 samples, one thread: 1.43 s a step).
-:func:`conv1d_net_grads` computes the same gradient as explicit batched matrix products: each
-convolution is patches ``(M, B*L_out, C*k)`` times weights, its backward two more products and ``k``
-strided additions, in chunks of :data:`CHUNK` models that stay in cache (0.53-0.73 s a step). The
+backward is slow on CPUs. :func:`conv1d_net_grads` computes the same gradient as explicit batched
+matrix products: each convolution is patches ``(M, B*L_out, C*k)`` times weights, its backward two
+more products and ``k`` strided additions, in chunks of :data:`CHUNK` models that stay in cache. The
 numbers equal autograd's up to float rounding (tests/test_fleet.py). Building 10,000 MNIST-1D
 legacy models took 157.2 s through ``vmap``, 75.4 s with these gradients (median of 3; one thread
 each; benchmarks/README.md). Changing this arithmetic needs a new :data:`CACHE_TAG`, so that no
