@@ -69,9 +69,9 @@ def _conv_backward(grad: torch.Tensor, cols: torch.Tensor, w: torch.Tensor, leng
 def _chunk_grads(p: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
     m, bsz = y.shape
     a = F.pad(x.reshape(m, bsz, -1, x.shape[-1]).transpose(2, 3), (0, 0, 1, 1))  # (M, B, W + 2, C*H)
-    inputs, pre, patches = [], [], []
+    lengths, pre, patches = [], [], []  # per layer: input length (unpadded), pre-activation, patches
     for i in (0, 2, 4):
-        inputs.append(a)
+        lengths.append(a.shape[2] - 2)
         z, cols = _conv_forward(a, p[f"features.{i}.weight"], p[f"features.{i}.bias"])
         pre.append(z)
         patches.append(cols)
@@ -92,7 +92,7 @@ def _chunk_grads(p: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor) -
     for layer in (2, 1, 0):
         grad = torch.ops.aten.threshold_backward(grad, pre[layer], 0.0)  # ReLU's backward
         grad, grads[f"features.{2 * layer}.weight"], grads[f"features.{2 * layer}.bias"] = _conv_backward(
-            grad, patches[layer], p[f"features.{2 * layer}.weight"], inputs[layer].shape[2] - 2, layer > 0)
+            grad, patches[layer], p[f"features.{2 * layer}.weight"], lengths[layer], layer > 0)
     return grads
 
 

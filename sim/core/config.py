@@ -243,10 +243,10 @@ class FleetConfig:
 
     def __post_init__(self) -> None:
         need(self.num_clients >= 1, "fleet.num_clients", self.num_clients, "need at least 1 device")
-        need(self.build_threads >= 1, "fleet.build_threads", self.build_threads,
-             "must be >= 1 (torch threads for building the legacy models)")
         need(self.num_clients <= MAX_DEVICES, "fleet.num_clients", self.num_clients,
              f"at most {MAX_DEVICES} devices can be simulated")
+        need(self.build_threads >= 1, "fleet.build_threads", self.build_threads,
+             "must be >= 1 (torch threads for building the legacy models)")
         if len(self.groups) == 0:
             raise ConfigError("fleet.groups is empty: the fleet needs at least one device group")
         for i, g in enumerate(self.groups):
