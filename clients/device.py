@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -54,6 +55,8 @@ class Device:
     Attributes:
         device_id: partition id. data: its splits. legacy: the frozen legacy model.
         legacy_rejector / legacy_test: legacy logits ``(N, K)`` on the rejector/test splits.
+        temperature: its group's temperature-scaling T (:mod:`clients.calibration`): the calibrated
+            confidence baseline uses ``softmax(legacy_test / T)``.
     """
 
     device_id: int
@@ -61,13 +64,19 @@ class Device:
     legacy: nn.Module
     legacy_rejector: torch.Tensor
     legacy_test: torch.Tensor
+    temperature: float = 1.0
     _features: dict = field(default_factory=dict, repr=False)
 
     @classmethod
-    def create(cls, device_id: int, data: DeviceData, legacy: nn.Module) -> "Device":
+    def create(cls, device_id: int, data: DeviceData, legacy: nn.Module, temperature: float = 1.0) -> "Device":
         lr_ = predict_logits(legacy, torch.from_numpy(data.x_rejector))
         lt_ = predict_logits(legacy, torch.from_numpy(data.x_test))
-        return cls(device_id, data, legacy, lr_, lt_)
+        return cls(device_id, data, legacy, lr_, lt_, temperature)
+
+    def calibrated_confidence(self) -> np.ndarray:
+        """``(N_test,)`` float32: the legacy model's max softmax on the test split after its group's
+        temperature scaling (the calibrated confidence baseline, docs/methods.md §4)."""
+        return torch.softmax(self.legacy_test / self.temperature, 1).max(1).values.numpy().astype(np.float32)
 
     def features(self, split: str, inputs: str) -> torch.Tensor:
         """Rejector inputs for ``split`` (``rejector`` | ``test``): ``(N, D)`` float32, computed once

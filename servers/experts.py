@@ -1,9 +1,10 @@
 """Fixed experts for Learning to Defer: helper servers pretrained once, before the simulation.
 
 In L2D (docs/methods.md §3) the expert is fixed and the device learns around it. Here each
-helper server is pretrained on the *held-out pool*: the legacy splits of every device, as each
-device's sensor sees them (the data the fleet was pretrained on; never a rejector or test split,
-so the expert's errors on the devices' rejector splits are honest held-out errors). With several
+helper server is pretrained on the *held-out pool*: the data the fleet's legacy models were
+trained on -- the vendor pool through each product line's sensor, or (per-device models) the
+legacy splits of every device through its sensor; never a rejector or test split, so the expert's
+errors on the devices' rejector splits are honest held-out errors. With several
 servers, server s trains on its own seeded bootstrap resample of the pool, so the experts differ.
 
 Trained experts are cached on disk (keyed by everything that determines them; integrity-checked,
@@ -22,7 +23,7 @@ from clients.legacy import Fleet
 from servers.models import ServerNet
 from sim.core.cache import build_entry, content_key
 from sim.core.config import DataConfig, ServersConfig, plain
-from sim.core.data import Prepared, data_key, device_data
+from sim.core.data import Prepared, data_key, degrade, device_data
 from sim.core.seeding import derive_seed, seeded
 from sim.core.training import train_minibatch
 
@@ -34,7 +35,14 @@ def expert_file(index: int) -> str:
 
 
 def held_out_pool(prep: Prepared, fleet: Fleet, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """The legacy splits of every device through its sensor: ``x (M, C, H, W)``, ``y (M,)``."""
+    """The data the fleet's legacy models were trained on, ``x (M, C, H, W)``, ``y (M,)``: with
+    product lines, the vendor pool through each group's sensor (one copy per group); with per-device
+    models, the legacy splits of every device through its sensor."""
+    if fleet.legacy == "product_line":
+        vx, vy = np.asarray(prep.vendor_x), np.asarray(prep.vendor_y)
+        xs = [degrade(vx, int(g.downsample), float(g.noise_std), derive_seed(seed, "expert-sensor", gi), clip=prep.bounded)
+              for gi, g in enumerate(fleet.group_cfgs)]
+        return np.concatenate(xs), np.concatenate([vy] * len(xs))
     xs, ys = [], []
     for dev, g in enumerate(fleet.groups):
         d = device_data(prep, dev, fleet.group_cfgs[g], seed)
@@ -58,7 +66,7 @@ def pretrain_experts(sv: ServersConfig, epochs: int, lr: float, data_cfg: DataCo
         arrays), and ``meta`` (``pool_size``, each expert's ``train_accuracy``).
     """
     count = int(sv.count)
-    key = {"v": EXPERTS_VERSION, "data": data_key(data_cfg, len(fleet.groups), seed),
+    key = {"v": EXPERTS_VERSION, "data": data_key(data_cfg, len(fleet.groups), seed), "legacy": fleet.legacy,
            "groups": [plain(g) for g in fleet.group_cfgs], "n": len(fleet.groups), "arch": str(sv.arch),
            "hidden": int(sv.hidden), "count": count, "batch_size": int(sv.batch_size), "epochs": int(epochs),
            "lr": float(lr)}

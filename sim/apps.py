@@ -28,7 +28,7 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
 from clients.device import Device
-from clients.legacy import load_legacy
+from clients.legacy import legacy_file, load_legacy, model_index
 from servers.view import PoolView
 from sim.core.config import DeviceGroupConfig, ServersConfig, from_plain
 from sim.core.data import device_data, load_prepared
@@ -51,20 +51,39 @@ def _runtime(spec: dict[str, Any]) -> dict[str, Any]:
         m = method_of(spec["strategy"]["name"])
         device_method = m.device(from_plain(m.config, spec["strategy"]), servers, int(spec["seed"]),
                                  int(spec["num_classes"]))
+        groups = [from_plain(DeviceGroupConfig, g) for g in spec["group_cfgs"]]
         _WORKER.update(key=spec["key"], prep=load_prepared(Path(spec["data_path"])), devices={}, learners={},
-                       view=None, method=device_method, servers=servers,
-                       groups=[from_plain(DeviceGroupConfig, g) for g in spec["group_cfgs"]])
+                       view=None, method=device_method, servers=servers, groups=groups, legacy={},
+                       model_of=model_index(spec["groups"], groups) if spec["legacy_models"] else None)
     return _WORKER
+
+
+def legacy_model(spec: dict[str, Any], device_id: int) -> torch.nn.Module:
+    """The frozen legacy model ``device_id`` runs, loaded once per worker and file: a product line's
+    devices share one module (it is never trained, so sharing is safe); a ``per_device`` fleet's
+    device has its own file in the fleet's entry."""
+    rt = _runtime(spec)
+    group = rt["groups"][spec["groups"][device_id]]
+    if rt["model_of"] is not None:
+        path = Path(spec["legacy_models"][int(rt["model_of"][device_id])])
+    else:
+        path = Path(spec["fleet_path"]) / legacy_file(device_id)
+    model = rt["legacy"].get(path)
+    if model is None:
+        model = rt["legacy"][path] = load_legacy(path, group, spec["in_shape"], spec["num_classes"])
+        if rt["model_of"] is None:  # one module per device: not worth keeping beyond the device itself
+            rt["legacy"].pop(path)
+    return model
 
 
 def get_device(spec: dict[str, Any], device_id: int) -> Device:
     rt = _runtime(spec)
     dev = rt["devices"].get(device_id)
     if dev is None:
-        group = rt["groups"][spec["groups"][device_id]]
-        data = device_data(rt["prep"], device_id, group, spec["seed"])
-        legacy = load_legacy(Path(spec["fleet_path"]), device_id, group, spec["in_shape"], spec["num_classes"])
-        dev = rt["devices"][device_id] = Device.create(device_id, data, legacy)
+        group_index = spec["groups"][device_id]
+        data = device_data(rt["prep"], device_id, rt["groups"][group_index], spec["seed"])
+        dev = rt["devices"][device_id] = Device.create(device_id, data, legacy_model(spec, device_id),
+                                                       float(spec["temperatures"][group_index]))
     return dev
 
 
@@ -185,8 +204,10 @@ def _node_reply(msg: Message, context: Context, work: DeviceWork) -> Message:
 app = ClientApp()
 """The ClientApp of every node. Module-level, so Ray pickles it by reference (a few bytes per
 message) instead of by value; what a run needs travels in each message's ``config.spec``:
-``key``, ``data_path``, ``fleet_path``, ``groups``, ``group_cfgs``, ``in_shape``,
-``num_classes``, ``seed``, ``strategy``, ``servers``, ``torch_threads``, ``devices_per_node``."""
+``key``, ``data_path``, ``fleet_path``, ``legacy_models`` (a product line's model files; empty for a
+``per_device`` fleet, whose files are in ``fleet_path``), ``groups``, ``group_cfgs``, ``temperatures``
+(per group), ``in_shape``, ``num_classes``, ``seed``, ``strategy``, ``servers``, ``torch_threads``,
+``devices_per_node``."""
 
 
 @app.query()

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sim.core.config import Backend, Config, FailureKind, plain, replace
+from sim.core.config import Backend, Config, FailureKind, LegacySource, plain, replace
 from sim.core.errors import ConfigError
 
 
@@ -175,7 +175,8 @@ def prepare_inputs(cfg: Config, run_dir: Path, console: Any, resume: tuple | Non
     torch.set_num_threads(int(cfg.sim.torch_threads))
     torch.manual_seed(int(cfg.seed))
     cache_dir = check_cache_dir(cfg.sim.cache_dir)
-    prep = prepare(cfg.data, cfg.fleet.num_clients, cfg.seed, cache_dir)
+    prep = prepare(cfg.data, cfg.fleet.num_clients, cfg.seed, cache_dir,
+                   vendor=cfg.fleet.legacy == LegacySource.product_line)
     check_archs(cfg, prep.in_shape)
     timing["prepare_data_s"] = time.perf_counter() - t_start
     fleet = build_fleet(cfg.fleet, cfg.data, prep, cfg.seed, cache_dir)
@@ -235,7 +236,9 @@ def device_spec(inp: Inputs, per_node: int) -> str:
     return json.dumps({
         "key": f"{inp.run_dir}:{time.time_ns()}",
         "data_path": str(inp.prep.path), "fleet_path": str(inp.fleet.path),
+        "legacy_models": [str(p) for p in inp.fleet.models] if inp.fleet.legacy == "product_line" else [],
         "groups": inp.fleet.groups, "group_cfgs": [plain(g) for g in inp.fleet.group_cfgs],
+        "temperatures": [float(t) for t in inp.fleet.temperature],
         "in_shape": list(inp.prep.in_shape), "num_classes": inp.prep.num_classes, "seed": int(cfg.seed),
         "strategy": plain(cfg.strategy), "servers": plain(cfg.servers), "torch_threads": int(cfg.sim.torch_threads),
         "devices_per_node": per_node,

@@ -89,8 +89,9 @@ def print_summary(console: Any, summary: dict[str, Any], run_dir: Path, sim_s: f
         t.add_row(key, f"{summary[key]:.4f}")
     if summary.get("max_defer_rate") is not None:
         t.add_row(f"requested max defer rate ({summary['bound']})", f"{summary['max_defer_rate']:.4f}")
-    for name in ("confidence", "confidence_per_device", "random"):
-        t.add_row(f"{name} @ same defer rate", f"{summary['baselines'][name]['system_accuracy']:.4f}")
+    for name in ("confidence", "confidence_per_device", "confidence_calibrated", "random"):
+        if name in summary["baselines"]:
+            t.add_row(f"{name} @ same defer rate", f"{summary['baselines'][name]['system_accuracy']:.4f}")
     t.add_row("AURC / E-AURC (local risk vs coverage)", f"{_fmt(summary['aurc'])} / {_fmt(summary['e_aurc'])}")
     fair = summary["fairness"]
     t.add_row("device system acc: worst / 10th pct", f"{_fmt(fair['worst'])} / {_fmt(fair['p10'])}")
@@ -102,6 +103,15 @@ def print_summary(console: Any, summary: dict[str, Any], run_dir: Path, sim_s: f
         r = summary["table"][name]
         tb.add_row(name, str(r["n"]), _fmt(r["legacy_accuracy"]), _fmt(r["server_accuracy"]), _fmt(r["difference"]))
     console.print(tb)
+    ops = summary.get("operating_points") or {}
+    if ops:
+        to = Table(title="at fixed defer rates (this run's score ranking vs the baselines' at the same rate)")
+        for col in ("defer rate", "ranking", "confidence", "per device", "calibrated", "random"):
+            to.add_column(col, justify="right")
+        for rate, v in ops.items():
+            to.add_row(rate, _fmt(v["method"]), _fmt(v["confidence"]), _fmt(v["confidence_per_device"]),
+                       _fmt(v.get("confidence_calibrated")), _fmt(v["random"]))
+        console.print(to)
     res, srv = summary.get("resilience"), summary.get("servers")
     if res and (res["failures"] != "none" or srv["count"] > 1):
         tr = Table(title=f"resilience ({res['failures']}; {srv['count']} servers, training={srv['training']}, "

@@ -31,7 +31,7 @@ from sim.core.nodes import by_node, devices_per_node, num_nodes
 from sim.core.seeding import derive_seed
 
 
-DEVICE_FIELDS = ("device", "y", "m_pred", "score", "m_conf", "defer", "route")
+DEVICE_FIELDS = ("device", "y", "m_pred", "score", "m_conf", "m_conf_cal", "defer", "route")
 """Per-sample fields a device returns from evaluation (plus the samples ``x``); the strategy adds
 ``e_pred`` and ``served`` (:meth:`FleetStrategy.answer`)."""
 

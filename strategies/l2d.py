@@ -173,7 +173,9 @@ class L2DMethod(DeviceMethod):
                 rng = np.random.default_rng(derive_seed(self.seed, "bound", device.device_id, 0, "test"))
                 defer = bounded.apply(score, defer, model.local_bound, self.cfg, rng)
             route = expert.numpy().astype(np.int64)
-        return test_record(device, probs, score, defer, route)
+        # the trained classifier has no group temperature: its "calibrated" confidence is its own
+        own = None if model is None else probs.max(1).values.numpy()
+        return test_record(device, probs, score, defer, route, calibrated=own)
 
 
 def architecture_groups(cfg: Config) -> list[str]:

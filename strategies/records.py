@@ -11,20 +11,24 @@ from servers.view import PoolView
 from sim.core.config import Routing, ServersConfig
 
 
-def test_record(device: Device, probs: torch.Tensor, score: np.ndarray, defer: np.ndarray, route: np.ndarray
-                ) -> dict[str, np.ndarray]:
+def test_record(device: Device, probs: torch.Tensor, score: np.ndarray, defer: np.ndarray, route: np.ndarray,
+                calibrated: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """A device's evaluation record on its test split (every method returns this shape).
 
     Args:
         probs: ``(N_test, K)`` the local model's softmax. score: ``(N_test,)`` deferral score
             (higher = deferred first). defer: ``(N_test,)`` bool. route: ``(N_test,)`` int64.
+        calibrated: ``(N_test,)`` the local model's calibrated max softmax (None: the legacy
+            model's, after its group's temperature scaling, :meth:`Device.calibrated_confidence`).
 
     Returns:
         Per-sample arrays ``(N_test,)``: ``device``, ``y``, ``m_pred``, ``score``, ``m_conf``
-        (local max softmax), ``defer``, ``route``, and ``x`` (the samples, which the pool answers).
+        (local max softmax), ``m_conf_cal`` (calibrated), ``defer``, ``route``, and ``x`` (the
+        samples, which the pool answers).
     """
     x = device.data.x_test
     return {
+        "m_conf_cal": device.calibrated_confidence() if calibrated is None else np.asarray(calibrated, np.float32),
         "device": np.full(len(x), device.device_id, dtype=np.int64),
         "y": device.data.y_test.astype(np.int64),
         "m_pred": probs.argmax(1).numpy().astype(np.int64),

@@ -26,6 +26,11 @@ def cache_dir(tmp_path):
     return d
 
 
+PER_DEVICE = {"fleet.legacy": "per_device", "data.split.legacy": 0.4, "data.split.rejector": 0.4,
+              "data.split.test": 0.2}
+"""Overrides of a fleet whose devices each train their own legacy model on a legacy split of their data."""
+
+
 def small_cfg(**over):
     """A composed config (plain dict) for a small fleet, with overrides as Hydra strings."""
     from sim.cli import compose_checked
@@ -39,7 +44,7 @@ def prepare_for(cfg, cache_dir):
     """The prepared dataset of a composed config."""
     from sim.core.data import prepare
 
-    return prepare(cfg.data, cfg.fleet.num_clients, cfg.seed, cache_dir)
+    return prepare(cfg.data, cfg.fleet.num_clients, cfg.seed, cache_dir, vendor=cfg.fleet.legacy == "product_line")
 
 
 def fleet_for(cfg, prep, cache_dir):

@@ -22,6 +22,7 @@ def setup(shared_cache):
     prep = prepare_for(cfg, cache)
     fleet = fleet_for(cfg, prep, cache)
     spec = {"key": "test", "data_path": str(prep.path), "fleet_path": str(fleet.path), "groups": fleet.groups,
+            "legacy_models": [str(p) for p in fleet.models], "temperatures": fleet.temperature.tolist(),
             "group_cfgs": [plain(g) for g in fleet.group_cfgs], "in_shape": list(prep.in_shape), "num_classes": prep.num_classes,
             "seed": 0, "strategy": plain(cfg.strategy), "servers": plain(cfg.servers), "torch_threads": 1,
             "devices_per_node": 1}

@@ -6,7 +6,7 @@ from sim.core.config import DataConfig, DataSource, DeviceGroupConfig, Partition
 from sim.core.data import SPLIT_LEGACY, SPLIT_REJECTOR, SPLIT_TEST, degrade, device_data, partition, select, split_device
 from sim.core.errors import DataError
 from sim.core.sources import load_source
-from tests.conftest import prepare_for, small_cfg
+from tests.conftest import PER_DEVICE, prepare_for, small_cfg
 
 
 def file_cfg(path, **kw):
@@ -82,10 +82,17 @@ def test_prepare_digits_is_cached_and_devices_get_disjoint_splits(cache_dir):
     seen = []
     for dev in range(4):
         d = device_data(p1, dev, DeviceGroupConfig(name="g"), seed=0)
-        assert len(d.y_legacy) and len(d.y_rejector) and len(d.y_test)
+        # product lines (the default): no legacy split, the model was trained on the vendor pool
+        assert not len(d.y_legacy) and len(d.y_rejector) and len(d.y_test)
+        assert abs(len(d.y_rejector) / (len(d.y_rejector) + len(d.y_test)) - 0.6) < 0.02
         seen.append(d.ids_rejector)
     allids = np.concatenate(seen)
     assert len(allids) == len(np.unique(allids))
+    assert len(p1.vendor_y) == 1797 // 4 and len(p1.y) == 1797 - 1797 // 4
+    per_device = prepare_for(small_cfg(**PER_DEVICE), cache_dir)
+    assert len(per_device.vendor_y) == 0 and len(per_device.y) == 1797
+    d = device_data(per_device, 0, DeviceGroupConfig(name="g"), seed=0)
+    assert len(d.y_legacy) and len(d.y_rejector) and len(d.y_test)
 
 
 def _write_mnist_like_parquet(path, n=60):
@@ -164,7 +171,7 @@ def test_changed_local_file_is_not_served_from_a_stale_cache(tmp_path):
     first = prepare_for(cfg, tmp_path / "cache")
     np.savez(path, x=rng.random((50, 4)), y=np.arange(50) % 2)
     second = prepare_for(cfg, tmp_path / "cache")
-    assert second.path != first.path and len(second.y) == 50
+    assert second.path != first.path and len(second.y) + len(second.vendor_y) == 50
 
 
 def test_sampled_partition_shares_images_but_never_a_test_image():

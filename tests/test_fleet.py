@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 import torch
 
-from clients.legacy import assign_groups, legacy_file, load_legacy
-from tests.conftest import fleet_for, prepare_for, small_cfg
+from clients.legacy import assign_groups, legacy_file, load_legacy, model_index
+from tests.conftest import PER_DEVICE, fleet_for, prepare_for, small_cfg
 
 
 def test_assign_groups_is_proportional_and_interleaved():
@@ -15,8 +15,8 @@ def test_assign_groups_is_proportional_and_interleaved():
 
 
 @pytest.mark.slow
-def test_fleet_is_heterogeneous_deterministic_and_cached(tmp_path):
-    cfg = small_cfg(**{"fleet.num_clients": 8})
+def test_per_device_fleet_is_heterogeneous_deterministic_and_cached(tmp_path):
+    cfg = small_cfg(**{"fleet.num_clients": 8, **PER_DEVICE})
     fleets = []
     for name in ("a", "b"):
         cache = tmp_path / name
@@ -30,7 +30,7 @@ def test_fleet_is_heterogeneous_deterministic_and_cached(tmp_path):
         s1 = torch.load(f1.path / legacy_file(dev), weights_only=True)
         s2 = torch.load(f2.path / legacy_file(dev), weights_only=True)
         assert all(torch.equal(s1[k], s2[k]) for k in s1)
-        model = load_legacy(f1.path, dev, g, prep.in_shape, prep.num_classes)
+        model = load_legacy(f1.path / legacy_file(dev), g, prep.in_shape, prep.num_classes)
         assert not any(p.requires_grad for p in model.parameters())
     # the default fleet mixes architectures and its legacy accuracies genuinely differ
     assert len({f1.group_cfgs[g].arch for g in f1.groups}) == 3
@@ -41,11 +41,12 @@ def test_fleet_is_heterogeneous_deterministic_and_cached(tmp_path):
 
 
 @pytest.mark.slow
-def test_corrupt_cache_entry_is_rebuilt_not_used(tmp_path):
-    cfg = small_cfg()
+@pytest.mark.parametrize("legacy", ["per_device", "product_line"])
+def test_corrupt_cache_entry_is_rebuilt_not_used(tmp_path, legacy):
+    cfg = small_cfg(**(PER_DEVICE if legacy == "per_device" else {}))
     prep = prepare_for(cfg, tmp_path)
     fleet = fleet_for(cfg, prep, tmp_path)
-    target = fleet.path / legacy_file(1)
+    target = fleet.model_file(1)
     good = target.read_bytes()
     target.write_bytes(good[: len(good) // 2])  # truncated, as by a crash mid-write
     with pytest.warns(UserWarning, match="corrupt or incomplete; rebuilding"):
@@ -104,8 +105,8 @@ def test_batched_pretraining_is_the_one_by_one_training(arch):
 
 @pytest.mark.slow
 def test_sequential_and_batched_fleets_agree_and_are_cached_apart(tmp_path):
-    cfg_b = small_cfg(**{"fleet.num_clients": 8})
-    cfg_s = small_cfg(**{"fleet.num_clients": 8, "fleet.pretrain": "sequential"})
+    cfg_b = small_cfg(**{"fleet.num_clients": 8, **PER_DEVICE})
+    cfg_s = small_cfg(**{"fleet.num_clients": 8, "fleet.pretrain": "sequential", **PER_DEVICE})
     prep = prepare_for(cfg_b, tmp_path)
     fb, fs = fleet_for(cfg_b, prep, tmp_path), fleet_for(cfg_s, prep, tmp_path)
     assert fb.path != fs.path and fb.built and fs.built
@@ -144,14 +145,14 @@ def test_another_build_thread_count_is_its_own_cache_entry_and_the_runs_count_co
     torch.set_num_threads(1)
     fleets = []
     for threads in (1, 2):
-        cfg = small_cfg(**{"fleet.num_clients": 8, "fleet.build_threads": threads})
+        cfg = small_cfg(**{"fleet.num_clients": 8, "fleet.build_threads": threads, **PER_DEVICE})
         fleets.append(fleet_for(cfg, prepare_for(cfg, shared_cache), tmp_path))
         assert torch.get_num_threads() == 1
     one, two = fleets
     assert one.built and two.built and one.path != two.path
     assert np.abs(one.legacy_accuracy - two.legacy_accuracy).max() <= 1 / 36
-    again = fleet_for(small_cfg(**{"fleet.num_clients": 8}), prepare_for(small_cfg(**{"fleet.num_clients": 8}),
-                                                                          shared_cache), tmp_path)
+    base = small_cfg(**{"fleet.num_clients": 8, **PER_DEVICE})
+    again = fleet_for(base, prepare_for(base, shared_cache), tmp_path)
     assert not again.built and again.path == one.path
 
 
@@ -161,3 +162,62 @@ def test_a_build_thread_count_below_one_is_a_one_line_config_error():
     with pytest.raises(ConfigError, match=r"^fleet.build_threads=0 is invalid: must be >= 1"):
         small_cfg(**{"fleet.build_threads": 0})
     assert small_cfg().fleet.build_threads == 1
+
+
+def test_devices_of_a_group_run_its_model_versions_in_turn_whatever_the_fleet_size():
+    """model_index: the k-th device of a group runs version k mod versions, so every prefix of a
+    fleet (and so every fleet size) has the same mix of product lines and versions."""
+    cfg = small_cfg(**{"fleet.num_clients": 12, "fleet.groups.1.versions": 3})
+    groups = assign_groups(12, [g.share for g in cfg.fleet.groups])
+    idx = model_index(groups, cfg.fleet.groups)
+    assert len(set(idx.tolist())) == 4 + 2  # 4 groups, group 1 in 3 versions
+    for gi in range(4):
+        mine = idx[np.asarray(groups) == gi].tolist()
+        if gi == 1:
+            assert mine == [1 + k % 3 for k in range(len(mine))]
+        else:
+            assert len(set(mine)) == 1
+    small = model_index(groups[:5], cfg.fleet.groups)
+    assert small.tolist() == idx[:5].tolist()
+
+
+@pytest.mark.slow
+def test_a_product_lines_model_is_shared_by_its_devices_and_independent_of_the_fleet_size(tmp_path):
+    """fleet.legacy=product_line (the default): every device of a group runs one model trained once
+    on the vendor pool; the same model (file and weights) for a 4-device and a 24-device fleet, so
+    legacy quality does not depend on how many devices there are."""
+    fleets = {}
+    for n in (4, 24):
+        cfg = small_cfg(**{"fleet.num_clients": n})
+        prep = prepare_for(cfg, tmp_path)
+        fleets[n] = (fleet_for(cfg, prep, tmp_path), prep)
+    (small, prep4), (big, prep24) = fleets[4], fleets[24]
+    assert small.legacy == big.legacy == "product_line"
+    assert small.models == big.models and len(small.models) == 4  # one file per group, reused
+    np.testing.assert_array_equal(np.asarray(prep4.vendor_y), np.asarray(prep24.vendor_y))
+    for dev in range(24):
+        assert big.model_file(dev) == big.models[big.groups[dev]]
+    assert not big.built  # every model came from the 4-device fleet's build
+    # the vendor pool is never a device's sample: no row of it is in the devices' data
+    x_dev = np.asarray(prep24.x).reshape(len(prep24.x), -1)
+    vendor = {v.tobytes() for v in np.asarray(prep24.vendor_x).reshape(len(prep24.vendor_x), -1)}
+    assert not vendor & {v.tobytes() for v in x_dev}
+    assert big.pretrain_size.tolist() == [small.pretrain_size[0 if g == 0 else small.groups.index(g)]
+                                          for g in big.groups]
+    # devices of one group share the model file, and its weights load identically
+    g0 = [d for d in range(24) if big.groups[d] == 0]
+    s0 = torch.load(big.model_file(g0[0]), weights_only=True)
+    s1 = torch.load(big.model_file(g0[-1]), weights_only=True)
+    assert all(torch.equal(s0[k], s1[k]) for k in s0)
+
+
+def test_product_line_and_per_device_splits_are_checked_against_each_other():
+    from sim.core.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"^fleet.legacy=per_device trains each device's model on its own legacy "
+                                          r"split, but data.split.legacy=0"):
+        small_cfg(**{"fleet.legacy": "per_device"})
+    with pytest.raises(ConfigError, match=r"^data.split.legacy=0.4 gives each device a legacy split that "
+                                          r"fleet.legacy=product_line never uses"):
+        small_cfg(**{"data.split.legacy": 0.4, "data.split.rejector": 0.4, "data.split.test": 0.2})
+    assert small_cfg(**PER_DEVICE).fleet.legacy == "per_device"

@@ -136,9 +136,9 @@ def test_a_noisy_mnist1d_device_sees_unclipped_noise_of_the_groups_std(cache_dir
     prep = prepare(mnist1d_cfg(400), 2, 0, cache_dir)
     clean = device_data(prep, 0, DeviceGroupConfig(name="full"), seed=0)
     noisy = device_data(prep, 0, DeviceGroupConfig(name="noisy", noise_std=0.3), seed=0)
-    diff = np.concatenate([(noisy.x_legacy - clean.x_legacy).ravel(), (noisy.x_test - clean.x_test).ravel()])
+    diff = np.concatenate([(noisy.x_rejector - clean.x_rejector).ravel(), (noisy.x_test - clean.x_test).ravel()])
     assert abs(float(diff.std()) - 0.3) < 0.02 and abs(float(diff.mean())) < 0.02
-    assert noisy.x_legacy.min() < -1.0 and noisy.x_legacy.max() > 1.0
+    assert noisy.x_rejector.min() < -1.0 and noisy.x_rejector.max() > 1.0
 
 
 def test_degrade_of_images_is_unchanged():

@@ -45,6 +45,7 @@ def choice(name: str, values: tuple[str, ...]) -> type[Choice]:
 DataSource = choice("DataSource", ("sklearn", "hf", "file", "mnist1d"))
 PartitionName = choice("PartitionName", ("iid", "dirichlet", "pathological", "sampled"))
 Pretrain = choice("Pretrain", ("batched", "sequential"))
+LegacySource = choice("LegacySource", ("product_line", "per_device"))
 Arch = choice("Arch", ("logreg", "mlp", "cnn", "cnn1d"))
 Routing = choice("Routing", ("auto", "learned", "round_robin", "least_loaded", "all"))
 Training = choice("Training", ("independent", "mel", "dml", "coop"))
@@ -159,13 +160,17 @@ class PartitionConfig:
 
 @dataclass
 class SplitConfig:
-    legacy: float = 0.4  # fraction of a device's partition its legacy model was trained on
-    rejector: float = 0.4  # fraction used to train the rejector (and sent to servers)
-    test: float = 0.2  # held-out test split of the device
+    # fraction of a device's partition its own legacy model is trained on: only with
+    # fleet.legacy=per_device (e.g. 0.4 / 0.4 / 0.2); a product line's model trains on the vendor pool
+    legacy: float = 0.0
+    rejector: float = 0.6  # fraction used to train the rejector (and sent to servers)
+    test: float = 0.4  # held-out test split of the device
 
     def __post_init__(self) -> None:
         inside = (lambda v: 0 < v < 1, "each split fraction must be in (0, 1)")
-        check_fields(self, "data.split", {"legacy": inside, "rejector": inside, "test": inside})
+        check_fields(self, "data.split", {"legacy": (lambda v: 0 <= v < 1, "must be in [0, 1) (0: no legacy split, "
+                                                                          "the default with fleet.legacy=product_line)"),
+                                          "rejector": inside, "test": inside})
         total = self.legacy + self.rejector + self.test
         if abs(total - 1.0) > 1e-6:
             raise ConfigError(f"data.split fractions sum to {total:g}, not 1: adjust data.split.legacy/rejector/test")
@@ -186,12 +191,19 @@ class DataConfig:
     classes: Optional[List[int]] = None  # keep only these labels (e.g. [3, 8] for a binary task)
     max_samples: Optional[int] = None  # cap on the number of samples used (seeded subsample)
     num_samples: int = 5000  # mnist1d: samples generated, total (a multiple of 10; 5000: the benchmark's)
+    # The vendor's pretraining pool (fleet.legacy=product_line): samples reserved before the devices'
+    # partition (loaded datasets) or generated apart from theirs (mnist1d), the same for every fleet size.
+    # null: a quarter of a loaded dataset (after data.classes / max_samples), 4000 for mnist1d.
+    vendor_samples: Optional[int] = None
     partition: PartitionConfig = field(default_factory=PartitionConfig)
     split: SplitConfig = field(default_factory=SplitConfig)
 
     def __post_init__(self) -> None:
         need(self.max_samples is None or self.max_samples >= 1, "data.max_samples", self.max_samples,
              "must be >= 1 or null")
+        need(self.vendor_samples is None or 10 <= self.vendor_samples <= MAX_SAMPLES, "data.vendor_samples",
+             self.vendor_samples, f"must be 10 to {MAX_SAMPLES} samples (or null: a quarter of a loaded dataset, "
+                                  "4000 for mnist1d)")
         need(10 <= self.num_samples <= MAX_SAMPLES and self.num_samples % 10 == 0, "data.num_samples",
              self.num_samples, f"mnist1d generates as many samples of each of its 10 classes: give a multiple of 10, "
                                f"10 to {MAX_SAMPLES}")
@@ -208,7 +220,10 @@ class DeviceGroupConfig:
     share: float = 1.0  # relative share of the fleet in this group
     arch: Arch = Arch.mlp  # logreg | mlp | cnn
     hidden: int = 32  # MLP hidden width / CNN channels
-    pretrain_fraction: float = 1.0  # fraction of the device's legacy split used to pretrain
+    # fraction of the vendor pool the product line's model trains on (fleet.legacy=product_line), or
+    # of each device's own legacy split (per_device)
+    pretrain_fraction: float = 1.0
+    versions: int = 1  # product_line: model versions shipped (device k of the group runs version k mod versions)
     downsample: int = 1  # sensor resolution divisor (1 = full resolution)
     noise_std: float = 0.0  # Gaussian sensor noise in the data's units (images: the [0, 1] range; mnist1d: its std)
     epochs: int = 60  # legacy pretraining epochs
@@ -225,6 +240,7 @@ class DeviceGroupConfig:
             "epochs": _at_least(1),
             "hidden": _at_least(1),
             "lr": _positive(),
+            "versions": (lambda v: 1 <= v <= 64, "must be 1 to 64 model versions per group"),
         })
 
 
@@ -233,6 +249,11 @@ class FleetConfig:
     name: str = MISSING
     num_clients: int = 10
     groups: List[DeviceGroupConfig] = field(default_factory=list)
+    # product_line: each group's legacy model (a few versions of it) is trained once by its vendor on
+    # the vendor pool (data.vendor_samples) and shipped to every device of the group, so fleet size
+    # never changes legacy quality | per_device: each device trains its own on its legacy split
+    # (needs data.split.legacy > 0)
+    legacy: LegacySource = LegacySource.product_line
     # batched: same-shaped legacy models pretrain together (torch.func); sequential: one by one, as
     # before 2026-11-21 (the same training up to float rounding; reproduces earlier figures exactly)
     pretrain: Pretrain = Pretrain.batched
@@ -576,6 +597,26 @@ class Config:
             raise invalid("strategy.name", self.strategy.name, f"choose one of {', '.join(STRATEGY_SCHEMAS)}")
         self.strategy.check_with(self.servers)
         check_failure_targets(self)
+        check_legacy_split(self)
+
+
+def check_legacy_split(cfg: Config) -> None:
+    """``fleet.legacy`` against ``data.split.legacy``: a per-device legacy model needs a legacy split
+    of the device's data; a product line's model trains on the vendor pool, so a legacy split would
+    be data no one uses.
+
+    Raises:
+        ConfigError: one line naming both keys and the fix.
+    """
+    legacy = cfg.data.split.legacy
+    if cfg.fleet.legacy == LegacySource.per_device and legacy <= 0:
+        raise ConfigError("fleet.legacy=per_device trains each device's model on its own legacy split, but "
+                          "data.split.legacy=0: give it one, e.g. data.split.legacy=0.4 data.split.rejector=0.4 "
+                          "data.split.test=0.2")
+    if cfg.fleet.legacy == LegacySource.product_line and legacy > 0:
+        raise ConfigError(f"data.split.legacy={legacy:g} gives each device a legacy split that fleet.legacy="
+                          "product_line never uses (its models train on the vendor pool, data.vendor_samples): "
+                          "set data.split.legacy=0 with rejector + test = 1, or fleet.legacy=per_device")
 
 
 def check_failure_targets(cfg: Config) -> None:

@@ -1,15 +1,17 @@
 """Partitioning across devices, per-device splits and sensor degradation.
 
-Flow: :func:`sim.core.sources.load_source` reads a dataset into arrays; :func:`partition` assigns
-samples to devices with flwr-datasets partitioners; :func:`prepare` splits each device's
-samples into legacy / rejector / test and caches the result as ``.npy`` files that Ray
-workers memory-map (one copy in the page cache, none per worker); :func:`device_data`
-returns one device's splits, degraded by its sensor (resolution, noise).
+Flow: :func:`sim.core.sources.load_source` reads a dataset into arrays; :func:`vendor_pool`
+reserves the vendor's pretraining pool (``fleet.legacy=product_line``: the same samples for every
+fleet size); :func:`partition` assigns the rest to devices with flwr-datasets partitioners;
+:func:`prepare` splits each device's samples into legacy (``per_device`` fleets only) / rejector /
+test and caches the result as ``.npy`` files that Ray workers memory-map (one copy in the page
+cache, none per worker); :func:`device_data` returns one device's splits, degraded by its sensor
+(resolution, noise).
 """
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,14 +21,17 @@ from sim.core.cache import build_entry, content_key
 from sim.core.config import DataConfig, DataSource, DeviceGroupConfig, PartitionConfig, PartitionName, plain
 from sim.core.errors import DataError
 from sim.core.seeding import derive_seed
-from sim.core.sources import BOUNDED, load_source
+from sim.core.sources import BOUNDED, MNIST1D_VENDOR_SEED, check_arrays, load_source, make_mnist1d, signals
 
 SPLIT_LEGACY, SPLIT_REJECTOR, SPLIT_TEST = 0, 1, 2
-PREP_VERSION = 1
+PREP_VERSION = 2  # 2: the vendor pool (product-line legacy models), legacy splits optional
+MNIST1D_VENDOR_SAMPLES = 4000
+"""The vendor pool of ``data=mnist1d`` when ``data.vendor_samples`` is null: the paper's training-set size."""
 
 
-def select(x: np.ndarray, y: np.ndarray, dcfg: DataConfig, seed: int) -> tuple[np.ndarray, np.ndarray, int]:
-    """Apply ``data.classes`` and ``data.max_samples``; map labels to ``0..K-1``.
+def select(x: np.ndarray, y: np.ndarray, dcfg: DataConfig, seed: int, cap: bool = True
+           ) -> tuple[np.ndarray, np.ndarray, int]:
+    """Apply ``data.classes`` and (``cap``) ``data.max_samples``; map labels to ``0..K-1``.
 
     Returns:
         ``x, y`` (subset) and ``K``. Raises DataError for fewer than 2 classes.
@@ -41,7 +46,7 @@ def select(x: np.ndarray, y: np.ndarray, dcfg: DataConfig, seed: int) -> tuple[n
     else:
         values = np.unique(y)
         y = np.searchsorted(values, y)
-    if dcfg.max_samples and len(y) > dcfg.max_samples:
+    if cap and dcfg.max_samples and len(y) > dcfg.max_samples:
         rng = np.random.default_rng(derive_seed(seed, "max_samples"))
         idx = np.sort(rng.permutation(len(y))[: dcfg.max_samples])
         x, y = x[idx], y[idx]
@@ -105,7 +110,7 @@ def sampled_rows(n: int, pcfg: PartitionConfig, num_clients: int, fractions: tup
 
     The dataset's unique samples are first split once, globally, into legacy / rejector / test
     pools by ``fractions``; each device then draws ``round(f * samples_per_device)`` samples
-    (at least one per split) from each pool, without replacement within the device, independently
+    (at least one per split whose fraction is not 0) from each pool, without replacement within the device, independently
     of the other devices. Devices therefore share images, but a test image is never in any
     device's legacy or rejector split (nor, through deferrals, in a helper server's buffer).
 
@@ -126,7 +131,7 @@ def sampled_rows(n: int, pcfg: PartitionConfig, num_clients: int, fractions: tup
     n_leg, n_test = int(round(fractions[0] * n)), int(round(fractions[2] * n))
     pools = {SPLIT_LEGACY: order[:n_leg], SPLIT_TEST: order[n_leg:n_leg + n_test],
              SPLIT_REJECTOR: order[n_leg + n_test:]}
-    take = {code: max(1, int(round(f * per))) for code, f in
+    take = {code: (max(1, int(round(f * per))) if f > 0 else 0) for code, f in
             ((SPLIT_LEGACY, fractions[0]), (SPLIT_REJECTOR, fractions[1]), (SPLIT_TEST, fractions[2]))}
     for code, k in take.items():
         if k > len(pools[code]):
@@ -144,18 +149,21 @@ def sampled_rows(n: int, pcfg: PartitionConfig, num_clients: int, fractions: tup
 
 
 def split_device(indices: np.ndarray, fractions: tuple[float, float, float], seed: int, device: int) -> np.ndarray:
-    """Split labels for one device's ``indices``: an int8 array of SPLIT_* codes, seeded per device.
+    """Split labels for one device's ``indices``: an int8 array of SPLIT_* codes, seeded per device
+    (no legacy split when ``fractions[0]`` is 0, the product-line default).
 
     Raises:
         DataError: the device has too few samples for three non-empty splits.
     """
     n = len(indices)
-    if n < 3:
-        raise DataError(f"device {device} got {n} samples, fewer than the 3 needed for legacy/rejector/test "
-                        "splits: lower fleet.num_clients, use an iid partition or data.partition.name=sampled")
+    need_n = 3 if fractions[0] > 0 else 2
+    if n < need_n:
+        raise DataError(f"device {device} got {n} samples, fewer than the {need_n} needed for its "
+                        f"{'legacy/' if need_n == 3 else ''}rejector/test splits: lower fleet.num_clients, use an iid "
+                        "partition or data.partition.name=sampled")
     rng = np.random.default_rng(derive_seed(seed, "split", device))
     order = rng.permutation(n)
-    n_legacy = max(1, int(round(fractions[0] * n)))
+    n_legacy = max(1, int(round(fractions[0] * n))) if fractions[0] > 0 else 0
     n_test = max(1, int(round(fractions[2] * n)))
     n_legacy = min(n_legacy, n - 2)
     n_test = min(n_test, n - n_legacy - 1)
@@ -170,10 +178,13 @@ class Prepared:
     """A prepared dataset: arrays (memory-mapped when loaded from the cache) and metadata.
 
     Attributes:
-        x: ``(N, C, H, W)`` float32 in [0, 1]; y: ``(N,)`` int64 in ``0..K-1``.
+        x: ``(N, C, H, W)`` float32 (images in [0, 1]); y: ``(N,)`` int64 in ``0..K-1``: the devices' samples.
         owner: ``(N,)`` int32 device id of each sample (-1: not assigned).
         split: ``(N,)`` int8 SPLIT_* code within the owner's partition.
         num_classes: K. bounded: inputs are images in [0, 1] (the sensor's noise is clipped to it).
+        vendor_x: ``(V, C, H, W)``, vendor_y: ``(V,)``: the vendor's pretraining pool
+            (:func:`vendor_pool`; ``V = 0`` for a ``per_device`` fleet), never a device's sample.
+        vendor: what determines the vendor pool (:func:`vendor_key`), for the legacy models' cache keys.
     """
 
     x: np.ndarray
@@ -183,20 +194,57 @@ class Prepared:
     num_classes: int
     path: Path | None = None
     bounded: bool = True
+    vendor_x: np.ndarray | None = None
+    vendor_y: np.ndarray | None = None
+    vendor: dict[str, Any] | None = None
+    _rows: tuple[np.ndarray, np.ndarray] | None = field(default=None, repr=False)
 
     @property
     def in_shape(self) -> tuple[int, int, int]:
         return tuple(int(s) for s in self.x.shape[1:])  # type: ignore[return-value]
 
+    def rows_of(self, device: int) -> np.ndarray:
+        """The sorted row indices ``(n_d,)`` of ``device``'s samples. The first call sorts the owner
+        column once (``O(N log N)``), every call after is a slice, so a worker hosting thousands of
+        devices does not scan all ``N`` rows per device."""
+        if self._rows is None:
+            owner = np.asarray(self.owner)
+            order = np.argsort(owner, kind="stable")
+            top = int(owner.max()) + 1 if owner.size else 0
+            bounds = np.searchsorted(owner[order], np.arange(top + 1))
+            self._rows = (order, bounds)
+        order, bounds = self._rows
+        if not 0 <= device < len(bounds) - 1:
+            return np.empty(0, dtype=np.int64)
+        return order[bounds[device]:bounds[device + 1]]
 
-def data_key(dcfg: DataConfig, num_clients: int, seed: int) -> dict[str, Any]:
+
+def vendor_key(dcfg: DataConfig, seed: int) -> dict[str, Any]:
+    """What determines the vendor pool (and so, with a group's config, its product line's legacy
+    model): the dataset and its selection, the pool's size and the seed -- never the fleet size,
+    the partition, the devices' splits or (MNIST-1D) how many device samples are generated."""
+    data = plain(dcfg)
+    for k in ("partition", "split", "num_samples"):
+        data.pop(k, None)
+    key: dict[str, Any] = {"v": PREP_VERSION, "data": data, "seed": seed}
+    if dcfg.source == DataSource.mnist1d:
+        key["mnist1d"] = _package_version("mnist1d")
+        data.pop("max_samples", None)  # caps the devices' samples, not the separately generated pool
+    if dcfg.path:
+        st = Path(str(dcfg.path)).expanduser().stat()
+        key["file"] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    return key
+
+
+def data_key(dcfg: DataConfig, num_clients: int, seed: int, vendor: bool = True) -> dict[str, Any]:
     """Everything that determines the prepared dataset (a local file by path, size and mtime;
-    MNIST-1D by ``data.num_samples`` and the generating package's version)."""
-    key = {"v": PREP_VERSION, "data": plain(dcfg), "num_clients": num_clients, "seed": seed}
+    MNIST-1D by ``data.num_samples`` and the generating package's version; whether a vendor pool
+    is reserved)."""
+    key = {"v": PREP_VERSION, "data": plain(dcfg), "num_clients": num_clients, "seed": seed, "vendor": vendor}
     if dcfg.source == DataSource.mnist1d:
         key["mnist1d"] = _package_version("mnist1d")
         key["scaling"] = "z-scored"  # (2026-12-02: was min-max into [0, 1])
-    else:  # used by mnist1d only: other datasets keep the cache entries made before the key existed
+    else:  # used by mnist1d only
         key["data"].pop("num_samples", None)
     if dcfg.path:
         st = Path(str(dcfg.path)).expanduser().stat()
@@ -214,23 +262,62 @@ def _package_version(name: str) -> str | None:
         return None
 
 
-def prepare(dcfg: DataConfig, num_clients: int, seed: int, cache_dir: Path) -> Prepared:
+def vendor_pool(dcfg: DataConfig, x: np.ndarray, y: np.ndarray, seed: int
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Reserve the vendor's pretraining pool (``fleet.legacy=product_line``).
+
+    A loaded dataset gives up ``data.vendor_samples`` of its (selected) samples, drawn by a seeded
+    permutation that depends on the seed alone, so the pool is the same for every fleet size and
+    partition; MNIST-1D generates its pool apart from the devices' samples (its own generator seed,
+    :data:`sim.core.sources.MNIST1D_VENDOR_SEED`), so the devices keep every generated sample.
+
+    Args:
+        dcfg: the ``data`` config. x: ``(N, C, H, W)``, y: ``(N,)`` the selected samples (labels
+            ``0..K-1``). seed: the run seed.
+
+    Returns:
+        ``(vendor_x (V, C, H, W), vendor_y (V,), x_rest, y_rest)``, the rest in their original order.
+
+    Raises:
+        DataError: a pool of more than half a loaded dataset (the devices would have too little).
+    """
+    if dcfg.source == DataSource.mnist1d:
+        v = int(dcfg.vendor_samples or MNIST1D_VENDOR_SAMPLES)
+        vx, vy = check_arrays(*make_mnist1d(-(-v // 10) * 10, MNIST1D_VENDOR_SEED))
+        vx, vy, _ = select(signals(vx), vy.astype(np.int64), dcfg, seed, cap=False)
+        return vx[:v], vy[:v], x, y
+    n = len(y)
+    v = int(dcfg.vendor_samples) if dcfg.vendor_samples is not None else n // 4
+    if v > n // 2:
+        raise DataError(f"data.vendor_samples={v} reserves more than half of the dataset's {n} samples for the "
+                        f"vendor's pretraining pool: lower it (e.g. data.vendor_samples={n // 4})")
+    take = np.zeros(n, dtype=bool)
+    take[np.random.default_rng(derive_seed(seed, "vendor-pool")).permutation(n)[:v]] = True
+    return x[take], y[take], x[~take], y[~take]
+
+
+def prepare(dcfg: DataConfig, num_clients: int, seed: int, cache_dir: Path, vendor: bool = True) -> Prepared:
     """Load, select, partition and split the dataset for the fleet; cached and memory-mapped.
 
     Args:
         dcfg: the ``data`` config. num_clients: devices. seed: the run seed.
-        cache_dir: root of the on-disk caches.
+        cache_dir: root of the on-disk caches. vendor: reserve the vendor pool
+            (``fleet.legacy=product_line``; :func:`vendor_pool`).
 
     Raises:
-        DataError: see :func:`sim.core.sources.load_source`, :func:`select`, :func:`partition`,
-            :func:`split_device`.
+        DataError: see :func:`sim.core.sources.load_source`, :func:`select`, :func:`vendor_pool`,
+            :func:`partition`, :func:`split_device`.
     """
-    key = data_key(dcfg, num_clients, seed)
+    key = data_key(dcfg, num_clients, seed, vendor)
     entry = cache_dir / "data" / f"{dcfg.name}-{content_key(key)}"
 
     def build(tmp: Path) -> dict[str, Any]:
         x, y = load_source(dcfg)
         x, y, k = select(x, y, dcfg, seed)
+        if vendor:
+            vx, vy, x, y = vendor_pool(dcfg, x, y, seed)
+        else:
+            vx, vy = x[:0], y[:0]
         fractions = dcfg.split.fractions()
         if dcfg.partition.name == PartitionName.sampled:  # devices share a pool: rows are materialised
             rows, owner, split = sampled_rows(len(y), dcfg.partition, num_clients, fractions, seed)
@@ -242,21 +329,27 @@ def prepare(dcfg: DataConfig, num_clients: int, seed: int, cache_dir: Path) -> P
             for dev, idx in enumerate(parts):
                 owner[idx] = dev
                 split[idx] = split_device(idx, fractions, seed, dev)
-        for name, arr in (("x", x), ("y", y), ("owner", owner), ("split", split)):
+        for name, arr in (("x", x), ("y", y), ("owner", owner), ("split", split), ("vendor_x", vx),
+                          ("vendor_y", vy)):
             np.save(tmp / f"{name}.npy", arr)
-        return {"num_classes": k, "key": key, "bounded": dcfg.source in BOUNDED}
+        return {"num_classes": k, "key": key, "bounded": dcfg.source in BOUNDED, "vendor": vendor_key(dcfg, seed)}
 
     manifest = build_entry(entry, build, "dataset")
     return load_prepared(entry, manifest)
+
+
+ARRAYS = ("x", "y", "owner", "split", "vendor_x", "vendor_y")
+"""The arrays of a prepared dataset entry (``<name>.npy``)."""
 
 
 def load_prepared(entry: Path, manifest: dict[str, Any] | None = None) -> Prepared:
     """Memory-map a prepared dataset written by :func:`prepare` (read-only arrays)."""
     if manifest is None:
         manifest = json.loads((entry / "manifest.json").read_text())
-    arrs = {n: np.load(entry / f"{n}.npy", mmap_mode="r") for n in ("x", "y", "owner", "split")}
+    arrs = {n: np.load(entry / f"{n}.npy", mmap_mode="r") for n in ARRAYS}
     meta = manifest["meta"]
-    return Prepared(**arrs, num_classes=int(meta["num_classes"]), path=entry, bounded=bool(meta.get("bounded", True)))
+    return Prepared(**arrs, num_classes=int(meta["num_classes"]), path=entry, bounded=bool(meta.get("bounded", True)),
+                    vendor=meta.get("vendor"))
 
 
 def degrade(x: np.ndarray, downsample: int, noise_std: float, seed: int, clip: bool = True) -> np.ndarray:
@@ -299,7 +392,7 @@ class DeviceData:
 
 def device_data(prep: Prepared, device: int, group: DeviceGroupConfig, seed: int) -> DeviceData:
     """The splits of ``device`` as seen through its sensor (``group``: its fleet group config)."""
-    idx = np.flatnonzero(np.asarray(prep.owner) == device)
+    idx = prep.rows_of(device)
     x = degrade(prep.x[idx], int(group.downsample), float(group.noise_std), derive_seed(seed, "sensor", device),
                 clip=prep.bounded)
     y = np.asarray(prep.y[idx])

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 FIELDS = ("device", "y", "m_pred", "e_pred", "score", "m_conf", "defer")
+"""Per-sample fields every record has (``m_conf_cal``, ``served`` and ``price`` are optional)."""
 
 
 def _acc(correct: np.ndarray) -> float:
@@ -23,41 +24,120 @@ def system_correct(defer: np.ndarray, m_ok: np.ndarray, e_ok: np.ndarray) -> np.
     return np.where(defer, e_ok, m_ok)
 
 
-def topk_defer(priority: np.ndarray, k: int) -> np.ndarray:
-    """Boolean mask deferring the ``k`` samples of highest ``priority`` (stable ties: earlier first)."""
+def tie_keys(device: np.ndarray) -> np.ndarray:
+    """``(N,)`` float64 in [0, 1): a pseudo-random key per sample that breaks ties in any ranking.
+
+    The key of a sample is a hash (splitmix64) of its device id and its position among that
+    device's rows, so it depends on which sample it is, never on where the device's rows sit in
+    the pooled arrays: the same samples in another device order get the same keys, and a ranking
+    with ties (a float32 max-softmax of exactly 1.0, an untrained device's score 0) breaks them as
+    a seeded random draw would, not by device order."""
+    device = np.asarray(device, dtype=np.int64)
+    if not len(device):
+        return np.zeros(0)
+    order = np.argsort(device, kind="stable")
+    d = device[order]
+    start = np.r_[0, np.flatnonzero(np.diff(d)) + 1]
+    pos = np.arange(len(d)) - np.repeat(start, np.diff(np.r_[start, len(d)]))
+    z = np.empty(len(d), dtype=np.uint64)
+    z[order] = (d.astype(np.uint64) << np.uint64(32)) ^ pos.astype(np.uint64)
+    with np.errstate(over="ignore"):
+        z = z + np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z = z ^ (z >> np.uint64(31))
+    return (z >> np.uint64(11)).astype(np.float64) / float(2 ** 53)
+
+
+def ranking(priority: np.ndarray, keys: np.ndarray) -> np.ndarray:
+    """Indices ``(N,)`` from highest ``priority`` to lowest, ties broken by :func:`tie_keys`."""
+    return np.lexsort((keys, -np.asarray(priority, dtype=np.float64)))
+
+
+def topk_defer(priority: np.ndarray, k: int, keys: np.ndarray) -> np.ndarray:
+    """Boolean mask deferring the ``k`` samples of highest ``priority`` (ties: :func:`tie_keys`)."""
     mask = np.zeros(len(priority), dtype=bool)
     if k > 0:
-        mask[np.argsort(-priority, kind="stable")[:k]] = True
+        mask[ranking(priority, keys)[:k]] = True
     return mask
 
 
-def confidence_baseline(rec: dict[str, np.ndarray], k: int, per_device_k: dict[int, int] | None = None
-                        ) -> np.ndarray:
-    """Confidence deferral (docs/methods.md §4): defer the ``k`` samples whose legacy max-softmax is
-    lowest (one global threshold tau), or, with ``per_device_k``, each device's own lowest ``k_d``."""
-    if per_device_k is None:
-        return topk_defer(-rec["m_conf"], k)
-    mask = np.zeros(len(rec["y"]), dtype=bool)
-    for dev, kd in per_device_k.items():
-        idx = np.flatnonzero(rec["device"] == dev)
-        mask[idx[topk_defer(-rec["m_conf"][idx], kd)]] = True
+def per_device_topk(priority: np.ndarray, device: np.ndarray, counts: dict[int, int], keys: np.ndarray) -> np.ndarray:
+    """Boolean mask deferring, on each device ``d``, its ``counts[d]`` samples of highest ``priority``."""
+    mask = np.zeros(len(priority), dtype=bool)
+    for dev, kd in counts.items():
+        idx = np.flatnonzero(device == dev)
+        mask[idx[topk_defer(priority[idx], kd, keys[idx])]] = True
     return mask
 
 
-def accuracy_at_rates(priority: np.ndarray, m_ok: np.ndarray, e_ok: np.ndarray, rates: np.ndarray) -> np.ndarray:
-    """System accuracy when deferring the top ``round(rate*N)`` samples by ``priority``, per rate. ``(R,)``."""
+def device_counts(defer: np.ndarray, device: np.ndarray) -> dict[int, int]:
+    """Deferrals per device: ``{device: count}`` over every device present."""
+    return {int(d): int(defer[device == d].sum()) for d in np.unique(device)}
+
+
+def confidence_baselines(rec: dict[str, np.ndarray], defer: np.ndarray, m_ok: np.ndarray, e_ok: np.ndarray,
+                         keys: np.ndarray) -> dict[str, float]:
+    """System accuracy of confidence deferral with exactly as many deferrals as ``defer (N,)`` makes
+    (docs/methods.md §4), in three forms: ``confidence`` (one global threshold on the legacy max
+    softmax), ``confidence_per_device`` (each device defers as many as ``defer`` does on it: the
+    allocation is the method's, only the ranking within a device differs) and
+    ``confidence_calibrated`` (one global threshold on the max softmax after each group's
+    temperature scaling, ``m_conf_cal``). Ties: :func:`tie_keys`."""
+    k = int(defer.sum())
+    conf = {"confidence": topk_defer(-rec["m_conf"], k, keys),
+            "confidence_per_device": per_device_topk(-rec["m_conf"], rec["device"], device_counts(defer, rec["device"]),
+                                                     keys)}
+    if "m_conf_cal" in rec:
+        conf["confidence_calibrated"] = topk_defer(-rec["m_conf_cal"], k, keys)
+    return {name: _acc(system_correct(mask, m_ok, e_ok)) for name, mask in conf.items()}
+
+
+def accuracy_at_rates(priority: np.ndarray, m_ok: np.ndarray, e_ok: np.ndarray, rates: np.ndarray,
+                      keys: np.ndarray) -> np.ndarray:
+    """System accuracy when deferring the top ``round(rate*N)`` samples by ``priority`` (ties:
+    :func:`tie_keys`), per rate. ``(R,)``."""
     n = len(priority)
-    order = np.argsort(-priority, kind="stable")
+    order = ranking(priority, keys)
     # gain of deferring sample i = e_ok - m_ok; cumulative over the priority order
     gain = np.concatenate([[0.0], np.cumsum((e_ok[order].astype(float) - m_ok[order]))])
     ks = np.clip(np.round(rates * n).astype(int), 0, n)
     return (m_ok.sum() + gain[ks]) / max(n, 1)
 
 
+OPERATING_RATES = (0.1, 0.2, 0.3, 0.5)
+"""The grid of defer rates at which every run compares its ranking with the baselines'
+(:func:`operating_points`), whatever its own operating point."""
+
+
+def operating_points(rec: dict[str, np.ndarray], m_ok: np.ndarray, e_ok: np.ndarray, keys: np.ndarray,
+                     rates: tuple[float, ...] = OPERATING_RATES) -> dict[str, dict[str, float]]:
+    """Comparisons at matched operating points: at each defer rate ``r`` of ``rates``, the system
+    accuracy when the run's own deferral score defers its top ``k = round(r N)`` samples
+    (``method``: a point of its score-ranking curve), against the confidence baselines with the
+    same deferrals (:func:`confidence_baselines`: global, per device with the method's per-device
+    counts at that rate, calibrated) and random deferral's exact expectation.
+
+    Returns:
+        ``{"0.1": {"method": ..., "confidence": ..., "confidence_per_device": ...,
+        "confidence_calibrated": ..., "random": ...}, ...}`` (NaN when N = 0).
+    """
+    n = len(m_ok)
+    out = {}
+    for r in rates:
+        k = int(round(r * n))
+        defer = topk_defer(rec["score"], k, keys)
+        out[f"{r:.1f}"] = {"method": _acc(system_correct(defer, m_ok, e_ok)),
+                           **confidence_baselines(rec, defer, m_ok, e_ok, keys),
+                           "random": float(((1 - k / max(n, 1)) * m_ok + k / max(n, 1) * e_ok).mean()) if n
+                           else float("nan")}
+    return out
+
+
 FIXED_RATES = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 
 
-def aurc(score: np.ndarray, m_ok: np.ndarray) -> dict[str, float]:
+def aurc(score: np.ndarray, m_ok: np.ndarray, keys: np.ndarray | None = None) -> dict[str, float]:
     """Area under the risk-coverage curve of the local model, ranked by the deferral score.
 
     Definition used (the discrete form of Geifman, Uziel & El-Yaniv 2019, "Bias-reduced uncertainty
@@ -66,11 +146,12 @@ def aurc(score: np.ndarray, m_ok: np.ndarray) -> dict[str, float]:
     local model's error rate on the k kept samples; ``AURC = (1/N) * sum_k risk(k)``.
     ``E-AURC = AURC - AURC*``, with AURC* that of the ideal ranking (every sample the local model
     gets right kept before any it gets wrong), so E-AURC is 0 for a perfect ranking and does not
-    depend on the local model's accuracy. Ties in the score are broken by sample order. Lower is
-    better for both. The local model is the legacy model (L2D: the device's trained classifier).
+    depend on the local model's accuracy. Ties in the score are broken by ``keys`` (:func:`tie_keys`;
+    None: by sample order). Lower is better for both. The local model is the legacy model (L2D: the device's trained classifier).
 
     Args:
         score: ``(N,)`` deferral score (higher = deferred first). m_ok: ``(N,)`` bool, local model right.
+        keys: ``(N,)`` tie-breaking keys (lower first among equal scores).
 
     Returns:
         ``{"aurc": float, "e_aurc": float}`` (NaN when N = 0).
@@ -78,7 +159,7 @@ def aurc(score: np.ndarray, m_ok: np.ndarray) -> dict[str, float]:
     n = len(score)
     if n == 0:
         return {"aurc": float("nan"), "e_aurc": float("nan")}
-    order = np.argsort(score, kind="stable")
+    order = np.argsort(score, kind="stable") if keys is None else ranking(-np.asarray(score, np.float64), keys)
     k = np.arange(1, n + 1)
     risk = np.cumsum(~m_ok[order]) / k
     ideal = np.cumsum(np.sort(~m_ok)) / k  # False (right) first
@@ -96,22 +177,18 @@ def fairness(rows: list[dict[str, Any]], key: str = "system_accuracy") -> dict[s
             "mean": float(v.mean()), "std": float(v.std())}
 
 
-def matched_baselines(rec: dict[str, np.ndarray], defer: np.ndarray, m_ok: np.ndarray, e_ok: np.ndarray
-                      ) -> dict[str, dict[str, float]]:
-    """Confidence (one global threshold, and each device's own count of deferrals) and random
-    deferral at the rejector's own defer rate ("matched", docs/methods.md "Baselines")."""
+def matched_baselines(rec: dict[str, np.ndarray], defer: np.ndarray, m_ok: np.ndarray, e_ok: np.ndarray,
+                      keys: np.ndarray) -> dict[str, dict[str, float]]:
+    """Confidence (:func:`confidence_baselines`: global threshold, per device, calibrated) and random
+    deferral at the rejector's own defer rate ("matched", docs/methods.md §4)."""
     n, k = len(defer), int(defer.sum())
     rate = k / n if n else float("nan")
-    per_dev_k = {int(d): int(defer[rec["device"] == d].sum()) for d in np.unique(rec["device"])}
-    conf_global = confidence_baseline(rec, k)
-    conf_dev = confidence_baseline(rec, k, per_dev_k)
     # Random deferral at the same rate, in expectation over which k samples are drawn: exact, no noise.
     random_acc = float(((1 - rate) * m_ok + rate * e_ok).mean()) if n else float("nan")
-    return {
-        "confidence": {"system_accuracy": _acc(system_correct(conf_global, m_ok, e_ok)), "defer_rate": rate},
-        "confidence_per_device": {"system_accuracy": _acc(system_correct(conf_dev, m_ok, e_ok)), "defer_rate": rate},
-        "random": {"system_accuracy": random_acc, "defer_rate": rate},
-    }
+    out = {name: {"system_accuracy": acc, "defer_rate": rate}
+           for name, acc in confidence_baselines(rec, defer, m_ok, e_ok, keys).items()}
+    out["random"] = {"system_accuracy": random_acc, "defer_rate": rate}
+    return out
 
 
 def l01_costs(defer: np.ndarray, served: np.ndarray, price: np.ndarray, sys_ok: np.ndarray, e_ok: np.ndarray,
@@ -145,8 +222,10 @@ def pooled_metrics(rec: dict[str, np.ndarray], c_e: float, c_1: float, curve_poi
         ``legacy_accuracy``, ``server_accuracy``, ``oracle_accuracy``, ``num_samples``,
         ``accuracy_at_defer_rate`` (system accuracy when the top 10%, ..., 90% of the deferral
         score are deferred), ``aurc`` and ``e_aurc`` (:func:`aurc`),
-        ``baselines`` (``confidence`` global threshold, ``confidence_per_device``, ``random``
-        expectation -- all at the same defer rate as the rejector), ``table`` (kept/deferred,
+        ``baselines`` (``confidence`` global threshold, ``confidence_per_device``,
+        ``confidence_calibrated``, ``random`` expectation -- all at the same defer rate as the
+        rejector), ``operating_points`` (the same comparisons at fixed defer rates,
+        :func:`operating_points`), ``table`` (kept/deferred,
         docs/methods.md §1) and ``curves`` (accuracy vs defer rate: rejector score threshold
         sweep, confidence, random).
     """
@@ -167,7 +246,8 @@ def pooled_metrics(rec: dict[str, np.ndarray], c_e: float, c_1: float, curve_poi
                 "difference": (ea - ma) if mask.any() else float("nan")}
 
     rates = np.linspace(0.0, 1.0, curve_points)
-    fixed = accuracy_at_rates(rec["score"], m_ok, e_ok, np.array(FIXED_RATES))
+    keys = tie_keys(rec["device"])
+    fixed = accuracy_at_rates(rec["score"], m_ok, e_ok, np.array(FIXED_RATES), keys)
     return {
         "served_defer_rate": float((defer & served).mean()) if n else float("nan"),
         "num_samples": int(n),
@@ -178,14 +258,15 @@ def pooled_metrics(rec: dict[str, np.ndarray], c_e: float, c_1: float, curve_poi
         "legacy_accuracy": _acc(m_ok),
         "server_accuracy": _acc(e_ok),
         "oracle_accuracy": _acc(m_ok | e_ok),
-        "baselines": matched_baselines(rec, defer, m_ok, e_ok),
+        "baselines": matched_baselines(rec, defer, m_ok, e_ok, keys),
+        "operating_points": operating_points(rec, m_ok, e_ok, keys),
         "table": {"kept": subset(~defer), "deferred": subset(defer)},
         "accuracy_at_defer_rate": {f"{r:.1f}": float(a) for r, a in zip(FIXED_RATES, fixed)},
-        **aurc(rec["score"], m_ok),
+        **aurc(rec["score"], m_ok, keys),
         "curves": {
             "defer_rate": rates.tolist(),
-            "rejector": accuracy_at_rates(rec["score"], m_ok, e_ok, rates).tolist(),
-            "confidence": accuracy_at_rates(-rec["m_conf"], m_ok, e_ok, rates).tolist(),
+            "rejector": accuracy_at_rates(rec["score"], m_ok, e_ok, rates, keys).tolist(),
+            "confidence": accuracy_at_rates(-rec["m_conf"], m_ok, e_ok, rates, keys).tolist(),
             "random": ((1 - rates) * _acc(m_ok) + rates * _acc(e_ok)).tolist(),
         },
     }

@@ -183,7 +183,13 @@ MNIST1D_SEED = 42
 ``data.num_samples=5000`` the samples are those of the paper's ``mnist1d_data.pkl``."""
 
 
-def _make_mnist1d(num_samples: int, seed: int = MNIST1D_SEED) -> tuple[np.ndarray, np.ndarray]:
+MNIST1D_VENDOR_SEED = 4242
+"""The generator seed of MNIST-1D's vendor pool (``fleet.legacy=product_line``): a seed other than
+:data:`MNIST1D_SEED`, so the pool shares no sample with the devices' data (calls with one seed and
+different sizes share samples: the generator goes class by class)."""
+
+
+def make_mnist1d(num_samples: int, seed: int = MNIST1D_SEED) -> tuple[np.ndarray, np.ndarray]:
     """MNIST-1D generated offline: ``mnist1d.data.make_dataset`` (never ``get_dataset``, which downloads).
 
     The benchmark's train (first 80%) and test rows are concatenated in that order; partitioning
@@ -251,7 +257,7 @@ def load_source(dcfg: DataConfig) -> tuple[np.ndarray, np.ndarray]:
     """
     source = dcfg.source
     if source == DataSource.mnist1d:  # x (N, 1, 1, 40), generated: data.num_samples, the benchmark's seed
-        x, y = check_arrays(*_make_mnist1d(int(dcfg.num_samples)))
+        x, y = check_arrays(*make_mnist1d(int(dcfg.num_samples)))
         return signals(x), _check_labels(y)
     if source == DataSource.sklearn:
         from sklearn.datasets import load_digits
