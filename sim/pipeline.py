@@ -166,6 +166,7 @@ def prepare_inputs(cfg: Config, run_dir: Path, console: Any, resume: tuple | Non
     from sim import engine, terminal
     from sim.core.data import prepare
     from sim.core.faults import build_schedule, schedule_json
+    from sim.provenance import record as record_provenance
     from sim.results import Recorder
     from strategies.registry import method
 
@@ -189,6 +190,7 @@ def prepare_inputs(cfg: Config, run_dir: Path, console: Any, resume: tuple | Non
     if states is not None:
         timing["experts_s"] = time.perf_counter() - t_start - timing["prepare_data_s"] - timing["legacy_fleet_s"]
     recorder = Recorder(run_dir, keep_rounds=finished if cfg.sim.resume else None)
+    record_provenance(run_dir, resumed=bool(cfg.sim.resume))
     schedule = build_schedule(cfg.failures, int(cfg.servers.count), cfg.fleet.num_clients, cfg.sim.num_rounds,
                               int(cfg.seed))
     terminal.print_servers(console, cfg, schedule)

@@ -33,7 +33,8 @@ own defer rate -- what the method does when the price changes (see :mod:`sim.plo
 
 Written into ``--out`` (default: the first directory given):
 
-- ``report.csv``: one row per run: run directory, seed, group, the varying config keys, every metric.
+- ``report.csv``: one row per run: run directory, seed, group, the varying config keys, every metric,
+  and (from the run's ``provenance.json``) the CPU, torch's CPU capability and the code's commit.
 - ``report.md``: the grouped tables (mean ± CI (s)); the paired table with ``--baseline``.
 - ``report.json``: the same numbers for scripts.
 - figures, each as ``.pdf`` and ``.png``: ``accuracy_vs_defer_rate``; when the runs vary in
@@ -64,14 +65,23 @@ GROUP_KEYS = ("strategy", "c_e", "c_1", "staleness", "max_defer_rate", "bound", 
 """The fallback identity of a configuration (summary.json top-level keys) for runs without a recorded config."""
 
 METRICS = (("system_accuracy", "system acc"), ("defer_rate", "defer rate"), ("l01_cost", "L01 cost"),
-           ("vs_confidence", "vs confidence @ same rate"), ("legacy_accuracy", "local acc"),
+           ("vs_confidence", "vs confidence @ same rate"),
+           ("vs_confidence_per_device", "vs per-device conf. @ same rate"),
+           ("vs_confidence_calibrated", "vs calibrated conf. @ same rate"), ("legacy_accuracy", "local acc"),
            ("server_accuracy", "server acc"), ("aurc", "AURC"), ("e_aurc", "E-AURC"),
            ("worst_device_accuracy", "worst device"), ("p10_device_accuracy", "10th pct device"),
            ("fraction_kept", "fraction kept"), ("fraction_kept_min", "fraction kept, worst round"),
            ("inference_kept", "inference kept"), ("coverage", "coverage"))
-"""Metric columns (name, table header) aggregated over seeds; ``acc@r`` columns are added per fixed defer rate."""
+"""Metric columns (name, table header) aggregated over seeds; ``acc@r`` columns are added per fixed defer
+rate, and ``vs_<baseline>@r`` columns per operating point (:data:`OPERATING`)."""
 
-MAIN = ("system_accuracy", "defer_rate", "l01_cost", "vs_confidence")
+OPERATING = (("confidence_per_device", "per device"), ("confidence_calibrated", "calibrated"),
+             ("confidence", "global"))
+"""The confidence baselines compared at each fixed defer rate of ``operating_points`` (summary.json):
+``vs_<name>@<rate>`` = the run's score ranking minus that baseline at the same rate."""
+
+MAIN = ("system_accuracy", "defer_rate", "l01_cost", "vs_confidence", "vs_confidence_per_device",
+        "vs_confidence_calibrated")
 """The metrics of the first table (and of the paired table)."""
 
 MORE = ("legacy_accuracy", "server_accuracy", "aurc", "e_aurc", "worst_device_accuracy", "p10_device_accuracy")
@@ -173,11 +183,16 @@ def metrics_of(s: dict[str, Any]) -> dict[str, Any]:
     Raises:
         KeyError / TypeError: a required field is missing.
     """
-    base = ((s.get("baselines") or {}).get("confidence") or {}).get("system_accuracy")
     row = {k: s[k] for k in ("system_accuracy", "defer_rate", "coverage", "l01_cost", "legacy_accuracy",
                              "server_accuracy")}
-    row.update({"vs_confidence": None if base is None or s["system_accuracy"] is None
-                else s["system_accuracy"] - base,
+    for name in ("confidence", "confidence_per_device", "confidence_calibrated"):
+        base = ((s.get("baselines") or {}).get(name) or {}).get("system_accuracy")
+        row[f"vs_{name}"] = None if base is None or s["system_accuracy"] is None else s["system_accuracy"] - base
+    for rate, point in (s.get("operating_points") or {}).items():
+        for name, _ in OPERATING:
+            a, b = point.get("method"), point.get(name)
+            row[f"vs_{name}@{rate}"] = None if a is None or b is None else a - b
+    row.update({
                 "aurc": s.get("aurc"), "e_aurc": s.get("e_aurc"),
                 "worst_device_accuracy": (s.get("fairness") or {}).get("worst"),
                 "p10_device_accuracy": (s.get("fairness") or {}).get("p10"),
@@ -207,6 +222,7 @@ def read_run(run: Path) -> dict[str, Any]:
                           "num_clients": s["num_clients"], "num_rounds": s["num_rounds"]}}
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise ReportError(f"{run / 'summary.json'} is unreadable ({type(exc).__name__}: {exc}); skipped") from None
+    out["machine"] = machine_of(run)
     out["config"], out["source"] = None, None
     if isinstance(s.get("config"), dict):
         out["config"], out["source"] = flatten(s["config"]), "summary.json"
@@ -218,6 +234,17 @@ def read_run(run: Path) -> dict[str, Any]:
         except Exception:  # noqa: BLE001, S110 -- unreadable: the run counts as recording no config
             pass
     return out
+
+
+def machine_of(run: Path) -> dict[str, Any]:
+    """The CPU and torch CPU capability a run started on (its ``provenance.json``; empty if it has
+    none), so per-seed values in ``report.csv`` can be compared with a re-run elsewhere."""
+    try:
+        started = json.loads((run / "provenance.json").read_text())["started"]
+        return {"cpu": started.get("cpu"), "torch_cpu_capability": started.get("torch_cpu_capability"),
+                "commit": started.get("commit")}
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
 
 
 def load_runs(dirs: list[Path]) -> tuple[list[dict[str, Any]], list[str], str]:
@@ -313,7 +340,7 @@ def group_runs(runs: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[s
 def runs_frame(runs: list[dict[str, Any]], varying: list[str]) -> pd.DataFrame:
     """One row per run: ``run``, ``seed``, ``group``, the varying keys, every metric (pandas)."""
     rows = [{"run": r["run"], "seed": r["seed"], "group": r["group"],
-             **{k: r["ident"].get(k) for k in varying}, **r["metrics"]} for r in runs]
+             **{k: r["ident"].get(k) for k in varying}, **r["metrics"], **r.get("machine", {})} for r in runs]
     df = pd.DataFrame(rows)
     for c in metric_columns(df):
         df[c] = pd.to_numeric(df[c], errors="coerce")
@@ -321,9 +348,12 @@ def runs_frame(runs: list[dict[str, Any]], varying: list[str]) -> pd.DataFrame:
 
 
 def metric_columns(df: pd.DataFrame) -> list[str]:
-    """The metric columns present in ``df``: :data:`METRICS`, then ``acc@r`` by rate."""
+    """The metric columns present in ``df``: :data:`METRICS`, then ``acc@r`` by rate, then the
+    operating-point differences ``vs_<baseline>@r`` by rate and baseline."""
     acc = sorted((c for c in df.columns if str(c).startswith("acc@")), key=lambda c: float(c[4:]))
-    return [m for m, _ in METRICS if m in df.columns] + acc
+    ops = sorted((c for c in df.columns if str(c).startswith("vs_") and "@" in str(c)),
+                 key=lambda c: (float(c.split("@")[1]), [n for n, _ in OPERATING].index(c[3:].split("@")[0])))
+    return [m for m, _ in METRICS if m in df.columns] + acc + ops
 
 
 # ---- statistics --------------------------------------------------------------------------------------
@@ -501,8 +531,27 @@ def markdown(ctx: dict[str, Any]) -> str:
         lines += ["", ("System accuracy when the top-k of each configuration's deferral score are deferred (the "
                        "score-ranking curve at fixed defer rates; same cells):"), ""]
         lines += stat_table(groups, varying, stats, rates, {c: c.replace("acc@", "defer ") for c in rates})
-    lines += paired_section(ctx) + bounded_section(ctx) + figures_section(ctx)
+    lines += operating_section(ctx) + paired_section(ctx) + bounded_section(ctx) + figures_section(ctx)
     return "\n".join(lines) + "\n"
+
+
+def operating_section(ctx: dict[str, Any]) -> list[str]:
+    """Markdown lines of the matched-operating-point table: at each fixed defer rate, the run's own
+    score ranking minus each confidence baseline's at the same rate (within-run paired differences,
+    then mean and t-interval over seeds); empty for runs that record no ``operating_points``."""
+    cols = [c for c in metric_columns(ctx["df"]) if c.startswith("vs_") and "@" in c]
+    if not cols:
+        return []
+    names = dict(OPERATING)
+    headers = {c: f"{names[c[3:].split('@')[0]]} @ {float(c.split('@')[1]):.0%}" for c in cols}
+    return ["", "## At matched operating points", "",
+            ("At each defer rate, the configuration's own deferral score defers its top-k test samples, and each "
+             "confidence baseline defers exactly as many on the same samples: `per device` with the same count on "
+             "every device as the score (only the ranking within a device differs), `calibrated` with one global "
+             "threshold on each group's temperature-scaled confidence, `global` with one threshold on the raw "
+             f"confidence. Cells: score minus baseline, {INTERVAL_TEXT}. An interval that excludes 0 is a ranking "
+             "difference at the 5% level."), ""] + stat_table(ctx["groups"], ctx["varying"], ctx["stats"], cols,
+                                                                headers)
 
 
 def has_failures(group: dict[str, Any]) -> bool:
