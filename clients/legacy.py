@@ -26,7 +26,7 @@ from clients.stacked import CACHE_TAG, STACKED_GRADS
 from clients.zoo import build_model
 from sim.core.cache import build_entry, content_key
 from sim.core.config import DataConfig, DeviceGroupConfig, FleetConfig, LegacySource, Pretrain, plain
-from sim.core.data import Prepared, data_key, degrade, device_data
+from sim.core.data import Prepared, data_key, degrade, device_data, group_ranks
 from sim.core.errors import DataError
 from sim.core.seeding import derive_seed
 from sim.core.training import predict_logits, train_minibatch, train_stacked
@@ -245,7 +245,7 @@ def build_product_line(fleet_cfg: FleetConfig, data_cfg: DataConfig, prep: Prepa
             sizes.append(int(manifest["meta"]["pretrain_size"]))
     model_of = model_index(groups, group_cfgs)
     view_key = {"v": FLEET_VERSION, "data": data_key(data_cfg, n, seed), "models": [f.parent.name for f in files],
-                "groups": groups}
+                "groups": groups, "group_cfgs": [plain(g) for g in group_cfgs]}
     entry = cache_dir / "fleets" / f"{data_cfg.name}-{n}-{content_key(view_key)}"
     manifest = build_entry(entry, lambda tmp: {"key": view_key, **fleet_view(prep, groups, group_cfgs, files, model_of,
                                                                              seed)}, "legacy fleet")
@@ -261,6 +261,7 @@ def fleet_view(prep: Prepared, groups: list[int], group_cfgs: list[DeviceGroupCo
     the pooled rejector splits of its devices, each through its own model): one forward pass per
     model over all its devices' samples. Returns ``{"legacy_accuracy": [...], "temperature": [...]}``."""
     accs = [0.0] * len(groups)
+    ranks = group_ranks(groups)
     cal: dict[int, list[tuple[np.ndarray, np.ndarray]]] = {}
     for mi, path in enumerate(files):
         devs = np.flatnonzero(model_of == mi)
@@ -268,7 +269,7 @@ def fleet_view(prep: Prepared, groups: list[int], group_cfgs: list[DeviceGroupCo
             continue
         gi = groups[int(devs[0])]
         model = load_legacy(path, group_cfgs[gi], prep.in_shape, prep.num_classes)
-        data = [device_data(prep, int(d), group_cfgs[gi], seed) for d in devs]
+        data = [device_data(prep, int(d), group_cfgs[gi], seed, int(ranks[d])) for d in devs]
         test = predict_logits(model, torch.from_numpy(np.concatenate([dd.x_test for dd in data]))).argmax(1).numpy()
         rej = predict_logits(model, torch.from_numpy(np.concatenate([dd.x_rejector for dd in data]))).numpy()
         at = np.cumsum([0] + [len(dd.y_test) for dd in data])
@@ -314,9 +315,10 @@ def build_per_device(fleet_cfg: FleetConfig, data_cfg: DataConfig, prep: Prepare
         built["flag"] = True
         # Devices of one group with equally many pretraining samples train together (one batch).
         data, buckets = {}, {}
+        ranks = group_ranks(groups)
         for dev in range(n):
             g = group_cfgs[groups[dev]]
-            d = device_data(prep, dev, g, seed)
+            d = device_data(prep, dev, g, seed, int(ranks[dev]))
             n_pre = max(1, int(round(g.pretrain_fraction * len(d.y_legacy))))
             order = np.random.default_rng(derive_seed(seed, "pretrain-subset", dev)).permutation(len(d.y_legacy))
             sel = np.sort(order[:n_pre])

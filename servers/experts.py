@@ -70,6 +70,8 @@ def pretrain_experts(sv: ServersConfig, epochs: int, lr: float, data_cfg: DataCo
            "groups": [plain(g) for g in fleet.group_cfgs], "n": len(fleet.groups), "arch": str(sv.arch),
            "hidden": int(sv.hidden), "count": count, "batch_size": int(sv.batch_size), "epochs": int(epochs),
            "lr": float(lr)}
+    if sv.widths is not None or sv.known_classes is not None:  # tiered or specialist experts (else the earlier key)
+        key["servers"] = {"widths": [sv.width(s) for s in range(count)], "known": [sv.known(s) for s in range(count)]}
     entry = Path(cache_dir) / "experts" / f"{data_cfg.name}-{content_key(key)}"
 
     def build(tmp: Path) -> dict[str, Any]:
@@ -78,9 +80,11 @@ def pretrain_experts(sv: ServersConfig, epochs: int, lr: float, data_cfg: DataCo
         for s in range(count):
             rng = np.random.default_rng(derive_seed(seed, "expert-bootstrap", s))
             idx = rng.integers(0, len(y), len(y)) if count > 1 else np.arange(len(y))
+            if sv.known(s) is not None:  # a specialist expert is trained on its own classes only
+                idx = idx[np.isin(y[idx], sv.known(s))]
             xt, yt = torch.from_numpy(x[idx]), torch.from_numpy(y[idx])
             with seeded(derive_seed(seed, "expert-init", s)):
-                net = ServerNet(sv.arch, prep.in_shape, prep.num_classes, int(sv.hidden))
+                net = ServerNet(sv.arch, prep.in_shape, prep.num_classes, sv.width(s), sv.known(s))
             net.train()
             train_minibatch(net.parameters(), (xt, yt), lambda xb, yb: F.cross_entropy(net(xb), yb),
                             epochs=int(epochs), batch_size=int(sv.batch_size), lr=float(lr),

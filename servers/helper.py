@@ -82,7 +82,9 @@ class HelperServer:
         self.dev = torch.device("cuda" if float(cfg.resources.num_gpus) > 0 and torch.cuda.is_available()
                                 else "cpu")
         with seeded(derive_seed(seed, "server-init", index)):
-            self.model = make_server_net(cfg, tuple(in_shape), num_classes).to(self.dev)
+            self.model = make_server_net(cfg, tuple(in_shape), num_classes, index).to(self.dev)
+        # A specialist (servers.known_classes) learns only from samples of the classes it knows.
+        self.known = None if cfg.known(index) is None else np.asarray(cfg.known(index), dtype=np.int64)
         # Cooperative learning: the Leader learns from labels only, the Teammates also from their peers.
         self.teammate = cfg.training == Training.coop and index != COOP_LEADER
         self.opt = Adam(self.model.parameters(), lr=float(cfg.lr))
@@ -106,7 +108,11 @@ class HelperServer:
 
     # ---- data ---------------------------------------------------------------------------------
     def add(self, ids: np.ndarray, x: np.ndarray, y: np.ndarray) -> int:
-        """Add samples to the replay buffer; returns its size."""
+        """Add samples to the replay buffer (a specialist keeps only those of its known classes);
+        returns its size."""
+        if self.known is not None:
+            keep = np.isin(np.asarray(y), self.known)
+            ids, x, y = np.asarray(ids)[keep], np.asarray(x)[keep], np.asarray(y)[keep]
         self.buffer.add(ids, x, y)
         return len(self.buffer)
 

@@ -39,16 +39,44 @@ def split_model(model: nn.Module) -> tuple[nn.Module, nn.Module]:
     raise TypeError(f"cannot split a {type(model).__name__} into trunk and head")
 
 
+UNKNOWN_LOGIT = -1.0e4
+"""The logit a specialist server gives a class it does not know: ``exp(-1e4)`` is 0 in float32, so
+its softmax puts no mass there and it never answers with that class, while the value stays finite
+(a KL or a cross-entropy over it never meets ``0 * inf``)."""
+
+
+class KnownClasses(nn.Module):
+    """The head of a server that knows only some classes: ``(B, F) -> (B, K)`` logits, those of the
+    unknown classes replaced by :data:`UNKNOWN_LOGIT` (a buffer ``unknown``, 1.0 for each, so the
+    devices' copies of the server carry it with its weights)."""
+
+    def __init__(self, head: nn.Module, known: Sequence[int], num_classes: int):
+        super().__init__()
+        self.head = head
+        unknown = torch.ones(num_classes)
+        unknown[list(known)] = 0.0
+        self.register_buffer("unknown", unknown)
+        self.in_features = int(head.in_features)
+
+    def forward(self, f: torch.Tensor) -> torch.Tensor:
+        return self.head(f).masked_fill(self.unknown.bool(), UNKNOWN_LOGIT)
+
+
 class ServerNet(nn.Module):
     """A helper server's network: ``trunk: (B, C, H, W) -> (B, F)``, ``head: (B, F) -> (B, K)``.
 
     Args:
         arch, in_shape, num_classes, hidden: as :func:`clients.zoo.build_model`.
+        known: the classes it knows (None: all): a specialist's head never answers another class
+            (:class:`KnownClasses`).
     """
 
-    def __init__(self, arch: str, in_shape: Sequence[int], num_classes: int, hidden: int):
+    def __init__(self, arch: str, in_shape: Sequence[int], num_classes: int, hidden: int,
+                 known: Sequence[int] | None = None):
         super().__init__()
         self.trunk, self.head = split_model(build_model(arch, tuple(in_shape), num_classes, hidden=hidden))
+        if known is not None:
+            self.head = KnownClasses(self.head, known, num_classes)
         self.feature_dim = int(self.head.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -127,10 +155,11 @@ class MultiExitNet(nn.Module):
         return self.head(self.trunk(x))
 
 
-def make_server_net(cfg: ServersConfig, in_shape: Sequence[int], num_classes: int) -> nn.Module:
-    """The network of a helper server of the ``servers`` config ``cfg``: a :class:`MultiExitNet`
-    of ``servers.coop.depth`` blocks for cooperative learning (``training=coop``), else a
-    :class:`ServerNet` of ``servers.arch``.
+def make_server_net(cfg: ServersConfig, in_shape: Sequence[int], num_classes: int, index: int = 0) -> nn.Module:
+    """The network of helper server ``index`` of the ``servers`` config ``cfg``: a
+    :class:`MultiExitNet` of ``servers.coop.depth`` blocks for cooperative learning
+    (``training=coop``), else a :class:`ServerNet` of ``servers.arch``, of the server's own width
+    (``servers.widths``) and known classes (``servers.known_classes``).
 
     Raises:
         ValueError: ``training=coop`` with an arch other than ``mlp``, or as :class:`ServerNet`.
@@ -139,7 +168,7 @@ def make_server_net(cfg: ServersConfig, in_shape: Sequence[int], num_classes: in
         if cfg.arch != "mlp":
             raise ValueError(f"servers.training=coop builds multi-exit MLPs: set servers.arch=mlp (got {cfg.arch})")
         return MultiExitNet(in_shape, num_classes, int(cfg.hidden), int(cfg.coop.depth))
-    return ServerNet(cfg.arch, tuple(in_shape), num_classes, int(cfg.hidden))
+    return ServerNet(cfg.arch, tuple(in_shape), num_classes, cfg.width(index), cfg.known(index))
 
 
 def subset_key(subset: Iterable[int]) -> str:
@@ -157,15 +186,17 @@ class Combiners(nn.Module):
     """MEL combiner heads ``h_A: (B, |A|*F) -> (B, K)``, one per subset ``A`` of >= 2 servers.
 
     Args:
-        num_servers: S. feature_dim: F (trunk output width). num_classes: K.
+        num_servers: S. feature_dim: F (trunk output width), one for all or one per server (a tiered
+            pool: ``h_A`` then reads ``sum of F_s over A`` features). num_classes: K.
 
     With S servers there are ``2^S - S - 1`` heads (S=3: 4 heads).
     """
 
-    def __init__(self, num_servers: int, feature_dim: int, num_classes: int):
+    def __init__(self, num_servers: int, feature_dim: int | Sequence[int], num_classes: int):
         super().__init__()
+        dims = [int(feature_dim)] * num_servers if isinstance(feature_dim, int) else [int(d) for d in feature_dim]
         self.heads = nn.ModuleDict({
-            subset_key(a): nn.Linear(len(a) * feature_dim, num_classes) for a in all_subsets(range(num_servers))
+            subset_key(a): nn.Linear(sum(dims[s] for s in a), num_classes) for a in all_subsets(range(num_servers))
         })
 
     def forward(self, feats: dict[int, torch.Tensor], subset: Sequence[int]) -> torch.Tensor:

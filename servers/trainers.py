@@ -23,7 +23,7 @@ import torch
 
 from servers.helper import HelperServer, ReplayBuffer
 from servers.losses import mel_combiner_loss
-from servers.models import COOP_LEADER, Combiners, all_subsets
+from servers.models import COOP_LEADER, Combiners, all_subsets, make_server_net
 from sim.core.arrays import load_optimizer, optimizer_arrays, prefixed, sub
 from sim.core.config import ServersConfig, Training
 from sim.core.optim import Adam
@@ -69,9 +69,10 @@ class JointTrainer:
         self.combiners: Combiners | None = None
         self.comb_opt: torch.optim.Optimizer | None = None
         if cfg.training == Training.mel and cfg.count >= 2:
+            with torch.random.fork_rng(devices=[]):  # building nets to read their widths draws nothing that counts
+                dims = [make_server_net(cfg, in_shape, num_classes, s).feature_dim for s in range(cfg.count)]
             with seeded(derive_seed(seed, "combiner-init")):
-                feat = HelperServer(cfg, in_shape, num_classes, seed).model.feature_dim
-                self.combiners = Combiners(cfg.count, feat, num_classes)
+                self.combiners = Combiners(cfg.count, dims, num_classes)
             self.comb_opt = Adam(self.combiners.parameters(), lr=float(cfg.lr))
 
     def fit(self, call: Call, live: Callable[[], list[int]], ids: np.ndarray, x: np.ndarray, y: np.ndarray,

@@ -41,14 +41,17 @@ class PoolView:
                 per.setdefault(int(head[1:]), {})[rest] = torch.from_numpy(np.asarray(v))
         for s, sd in per.items():
             if s not in self.nets:
-                self.nets[s] = make_server_net(self.cfg, self.in_shape, self.num_classes)
+                self.nets[s] = make_server_net(self.cfg, self.in_shape, self.num_classes, s)
             self.nets[s].load_state_dict(sd)
             self.nets[s].eval()
         self.present = sorted(per)
         if comb:
             if self.combiners is None:
-                feat = self.nets[self.present[0]].feature_dim
-                self.combiners = Combiners(int(self.cfg.count), feat, self.num_classes)
+                with torch.random.fork_rng(devices=[]):  # reading widths of absent servers draws nothing that counts
+                    dims = [self.nets[s].feature_dim if s in self.nets
+                            else make_server_net(self.cfg, self.in_shape, self.num_classes, s).feature_dim
+                            for s in range(int(self.cfg.count))]
+                self.combiners = Combiners(int(self.cfg.count), dims, self.num_classes)
             self.combiners.load_state_dict(comb)
         else:
             self.combiners = None

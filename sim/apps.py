@@ -31,7 +31,7 @@ from clients.device import Device
 from clients.legacy import legacy_file, load_legacy, model_index
 from servers.view import PoolView
 from sim.core.config import DeviceGroupConfig, ServersConfig, from_plain
-from sim.core.data import device_data, load_prepared
+from sim.core.data import device_data, group_ranks, load_prepared
 from sim.core.faults import cut_off
 from sim.core.nodes import hosted
 from strategies.method import DeviceMethod, RoundContext
@@ -54,6 +54,7 @@ def _runtime(spec: dict[str, Any]) -> dict[str, Any]:
         groups = [from_plain(DeviceGroupConfig, g) for g in spec["group_cfgs"]]
         _WORKER.update(key=spec["key"], prep=load_prepared(Path(spec["data_path"])), devices={}, learners={},
                        view=None, method=device_method, servers=servers, groups=groups, legacy={},
+                       ranks=group_ranks(spec["groups"]),
                        model_of=model_index(spec["groups"], groups) if spec["legacy_models"] else None)
     return _WORKER
 
@@ -81,7 +82,7 @@ def get_device(spec: dict[str, Any], device_id: int) -> Device:
     dev = rt["devices"].get(device_id)
     if dev is None:
         group_index = spec["groups"][device_id]
-        data = device_data(rt["prep"], device_id, rt["groups"][group_index], spec["seed"])
+        data = device_data(rt["prep"], device_id, rt["groups"][group_index], spec["seed"], int(rt["ranks"][device_id]))
         dev = rt["devices"][device_id] = Device.create(device_id, data, legacy_model(spec, device_id),
                                                        float(spec["temperatures"][group_index]))
     return dev

@@ -179,10 +179,11 @@ def prepare_inputs(cfg: Config, run_dir: Path, console: Any, resume: tuple | Non
     prep = prepare(cfg.data, cfg.fleet.num_clients, cfg.seed, cache_dir,
                    vendor=cfg.fleet.legacy == LegacySource.product_line)
     check_archs(cfg, prep.in_shape)
+    cfg.strategy.check_data(prep.num_classes)
+    cfg.servers.check_data(prep.num_classes)
     timing["prepare_data_s"] = time.perf_counter() - t_start
     fleet = build_fleet(cfg.fleet, cfg.data, prep, cfg.seed, cache_dir)
     timing["legacy_fleet_s"] = time.perf_counter() - t_start - timing["prepare_data_s"]
-    cfg.strategy.check_data(prep.num_classes)
     for note in cfg.strategy.notes():
         console.print(f"[bold]warning[/bold]: {note}", soft_wrap=True)
     terminal.print_fleet(console, cfg, prep, fleet)

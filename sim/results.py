@@ -202,6 +202,19 @@ class Recorder:
         return path
 
 
+def baseline_routing(cfg: Config) -> str:
+    """How the matched baselines' deferrals are answered (summary.json ``baselines_routing``): a
+    baseline's deferred sample gets the answer the run's own routing gives that sample."""
+    routing = cfg.servers.resolved_routing
+    if int(cfg.servers.count) == 1:
+        return "the one helper server"
+    text = {"learned": "the server the run's rejector picks for each sample (its routing head, argmax over "
+                       "the available servers)",
+            "all": "the ensemble of every reachable server", "round_robin": "round-robin over the reachable servers",
+            "least_loaded": "the least-loaded reachable server"}
+    return f"{routing}: {text.get(str(routing), str(routing))}"
+
+
 def build_summary(cfg: Config, metrics: dict[str, Any], rows: list[dict[str, Any]],
                   legacy_accuracy: np.ndarray, num_classes: int) -> dict[str, Any]:
     """The run's summary.json: final pooled metrics, run identity, fleet spread, per-device extremes.
@@ -221,7 +234,10 @@ def build_summary(cfg: Config, metrics: dict[str, Any], rows: list[dict[str, Any
     return {
         **{key: metrics[key] for key in SUMMARY_KEYS},
         "served_defer_rate": metrics["served_defer_rate"],
-        "baselines": metrics["baselines"], "operating_points": metrics["operating_points"],
+        "baselines": metrics["baselines"], "baselines_routing": baseline_routing(cfg),
+        "operating_points": metrics["operating_points"],
+        "oracle": {**metrics["oracle"], "headroom": metrics["oracle"]["at_defer_rate"] - metrics["system_accuracy"]
+                   if metrics["system_accuracy"] is not None else None},
         "table": metrics["table"], "curves": metrics["curves"],
         "accuracy_at_defer_rate": metrics["accuracy_at_defer_rate"], "aurc": metrics["aurc"],
         "e_aurc": metrics["e_aurc"], "fairness": fairness(rows),

@@ -92,6 +92,12 @@ def print_summary(console: Any, summary: dict[str, Any], run_dir: Path, sim_s: f
     for name in ("confidence", "confidence_per_device", "confidence_calibrated", "random"):
         if name in summary["baselines"]:
             t.add_row(f"{name} @ same defer rate", f"{summary['baselines'][name]['system_accuracy']:.4f}")
+    oracle = summary.get("oracle") or {}
+    if oracle.get("at_defer_rate") is not None:
+        t.add_row("oracle @ same defer rate (headroom)", f"{oracle['at_defer_rate']:.4f} ({oracle['headroom']:+.4f})")
+    if oracle.get("routing") is not None and int(summary.get("num_servers", 1)) > 1:
+        t.add_row("oracle routing: same deferrals / same rate",
+                  f"{oracle['routing']:.4f} / {oracle['routing_at_defer_rate']:.4f}")
     t.add_row("AURC / E-AURC (local risk vs coverage)", f"{_fmt(summary['aurc'])} / {_fmt(summary['e_aurc'])}")
     fair = summary["fairness"]
     t.add_row("device system acc: worst / 10th pct", f"{_fmt(fair['worst'])} / {_fmt(fair['p10'])}")

@@ -167,6 +167,7 @@ class PoolStrategy(FleetStrategy):
         args = (pooled["device"], pooled["route"], pooled["defer"], pooled["m_pred"])
         out = self.pool.answer(server_round, x, *args)
         pooled.update(e_pred=out.e_pred, served=out.served, price=out.price)
+        pooled["any_right"] = self.any_server_right(pooled)
         return {
             **self.all_up_counterfactual(x, pooled, out.e_pred),
             "availability": self.pool.availability(),
@@ -176,6 +177,18 @@ class PoolStrategy(FleetStrategy):
             # coop: each Teammate's serving depth fraction this round (drops under load / cost pressure)
             **({"serve_depth": {str(k): v for k, v in self.pool.depth.items()}} if self.pool.depth else {}),
         }
+
+    def any_server_right(self, pooled: dict[str, np.ndarray]) -> np.ndarray:
+        """``(N,)`` bool: a server the sample's device could reach this round answers it right, or its
+        deferral's actual answer is right -- what perfect routing among the answering servers would
+        get (the oracle-routing reference, :func:`sim.core.metrics.oracle_references`)."""
+        y, device = pooled["y"], pooled["device"]
+        right = pooled["e_pred"] == y
+        outs = self.pool.last_outputs
+        for s, logits in sorted(outs.logits.items()):
+            reach = np.isin(device, [d for d in np.unique(device) if s in self.pool.reachable(int(d))])
+            right |= reach & (logits.argmax(1).numpy() == y)
+        return right
 
     def all_up_counterfactual(self, x: np.ndarray, pooled: dict[str, np.ndarray], e_pred: np.ndarray
                               ) -> dict[str, float]:

@@ -86,6 +86,18 @@ def mnist1d_samples(num_clients: Any) -> int:
 OmegaConf.register_new_resolver("mnist1d_samples", mnist1d_samples, replace=True)
 
 
+def scaled_width(hidden: Any, factor: Any) -> int:
+    """``${scaled_width:${servers.hidden},f}``: a server width ``max(1, round(f * hidden))``, so a tiered
+    pool's preset (configs/tier/) fits any dataset's server size. Non-numbers are left to validation (1)."""
+    try:
+        return max(1, int(round(float(factor) * int(hidden))))
+    except (TypeError, ValueError):
+        return 1
+
+
+OmegaConf.register_new_resolver("scaled_width", scaled_width, replace=True)
+
+
 def invalid(key: str, value: Any, rule: str) -> ConfigError:
     """The one-line error for a bad value: ``<key>=<value> is invalid: <rule>``."""
     return ConfigError(f"{key}={value.value if isinstance(value, Enum) else value!r} is invalid: {rule}")
@@ -215,6 +227,35 @@ class DataConfig:
 
 # ---- fleet ------------------------------------------------------------------------------------
 @dataclass
+class DriftConfig:
+    """How a group's deployed inputs differ from what its legacy model was trained on (sensor drift
+    after deployment): on the drifting devices (``fraction`` of the group, chosen by a seeded draw per
+    device), every rejector-split and test sample becomes ``gain * roll(x, shift) + offset + N(0,
+    noise_std^2)`` (images clipped back to [0, 1]); the legacy model and the data it was trained on
+    are untouched. The defaults change nothing."""
+
+    fraction: float = 0.0  # share of the group's devices that drift (0: none)
+    noise_std: float = 0.0  # extra Gaussian sensor noise, in the data's units
+    gain: float = 1.0  # multiplicative gain change
+    offset: float = 0.0  # additive offset (a calibration shift)
+    shift: int = 0  # samples (pixels) the signal is shifted along its last axis (circularly)
+
+    def check(self, prefix: str) -> None:
+        check_fields(self, prefix, {
+            "fraction": (lambda v: 0 <= v <= 1, "must be in [0, 1] (the share of the group's devices that drift)"),
+            "noise_std": _at_least(0),
+            "gain": (lambda v: 0 < v <= 100, "must be in (0, 100]"),
+            "offset": (lambda v: abs(v) <= 100, "must be in [-100, 100] (the data's units)"),
+            "shift": (lambda v: abs(v) <= MAX_SIDE, f"must be in -{MAX_SIDE}..{MAX_SIDE} samples"),
+        })
+
+    @property
+    def active(self) -> bool:
+        """Whether this drift changes anything."""
+        return self.fraction > 0 and (self.noise_std > 0 or self.gain != 1 or self.offset != 0 or self.shift != 0)
+
+
+@dataclass
 class DeviceGroupConfig:
     name: str = MISSING
     share: float = 1.0  # relative share of the fleet in this group
@@ -224,6 +265,7 @@ class DeviceGroupConfig:
     # of each device's own legacy split (per_device)
     pretrain_fraction: float = 1.0
     versions: int = 1  # product_line: model versions shipped (device k of the group runs version k mod versions)
+    drift: DriftConfig = field(default_factory=DriftConfig)  # deployed inputs that drift away from training
     downsample: int = 1  # sensor resolution divisor (1 = full resolution)
     noise_std: float = 0.0  # Gaussian sensor noise in the data's units (images: the [0, 1] range; mnist1d: its std)
     epochs: int = 60  # legacy pretraining epochs
@@ -242,6 +284,7 @@ class DeviceGroupConfig:
             "lr": _positive(),
             "versions": (lambda v: 1 <= v <= 64, "must be 1 to 64 model versions per group"),
         })
+        self.drift.check(f"fleet.groups.{index}.drift")
 
 
 @dataclass
@@ -254,6 +297,9 @@ class FleetConfig:
     # never changes legacy quality | per_device: each device trains its own on its legacy split
     # (needs data.split.legacy > 0)
     legacy: LegacySource = LegacySource.product_line
+    # drift of every group that sets none of its own (fleet.groups.<i>.drift): e.g. half of every group's
+    # devices drifting, fleet.drift.fraction=0.5 fleet.drift.offset=0.5 (experiment=device_drift)
+    drift: DriftConfig = field(default_factory=DriftConfig)
     # batched: same-shaped legacy models pretrain together (torch.func); sequential: one by one, as
     # before 2026-11-21 (the same training up to float rounding; reproduces earlier figures exactly)
     pretrain: Pretrain = Pretrain.batched
@@ -270,8 +316,11 @@ class FleetConfig:
              "must be >= 1 (torch threads for building the legacy models)")
         if len(self.groups) == 0:
             raise ConfigError("fleet.groups is empty: the fleet needs at least one device group")
+        self.drift.check("fleet.drift")
         for i, g in enumerate(self.groups):
             g.check(i)
+            if self.drift.active and not g.drift.active:  # the fleet's drift, for a group with none of its own
+                g.drift = dataclasses.replace(self.drift)
 
 
 # ---- strategy (the part every method shares; each method extends it) --------------------------
@@ -412,6 +461,13 @@ class ServersConfig:
     coop: CoopConfig = field(default_factory=CoopConfig)
     arch: Arch = Arch.mlp
     hidden: int = 128
+    # per-server width (a tiered pool: e.g. [16, 256], a small edge server beside a large cloud one);
+    # null: servers.hidden for every server
+    widths: Optional[List[int]] = None
+    # per-server classes it knows (a specialist or partial server: it learns only from deferred samples
+    # of those classes and answers only with them), e.g. [[0,1,2,3,4,5]] or [[0,1,2,3,4],[5,6,7,8,9]];
+    # null (or a null entry): every class
+    known_classes: Optional[List[Optional[List[int]]]] = None
     buffer_size: int = 5000  # bounded replay buffer of deferred samples, per server
     epochs: int = 20  # passes over the buffer per round
     batch_size: int = 64
@@ -427,6 +483,7 @@ class ServersConfig:
                                   "server, e.g. servers.c_e=[0.1,0.2], or null to use strategy.c_e")
             if any(v < 0 for v in self.c_e):
                 raise ConfigError(f"servers.c_e={list(self.c_e)} is invalid: deferral prices must be >= 0")
+        self._check_tiers()
         if self.training == Training.coop:
             need(self.count >= 2, "servers.count", self.count, "cooperative learning needs a Leader and at least "
                                                                "one Teammate (3: the paper's two Teammates)")
@@ -435,6 +492,52 @@ class ServersConfig:
         check_fields(self.resources, "servers.resources", {"num_cpus": _at_least(0), "num_gpus": _at_least(0)})
         check_fields(self, "servers", {"hidden": _at_least(1), "buffer_size": _at_least(1), "epochs": _at_least(1),
                                        "batch_size": _at_least(1), "lr": _positive()})
+
+    def _check_tiers(self) -> None:
+        """``widths`` and ``known_classes``: one entry per server, sane values, and specialists only
+        where each server learns alone."""
+        if self.widths is not None:
+            if len(self.widths) != self.count:
+                raise ConfigError(f"servers.widths has {len(self.widths)} widths for {self.count} servers: give one per "
+                                  "server, e.g. servers.widths=[16,256], or null to use servers.hidden")
+            need(all(w >= 1 for w in self.widths), "servers.widths", list(self.widths), "every width must be >= 1")
+            need(self.training != Training.coop, "servers.widths", list(self.widths),
+                 "cooperative learning's Teammates share one multi-exit shape: use servers.hidden")
+        if self.known_classes is None:
+            return
+        if len(self.known_classes) != self.count:
+            raise ConfigError(f"servers.known_classes has {len(self.known_classes)} entries for {self.count} servers: "
+                              "give one list (or null: every class) per server, e.g. servers.known_classes=[[0,1,2],null]")
+        for s, known in enumerate(self.known_classes):
+            if known is not None and (not known or any(c < 0 for c in known) or len(set(known)) != len(known)):
+                raise ConfigError(f"servers.known_classes[{s}]={list(known)} is invalid: give distinct class indices "
+                                  ">= 0 (at least one), or null for every class")
+        if any(k is not None for k in self.known_classes):
+            need(self.training == Training.independent, "servers.training", self.training,
+                 "servers.known_classes needs servers.training=independent (a specialist learns alone from its "
+                 "classes; MEL, DML and coop train every server on one shared buffer)")
+
+    def width(self, server: int) -> int:
+        """The hidden width (MLP units / CNN channels) of server ``server``."""
+        return int(self.widths[server]) if self.widths is not None else int(self.hidden)
+
+    def known(self, server: int) -> list[int] | None:
+        """The classes server ``server`` knows, sorted (None: every class)."""
+        if self.known_classes is None or self.known_classes[server] is None:
+            return None
+        return sorted(int(c) for c in self.known_classes[server])
+
+    def check_data(self, num_classes: int) -> None:
+        """``known_classes`` against the dataset's K classes (run once the data is prepared).
+
+        Raises:
+            ConfigError: a class index >= K.
+        """
+        for s in range(self.count):
+            known = self.known(s)
+            if known is not None and known[-1] >= num_classes:
+                raise ConfigError(f"servers.known_classes[{s}] names class {known[-1]}, but the data has {num_classes} "
+                                  f"classes (0..{num_classes - 1})")
 
     @property
     def resolved_routing(self) -> Routing:

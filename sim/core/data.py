@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from sim.core.cache import build_entry, content_key
-from sim.core.config import DataConfig, DataSource, DeviceGroupConfig, PartitionConfig, PartitionName, plain
+from sim.core.config import DataConfig, DataSource, DeviceGroupConfig, DriftConfig, PartitionConfig, PartitionName, plain
 from sim.core.errors import DataError
 from sim.core.seeding import derive_seed
 from sim.core.sources import BOUNDED, MNIST1D_VENDOR_SEED, check_arrays, load_source, make_mnist1d, signals
@@ -390,12 +390,53 @@ class DeviceData:
     y_test: np.ndarray
 
 
-def device_data(prep: Prepared, device: int, group: DeviceGroupConfig, seed: int) -> DeviceData:
-    """The splits of ``device`` as seen through its sensor (``group``: its fleet group config)."""
+def group_ranks(groups: list[int]) -> np.ndarray:
+    """``(N,)`` each device's rank within its fleet group (0 for the group's first device, in device
+    order): the same for a device whatever the fleet's size, since groups are interleaved."""
+    seen: dict[int, int] = {}
+    out = np.empty(len(groups), dtype=np.int64)
+    for d, g in enumerate(groups):
+        out[d] = seen.get(g, 0)
+        seen[g] = out[d] + 1
+    return out
+
+
+def drifting(drift: DriftConfig, rank: int) -> bool:
+    """Whether the group's device of rank ``rank`` (:func:`group_ranks`) drifts: rank ``k`` does iff
+    ``floor((k + 1) f) > floor(k f)`` for ``f = drift.fraction``, so every prefix of the group has
+    ``floor(n f)`` drifting devices, spread evenly (f = 0.5: ranks 1, 3, 5, ...), whatever the fleet size."""
+    if not drift.active:
+        return False
+    f = float(drift.fraction)
+    return int(np.floor((rank + 1) * f + 1e-9)) > int(np.floor(rank * f + 1e-9))
+
+
+def apply_drift(x: np.ndarray, drift: DriftConfig, seed: int, clip: bool) -> np.ndarray:
+    """A drifted sensor's view of ``x (N, C, H, W)``: ``gain * roll(x, shift, last axis) + offset``
+    plus seeded Gaussian noise of std ``drift.noise_std`` (clipped back into [0, 1] for images,
+    ``clip``). Same shape, float32."""
+    out = np.roll(np.asarray(x, dtype=np.float32), int(drift.shift), axis=-1) * float(drift.gain) + float(drift.offset)
+    if drift.noise_std > 0:
+        out = out + np.random.default_rng(seed).normal(0.0, float(drift.noise_std), size=out.shape).astype(np.float32)
+    if clip:
+        out = np.clip(out, 0.0, 1.0)
+    return np.ascontiguousarray(out, dtype=np.float32)
+
+
+def device_data(prep: Prepared, device: int, group: DeviceGroupConfig, seed: int, rank: int | None = None
+                ) -> DeviceData:
+    """The splits of ``device`` as seen through its sensor (``group``: its fleet group config). With
+    its ``rank`` in the group (:func:`group_ranks`; None: no drift), a drifting device
+    (:func:`drifting`) sees its deployed samples -- rejector and test splits -- through the drifted
+    sensor (:func:`apply_drift`); its legacy split, what a per-device legacy model was trained on
+    before deployment, is never drifted."""
     idx = prep.rows_of(device)
     x = degrade(prep.x[idx], int(group.downsample), float(group.noise_std), derive_seed(seed, "sensor", device),
                 clip=prep.bounded)
     y = np.asarray(prep.y[idx])
     s = np.asarray(prep.split[idx])
     leg, rej, tst = (s == SPLIT_LEGACY), (s == SPLIT_REJECTOR), (s == SPLIT_TEST)
+    if rank is not None and drifting(group.drift, rank):
+        deployed = rej | tst
+        x[deployed] = apply_drift(x[deployed], group.drift, derive_seed(seed, "drift-noise", device), prep.bounded)
     return DeviceData(x[leg], y[leg], x[rej], y[rej], idx[rej], x[tst], y[tst])

@@ -191,6 +191,31 @@ def matched_baselines(rec: dict[str, np.ndarray], defer: np.ndarray, m_ok: np.nd
     return out
 
 
+def oracle_references(m_ok: np.ndarray, e_ok: np.ndarray, defer: np.ndarray, any_right: np.ndarray | None
+                      ) -> dict[str, float]:
+    """How much a deferral rule could get at the run's own operating point (the headroom a learned
+    rejector leaves). With ``k`` deferrals of ``N``:
+
+    - ``at_defer_rate``: the best system accuracy with at most ``k`` deferrals and the answers the
+      run's routing gives, ``(sum m_ok + min(k, #(m wrong and e right))) / N``: defer exactly where
+      the answer is right and the legacy model wrong, within the budget;
+    - with ``any_right (N,)`` (several servers: some reachable server is right), ``routing``: the
+      run's own deferrals, each sent to a server that answers it right when there is one, and
+      ``routing_at_defer_rate``: both at once.
+
+    Returns:
+        ``{"at_defer_rate", ["routing", "routing_at_defer_rate"]}`` (NaN when N = 0).
+    """
+    n, k = len(m_ok), int(defer.sum())
+    if not n:
+        return {"at_defer_rate": float("nan")}
+    out = {"at_defer_rate": float((m_ok.sum() + min(k, int((~m_ok & e_ok).sum()))) / n)}
+    if any_right is not None:
+        out["routing"] = _acc(np.where(defer, any_right, m_ok))
+        out["routing_at_defer_rate"] = float((m_ok.sum() + min(k, int((~m_ok & any_right).sum()))) / n)
+    return out
+
+
 def l01_costs(defer: np.ndarray, served: np.ndarray, price: np.ndarray, sys_ok: np.ndarray, e_ok: np.ndarray,
               c_1: float) -> np.ndarray:
     """Per-sample 0-1 L2H cost with per-server prices and failovers (docs/methods.md §7), ``(N,)``.
@@ -219,7 +244,8 @@ def pooled_metrics(rec: dict[str, np.ndarray], c_e: float, c_1: float, curve_poi
     Returns:
         Dict with ``system_accuracy``, ``defer_rate``, ``served_defer_rate`` (deferred and answered
         by a server, not by the legacy fallback), ``coverage``, ``l01_cost``,
-        ``legacy_accuracy``, ``server_accuracy``, ``oracle_accuracy``, ``num_samples``,
+        ``legacy_accuracy``, ``server_accuracy``, ``oracle_accuracy`` (correct if either model is),
+        ``oracle`` (the best at the run's own defer rate, :func:`oracle_references`), ``num_samples``,
         ``accuracy_at_defer_rate`` (system accuracy when the top 10%, ..., 90% of the deferral
         score are deferred), ``aurc`` and ``e_aurc`` (:func:`aurc`),
         ``baselines`` (``confidence`` global threshold, ``confidence_per_device``,
@@ -258,6 +284,7 @@ def pooled_metrics(rec: dict[str, np.ndarray], c_e: float, c_1: float, curve_poi
         "legacy_accuracy": _acc(m_ok),
         "server_accuracy": _acc(e_ok),
         "oracle_accuracy": _acc(m_ok | e_ok),
+        "oracle": oracle_references(m_ok, e_ok, defer, rec["any_right"].astype(bool) if "any_right" in rec else None),
         "baselines": matched_baselines(rec, defer, m_ok, e_ok, keys),
         "operating_points": operating_points(rec, m_ok, e_ok, keys),
         "table": {"kept": subset(~defer), "deferred": subset(defer)},
