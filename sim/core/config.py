@@ -98,6 +98,18 @@ def scaled_width(hidden: Any, factor: Any) -> int:
 OmegaConf.register_new_resolver("scaled_width", scaled_width, replace=True)
 
 
+def times(a: Any, b: Any) -> int:
+    """``${times:${fleet.num_clients},100}``: the integer product ``a * b`` (e.g. a dataset of 100
+    samples per device, experiment=fleet_size). Non-numbers give 0, refused by the key's own check."""
+    try:
+        return int(a) * int(b)
+    except (TypeError, ValueError):
+        return 0
+
+
+OmegaConf.register_new_resolver("times", times, replace=True)
+
+
 def invalid(key: str, value: Any, rule: str) -> ConfigError:
     """The one-line error for a bad value: ``<key>=<value> is invalid: <rule>``."""
     return ConfigError(f"{key}={value.value if isinstance(value, Enum) else value!r} is invalid: {rule}")
