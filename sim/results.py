@@ -238,7 +238,7 @@ def build_summary(cfg: Config, metrics: dict[str, Any], rows: list[dict[str, Any
         "operating_points": metrics["operating_points"],
         "oracle": {**metrics["oracle"], "headroom": metrics["oracle"]["at_defer_rate"] - metrics["system_accuracy"]
                    if metrics["system_accuracy"] is not None else None},
-        "table": metrics["table"], "curves": metrics["curves"],
+        "table": metrics["table"], "by_class": metrics["by_class"], "curves": metrics["curves"],
         "accuracy_at_defer_rate": metrics["accuracy_at_defer_rate"], "aurc": metrics["aurc"],
         "e_aurc": metrics["e_aurc"], "fairness": fairness(rows),
         "staleness": int(s.staleness), "max_defer_rate": delta,

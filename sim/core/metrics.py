@@ -216,6 +216,20 @@ def oracle_references(m_ok: np.ndarray, e_ok: np.ndarray, defer: np.ndarray, any
     return out
 
 
+def by_class(y: np.ndarray, defer: np.ndarray, m_ok: np.ndarray, sys_ok: np.ndarray) -> dict[str, list]:
+    """Per true class ``c = 0..max(y)``: test samples ``n``, the share deferred, the legacy model's and
+    the system's accuracy (None for a class with no sample). Where help is uneven across classes (a
+    server that knows only some), this says where the deferrals went."""
+    k = int(y.max()) + 1 if len(y) else 0
+    out: dict[str, list] = {"n": [], "defer_rate": [], "legacy_accuracy": [], "system_accuracy": []}
+    for c in range(k):
+        m = y == c
+        out["n"].append(int(m.sum()))
+        for key, v in (("defer_rate", defer), ("legacy_accuracy", m_ok), ("system_accuracy", sys_ok)):
+            out[key].append(float(v[m].mean()) if m.any() else None)
+    return out
+
+
 def l01_costs(defer: np.ndarray, served: np.ndarray, price: np.ndarray, sys_ok: np.ndarray, e_ok: np.ndarray,
               c_1: float) -> np.ndarray:
     """Per-sample 0-1 L2H cost with per-server prices and failovers (docs/methods.md §7), ``(N,)``.
@@ -288,6 +302,7 @@ def pooled_metrics(rec: dict[str, np.ndarray], c_e: float, c_1: float, curve_poi
         "baselines": matched_baselines(rec, defer, m_ok, e_ok, keys),
         "operating_points": operating_points(rec, m_ok, e_ok, keys),
         "table": {"kept": subset(~defer), "deferred": subset(defer)},
+        "by_class": by_class(y, defer, m_ok, sys_ok),
         "accuracy_at_defer_rate": {f"{r:.1f}": float(a) for r, a in zip(FIXED_RATES, fixed)},
         **aurc(rec["score"], m_ok, keys),
         "curves": {
