@@ -172,12 +172,12 @@ def remote_server_class() -> Any:
 
 
 def new_handle(placement: str, cfg: ServersConfig, in_shape: tuple[int, ...], num_classes: int, seed: int,
-               index: int, torch_threads: int) -> LocalHandle | RayHandle:
+               index: int, torch_threads: int, folds: int = 0) -> LocalHandle | RayHandle:
     """A new helper server ``index``: in this process (``placement="local"``) or in a new Ray actor
     with ``servers.resources`` (``"ray"``; Ray must be initialised). Actors are spread over the
     cluster's nodes (``SPREAD``, for actors that request resources) and never restarted by Ray: a lost server stays lost until the
-    failure schedule recovers it (a new actor)."""
-    args = (cfg, list(in_shape), num_classes, seed, index, torch_threads)
+    failure schedule recovers it (a new actor). ``folds``: the server's crossfit fold copies (0: none)."""
+    args = (cfg, list(in_shape), num_classes, seed, index, torch_threads, folds)
     if placement == "local":
         return LocalHandle(lambda: HelperServer(*args))
     actor_cls = remote_server_class().options(

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from servers.crossfit import FoldCopies
 from servers.losses import dml_loss, sfsl_distillation_loss
 from servers.models import COOP_LEADER, MultiExitNet, make_server_net
 from sim.core.arrays import load_optimizer, optimizer_arrays, prefixed, sub
@@ -70,19 +71,22 @@ class HelperServer:
         cfg: the ``servers`` config (arch, hidden, buffer_size, epochs, batch_size, lr, resources).
         in_shape: ``(C, H, W)``. num_classes: K. seed: run seed. index: server index s.
         torch_threads: intra-op threads (1 keeps results identical wherever the server runs).
+        folds: K fold copies trained next to the network (``strategy.server_labels=crossfit``,
+            :mod:`servers.crossfit`); 0: none.
 
     The network runs on CUDA when ``servers.resources.num_gpus > 0`` and a GPU is visible, else on
     the CPU; everything it returns is a NumPy array on the CPU.
     """
 
     def __init__(self, cfg: ServersConfig, in_shape, num_classes: int, seed: int, index: int = 0,
-                 torch_threads: int = 1):
+                 torch_threads: int = 1, folds: int = 0):
         torch.set_num_threads(int(torch_threads))
         self.cfg, self.seed, self.index = cfg, seed, index
         self.dev = torch.device("cuda" if float(cfg.resources.num_gpus) > 0 and torch.cuda.is_available()
                                 else "cpu")
         with seeded(derive_seed(seed, "server-init", index)):
             self.model = make_server_net(cfg, tuple(in_shape), num_classes, index).to(self.dev)
+        self.folds = FoldCopies(self.model, folds, float(cfg.lr), seed, index) if folds else None
         # A specialist (servers.known_classes) learns only from samples of the classes it knows.
         self.known = None if cfg.known(index) is None else np.asarray(cfg.known(index), dtype=np.int64)
         # Cooperative learning: the Leader learns from labels only, the Teammates also from their peers.
@@ -118,7 +122,8 @@ class HelperServer:
 
     # ---- independent training ------------------------------------------------------------------
     def fit(self, server_round: int) -> dict[str, float]:
-        """Train ``servers.epochs`` passes over the buffer with cross-entropy; returns metrics."""
+        """Train ``servers.epochs`` passes over the buffer with cross-entropy (then each fold copy
+        over the buffer minus its fold, the same way); returns the network's metrics."""
         if len(self.buffer) == 0:
             return {"server_loss": float("nan"), "buffer_size": 0}
         x = torch.from_numpy(self.buffer.x).to(self.dev)
@@ -128,6 +133,8 @@ class HelperServer:
                                epochs=int(self.cfg.epochs), batch_size=int(self.cfg.batch_size),
                                seed=derive_seed(self.seed, "server-fit", self.index, server_round))
         self.model.eval()
+        if self.folds is not None:
+            self.folds.fit(self.buffer.ids, x, y, server_round, int(self.cfg.epochs), int(self.cfg.batch_size))
         return {"server_loss": loss, "buffer_size": len(self.buffer)}
 
     # ---- joint (MEL / DML) training, one minibatch per call pair --------------------------------
@@ -203,26 +210,39 @@ class HelperServer:
         """The network's ``state_dict`` as NumPy arrays (what devices receive)."""
         return {k: v.detach().cpu().numpy().copy() for k, v in self.model.state_dict().items()}
 
+    def broadcast_weights(self) -> dict[str, np.ndarray]:
+        """:meth:`weights` plus the fold copies' (``fold{j}:<param>``, crossfit only): what devices receive."""
+        return {**self.weights(), **(self.folds.weights() if self.folds is not None else {})}
+
     def state(self) -> dict[str, np.ndarray]:
-        """A checkpoint: network weights (``net.*``) and replay buffer (``buffer.*``)."""
+        """A checkpoint: network weights (``net.*``), replay buffer (``buffer.*``) and the fold
+        copies' weights (``fold{j}/net.*``, crossfit only)."""
         out = {f"net.{k}": v for k, v in self.weights().items()}
+        if self.folds is not None:
+            out.update(self.folds.state(with_optimizer=False))
         if len(self.buffer):
             out.update({"buffer.ids": self.buffer.ids.copy(), "buffer.x": self.buffer.x.copy(),
                         "buffer.y": self.buffer.y.copy()})
         return out
 
     def load_state(self, state: dict[str, np.ndarray]) -> None:
-        """Restore a :meth:`state` checkpoint (the optimizer starts afresh)."""
+        """Restore a :meth:`state` checkpoint (the optimizer starts afresh; a fold copy's too, unless
+        the state holds it: :meth:`full_state`). A state without fold copies starts every copy from
+        the network's restored weights; a server without copies ignores those in the state (the
+        pool's in-process replicas, which only answer)."""
         self.model.load_state_dict({k[4:]: torch.from_numpy(v) for k, v in state.items() if k.startswith("net.")})
+        if self.folds is not None:
+            self.folds.load_state(state, self.model.state_dict)
         self.buffer = ReplayBuffer(self.buffer.capacity)
         if "buffer.ids" in state:
             self.buffer.add(state["buffer.ids"], state["buffer.x"], state["buffer.y"])
         self.opt = Adam(self.model.parameters(), lr=float(self.cfg.lr))
 
     def full_state(self) -> dict[str, np.ndarray]:
-        """:meth:`state` plus the optimizer's state (``opt.*``): what a resumed run needs to continue
-        exactly (a crash-recover checkpoint deliberately leaves the optimizer out)."""
-        return {**self.state(), **prefixed("opt", optimizer_arrays(self.opt))}
+        """:meth:`state` plus the optimizers' state (``opt/*``, ``fold{j}/opt/*``): what a resumed run
+        needs to continue exactly (a crash-recover checkpoint deliberately leaves the optimizer out)."""
+        folds = self.folds.state(with_optimizer=True) if self.folds is not None else {}
+        return {**self.state(), **folds, **prefixed("opt", optimizer_arrays(self.opt))}
 
     def load_full_state(self, state: dict[str, np.ndarray]) -> None:
         """Restore :meth:`full_state`."""

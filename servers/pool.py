@@ -35,7 +35,8 @@ from sim.core.seeding import derive_seed
 
 __all__ = ["ServerPool", "ServerUnavailable"]
 
-READ_ONLY = frozenset({"ping", "set_delay", "where", "predict", "weights", "state", "full_state", "predict_labels"})
+READ_ONLY = frozenset({"ping", "set_delay", "where", "predict", "weights", "broadcast_weights", "state", "full_state",
+                       "predict_labels"})
 """Server methods that leave a server's state (weights, optimizer, buffer) as it is."""
 
 BUSY_GRACE_S = 60.0
@@ -50,12 +51,14 @@ class ServerPool:
         query_timeout_s: a server slower than this counts as down (``failures.query_timeout_s``).
         placement: ``ray`` (one actor per server; Ray must be initialised) or ``local``.
         torch_threads: intra-op threads of each server. prices: each server's price of one answer
-        (``servers.c_e``, else ``strategy.c_e``; None: answers are free).
+        (``servers.c_e``, else ``strategy.c_e``; None: answers are free). folds: each server's
+        crossfit fold copies (``strategy.crossfit_folds`` with ``server_labels=crossfit``; 0: none,
+        :mod:`servers.crossfit`), trained with it, broadcast with it and kept in its checkpoints.
     """
 
     def __init__(self, cfg: ServersConfig, in_shape: Sequence[int], num_classes: int, seed: int,
                  query_timeout_s: float, placement: str, torch_threads: int = 1,
-                 prices: Sequence[float] | None = None):
+                 prices: Sequence[float] | None = None, folds: int = 0):
         self.cfg, self.seed, self.timeout = cfg, seed, float(query_timeout_s)
         self.prices = list(prices) if prices is not None else None
         self.num_servers, self.in_shape, self.num_classes = int(cfg.count), tuple(in_shape), num_classes
@@ -63,7 +66,10 @@ class ServerPool:
         self.placement = placement
         self.busy: dict[int, tuple[Any, float]] = {}  # server -> (its call that timed out, its delay then)
         self.resting: dict[int, dict[str, np.ndarray]] = {}  # full_state of a slowed server, taken before
-        self._new = lambda i: new_handle(placement, cfg, self.in_shape, num_classes, seed, i, torch_threads)
+        self.folds = int(folds)
+        if self.folds and cfg.training != Training.independent:
+            raise ValueError("crossfit fold copies need servers.training=independent")
+        self._new = lambda i: new_handle(placement, cfg, self.in_shape, num_classes, seed, i, torch_threads, self.folds)
         self.handles: dict[int, Any] = {i: self._new(i) for i in range(self.num_servers)}
         self.dead: set[int] = set()
         self.outage: set[int] = set()
@@ -227,9 +233,10 @@ class ServerPool:
 
     def snapshot(self) -> dict[str, np.ndarray]:
         """What a device needs to predict every routing option itself: the up servers' weights
-        (``s{i}.<param>``) and, for MEL, the combiner heads (``comb.<param>``)."""
-        res = self.call("weights", self.up)
-        out = {f"s{s}.{k}": v for s, w in sorted(res.items()) for k, v in w.items()}
+        (``s{i}.<param>``), their crossfit fold copies' (``fold{j}:s{i}.<param>``) and, for MEL, the
+        combiner heads (``comb.<param>``)."""
+        res = self.call("broadcast_weights" if self.folds else "weights", self.up)
+        out = {_broadcast_key(s, k): v for s, w in sorted(res.items()) for k, v in w.items()}
         if self.combiners is not None:
             out.update({f"comb.{k}": v.detach().numpy().copy() for k, v in self.combiners.state_dict().items()})
         return out
@@ -357,3 +364,9 @@ class ServerPool:
         self.call("load_full_state", live, each=lambda s: (sub(arrays, f"server{s}"),))
         self.checkpoints = {int(s): sub(arrays, f"recovery{s}") for s in meta["recovery"]}
         self.trainer.restore(arrays)
+
+
+def _broadcast_key(server: int, key: str) -> str:
+    """A server's weight name in the broadcast: ``s{i}.<param>``, a fold copy's ``fold{j}:s{i}.<param>``."""
+    fold, sep, param = key.partition(":")
+    return f"{fold}:s{server}.{param}" if sep else f"s{server}.{key}"

@@ -1,7 +1,8 @@
 """A device's view of the helper servers: the copies of their networks it received this round.
 
-The pool broadcasts the up servers' weights (``s{i}.<param>``) and, for MEL, the combiner heads
-(``comb.<param>``) -- the current ones or, asynchronously, a copy S rounds old. A device uses
+The pool broadcasts the up servers' weights (``s{i}.<param>``), with ``server_labels=crossfit``
+their fold copies' (``fold{j}:s{i}.<param>``, :mod:`servers.crossfit`) and, for MEL, the combiner
+heads (``comb.<param>``) -- the current ones or, asynchronously, a copy S rounds old. A device uses
 them to know what each routing option would answer on its rejector-training split (the server
 errors its rejector loss needs); the answers it gets at test time come from the live pool.
 """
@@ -28,12 +29,21 @@ class PoolView:
         self.nets: dict[int, torch.nn.Module] = {}
         self.combiners: Combiners | None = None
         self.present: list[int] = []
+        self.folds: list[PoolView] = []  # crossfit: fold j's copies of the servers (empty otherwise)
+        self._fold_views: dict[int, PoolView] = {}  # built once, reloaded every round
 
     def load(self, arrays: dict[str, np.ndarray]) -> "PoolView":
-        """Load a broadcast (``{"s0.trunk.1.weight": ..., "comb.heads.0+1.weight": ...}``)."""
+        """Load a broadcast (``{"s0.trunk.1.weight": ..., "fold1:s0.trunk.1.weight": ...,
+        "comb.heads.0+1.weight": ...}``): the fold copies go to :attr:`folds` (``folds[j]``: a view of
+        fold j's copies; empty without them)."""
         per: dict[int, dict[str, torch.Tensor]] = {}
         comb: dict[str, torch.Tensor] = {}
+        fold_arrays: dict[int, dict[str, np.ndarray]] = {}
         for k, v in arrays.items():
+            fold, sep, name = k.partition(":")
+            if sep:
+                fold_arrays.setdefault(int(fold[4:]), {})[name] = v
+                continue
             head, _, rest = k.partition(".")
             if head == "comb":
                 comb[rest] = torch.from_numpy(np.asarray(v))
@@ -55,6 +65,10 @@ class PoolView:
             self.combiners.load_state_dict(comb)
         else:
             self.combiners = None
+        for j in fold_arrays:
+            if j not in self._fold_views:
+                self._fold_views[j] = PoolView(self.cfg, self.in_shape, self.num_classes)
+        self.folds = [self._fold_views[j].load(fold_arrays[j]) for j in sorted(fold_arrays)]
         return self
 
     @torch.no_grad()

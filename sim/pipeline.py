@@ -341,6 +341,7 @@ class Federation:
         from flwr.app import ArrayRecord
 
         from servers.pool import ServerPool
+        from strategies.labels import fold_copies
         from strategies.registry import method
 
         cfg, inp, timing = self.cfg, self.inp, self.inp.timing
@@ -351,7 +352,8 @@ class Federation:
             timing["ray_node_id"] = ray.get_runtime_context().get_node_id()
         self.pool = ServerPool(cfg.servers, inp.prep.in_shape, inp.prep.num_classes, int(cfg.seed),
                                cfg.failures.query_timeout_s, "ray" if cfg.sim.backend == Backend.ray else "local",
-                               int(cfg.sim.torch_threads), cfg.servers.prices(cfg.strategy.c_e))
+                               int(cfg.sim.torch_threads), cfg.servers.prices(cfg.strategy.c_e),
+                               fold_copies(cfg.strategy, method(cfg.strategy.name).device.learns_from_labels))
         try:
             timeout = float(cfg.sim.round_timeout)
             self.pool.wait_ready(min(120.0, timeout))

@@ -218,6 +218,7 @@ class FleetStrategy(Strategy):
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
                            ) -> Iterable[Message]:
         if not self.is_eval_round(server_round):
+            self.sent = []  # no device was asked: aggregate_evaluate must not count the training round's as failed
             return []
         last = server_round == self.num_rounds
         devices = self.sample(server_round, 1.0 if last else float(self.cfg.sim.fraction_evaluate), "eval")

@@ -46,9 +46,6 @@ class Baseline(DeviceMethod):
 
     config_class = BaselineConfig
     cfg: BaselineConfig
-    learns_from_labels = False
-    """True for a baseline that learns from the servers' answers (``strategy.server_labels`` applies)."""
-
     def __init__(self, cfg: BaselineConfig, servers: ServersConfig, seed: int, num_classes: int):
         super().__init__(cfg, servers, seed, num_classes)
         self.labels = LabelSource(cfg, seed)
@@ -58,8 +55,10 @@ class Baseline(DeviceMethod):
         """``defer (N,)`` bool and deferral ``score (N,)`` on ``split`` (``rejector`` | ``test``)."""
         raise NotImplementedError
 
-    def learn(self, ctx: RoundContext, now: ServerAnswers) -> float:
-        """Train the device's learner from the servers' answers (CompareConfidence); returns its loss."""
+    def learn(self, ctx: RoundContext, now: ServerAnswers, out_of_fold: ServerAnswers | None) -> float:
+        """Train the device's learner from the servers' answers ``now`` (and, with ``crossfit``
+        labels, ``out_of_fold``: :meth:`strategies.labels.LabelSource.answers`) (CompareConfidence);
+        returns its loss."""
         return float("nan")
 
     def train(self, ctx: RoundContext) -> TrainResult:
@@ -68,9 +67,13 @@ class Baseline(DeviceMethod):
         reach = ctx.reachable_in_view()
         loss, e_err, now = float("nan"), float("nan"), None
         if reach and (ctx.learner is not None or not isinstance(self, LegacyOnly)):
-            now = current_answers(ctx.view, torch.from_numpy(device.data.x_rejector), y, reach, self.servers)
+            x = torch.from_numpy(device.data.x_rejector)
+            if self.learns_from_labels:
+                now, out_of_fold = self.labels.answers(ctx.view, x, y, device.data.ids_rejector, reach, self.servers)
+            else:
+                now, out_of_fold = current_answers(ctx.view, x, y, reach, self.servers), None
             e_err = float(now.pool_wrong.mean())
-            loss = self.learn(ctx, now)
+            loss = self.learn(ctx, now, out_of_fold)
         rng = np.random.default_rng(derive_seed(self.seed, "baseline", self.cfg.name, device.device_id, ctx.round))
         defer, _ = self.rule(device, ctx.learner, "rejector", rng)
         defer &= bool(reach)
@@ -149,10 +152,10 @@ class CompareConfidence(Baseline):
         memory = answer_memory(self.cfg, len(device.data.y_rejector), self.servers.count, self.num_classes)
         return device.new_rejector(rh.inputs, int(rh.hidden), self.seed, outputs=1, memory=memory)
 
-    def learn(self, ctx: RoundContext, now: ServerAnswers) -> float:
+    def learn(self, ctx: RoundContext, now: ServerAnswers, out_of_fold: ServerAnswers | None) -> float:
         """Binary cross-entropy of the estimator against ``1 - e_wrong`` on the labelled rows."""
         rh, learner = self.cfg.rejector, ctx.learner
-        rows, answers = self.labels.labels(learner, now, ctx.device.device_id, ctx.round)
+        rows, answers = self.labels.labels(learner, now, ctx.device.device_id, ctx.round, out_of_fold)
         use = torch.from_numpy(rows)
         feats = ctx.device.features("rejector", rh.inputs)
         learner.train()

@@ -43,7 +43,8 @@ class L2HConfig(BoundedConfig):
 
     def check_with(self, servers: ServersConfig) -> None:
         """The weights and the binary surrogate have one defer output: not for learned routing
-        over several servers."""
+        over several servers (and the checks every method has)."""
+        super().check_with(servers)
         if servers.learned_options and self.weights != Weights.shifted:
             raise ConfigError(f"strategy.weights={self.weights} is defined for one defer output only: "
                               "use strategy.weights=shifted with servers.routing=learned and several servers")

@@ -28,7 +28,7 @@ from sim.core.training import train_minibatch
 from strategies import bounded
 from strategies.base import DeviceReplies
 from strategies.config import L2HConfig, resolve_surrogate
-from strategies.labels import LabelSource, ServerAnswers, answer_memory, current_answers
+from strategies.labels import LabelSource, ServerAnswers, answer_memory
 from strategies.l2h_losses import (binary_alpha, binary_rejector_loss, l2h_weights, masked_decision,
                                    multi_server_rejector_loss, multiclass_rejector_loss)
 from strategies.method import DeviceMethod, RoundContext, TrainResult
@@ -74,6 +74,7 @@ class L2HMethod(DeviceMethod):
 
     config_class = L2HConfig
     cfg: L2HConfig
+    learns_from_labels = True
 
     def __init__(self, cfg: L2HConfig, servers: ServersConfig, seed: int, num_classes: int):
         super().__init__(cfg, servers, seed, num_classes)
@@ -95,8 +96,9 @@ class L2HMethod(DeviceMethod):
         avail = availability_mask(self.servers, reach)
         loss, e_err, now = float("nan"), float("nan"), None
         if reach:  # else nothing to defer to: the rejector is left as it is
-            now = current_answers(ctx.view, torch.from_numpy(device.data.x_rejector), y, reach, self.servers)
-            rows, answers = self.labels.labels(rejector, now, device.device_id, ctx.round)
+            now, out_of_fold = self.labels.answers(ctx.view, torch.from_numpy(device.data.x_rejector), y,
+                                                   device.data.ids_rejector, reach, self.servers)
+            rows, answers = self.labels.labels(rejector, now, device.device_id, ctx.round, out_of_fold)
             e_err = float((now.wrong[:, reach] if num_options(self.servers) > 2 else now.pool_wrong).mean())
             tensors, loss_fn = self.targets(rejector, feats, y, m_wrong, answers, reach, avail)
             loss = self.fit(ctx, rejector, feats, rows, tensors, loss_fn, avail)

@@ -76,6 +76,9 @@ class DeviceMethod(ABC):
     """
 
     config_class: ClassVar[type[StrategyConfig]] = StrategyConfig
+    learns_from_labels: ClassVar[bool] = False
+    """True for a method that learns from the servers' answers on its split (``strategy.server_labels``
+    applies; with ``crossfit`` the pool trains fold copies of the servers for it)."""
 
     def __init__(self, cfg: StrategyConfig, servers: ServersConfig, seed: int, num_classes: int):
         self.cfg, self.servers, self.seed, self.num_classes = cfg, servers, seed, num_classes

@@ -185,3 +185,31 @@ def test_device_states_are_stacked_per_shape_and_unstacked_exactly(tmp_path):
         for k in st:
             assert back[d][k].dtype == st[k].dtype and np.array_equal(back[d][k], st[k])
     assert unstack_states({}, "rejectors") == {}
+
+
+CROSSFIT_ARGS = ["fleet.num_clients=4", "sim.num_rounds=5", "servers.count=2", "strategy.server_labels=crossfit",
+                 "strategy.crossfit_folds=2", "strategy.staleness=2", "failures=crash_recover", "failures.round=2",
+                 "failures.recover_after=1", "failures.reference=false", "sim.backend=inprocess"]
+"""Cross-fitted labels: each server's fold copies (weights, Adam states) carry over rounds, into the
+stale copy devices train against and into the crash-recover checkpoint."""
+
+
+def test_a_crossfit_run_interrupted_and_resumed_equals_the_uninterrupted_run(tmp_path):
+    from rich.console import Console
+
+    from sim.cli import compose_checked
+    from sim.pipeline import simulate
+
+    whole = tmp_path / "whole"
+    simulate(compose_checked([*CROSSFIT_ARGS, f"sim.cache_dir={CACHE[0]}"]), whole, console=Console(quiet=True))
+    run_dir = tmp_path / "run"
+    r = interrupt(tmp_path, run_dir, CROSSFIT_ARGS, signal.SIGINT, after_lines=2)
+    assert r.returncode == 130, r.stderr[-2000:]
+    done = checkpoint.finished_round(run_dir)
+    assert done is not None and 1 <= done < 4  # a later round still refreshes the copy devices train against
+    arrays, _ = checkpoint.load(run_dir)
+    assert any("/fold1/opt/" in k for k in arrays) and any(k.startswith("strategy/stale/fold1:s1.") for k in arrays)
+    r = cli(tmp_path, *CROSSFIT_ARGS, f"sim.resume={run_dir}")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.loads((run_dir / "summary.json").read_text()) == json.loads((whole / "summary.json").read_text())
+    assert rounds_without_time(run_dir / "metrics.jsonl") == rounds_without_time(whole / "metrics.jsonl")

@@ -73,3 +73,18 @@ def test_replay_buffer_dedupes_by_sample_id_and_evicts_oldest():
     b.add(np.array([5]), x[5:], np.array([5]))
     assert b.ids.tolist() == [3, 2, 9, 5] and len(b) == 4
     assert b.x[:, 0, 0, 0].tolist() == [2.0, 3.0, 4.0, 5.0]
+
+
+def test_a_round_without_evaluation_counts_no_failed_evaluation():
+    """``sim.eval_every=2``: round 1 sends no evaluation message, so none can fail (it used to count
+    round 1's training devices as failed evaluations); round 2 asks every device, and a device
+    that does not answer still counts."""
+    s, grid = strategy(**{"sim.eval_every": 2, "sim.num_rounds": 4})
+    records = []
+    s.on_round = records.append
+    assert len(list(s.configure_train(1, weights(1), None, grid))) > 0 and s.sent == [0, 1, 2, 3]
+    assert list(s.configure_evaluate(1, weights(1), None, grid)) == []
+    s.aggregate_evaluate(1, [])
+    assert len(list(s.configure_evaluate(2, weights(2), None, grid))) > 0
+    s.aggregate_evaluate(2, [])  # no reply: every asked device failed
+    assert [(r["round"], r["eval_devices"], r["eval_errors"]) for r in records] == [(1, 0, 0), (2, 0, 4)]

@@ -55,7 +55,7 @@ RecoverFrom = choice("RecoverFrom", ("checkpoint", "scratch"))
 Backend = choice("Backend", ("ray", "inprocess"))
 RejectorInputs = choice("RejectorInputs", ("sample", "legacy", "sample+legacy"))
 Bound = choice("Bound", ("quantile", "stochastic"))
-ServerLabels = choice("ServerLabels", ("prequential", "holdout", "in_sample"))
+ServerLabels = choice("ServerLabels", ("prequential", "holdout", "in_sample", "crossfit"))
 Federation = choice("Federation", ("local", "fedavg", "fedavg_finetune"))
 FederateBy = choice("FederateBy", ("group", "fleet"))
 
@@ -367,13 +367,16 @@ class StrategyConfig:
     # Where a device's labels of the servers' errors come from (L2H, CompareConfidence; docs/methods.md §8):
     # prequential: the answer a sample got when it was first sent, before any server trained on it
     # (never-sent samples: the current servers) | holdout: a part of the rejector split that is never
-    # sent | in_sample: the current servers, which have trained on every sample sent before.
+    # sent | in_sample: the current servers, which have trained on every sample sent before | crossfit:
+    # each server also trains crossfit_folds copies, copy j on its buffer minus fold j; a sample is
+    # labelled by the copy of its fold (K times the server compute; docs/methods.md §8).
     # Default in_sample, by measurement (README "Findings", docs/methods.md §8): the lowest L01 cost on
     # digits and MNIST-1D (5 seeds, paired); the out-of-sample options pay more in halved data (holdout)
     # or stale labels (prequential) than the bias costs, and none ranks samples better at a fixed defer rate.
     server_labels: ServerLabels = ServerLabels.in_sample
     holdout: float = 0.5  # server_labels=holdout: fraction of the rejector split never sent to a server
     label_max_age: Optional[int] = None  # prequential: labels older than this many rounds are dropped (null: kept)
+    crossfit_folds: int = 3  # server_labels=crossfit: K, the folds (and fold copies of every server)
 
     def __post_init__(self) -> None:
         check_fields(self, "strategy", {
@@ -382,13 +385,27 @@ class StrategyConfig:
             "staleness": (lambda v: v >= 1, "S must be >= 1 (1 = synchronous)"),
             "holdout": (lambda v: 0 < v < 1, "must be in (0, 1)"),
             "label_max_age": (lambda v: v is None or v >= 1, "must be >= 1 round (or null: labels never expire)"),
+            "crossfit_folds": (lambda v: 2 <= v <= 100, "K must be in 2 .. 100 (each fold is a copy of every server)"),
         })
 
     schema_name: ClassVar[str] = "strategy"
     """The name its schema is stored under in Hydra's ConfigStore (``strategy/base_<name>``)."""
 
     def check_with(self, servers: "ServersConfig") -> None:
-        """Checks that involve the ``servers`` config (a method overrides it when it has some)."""
+        """Checks that involve the ``servers`` config (a method that adds some calls this one too).
+
+        Raises:
+            ConfigError: ``server_labels=crossfit`` with jointly trained servers (``mel``, ``dml``,
+                ``coop``): a fold copy would have to be a copy of the whole jointly trained pool.
+        """
+        if self.server_labels == ServerLabels.crossfit and servers.training != Training.independent:
+            raise ConfigError(f"strategy.server_labels=crossfit needs servers.training=independent, not "
+                              f"{servers.training.value}: jointly trained servers have no per-server fold copies")
+
+    def inert_keys(self) -> list[str]:
+        """Keys that have no effect with this config (left out of the run's recorded config, so runs
+        that differ only in them are one configuration): ``crossfit_folds`` unless ``crossfit``."""
+        return [] if self.server_labels == ServerLabels.crossfit else ["crossfit_folds"]
 
     def check_data(self, num_classes: int) -> None:
         """Checks that need the dataset's number of classes K (run once the data is prepared)."""
