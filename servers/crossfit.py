@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from sim.core.arrays import load_optimizer, optimizer_arrays, prefixed, sub
 from sim.core.optim import Adam
-from sim.core.seeding import derive_seed
+from sim.core.seeding import derive_seed, mix64
 from sim.core.training import train_minibatch
 
 _MASK64 = (1 << 64) - 1
@@ -52,11 +52,7 @@ def fold_of(ids: np.ndarray, seed: int, folds: int) -> np.ndarray:
     if len(ids) and ids.min() < 0:
         raise ValueError("sample ids must be >= 0")
     key = np.uint64(derive_seed(seed, "crossfit-folds") & _MASK64)
-    z = ids.astype(np.uint64) ^ key
-    with np.errstate(over="ignore"):
-        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        z = z ^ (z >> np.uint64(31))
+    z = mix64(ids.astype(np.uint64) ^ key)
     return (z % np.uint64(folds)).astype(np.int64)
 
 

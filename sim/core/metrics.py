@@ -12,6 +12,8 @@ from typing import Any
 
 import numpy as np
 
+from sim.core.seeding import mix64
+
 FIELDS = ("device", "y", "m_pred", "e_pred", "score", "m_conf", "defer")
 """Per-sample fields every record has (``m_conf_cal``, ``served`` and ``price`` are optional)."""
 
@@ -42,10 +44,7 @@ def tie_keys(device: np.ndarray) -> np.ndarray:
     z = np.empty(len(d), dtype=np.uint64)
     z[order] = (d.astype(np.uint64) << np.uint64(32)) ^ pos.astype(np.uint64)
     with np.errstate(over="ignore"):
-        z = z + np.uint64(0x9E3779B97F4A7C15)
-        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        z = z ^ (z >> np.uint64(31))
+        z = mix64(z + np.uint64(0x9E3779B97F4A7C15))
     return (z >> np.uint64(11)).astype(np.float64) / float(2 ** 53)
 
 

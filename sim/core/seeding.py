@@ -5,6 +5,7 @@ import hashlib
 from contextlib import contextmanager
 from typing import Iterator
 
+import numpy as np
 import torch
 
 
@@ -29,3 +30,14 @@ def seeded(seed: int) -> Iterator[None]:
     with torch.random.fork_rng(devices=[]):
         torch.random.default_generator.manual_seed(seed)
         yield
+
+
+def mix64(z: np.ndarray) -> np.ndarray:
+    """SplitMix64's finaliser of ``z`` (uint64, any shape), elementwise: a fast integer hash whose
+    outputs look uniform (Steele, Lea, Flood 2014, "Fast splittable pseudorandom number
+    generators", OOPSLA; constants of Vigna's ``splitmix64.c``). Wraps modulo 2^64."""
+    z = np.asarray(z, dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return z ^ (z >> np.uint64(31))
