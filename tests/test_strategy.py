@@ -73,3 +73,17 @@ def test_replay_buffer_dedupes_by_sample_id_and_evicts_oldest():
     b.add(np.array([5]), x[5:], np.array([5]))
     assert b.ids.tolist() == [3, 2, 9, 5] and len(b) == 4
     assert b.x[:, 0, 0, 0].tolist() == [2.0, 3.0, 4.0, 5.0]
+
+
+def test_a_device_error_reply_is_one_line_on_either_backend():
+    """The cause a failed final evaluation quotes (strategies.base.error_line): in-process the reply's
+    reason is "Type: message"; on Ray Flower wraps the message and Ray's traceback around it."""
+    from strategies.base import ERROR_LINE_CHARS, error_line
+
+    assert error_line("RuntimeError: bad cache entry") == "RuntimeError: bad cache entry"
+    ray = ("<class 'flwr.clientapp.client_app.ClientAppException'>:<'ray::ClientAppActor.run() (pid=1)\n"
+           "  File \"x.py\", line 3, in run\nClientAppException: \nException ClientAppException occurred. "
+           "Message: the legacy model of device 3 cannot be loaded\n(more)'>")
+    assert error_line(ray) == "the legacy model of device 3 cannot be loaded"
+    assert error_line("\n\n") == "no reason given"
+    assert len(error_line("x" * 1000)) == ERROR_LINE_CHARS
