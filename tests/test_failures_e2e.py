@@ -137,3 +137,30 @@ def test_a_device_failing_before_the_final_round_is_counted_not_fatal(tmp_path, 
     rounds = [json.loads(ln) for ln in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["eval_errors"] for r in rounds] == [1, 0] and s["resilience"]["device_errors"] == 1
     assert rounds[-1]["eval_devices"] == 4 and len((tmp_path / "run" / "clients.csv").read_text().splitlines()) == 5
+
+
+@pytest.mark.parametrize("over", [
+    # the issue's reproduction: the server crashes before it ever trained, the stale copy (S=3) has
+    # no entry for it; devices used to defer 47% to it (accuracy 0.12), system 0.486 vs legacy 0.825
+    {"failures.round": 1, "failures.recover_after": 1},
+    # reset after training, half the devices sampled per round: the unsampled ones still held a
+    # rejector trained against the server before its reset (system 0.708 vs legacy 0.825 in round 3)
+    {"sim.num_rounds": 5, "failures.round": 2, "failures.recover_after": 1, "failures.recover_from": "scratch",
+     "sim.fraction_train": 0.5},
+], ids=["never-trained", "scratch-half-sampled"])
+def test_a_stale_rejector_never_trusts_a_server_it_has_not_seen_since_its_reset(tmp_path, shared_cache, over):
+    """Issue 28 item 3 (docs/methods.md §1, "Synchronous and asynchronous"): with S = 3 a recovered
+    server is deferred to only by devices that trained against its state since the recovery, so no
+    round falls below the legacy models alone; a ratio over the untrained pool's accuracy is null."""
+    from sim.run import simulate
+
+    cfg = small_cfg(**{"sim.backend": "inprocess", "sim.cache_dir": shared_cache, "strategy.staleness": 3,
+                       "failures": "crash_recover", "failures.reference": "false", **over})
+    s = simulate(cfg, tmp_path / "run")
+    rounds = [json.loads(ln) for ln in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["system_accuracy"] >= r["legacy_accuracy"] for r in rounds), [
+        (r["system_accuracy"], r["legacy_accuracy"]) for r in rounds]
+    assert s["system_accuracy"] >= s["legacy_accuracy"]
+    if over["failures.round"] == 1:  # round 1: the server is down and its all-up stand-in untrained (0.12)
+        assert rounds[0]["server_accuracy_all_up"] < 0.13
+        assert s["resilience"]["inference_kept_by_round"]["1"] is None and s["resilience"]["inference_kept"] is None

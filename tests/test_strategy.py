@@ -14,19 +14,22 @@ def weights(v: float) -> ArrayRecord:
 
 
 class StubPool:
-    """Stands in for the server pool: its weights are the number of the round in progress."""
+    """Stands in for the server pool (one server): its weights are the number of the round in progress."""
 
-    up = [0]
+    def __init__(self):
+        self.up = [0]
+        self.reset_round = np.zeros(1, dtype=np.int64)
+        self.masked = {}
 
     def begin_round(self, faults):
         self.round = faults.round
         return self.up
 
-    def begin_eval(self):
-        pass
+    def begin_eval(self, masked=None):
+        self.masked = masked or {}
 
     def snapshot(self):
-        return {"w": np.full(2, self.round, dtype=np.float32)}
+        return {f"s{s}.w": np.full(2, self.round, dtype=np.float32) for s in self.up}
 
 
 def strategy(**over) -> tuple[L2HStrategy, InProcessGrid]:
@@ -39,7 +42,7 @@ def strategy(**over) -> tuple[L2HStrategy, InProcessGrid]:
 
 
 def sent_weight(msgs) -> float:
-    return float(msgs[0].content["server"]["w"].numpy()[0])
+    return float(msgs[0].content["server"]["s0.w"].numpy()[0])
 
 
 def test_asynchronous_rejectors_train_against_a_copy_refreshed_every_s_rounds():
@@ -47,6 +50,26 @@ def test_asynchronous_rejectors_train_against_a_copy_refreshed_every_s_rounds():
     seen = [sent_weight(s.configure_train(r, weights(r), None, grid)) for r in range(1, 8)]
     # the server's weights change every round (value r); devices see the copy of rounds 1, 4, 7
     assert seen == [1, 1, 1, 4, 4, 4, 7]
+
+
+def test_a_reset_server_is_in_the_stale_copy_at_once_and_masked_for_devices_that_missed_it():
+    """docs/methods.md §1, "Synchronous and asynchronous": S delays what devices learn of a server's
+    training, not that it was reset. The server reset in round 2 is sent as it is now in round 2 (not
+    round 1's copy until round 4); a device whose last copy predates the reset may not defer to it."""
+    import json
+
+    s, grid = strategy(**{"strategy.staleness": 3, "sim.num_rounds": 10})
+    seen = [sent_weight(s.configure_train(1, weights(1), None, grid))]
+    s.pool.reset_round[0] = 2  # the pool's begin_round of round 2 restarted it from scratch
+    seen += [sent_weight(s.configure_train(r, weights(r), None, grid)) for r in range(2, 6)]
+    assert seen == [1, 2, 2, 4, 4] and s.stale_round.tolist() == [4]
+    s.states = {0: {}, 1: {}, 2: {}}  # devices with a trained rejector (3 never trained: keeps its samples)
+    s.known[:, 0] = [2, 1, -1, -1]  # device 0 trained on the round-2 copy, 1 on round 1's, 2 never
+    assert s.masked() == {0: [1, 2]}
+    s.eval_content(5, weights(5))
+    assert json.loads(s.faults_json)["partition"] == [[[1, 2], [0]]] and s.pool.masked == {1: {0}, 2: {0}}
+    s.pool.reset_round[0] = 0  # never reset: only the device that never trained against it is masked
+    assert s.masked() == {0: [2]}
 
 
 def test_synchronous_is_staleness_one():
