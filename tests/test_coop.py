@@ -12,6 +12,7 @@ from sim.core.faults import RoundFaults
 from tests.test_pool import IN_SHAPE, K, batch, data, make_pool
 
 
+@pytest.mark.numeric
 def test_exit_d_depends_only_on_the_first_d_blocks():
     torch.manual_seed(0)
     net = MultiExitNet(IN_SHAPE, K, hidden=8, depth=4)
@@ -28,6 +29,7 @@ def test_exit_d_depends_only_on_the_first_d_blocks():
     assert not torch.allclose(after[2], before[2]) and not torch.allclose(after[3], before[3])  # moved by 0.25-0.45
 
 
+@pytest.mark.numeric
 def test_sfsl_loss_weights_each_exit_by_one_over_its_depth_fraction():
     torch.manual_seed(0)
     y = torch.tensor([0, 1, 2, 1])

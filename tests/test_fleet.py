@@ -127,6 +127,7 @@ def test_batched_pretraining_is_the_one_by_one_training(arch):
 
 
 @pytest.mark.slow
+@pytest.mark.numeric
 def test_sequential_and_batched_fleets_agree_and_are_cached_apart(tmp_path):
     cfg_b = small_cfg(**{"fleet.num_clients": 8})
     cfg_s = small_cfg(**{"fleet.num_clients": 8, "fleet.pretrain": "sequential"})
@@ -168,6 +169,7 @@ def test_hand_written_conv1d_gradients_are_autograds_in_any_chunking(monkeypatch
 
 
 @pytest.mark.slow
+@pytest.mark.numeric
 def test_another_build_thread_count_is_its_own_cache_entry_and_the_runs_count_comes_back(tmp_path, shared_cache):
     """fleet.build_threads=2 rounds differently from 1 (measured on the digits fleet), so it is built
     into its own cache entry, never mixed with the 1-thread one; the models agree to float rounding

@@ -153,6 +153,7 @@ def test_degrade_of_images_is_unchanged():
     assert np.array_equal(out, want)
 
 
+@pytest.mark.numeric
 @pytest.mark.parametrize("w", [8, 40, 41, 64])
 def test_cnn1d_runs_on_any_length_and_its_trunk_head_split_reproduces_it(w):
     from clients.zoo import build_model

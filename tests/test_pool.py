@@ -121,6 +121,7 @@ def test_crash_recover_from_checkpoint_restores_the_weights_and_from_scratch_doe
     assert len(pool.handles[0].obj.buffer) == 0
 
 
+@pytest.mark.numeric
 def test_mel_split_training_step_equals_the_joint_gradient_step():
     """The pool's MEL step (features to the pool, feature gradients back to each actor) must be the
     same optimisation step as computing the whole MEL loss in one process."""
@@ -159,6 +160,7 @@ def test_mel_split_training_step_equals_the_joint_gradient_step():
         assert torch.equal(v, comb.state_dict()[k]), k
 
 
+@pytest.mark.numeric
 def test_dml_loss_is_ce_plus_mean_kl_from_peers():
     torch.manual_seed(0)
     logits, y = torch.randn(5, 3, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1])

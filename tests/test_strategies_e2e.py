@@ -45,6 +45,7 @@ def test_random_and_confidence_defer_at_the_requested_rate(tmp_path, shared_cach
     assert abs(s["defer_rate"] - 0.3) <= noise(0.3, s["num_test_samples"]) + 0.05
 
 
+@pytest.mark.numeric
 def test_baseline_rules_on_one_device():
     from clients.device import Device
     from clients.zoo import build_model
