@@ -277,7 +277,8 @@ class PoolStrategy(FleetStrategy):
         if "known" in arrays:
             self.stale_round[:], self.known[:] = arrays["stale_round"], arrays["known"]
         else:  # a checkpoint made before this was tracked: every device knows the copy it holds
-            present = {int(k.split(".", 1)[0][1:]) for k in (self.stale.keys() if self.stale is not None else [])}
+            heads = {k.split(".", 1)[0] for k in (self.stale.keys() if self.stale is not None else [])}
+            present = {int(h[1:]) for h in heads if h[:1] == "s" and h[1:].isdigit()}  # not "comb" (MEL)
             self.stale_round[sorted(present)] = 1
             self.known[np.ix_(sorted(int(d) for d in self.states), sorted(present))] = 1
         self.averages = {key: {n: np.array(v) for n, v in sub(arrays, f"averages/{key}").items()}

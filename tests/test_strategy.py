@@ -110,3 +110,21 @@ def test_a_device_error_reply_is_one_line_on_either_backend():
     assert error_line(ray) == "the legacy model of device 3 cannot be loaded"
     assert error_line("\n\n") == "no reason given"
     assert len(error_line("x" * 1000)) == ERROR_LINE_CHARS
+
+
+def test_what_devices_know_of_the_servers_survives_a_resume_and_older_checkpoints_trust_the_copy():
+    s, grid = strategy(**{"strategy.staleness": 3})
+    s.configure_train(1, weights(1), None, grid)
+    s.states = {0: {"w": np.zeros(2, np.float32)}, 2: {"w": np.ones(2, np.float32)}}
+    s.known[0, 0] = 1
+    arrays, meta = s.checkpoint()
+    back, _ = strategy(**{"strategy.staleness": 3})
+    back.restore(arrays, meta, finished_round=1)
+    assert back.known.tolist() == s.known.tolist() and back.stale_round.tolist() == [1]
+    # a checkpoint from before this was recorded (a MEL pool: combiner heads in the copy too)
+    old = {k: v for k, v in arrays.items() if k not in ("known", "stale_round")}
+    old["stale/comb.heads.0+1.weight"] = np.zeros(1, np.float32)
+    again, _ = strategy(**{"strategy.staleness": 3})
+    again.restore(old, meta, finished_round=1)
+    assert again.stale_round.tolist() == [1] and again.known[:, 0].tolist() == [1, -1, 1, -1]
+    assert again.masked() == {}
