@@ -315,8 +315,8 @@ class Federation:
         needs every device's evaluation (it has no injected dropout; :func:`final_missing_message`)."""
         answered_train = int(record.get("train_devices", 1))
         answered_eval = int(record.get("eval_devices", 1))
-        if int(record["round"]) == self.cfg.sim.num_rounds and int(record.get("eval_errors", 0)) > 0:
-            return False
+        if int(record["round"]) == len(self.inp.schedule) and int(record.get("eval_errors", 0)) > 0:
+            return False  # the schedule has one entry per round: this is the final one
         return answered_train > 0 and answered_eval > 0
 
     def on_round(self, record: dict[str, Any]) -> None:
