@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 import math
 import time
 from dataclasses import dataclass, field
@@ -79,13 +80,19 @@ def error_line(reason: str) -> str:
     """One line of a node's error reply: the device's exception, without the wrappers around it.
 
     In-process the reason is ``"Type: message"`` (:class:`sim.inprocess.InProcessGrid`); on Ray
-    Flower wraps it as ``"<class '...ClientAppException'>:<'...Message: <message>'>"`` around Ray's
-    traceback. Returns the message after Flower's last ``Message: `` (the whole reason if there is
-    none), its first non-empty line, at most :data:`ERROR_LINE_CHARS` characters.
+    Flower writes ``"<class 'module.Type'>:<'message'>"``, and for the device's own exception the
+    message is Ray's traceback ending in ``"... Message: <the exception's message>"``. Returns
+    ``"Type: message"`` (the device's message after Flower's last ``Message: `` where there is one),
+    its first non-empty line, at most :data:`ERROR_LINE_CHARS` characters.
     """
     text = str(reason)
-    if "Message: " in text:
-        text = text.rsplit("Message: ", 1)[1].rstrip("'>")
+    wrapped = re.fullmatch(r"<class '(?:[\w.]*\.)?(\w+)'>:<'(.*)'>", text.strip(), re.DOTALL)
+    if wrapped:
+        kind, text = wrapped.groups()
+        if "Message: " in text:  # the device's exception inside ClientAppException: its message alone
+            text = text.rsplit("Message: ", 1)[1]
+        elif kind:
+            text = f"{kind}: {text}"
     line = next((ln.strip() for ln in text.splitlines() if ln.strip()), "no reason given")
     return line if len(line) <= ERROR_LINE_CHARS else line[:ERROR_LINE_CHARS - 3] + "..."
 

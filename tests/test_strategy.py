@@ -108,6 +108,10 @@ def test_a_device_error_reply_is_one_line_on_either_backend():
            "  File \"x.py\", line 3, in run\nClientAppException: \nException ClientAppException occurred. "
            "Message: the legacy model of device 3 cannot be loaded\n(more)'>")
     assert error_line(ray) == "the legacy model of device 3 cannot be loaded"
+    lost = ("<class 'ray.exceptions.ActorUnavailableError'>:<'The actor a1b6 is unavailable: The actor is "
+            "temporarily unavailable: IOError: The actor is restarting..'>")
+    assert error_line(lost) == ("ActorUnavailableError: The actor a1b6 is unavailable: The actor is temporarily "
+                                "unavailable: IOError: The actor is restarting..")
     assert error_line("\n\n") == "no reason given"
     assert len(error_line("x" * 1000)) == ERROR_LINE_CHARS
 
