@@ -169,7 +169,6 @@ def test_hand_written_conv1d_gradients_are_autograds_in_any_chunking(monkeypatch
 
 
 @pytest.mark.slow
-@pytest.mark.numeric
 def test_another_build_thread_count_is_its_own_cache_entry_and_the_runs_count_comes_back(tmp_path, shared_cache):
     """fleet.build_threads=2 rounds differently from 1 (measured on the digits fleet), so it is built
     into its own cache entry, never mixed with the 1-thread one; the models agree to float rounding
