@@ -17,6 +17,7 @@ import torch
 from servers.models import COOP_LEADER, Combiners, depth_fractions, ensemble_probs
 from servers.router import Router
 from sim.core.config import CoopConfig, Routing
+from sim.core.metrics import ratio_over_reference
 
 FAILOVER_KINDS = ("subset", "standalone", "legacy")
 KINDS = ("none",) + FAILOVER_KINDS
@@ -155,7 +156,8 @@ def ensemble_table(out: ServerOutputs, y: np.ndarray, combiners: Combiners | Non
     """MEL's standalone-vs-ensemble table on ``y (N,)``: server-only accuracy of each standalone
     server and each ensemble of >= 2 of them, cooperative Teammates' accuracy per exit, and
     ``standalone_over_ensemble`` = mean standalone accuracy / accuracy of the ensemble of all
-    (the resilience ratio MEL's paper reports)."""
+    (the resilience ratio MEL's paper reports; None when that ensemble is no better than guessing,
+    :func:`sim.core.metrics.ratio_over_reference`)."""
     from servers.models import all_subsets, subset_key
 
     table: dict = {"standalone": {}, "ensemble": {}}
@@ -168,8 +170,10 @@ def ensemble_table(out: ServerOutputs, y: np.ndarray, combiners: Combiners | Non
         table["exits"] = {str(s): {f"{f:g}": float((ex[d].argmax(1).numpy() == y).mean())
                                    for d, f in enumerate(depth_fractions(len(ex)))}
                           for s, ex in out.exits.items() if s != COOP_LEADER}
-    full = subset_key(sorted(out.logits))
+    full_members = sorted(out.logits)
+    full = subset_key(full_members)
     if len(out.logits) >= 2:
         mean_alone = float(np.mean(list(table["standalone"].values())))
-        table["standalone_over_ensemble"] = mean_alone / table["ensemble"][full] if table["ensemble"][full] else None
+        table["standalone_over_ensemble"] = ratio_over_reference(mean_alone, table["ensemble"][full],
+                                                                 int(out.logits[full_members[0]].shape[1]), len(y))
     return table

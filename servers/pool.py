@@ -75,6 +75,13 @@ class ServerPool:
         self.outage: set[int] = set()
         self.up: list[int] = []
         self.checkpoints: dict[int, dict[str, np.ndarray]] = {}  # what crash-recover "from checkpoint" restores
+        # Per server, rounds (0: none; see :meth:`begin_round`): the last round its weights were trained,
+        # the round its crash-recover checkpoint was taken at (0: its start state), and the last round it
+        # came back with less training than it went down with (a reset).
+        self.trained_round = np.zeros(self.num_servers, dtype=np.int64)
+        self.checkpoint_round = np.zeros(self.num_servers, dtype=np.int64)
+        self.reset_round = np.zeros(self.num_servers, dtype=np.int64)
+        self.masked: dict[int, set[int]] = {}  # this round's evaluation: device -> servers it must not use
         self.initial: dict[int, dict[str, np.ndarray]] = {}  # installed start states (L2D's fixed experts)
         self.trainer = make_trainer(cfg, in_shape, num_classes, seed)
         self.combiners = self.trainer.combiners if isinstance(self.trainer, JointTrainer) else None
@@ -186,8 +193,14 @@ class ServerPool:
     # ---- a round ------------------------------------------------------------------------------
     def begin_round(self, faults: RoundFaults) -> list[int]:
         """Carry out this round's faults, then health-check every server; returns the servers up
-        (alive, not in an outage, answering within the timeout)."""
+        (alive, not in an outage, answering within the timeout).
+
+        A server that comes back with less training than it had when it went down -- from scratch
+        after it had trained, or from a checkpoint older than its last training -- is *reset*:
+        :attr:`reset_round` records the round, and what devices learnt about it before no longer
+        describes it (docs/methods.md §1, "Synchronous and asynchronous")."""
         self.faults = faults
+        self.masked = {}
         for s in faults.kill:
             if s not in self.dead:
                 self.handles[s].kill()
@@ -199,10 +212,15 @@ class ServerPool:
                 self.dead.discard(s)
                 self.busy.pop(s, None)
                 self.resting.pop(s, None)
+                restored = 0  # the round whose end state the server comes back with (0: its start state)
                 if faults.recover_from == "checkpoint" and s in self.checkpoints:
                     self.call("load_state", [s], self.checkpoints[s])
+                    restored = int(self.checkpoint_round[s])
                 elif s in self.initial:  # "scratch": the state the run started with
                     self.call("load_state", [s], self.initial[s])
+                if restored < self.trained_round[s]:
+                    self.reset_round[s] = faults.round
+                    self.trained_round[s] = restored
         self.outage = set(faults.outage)
         live = [s for s in range(self.num_servers) if s not in self.dead]
         delay = {s: float(faults.slow.get(s, 0.0)) for s in live}
@@ -218,13 +236,21 @@ class ServerPool:
         self.up = sorted(self.call("ping", reachable, timeout=self.timeout))
         return self.up
 
-    def begin_eval(self) -> None:
-        """Start counting this round's evaluation load (training load was reported already)."""
+    def begin_eval(self, masked: dict[int, set[int]] | None = None) -> None:
+        """Start counting this round's evaluation load (training load was reported already).
+
+        Args:
+            masked: device -> servers it must not defer to in this evaluation (servers reset since
+                the device last trained against them): neither the device's decision nor the pool's
+                routing of its samples uses them, as if a partition cut them off.
+        """
         self.load[:] = 0
+        self.masked = dict(masked or {})
 
     def reachable(self, device: int) -> list[int]:
-        """Servers ``device`` can reach this round: up, and not cut off by a network partition."""
-        cut = self.faults.cut_servers(device)
+        """Servers ``device`` can use this round: up, not cut off by a network partition and, in
+        evaluation, not masked for it (:meth:`begin_eval`)."""
+        cut = self.faults.cut_servers(device) | self.masked.get(device, set())
         return [s for s in self.up if s not in cut]
 
     def availability(self) -> list[int]:
@@ -267,11 +293,14 @@ class ServerPool:
                     rows[s].append(row)
                 row += 1
         fit = self.trainer.fit(self.call, self.live, ids, x, y, rows, server_round)
+        self.trained_round[self.live()] = server_round
         return {**fit, "train_rerouted": self.train_rerouted}
 
     def end_round(self) -> None:
         """Checkpoint every up server (what crash-recover ``from checkpoint`` restores)."""
-        self.checkpoints.update(self.call("state", self.up))
+        states = self.call("state", self.up)
+        self.checkpoints.update(states)
+        self.checkpoint_round[list(states)] = self.faults.round
 
     # ---- answers ------------------------------------------------------------------------------
     def outputs(self, x: np.ndarray, timeout: float | None) -> ServerOutputs:
@@ -353,7 +382,9 @@ class ServerPool:
         for s, st in self.checkpoints.items():
             arrays.update(prefixed(f"recovery{s}", st))
         arrays.update(self.trainer.checkpoint())
-        return arrays, {"dead": sorted(self.dead), "recovery": sorted(self.checkpoints)}
+        rounds = {"trained": self.trained_round.tolist(), "checkpoint": self.checkpoint_round.tolist(),
+                  "reset": self.reset_round.tolist()}
+        return arrays, {"dead": sorted(self.dead), "recovery": sorted(self.checkpoints), "rounds": rounds}
 
     def restore(self, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
         """Load :meth:`checkpoint`'s output into a freshly built pool."""
@@ -364,6 +395,10 @@ class ServerPool:
         self.call("load_full_state", live, each=lambda s: (sub(arrays, f"server{s}"),))
         self.checkpoints = {int(s): sub(arrays, f"recovery{s}") for s in meta["recovery"]}
         self.trainer.restore(arrays)
+        rounds = meta.get("rounds", {})  # absent from checkpoints made before resets were tracked: none known
+        for name, target in (("trained", self.trained_round), ("checkpoint", self.checkpoint_round),
+                             ("reset", self.reset_round)):
+            target[:] = rounds.get(name, [0] * self.num_servers)
 
 
 def _broadcast_key(server: int, key: str) -> str:

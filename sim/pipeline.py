@@ -252,7 +252,8 @@ def run_federation(inp: Inputs) -> Outcome:
     """Step 2: the ServerApp and the ClientApp on the simulation engine; a checkpoint every round.
 
     Raises:
-        EngineError: the engine failed, or no evaluation round succeeded.
+        EngineError: the engine failed, no evaluation round succeeded, or a device did not answer
+            the final evaluation (:func:`final_missing_message`).
     """
     from sim import engine
     from sim.apps import app as client_app
@@ -266,10 +267,32 @@ def run_federation(inp: Inputs) -> Outcome:
     sim_seconds = time.perf_counter() - fed.t_sim
     inp.timing["engine_stop_s"] = sim_seconds - sum(inp.timing.get(p, 0.0) for p in (
         "engine_start_s", "handshake_s", "rounds_s"))
+    if fed.strategy is not None and fed.strategy.final_missing:
+        from sim.checkpoint import CHECKPOINT
+
+        resumable = (inp.run_dir / CHECKPOINT).is_file()
+        raise engine.EngineError(final_missing_message(fed.strategy.final_missing, cfg.fleet.num_clients,
+                                                       inp.run_dir if resumable else None))
     if fed.strategy is None or fed.strategy.last_metrics is None:
         raise engine.EngineError("the simulation finished without a successful evaluation round; "
                                  "rerun with sim.verbose=true to see the devices' errors")
     return Outcome(fed.strategy, fed.table, fed.dead, sim_seconds)
+
+
+def final_missing_message(missing: dict[int, str], num_clients: int, run_dir: Path | None) -> str:
+    """The one line of a run whose final evaluation missed devices (``device -> cause``, not empty);
+    ``run_dir``: the run to continue with ``sim.resume`` (None: it has no checkpoint, start again).
+
+    The final evaluation is exempt from injected dropout (:func:`strategies.pool_strategy.faults_config`),
+    so a device missing from it failed: its summary would cover only some devices' test samples and
+    silently differ from the run asked for. The final round is not checkpointed
+    (:meth:`Federation.round_ok`), so a resume repeats it."""
+    first = min(missing)
+    others = f" (and {len(missing) - 1} more device(s))" if len(missing) > 1 else ""
+    return (f"device {first} failed in the final evaluation{others}: {missing[first]}; the results would cover "
+            f"{num_clients - len(missing)} of {num_clients} devices, so none were written. Fix the cause "
+            f"(sim.verbose=true shows the device's traceback), then "
+            + (f"continue with sim.resume={run_dir}" if run_dir is not None else "run again"))
 
 
 class Federation:
@@ -294,9 +317,12 @@ class Federation:
         """Whether a round is worth a checkpoint: some device answered its training *and* its
         evaluation, beyond the injected dropouts. A killed worker costs its replies and the round is
         kept; a round in which every device failed (e.g. after restoring a mis-shaped state) never
-        replaces the last good checkpoint, so the run can still be resumed from it."""
+        replaces the last good checkpoint, so the run can still be resumed from it. The final round
+        needs every device's evaluation (it has no injected dropout; :func:`final_missing_message`)."""
         answered_train = int(record.get("train_devices", 1))
         answered_eval = int(record.get("eval_devices", 1))
+        if int(record["round"]) == len(self.inp.schedule) and int(record.get("eval_errors", 0)) > 0:
+            return False  # the schedule has one entry per round: this is the final one
         return answered_train > 0 and answered_eval > 0
 
     def on_round(self, record: dict[str, Any]) -> None:

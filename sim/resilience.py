@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from sim.core.config import Config, FailureKind
+from sim.core.metrics import ratio_over_reference
 
 
 def state_label(availability: list[int]) -> str:
@@ -57,20 +58,31 @@ def servers_summary(cfg: Config, rounds: list[dict[str, Any]], table: dict[str, 
     }
 
 
-def _ratios(num: dict[int, float], den: dict[int, float], degraded: set[int]) -> dict[str, Any]:
-    """Per-round ratios ``num / den`` and their summaries: ``mean`` over the degraded rounds (over
-    every round when none is degraded), ``min`` over the degraded rounds, ``run`` mean over every
-    round, ``final``, ``by_round``."""
-    by_round = {t: num[t] / den[t] for t in sorted(num) if t in den and den[t]}
+def _ratios(num: dict[int, float], den: dict[int, float], degraded: set[int], num_classes: int,
+            n: dict[int, int]) -> dict[str, Any]:
+    """Per-round ratios ``num / den`` of accuracies on ``n[t]`` test samples and their summaries:
+    ``mean`` over the degraded rounds (over every round when none is degraded), ``min`` over the
+    degraded rounds, ``run`` mean over every round, ``final``, ``by_round``. A round whose reference
+    ``den`` is no better than guessing has no ratio (:func:`sim.core.metrics.ratio_over_reference`):
+    ``by_round`` gives it as None and the summaries leave it out (``mean`` is None when every
+    degraded round is undefined)."""
+    defined = {t: ratio_over_reference(num[t], den[t], num_classes, n.get(t, 0)) for t in sorted(num) if t in den}
+    by_round_all = {str(t): v for t, v in defined.items()}
+    by_round = {t: v for t, v in defined.items() if v is not None}
     if not by_round:
+        if by_round_all:
+            return {"mean": None, "min": None, "run": None, "final": None, "by_round": by_round_all}
         return {"mean": None, "min": None, "run": None, "final": None, "by_round": {}}
     hit = [v for t, v in by_round.items() if t in degraded]
-    return {"mean": float(np.mean(hit or list(by_round.values()))), "min": float(min(hit)) if hit else None,
-            "run": float(np.mean(list(by_round.values()))), "final": by_round[max(by_round)],
-            "by_round": {str(t): v for t, v in by_round.items()}}
+    # every degraded round undefined: no mean of them (not the all-up rounds' mean in their place)
+    mean = float(np.mean(hit)) if hit else None if degraded & set(defined) else float(np.mean(list(by_round.values())))
+    last = max(defined)
+    return {"mean": mean, "min": float(min(hit)) if hit else None,
+            "run": float(np.mean(list(by_round.values()))), "final": defined[last], "by_round": by_round_all}
 
 
-def kept(rounds: list[dict[str, Any]], reference_rounds: list[dict[str, Any]] | None) -> dict[str, Any]:
+def kept(rounds: list[dict[str, Any]], reference_rounds: list[dict[str, Any]] | None, num_classes: int
+         ) -> dict[str, Any]:
     """MEL's resilience measures per round (Gudipaty et al. 2025; docs/methods.md §7).
 
     - ``fraction_kept``: system accuracy in round t / the all-up reference run's in round t (same
@@ -83,18 +95,21 @@ def kept(rounds: list[dict[str, Any]], reference_rounds: list[dict[str, Any]] | 
 
     Each is summarised over the rounds where a server was down, a partition cut devices off or
     queries were dropped (``mean``, ``min``) and over the run (``run``); a run where nothing fails
-    gives exactly 1.
+    gives exactly 1. A round whose reference accuracy is no better than guessing among
+    ``num_classes`` classes has no ratio (None; :func:`sim.core.metrics.chance_floor`).
     """
     ev = _evaluated(rounds)
+    n = {r["round"]: int(r.get("num_samples", 0)) for r in ev}
     degraded = {r["round"] for r in ev if r.get("degraded", state_label(r["availability"]) != "all up")}
     acc = {r["round"]: r["system_accuracy"] for r in ev}
     out = {"rounds_degraded": sorted(degraded)}
     ref = {r["round"]: r["system_accuracy"] for r in _evaluated(reference_rounds)} if reference_rounds else None
-    out["fraction_kept"] = _ratios(acc, ref if ref is not None else acc, degraded)
+    out["fraction_kept"] = _ratios(acc, ref if ref is not None else acc, degraded, num_classes, n)
     up = {r["round"]: r.get("server_accuracy_all_up") for r in ev if r.get("server_accuracy_all_up") is not None}
-    out["inference_kept"] = _ratios({t: r["server_accuracy"] for r in ev if (t := r["round"]) in up}, up, degraded)
+    out["inference_kept"] = _ratios({t: r["server_accuracy"] for r in ev if (t := r["round"]) in up}, up, degraded,
+                                    num_classes, n)
     sys_up = {r["round"]: r["system_accuracy_all_up"] for r in ev if r.get("system_accuracy_all_up") is not None}
-    out["inference_kept_system"] = _ratios({t: acc[t] for t in sys_up}, sys_up, degraded)
+    out["inference_kept_system"] = _ratios({t: acc[t] for t in sys_up}, sys_up, degraded, num_classes, n)
     return out
 
 
@@ -115,9 +130,10 @@ def resilience_summary(cfg: Config, rounds: list[dict[str, Any]], summary: dict[
         same = reference.get("test_set_digest") == summary["test_set_digest"]
     elif cfg.failures.name == FailureKind.none:
         all_up, same = acc, True
-    k = kept(rounds, reference_rounds if reference is not None else None)
+    num_classes, num_test = int(summary["num_classes"]), int(summary["num_test_samples"])
+    k = kept(rounds, reference_rounds if reference is not None else None, num_classes)
     if reference is None and cfg.failures.name != FailureKind.none:
-        k["fraction_kept"] = _ratios({}, {}, set())  # no all-up reference run (failures.reference=false)
+        k["fraction_kept"] = _ratios({}, {}, set(), num_classes, {})  # no all-up reference run (failures.reference=false)
     return {
         "failures": str(cfg.failures.name),
         "system_accuracy": acc,
@@ -125,7 +141,7 @@ def resilience_summary(cfg: Config, rounds: list[dict[str, Any]], summary: dict[
         "fraction_kept": k["fraction_kept"]["mean"] if same is not False else None,
         "fraction_kept_min": k["fraction_kept"]["min"],
         "fraction_kept_run": k["fraction_kept"]["run"],
-        "fraction_kept_final": (acc / all_up) if all_up and same else None,
+        "fraction_kept_final": ratio_over_reference(acc, all_up, num_classes, num_test) if same else None,
         "fraction_kept_by_round": k["fraction_kept"]["by_round"],
         "inference_kept": k["inference_kept"]["mean"],
         "inference_kept_min": k["inference_kept"]["min"],

@@ -79,6 +79,12 @@ def _fmt(v: float | None) -> str:
     return "-" if v is None or v != v else f"{v:.3f}"
 
 
+def _ratio(v: float | None) -> str:
+    """A resilience ratio: ``n/a`` when undefined (no reference run, or a reference no better than
+    guessing: :func:`sim.core.metrics.ratio_over_reference`)."""
+    return "n/a" if v is None or v != v else f"{v:.3f}"
+
+
 def print_summary(console: Any, summary: dict[str, Any], run_dir: Path, sim_s: float, total_s: float) -> None:
     """The final metrics with the matched-rate baselines, and the kept/deferred table."""
     t = Table(title=f"{summary['strategy']} fleet summary ({summary['num_clients']} devices, "
@@ -131,8 +137,8 @@ def print_summary(console: Any, summary: dict[str, Any], run_dir: Path, sim_s: f
         console.print(tr)
         fo = ", ".join(f"{k} {v}" for k, v in res["failovers"].items())
         console.print(f"accuracy kept in the {res['rounds_degraded']} degraded round(s), vs the all-up reference: "
-                      f"{_fmt(res['fraction_kept'])} (min {_fmt(res['fraction_kept_min'])}); same trained servers "
-                      f"all up (inference only): {_fmt(res['inference_kept'])} (min {_fmt(res['inference_kept_min'])});"
+                      f"{_ratio(res['fraction_kept'])} (min {_ratio(res['fraction_kept_min'])}); same trained servers "
+                      f"all up (inference only): {_ratio(res['inference_kept'])} (min {_ratio(res['inference_kept_min'])});"
                       f" final round {_fmt(res['system_accuracy'])} / all up {_fmt(res['all_up_accuracy'])}; "
                       f"failovers: {fo}", soft_wrap=True)
         table = srv.get("table") or {}

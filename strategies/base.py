@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 import math
 import time
 from dataclasses import dataclass, field
@@ -27,7 +28,7 @@ from flwr.serverapp.strategy import Strategy
 
 from sim.core.config import Config
 from sim.core.metrics import pooled_metrics
-from sim.core.nodes import by_node, devices_per_node, num_nodes
+from sim.core.nodes import by_node, devices_per_node, node_of as node_hosting, num_nodes
 from sim.core.seeding import derive_seed
 
 
@@ -47,12 +48,14 @@ class DeviceReplies:
         info: per device, its info metrics (``num_examples`` and the method's metrics).
         learners: per device that sent one, its trained part (rejector / L2D model state).
         errors: sampled devices that did not answer (error replies and dropouts).
+        node_errors: Flower node id -> the reason of its error reply (one line, :func:`error_line`).
     """
 
     samples: dict[str, np.ndarray] = field(default_factory=dict)
     info: dict[int, MetricRecord] = field(default_factory=dict)
     learners: dict[int, ArrayRecord] = field(default_factory=dict)
     errors: int = 0
+    node_errors: dict[int, str] = field(default_factory=dict)
 
     @property
     def devices(self) -> list[int]:
@@ -69,6 +72,31 @@ class DeviceReplies:
         return {k: v[lo:hi] for k, v in self.samples.items()}
 
 
+ERROR_LINE_CHARS = 300
+"""Longest device error cause quoted in a one-line message."""
+
+
+def error_line(reason: str) -> str:
+    """One line of a node's error reply: the device's exception, without the wrappers around it.
+
+    In-process the reason is ``"Type: message"`` (:class:`sim.inprocess.InProcessGrid`); on Ray
+    Flower writes ``"<class 'module.Type'>:<'message'>"``, and for the device's own exception the
+    message is Ray's traceback ending in ``"... Message: <the exception's message>"``. Returns
+    ``"Type: message"`` (the device's message after Flower's last ``Message: `` where there is one),
+    its first non-empty line, at most :data:`ERROR_LINE_CHARS` characters.
+    """
+    text = str(reason)
+    wrapped = re.fullmatch(r"<class '(?:[\w.]*\.)?(\w+)'>:<'(.*)'>", text.strip(), re.DOTALL)
+    if wrapped:
+        kind, text = wrapped.groups()
+        if "Message: " in text:  # the device's exception inside ClientAppException: its message alone
+            text = text.rsplit("Message: ", 1)[1]
+        elif kind:
+            text = f"{kind}: {text}"
+    line = next((ln.strip() for ln in text.splitlines() if ln.strip()), "no reason given")
+    return line if len(line) <= ERROR_LINE_CHARS else line[:ERROR_LINE_CHARS - 3] + "..."
+
+
 def unpack_replies(replies: Iterable[Message], sent: Iterable[int]) -> DeviceReplies:
     """Per-device view of node replies (the ClientApp packs them); never depends on arrival order.
 
@@ -79,6 +107,7 @@ def unpack_replies(replies: Iterable[Message], sent: Iterable[int]) -> DeviceRep
     parts: list[dict[str, np.ndarray]] = []
     for r in replies:
         if r.has_error():
+            out.node_errors[int(r.metadata.src_node_id)] = error_line(r.error.reason)
             continue
         for key in r.content.keys():
             if key.startswith("info/"):
@@ -138,6 +167,9 @@ class FleetStrategy(Strategy):
         # Rejector states to hand back to devices after a resume (device -> record); each is sent
         # with every message to its device until that device answers successfully.
         self.restore_pending: dict[int, ArrayRecord] = {}
+        # The final evaluation's devices that did not answer, with the cause (device -> one line):
+        # the runner refuses to summarise a final evaluation that misses a device (sim/pipeline.py).
+        self.final_missing: dict[int, str] = {}
 
     def config(self, server_round: int) -> ConfigRecord:
         """The config every message carries: the round and the device-runtime spec."""
@@ -204,6 +236,16 @@ class FleetStrategy(Strategy):
         self.acknowledge(got)
         return got
 
+    def missing(self, got: DeviceReplies) -> dict[int, str]:
+        """The devices the last ``configure_*`` call sent work to that did not answer, each with its
+        cause: its node's error reply (:func:`error_line`), or that it left no reply (an injected
+        dropout, or a reply lost in transit)."""
+        out: dict[int, str] = {}
+        for d in sorted(set(self.sent) - set(got.info)):
+            flower_id = self.node_of.get(node_hosting(d, self.per_node))
+            out[d] = got.node_errors.get(flower_id, "its node's reply did not include it")
+        return out
+
     def summary(self) -> None:  # Strategy API; the run prints its own summary
         return None
 
@@ -233,6 +275,8 @@ class FleetStrategy(Strategy):
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         record = {"round": server_round, **self.train_record}
         got = self.collect(replies)
+        if server_round == self.num_rounds:  # the final evaluation has no injected dropout: all must answer
+            self.final_missing = self.missing(got)
         metrics = None
         if got.devices:
             pooled = {f: got.samples[f] for f in DEVICE_FIELDS}

@@ -41,11 +41,26 @@ def record_arrays(record: ArrayRecord) -> dict[str, np.ndarray]:
     return {k: record[k].numpy() for k in record.keys()}
 
 
-def faults_config(faults: RoundFaults, up: list[int], final: bool) -> str:
+def faults_config(faults: RoundFaults, up: list[int], final: bool,
+                  masked: dict[int, list[int]] | None = None) -> str:
     """What devices learn of this round's faults (JSON in the message config): the servers up,
     the network partition, and which devices drop out (none in the final evaluation, so the final
-    metrics always cover every device's test samples)."""
-    return json.dumps({"up": up, "partition": faults.partition, "dropout": [] if final else faults.dropout})
+    metrics always cover every device's test samples).
+
+    Args:
+        masked: server -> devices that must not defer to it (evaluation: it was reset since they
+            last trained against it, :meth:`PoolStrategy.masked`); sent as extra partition cuts
+            ``[devices, [server]]``, which devices apply as they apply the partition's.
+    """
+    cuts = list(faults.partition) + [[devs, [s]] for s, devs in sorted((masked or {}).items()) if devs]
+    return json.dumps({"up": up, "partition": cuts, "dropout": [] if final else faults.dropout})
+
+
+def broadcast_head(key: str) -> str:
+    """Whose entry a broadcast weight is: ``s{i}`` for server i's network and for its cross-fitting
+    fold copies (``fold{j}:s{i}.<param>``), ``comb`` for MEL's combiner heads."""
+    head = key.split(".", 1)[0]
+    return head.split(":", 1)[1] if ":" in head else head
 
 
 class PoolStrategy(FleetStrategy):
@@ -63,6 +78,11 @@ class PoolStrategy(FleetStrategy):
         self.schedule = schedule
         self.staleness = int(cfg.strategy.staleness)
         self.stale: ArrayRecord | None = None
+        # Per server, the round its entry in the stale copy was taken (-1: not in it); per device and
+        # server, that round for the copy the device last trained against (-1: never). Together with
+        # the pool's reset rounds they say what a device knows of each server's current state.
+        self.stale_round = np.full(int(cfg.servers.count), -1, dtype=np.int64)
+        self.known = np.full((self.num_clients, int(cfg.servers.count)), -1, dtype=np.int64)
         self.faults_json = "{}"
         # Each device's latest trained part (for checkpoints), as arrays: converted once on receipt.
         self.states: dict[int, dict[str, np.ndarray]] = {}
@@ -89,12 +109,45 @@ class PoolStrategy(FleetStrategy):
         faults = self.schedule[server_round - 1]
         up = self.pool.begin_round(faults)
         self.faults_json = faults_config(faults, up, final=False)
-        # Asynchronous training: the copy devices train against is refreshed every S rounds.
-        if self.stale is None or (server_round - 1) % self.staleness == 0:
-            self.stale = ArrayRecord({k: Array(v) for k, v in self.pool.snapshot().items()})
+        self.refresh_stale(server_round)
         devices = self.sample(server_round, float(self.cfg.sim.fraction_train), "train")
         content = RecordDict({"server": self.stale, "config": self.config(server_round)})
         return self.messages(grid, devices, MessageType.TRAIN, content, server_round)
+
+    def refresh_stale(self, server_round: int) -> None:
+        """The server copy devices train against this round (docs/methods.md §1, "Synchronous and
+        asynchronous"): every up server's current weights every S rounds (``strategy.staleness``;
+        S = 1: every round). In between, the entry of a server reset since its entry was taken
+        (:attr:`servers.pool.ServerPool.reset_round`) is replaced by its current weights as soon as it
+        is up: S delays what devices learn of a server's training, not that it lost it."""
+        if self.stale is None or (server_round - 1) % self.staleness == 0:
+            self.stale = ArrayRecord({k: Array(v) for k, v in self.pool.snapshot().items()})
+            self.stale_round[:] = -1
+            self.stale_round[self.pool.up] = server_round
+            return
+        reset = self.pool.reset_round
+        outdated = [s for s in self.pool.up if reset[s] > 0 and self.stale_round[s] < reset[s]]
+        if outdated:
+            fresh = self.pool.snapshot()
+            heads = {f"s{s}" for s in outdated}
+            entries = {k: self.stale[k] for k in self.stale.keys() if broadcast_head(k) not in heads}
+            entries.update({k: Array(v) for k, v in fresh.items() if broadcast_head(k) in heads})
+            self.stale = ArrayRecord(dict(sorted(entries.items())))
+            self.stale_round[outdated] = server_round
+
+    def masked(self) -> dict[int, list[int]]:
+        """Server -> the devices that must not defer to it in this evaluation: devices with a trained
+        part (the others keep every sample anyway) that never trained against the server, or last
+        trained against a copy of it taken before it was reset (:meth:`refresh_stale`)."""
+        devices = np.array(sorted(self.states), dtype=np.int64)
+        if not len(devices):
+            return {}
+        out = {}
+        for s in self.pool.up:
+            stale = devices[self.known[devices, s] < self.pool.reset_round[s]]  # -1 (never) < any reset round
+            if len(stale):
+                out[s] = stale.tolist()
+        return out
 
     @resumable
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
@@ -103,6 +156,9 @@ class PoolStrategy(FleetStrategy):
         for dev in got.devices:
             if dev in got.learners:
                 self.states[dev] = record_arrays(got.learners[dev])
+            for s in self.pool.reachable(dev):  # the servers it trained against: reachable, in its copy
+                if self.stale_round[s] >= 0:
+                    self.known[dev, s] = self.stale_round[s]
         if self.fed_keys is not None:
             self.federate(got)
         record = self.train_round(server_round, got)
@@ -158,8 +214,13 @@ class PoolStrategy(FleetStrategy):
     # ---- evaluation ---------------------------------------------------------------------------
     def eval_content(self, server_round: int, arrays: ArrayRecord) -> RecordDict:
         faults = self.schedule[server_round - 1]
-        self.faults_json = faults_config(faults, self.pool.up, final=server_round == self.num_rounds)
-        self.pool.begin_eval()
+        masked = self.masked()
+        self.faults_json = faults_config(faults, self.pool.up, final=server_round == self.num_rounds, masked=masked)
+        per_device: dict[int, set[int]] = {}
+        for s, devs in masked.items():
+            for d in devs:
+                per_device.setdefault(d, set()).add(s)
+        self.pool.begin_eval(per_device)
         return RecordDict({"config": self.config(server_round)})
 
     def answer(self, server_round: int, pooled: dict[str, np.ndarray], x: np.ndarray) -> dict[str, Any]:
@@ -211,6 +272,7 @@ class PoolStrategy(FleetStrategy):
         arrays: dict[str, np.ndarray] = stack_states(self.states, "rejectors")
         if self.stale is not None:
             arrays.update({f"stale/{k}": self.stale[k].numpy() for k in self.stale.keys()})
+        arrays["stale_round"], arrays["known"] = self.stale_round.copy(), self.known.copy()
         for key, avg in self.averages.items():
             arrays.update({f"averages/{key}/{n}": v for n, v in avg.items()})
         return arrays, {"rejectors": sorted(self.states), "stale": self.stale is not None,
@@ -232,5 +294,12 @@ class PoolStrategy(FleetStrategy):
             self.restore_pending[d] = ArrayRecord({k: Array(np.array(v)) for k, v in st.items()})
         if meta["stale"]:
             self.stale = ArrayRecord({k: Array(np.array(v)) for k, v in sub(arrays, "stale").items()})
+        if "known" in arrays:
+            self.stale_round[:], self.known[:] = arrays["stale_round"], arrays["known"]
+        else:  # a checkpoint made before this was tracked: every device knows the copy it holds
+            heads = {broadcast_head(k) for k in (self.stale.keys() if self.stale is not None else [])}
+            present = {int(h[1:]) for h in heads if h[:1] == "s" and h[1:].isdigit()}  # not "comb" (MEL)
+            self.stale_round[sorted(present)] = 1
+            self.known[np.ix_(sorted(int(d) for d in self.states), sorted(present))] = 1
         self.averages = {key: {n: np.array(v) for n, v in sub(arrays, f"averages/{key}").items()}
                          for key in meta.get("averages", [])}

@@ -91,3 +91,76 @@ def test_cli_mel_crash_stop_reports_resilience(tmp_path, shared_cache):
     for name in ("failure_schedule.json", "resilience_timeline.png", "resilience_states.png"):
         assert (run_dir / name).is_file(), name
     assert "round   2: crash [0]" in r.stdout and "accuracy kept in the 2 degraded round(s)" in r.stdout
+
+
+def _failing_device(monkeypatch, device, rounds=None):
+    """Make ``device``'s evaluation raise (in ``rounds``; None: every round), as a device whose legacy
+    model cannot be loaded does."""
+    from strategies.l2h import L2HMethod
+
+    real = L2HMethod.evaluate
+
+    def evaluate(self, ctx):
+        if ctx.device.device_id == device and (rounds is None or ctx.round in rounds):
+            raise RuntimeError(f"the legacy model of device {device} cannot be loaded")
+        return real(self, ctx)
+
+    monkeypatch.setattr(L2HMethod, "evaluate", evaluate)
+
+
+def test_a_device_missing_from_the_final_evaluation_fails_the_run_in_one_line(tmp_path, shared_cache, monkeypatch):
+    """Issue 28 item 4: a device that fails every round used to leave a summary over 3 of 4 devices,
+    exit 0. The final evaluation has no injected dropout, so a missing device fails the run, naming
+    the device and the cause; the final round is not checkpointed, so a resume repeats it."""
+    from sim.checkpoint import load
+    from sim.engine import EngineError
+    from sim.run import simulate
+
+    _failing_device(monkeypatch, 2)
+    cfg = small_cfg(**{"sim.backend": "inprocess", "sim.cache_dir": shared_cache})
+    with pytest.raises(EngineError) as err:
+        simulate(cfg, tmp_path / "run")
+    msg = str(err.value)
+    assert "\n" not in msg, msg
+    assert msg.startswith("device 2 failed in the final evaluation: RuntimeError: the legacy model of device 2 "
+                          "cannot be loaded; the results would cover 3 of 4 devices"), msg
+    assert msg.endswith(f"continue with sim.resume={tmp_path / 'run'}"), msg
+    assert not (tmp_path / "run" / "summary.json").exists()
+    assert load(tmp_path / "run")[1]["round"] == 1  # the incomplete final round (2) was not checkpointed
+
+
+def test_a_device_failing_before_the_final_round_is_counted_not_fatal(tmp_path, shared_cache, monkeypatch):
+    from sim.run import simulate
+
+    _failing_device(monkeypatch, 2, rounds={1})
+    s = simulate(small_cfg(**{"sim.backend": "inprocess", "sim.cache_dir": shared_cache}), tmp_path / "run")
+    rounds = [json.loads(ln) for ln in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["eval_errors"] for r in rounds] == [1, 0] and s["resilience"]["device_errors"] == 1
+    assert rounds[-1]["eval_devices"] == 4 and len((tmp_path / "run" / "clients.csv").read_text().splitlines()) == 5
+
+
+@pytest.mark.parametrize("over", [
+    # the issue's reproduction: the server crashes before it ever trained, the stale copy (S=3) has
+    # no entry for it; devices used to defer 47% to it (accuracy 0.12), system 0.486 vs legacy 0.825
+    {"failures.round": 1, "failures.recover_after": 1},
+    # reset after training, half the devices sampled per round: the unsampled ones still held a
+    # rejector trained against the server before its reset (system 0.708 vs legacy 0.825 in round 3)
+    {"sim.num_rounds": 5, "failures.round": 2, "failures.recover_after": 1, "failures.recover_from": "scratch",
+     "sim.fraction_train": 0.5},
+], ids=["never-trained", "scratch-half-sampled"])
+def test_a_stale_rejector_never_trusts_a_server_it_has_not_seen_since_its_reset(tmp_path, shared_cache, over):
+    """Issue 28 item 3 (docs/methods.md §1, "Synchronous and asynchronous"): with S = 3 a recovered
+    server is deferred to only by devices that trained against its state since the recovery, so no
+    round falls below the legacy models alone; a ratio over the untrained pool's accuracy is null."""
+    from sim.run import simulate
+
+    cfg = small_cfg(**{"sim.backend": "inprocess", "sim.cache_dir": shared_cache, "strategy.staleness": 3,
+                       "failures": "crash_recover", "failures.reference": "false", **over})
+    s = simulate(cfg, tmp_path / "run")
+    rounds = [json.loads(ln) for ln in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["system_accuracy"] >= r["legacy_accuracy"] for r in rounds), [
+        (r["system_accuracy"], r["legacy_accuracy"]) for r in rounds]
+    assert s["system_accuracy"] >= s["legacy_accuracy"]
+    if over["failures.round"] == 1:  # round 1: the server is down and its all-up stand-in untrained (0.12)
+        assert rounds[0]["server_accuracy_all_up"] < 0.13
+        assert s["resilience"]["inference_kept_by_round"]["1"] is None and s["resilience"]["inference_kept"] is None

@@ -10,7 +10,8 @@ def test_weighted_mean_is_fedavg():
     a = {"w": np.array([1.0, 1.0], np.float32)}
     b = {"w": np.array([3.0, 5.0], np.float32)}
     out = weighted_mean([a, b], [1, 3])
-    assert np.allclose(out["w"], [2.5, 4.0]) and out["w"].dtype == np.float32
+    # (1 * 1 + 3 * 3) / 4 and (1 * 1 + 3 * 5) / 4: every intermediate is exact in binary
+    assert np.array_equal(out["w"], [2.5, 4.0]) and out["w"].dtype == np.float32
     with pytest.raises(ValueError):
         weighted_mean([a], [0])
 

@@ -69,11 +69,36 @@ def test_corrupt_dataset_cache_is_rebuilt(tmp_path):
     assert (p2.path / "y.npy").read_bytes() == y
 
 
+# Tolerance of test_batched_pretraining_is_the_one_by_one_training, a first-order bound on how far
+# float rounding can carry two trainings that do the same arithmetic in different summation orders:
+STEPS = 40  # Adam steps: 20 epochs of 2 batches (32 + 8 samples)
+LR = 1e-2
+TERMS = 2 ** 12  # accumulated terms behind any gradient element here: the 2-D CNN's weight gradient sums
+#                  32 samples x 8x8 positions = 2^11 products, plus the shorter sums of the <= 3 layers above
+U64 = 2.0 ** -53  # float64 unit roundoff: a K-term sum is within K * U64 * sum|terms| of the exact one
+KAPPA = 2 ** 17  # condition of the Adam step: sum|terms| / (sqrt(v_hat) + eps) over every coordinate and
+#                  step, measured in float64 on these inputs (torch.func per-sample gradients, a property of
+#                  the data, not of the CPU): <= 8.1e3 (mlp; logreg 2.4e3, cnn 7.8e3, cnn1d 2.7e3) at the
+#                  batch level, x10 for the sums inside each sample (positions, channels), rounded up
+ADAM = 8  # Adam's own gain on a gradient difference delta: lr * delta / (sqrt(v_hat) + eps) through m_hat,
+#           (1 - beta1) / sqrt(1 - beta2) = 3.2 times that through v_hat: 4.2 in all, rounded up
+BATCHED_TOL = ADAM * STEPS * LR * TERMS * U64 * KAPPA  # = 1.9e-7
+
+
+@pytest.mark.numeric
 @pytest.mark.parametrize("arch", ["logreg", "mlp", "cnn", "cnn1d"])
 def test_batched_pretraining_is_the_one_by_one_training(arch):
     """Stacked (torch.func) training of M models == M separate train_minibatch runs (same seeds,
     same shuffles, same Adam), up to float rounding; ``cnn1d`` with its hand-written gradients
-    (clients/stacked.py), the others through vmap and autograd."""
+    (clients/stacked.py), the others through vmap and autograd.
+
+    In float64, with :data:`BATCHED_TOL` (above). In float32 no CPU-independent tolerance exists:
+    its rounding (2^-24 per operation) of a gradient whose terms cancel is as large as Adam's
+    eps = 1e-8, so a coordinate with a near-zero gradient steps up to lr either way by chance
+    (measured for cnn1d: 7.6e-5 with the AVX2 kernels, 1.4e-4 with the portable ones, of weights
+    moved 0.263). In float64 that noise is 2^29 times smaller, far below eps, and Adam passes it on
+    linearly: measured <= 1e-14 on every kernel family, while one Adam step of a different
+    schedule or gradient moves a weight by ~lr = 1e-2."""
     import torch.nn.functional as F
 
     from clients.stacked import STACKED_GRADS
@@ -82,28 +107,28 @@ def test_batched_pretraining_is_the_one_by_one_training(arch):
 
     m, n = 4, 40  # n > batch 32: two steps per epoch, the second a short one
     torch.manual_seed(0)
-    xs, ys = torch.rand(m, n, 1, 8, 8), torch.randint(0, 10, (m, n))
+    xs, ys = torch.rand(m, n, 1, 8, 8, dtype=torch.float64), torch.randint(0, 10, (m, n))
     models, ref = [], []
     for i in range(m):
         for out in (models, ref):
             torch.manual_seed(i)
-            out.append(build_model(arch, (1, 8, 8), 10, hidden=8))
+            out.append(build_model(arch, (1, 8, 8), 10, hidden=8).double())
     for i, r in enumerate(ref):
         train_minibatch(r.parameters(), (xs[i], ys[i]), lambda xb, yb, r=r: F.cross_entropy(r(xb), yb),
-                        epochs=20, batch_size=32, lr=1e-2, seed=7 + i)
+                        epochs=STEPS // 2, batch_size=32, lr=LR, seed=7 + i)
     before = [[p.detach().clone() for p in mod.parameters()] for mod in models]
-    train_stacked(models, xs, ys, epochs=20, batch_size=32, lr=1e-2, seeds=[7 + i for i in range(m)],
+    train_stacked(models, xs, ys, epochs=STEPS // 2, batch_size=32, lr=LR, seeds=[7 + i for i in range(m)],
                   grads=STACKED_GRADS.get(arch))
-    # Rounding-level agreement: the batched and the one-by-one weights differ by less than 1e-4 of
-    # how far training moved them (measured: <= 1e-5; Adam turns rounding noise in near-zero
-    # gradients into steps of up to lr, so an absolute bound would depend on lr).
+    assert BATCHED_TOL < 2e-7
     for a, b, b0 in zip(models, ref, before):
+        assert all(p.dtype == torch.float64 for p in a.parameters())
         moved = max(float((pb.detach() - p0).abs().max()) for pb, p0 in zip(b.parameters(), b0))
         diff = max(float((pa.detach() - pb.detach()).abs().max()) for pa, pb in zip(a.parameters(), b.parameters()))
-        assert moved > 0.1 and diff <= 1e-4 * moved, (arch, diff, moved)
+        assert moved > 0.1 and diff <= BATCHED_TOL, (arch, diff, moved)
 
 
 @pytest.mark.slow
+@pytest.mark.numeric
 def test_sequential_and_batched_fleets_agree_and_are_cached_apart(tmp_path):
     cfg_b = small_cfg(**{"fleet.num_clients": 8, **PER_DEVICE})
     cfg_s = small_cfg(**{"fleet.num_clients": 8, "fleet.pretrain": "sequential", **PER_DEVICE})
@@ -113,6 +138,7 @@ def test_sequential_and_batched_fleets_agree_and_are_cached_apart(tmp_path):
     assert np.abs(fb.legacy_accuracy - fs.legacy_accuracy).max() <= 1 / 36  # at most one test sample flips
 
 
+@pytest.mark.numeric
 @pytest.mark.parametrize("in_shape", [(1, 1, 40), (2, 4, 8), (1, 1, 11)])
 def test_hand_written_conv1d_gradients_are_autograds_in_any_chunking(monkeypatch, in_shape):
     """clients/stacked.py's gradients of M stacked 1-D CNNs == autograd's through vmap, also when M
@@ -125,16 +151,22 @@ def test_hand_written_conv1d_gradients_are_autograds_in_any_chunking(monkeypatch
     monkeypatch.setattr(stacked, "CHUNK", 3)
     m, b = 7, 12
     torch.manual_seed(0)
-    models = [build_model("cnn1d", in_shape, 10, hidden=6) for _ in range(m)]
+    models = [build_model("cnn1d", in_shape, 10, hidden=6).double() for _ in range(m)]
     params, buffers = stack_module_state(models)
-    x, y = torch.randn(m, b, *in_shape), torch.randint(0, 10, (m, b))
+    x, y = torch.randn(m, b, *in_shape, dtype=torch.float64), torch.randint(0, 10, (m, b))
     logits = torch.vmap(lambda p, bu, xx: functional_call(models[0], (p, bu), (xx,)))(params, buffers, x)
     torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view(m, b).mean(1).sum().backward()
     got = stacked.conv1d_net_grads({k: v.detach() for k, v in params.items()}, x, y)
     assert set(got) == set(params)
+    # In float64: both are sums of the same products in other orders, each within K * U64 * sum|terms|
+    # of the exact gradient. K < 2^9 (the first layer's weight gradient sums 12 samples x 19 positions,
+    # plus the <= 3 layers above); sum|terms| < 2^3 (measured on these inputs, float64 per-sample
+    # gradients: sum over the batch <= 0.43, x10 for the sums inside a sample). So they differ by at most
+    # 2 * 2^9 * 2^-53 * 2^3 = 2^-40 (measured: 5.6e-17); a wrong stride, padding or chunk moves a gradient
+    # of size ~0.1 by far more. (In float32 the same bound is 2^-11, looser than the gradients' own digits.)
     for name, p in params.items():
-        assert got[name].shape == p.shape
-        assert torch.allclose(got[name], p.grad, rtol=1e-4, atol=1e-6), name
+        assert got[name].shape == p.shape and got[name].dtype == torch.float64
+        assert (got[name] - p.grad).abs().max() <= 2.0 ** -40, name
 
 
 @pytest.mark.slow

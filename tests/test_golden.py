@@ -24,6 +24,7 @@ def _check(name, got):
                        f"with `python -m tests.golden {name}`")
 
 
+@pytest.mark.numeric
 @pytest.mark.parametrize("name", [pytest.param(n, marks=[] if n in FAST else [pytest.mark.slow]) for n in CASES])
 def test_in_process_run_matches_its_golden_file(name, tmp_path, shared_cache):
     _check(name, run_case(name, tmp_path / "run", shared_cache))

@@ -26,6 +26,11 @@ CONFIGS = [
     (["+foo=1"], "foo"),                                         # unknown + keys
     (["+sim.num_round=3"], "num_round"),                         # a typo of an existing key
     (["data.num_samples=7"], "data.num_samples"),
+    # model widths beyond sim.core.config.MAX_HIDDEN: an allocation traceback before
+    (["servers.hidden=1000000000"], "servers.hidden"),
+    (["strategy.rejector.hidden=1000000000"], "strategy.rejector.hidden"),
+    (["fleet.groups.1.hidden=1000000000"], "fleet.groups.1.hidden"),
+    (["servers.hidden=4097"], "servers.hidden"),
 ]
 
 
@@ -37,6 +42,16 @@ def test_a_hostile_config_value_is_one_line_naming_its_key(overrides, key):
         compose_checked(overrides)
     msg = str(err.value)
     assert "\n" not in msg and key in msg, msg
+
+
+def test_the_widest_model_allowed_is_accepted():
+    """The bound refuses only what cannot be built: MAX_HIDDEN itself is a valid width everywhere."""
+    from sim.cli import compose_checked
+    from sim.core.config import MAX_HIDDEN
+
+    cfg = compose_checked([f"servers.hidden={MAX_HIDDEN}", f"strategy.rejector.hidden={MAX_HIDDEN}",
+                           f"fleet.groups.0.hidden={MAX_HIDDEN}"])
+    assert cfg.servers.hidden == cfg.strategy.rejector.hidden == cfg.fleet.groups[0].hidden == MAX_HIDDEN
 
 
 def test_an_unknown_primary_config_is_one_line():

@@ -22,6 +22,7 @@ def _train(opt_cls, steps: int = 25, reload_at: int = 10):
     return [p.detach().clone() for p in net.parameters()], opt.state_dict()
 
 
+@pytest.mark.numeric
 def test_the_parameters_and_the_state_are_torchs_to_the_last_bit():
     ours, ours_state = _train(Adam)
     theirs, theirs_state = _train(torch.optim.Adam)

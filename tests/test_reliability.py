@@ -305,6 +305,9 @@ def test_round_ok_keeps_a_round_only_if_some_device_answered_both_phases():
     assert not fed.round_ok({"round": 2, "train_devices": 0, "train_errors": 4, "eval_devices": 4, "eval_errors": 0})
     assert not fed.round_ok({"round": 2, "train_devices": 4, "train_errors": 0, "eval_devices": 0, "eval_errors": 4})
     assert not fed.round_ok({"round": 1, "train_devices": 0, "train_errors": 2, "eval_devices": 0, "eval_errors": 2})
+    # the final round (2 of 2) has no injected dropout: a device missing from it fails the run, and
+    # the round is not kept, so a resume repeats it (sim/pipeline.py final_missing_message)
+    assert not fed.round_ok({"round": 2, "train_devices": 4, "train_errors": 0, "eval_devices": 3, "eval_errors": 1})
 
 
 def test_a_checkpoint_whose_state_fails_every_device_is_kept_as_it_was(tmp_path, finished):

@@ -45,12 +45,35 @@ def test_a_fault_that_ends_before_the_last_round_is_measured_while_it_lasts(tmp_
 
 def test_kept_ratios_on_records():
     rounds = [{"round": t, "system_accuracy": a, "availability": av, "server_accuracy": sa,
-               "server_accuracy_all_up": su, "system_accuracy_all_up": a}
+               "server_accuracy_all_up": su, "system_accuracy_all_up": a, "num_samples": 360}
               for t, a, av, sa, su in [(1, 0.8, [1, 1], 0.9, 0.9), (2, 0.6, [0, 1], 0.7, 0.9),
                                        (3, 0.7, [0, 1], 0.8, 0.9), (4, 0.9, [1, 1], 0.9, 0.9)]]
-    ref = [{"round": t, "system_accuracy": 0.8, "availability": [1, 1]} for t in range(1, 5)]
-    k = kept(rounds, ref)
+    ref = [{"round": t, "system_accuracy": 0.8, "availability": [1, 1], "num_samples": 360} for t in range(1, 5)]
+    k = kept(rounds, ref, num_classes=10)
     assert k["rounds_degraded"] == [2, 3]
     assert k["fraction_kept"]["mean"] == pytest.approx((0.6 / 0.8 + 0.7 / 0.8) / 2)
     assert k["fraction_kept"]["min"] == pytest.approx(0.75) and k["fraction_kept"]["final"] == pytest.approx(1.125)
     assert k["inference_kept"]["mean"] == pytest.approx((0.7 / 0.9 + 0.8 / 0.9) / 2)
+
+
+def test_a_ratio_over_a_reference_no_better_than_guessing_is_undefined():
+    """Issue 28 item 3: a pool whose only server came back untrained answered 0.122 of 360 samples of
+    10 classes right with every server up, and "inference kept" printed 0.825 / 0.122 = 6.75. A
+    reference within two standard errors of guessing (1/K) has no ratio: null, left out of the means."""
+    from sim.core.metrics import chance_floor
+
+    assert chance_floor(10, 360) == pytest.approx(0.1 + 2 * (0.1 * 0.9 / 360) ** 0.5)  # 0.1316
+    rounds = [{"round": t, "system_accuracy": 0.825, "availability": av, "server_accuracy": 0.825,
+               "server_accuracy_all_up": su, "system_accuracy_all_up": 0.825, "num_samples": 360}
+              for t, av, su in [(1, [0], 0.122), (2, [1], 0.8), (3, [0], 0.6)]]
+    k = kept(rounds, None, num_classes=10)
+    assert k["inference_kept"]["by_round"] == {"1": None, "2": pytest.approx(0.825 / 0.8), "3": 1.375}
+    assert k["inference_kept"]["mean"] == 1.375 and k["inference_kept"]["min"] == 1.375  # round 3 alone
+    only = kept(rounds[:1], None, num_classes=10)["inference_kept"]
+    assert only == {"mean": None, "min": None, "run": None, "final": None, "by_round": {"1": None}}
+    # the only degraded round undefined: no "kept in the degraded rounds", not the all-up rounds' 1.0
+    first_two = kept(rounds[:2], None, num_classes=10)["inference_kept"]
+    assert first_two["mean"] is None and first_two["min"] is None and first_two["run"] == pytest.approx(0.825 / 0.8)
+    # just above the floor it is a ratio; with 2 classes the floor is 0.553
+    assert kept([{**rounds[0], "server_accuracy_all_up": 0.1317}], None, 10)["inference_kept"]["final"] > 6
+    assert kept([{**rounds[0], "server_accuracy_all_up": 0.55}], None, 2)["inference_kept"]["final"] is None

@@ -68,6 +68,15 @@ MAX_SIDE = 4096
 """Largest sensor block (``fleet.groups.<i>.downsample``); the data's own side is checked once it is loaded."""
 MAX_SAMPLES = 10_000_000
 """Most samples ``data.num_samples`` may generate (MNIST-1D)."""
+MAX_HIDDEN = 4096
+"""Widest hidden layer, in units or channels, of any model: ``servers.hidden``,
+``strategy.rejector.hidden``, ``fleet.groups.<i>.hidden``. The largest network this allows is
+:class:`clients.zoo.SmallCNN`'s second 3x3 convolution from 4,096 to 8,192 channels: 3.0e8 weights,
+1.2 GB in float32 and 4.8 GB with its gradient and Adam's two moments -- still built and trained on a
+16 GB machine. Twice the width is four times that (19 GB: an allocation failure on the 23 GB
+reference machine), and ``hidden=1000000000`` failed with an allocation traceback. The widths in use
+are far below (defaults 32-128; MNIST-1D's ConvBase 25). The bound is per model: a fleet of many
+devices holds one legacy model and one rejector per device, checked by what it builds, not here."""
 MNIST1D_MIN_SAMPLES = 10_000
 MNIST1D_PER_DEVICE = 50
 
@@ -157,6 +166,11 @@ def check_all_finite(obj: Any, prefix: str = "") -> None:
 
 def _at_least(n: float) -> tuple[Any, str]:
     return (lambda v: v >= n, f"must be >= {n:g}")
+
+
+def _width() -> tuple[Any, str]:
+    return (lambda v: 1 <= v <= MAX_HIDDEN, f"must be 1 to {MAX_HIDDEN} units/channels (a wider model does not fit "
+                                            "in memory: see sim.core.config.MAX_HIDDEN)")
 
 
 def _positive() -> tuple[Any, str]:
@@ -292,7 +306,7 @@ class DeviceGroupConfig:
                                                           "pixels; at most the inputs' side)"),
             "noise_std": _at_least(0),
             "epochs": _at_least(1),
-            "hidden": _at_least(1),
+            "hidden": _width(),
             "lr": _positive(),
             "versions": (lambda v: 1 <= v <= 64, "must be 1 to 64 model versions per group"),
         })
@@ -350,7 +364,7 @@ class RejectorConfig:
     federate_by: FederateBy = FederateBy.group  # group: devices of one fleet group (architecture, sensor) | fleet
 
     def __post_init__(self) -> None:
-        check_fields(self, "strategy.rejector", {"hidden": _at_least(1), "epochs": _at_least(1),
+        check_fields(self, "strategy.rejector", {"hidden": _width(), "epochs": _at_least(1),
                                                  "batch_size": _at_least(1), "lr": _positive()})
 
 
@@ -519,7 +533,7 @@ class ServersConfig:
             need(self.arch == Arch.mlp, "servers.arch", self.arch,
                  "cooperative learning builds multi-exit MLPs: use servers.arch=mlp")
         check_fields(self.resources, "servers.resources", {"num_cpus": _at_least(0), "num_gpus": _at_least(0)})
-        check_fields(self, "servers", {"hidden": _at_least(1), "buffer_size": _at_least(1), "epochs": _at_least(1),
+        check_fields(self, "servers", {"hidden": _width(), "buffer_size": _at_least(1), "epochs": _at_least(1),
                                        "batch_size": _at_least(1), "lr": _positive()})
 
     def _check_tiers(self) -> None:

@@ -22,6 +22,34 @@ def _acc(correct: np.ndarray) -> float:
     return float(correct.mean()) if correct.size else float("nan")
 
 
+SKILL_SE = 2.0
+"""Standard errors above chance an accuracy must be to count as skill (:func:`chance_floor`)."""
+
+
+def chance_floor(num_classes: int, n: int) -> float:
+    """The highest accuracy on ``n`` test samples that cannot be told apart from guessing.
+
+    Guessing uniformly among ``K = num_classes`` classes is right with probability ``p = 1/K``; its
+    measured accuracy on ``n`` samples has standard error ``sqrt(p (1 - p) / n)`` and exceeds
+    ``p + 2 SE`` with probability about 2.3% (normal approximation to the binomial). Returns that
+    floor, ``p + SKILL_SE * SE``: 0.132 for 10 classes on 360 samples, 0.553 for 2. (Guessing the
+    most frequent class can do better on an unbalanced test set; 1/K is the floor for every set.)
+    """
+    p = 1.0 / max(int(num_classes), 1)
+    return p + SKILL_SE * float(np.sqrt(p * (1.0 - p) / max(int(n), 1)))
+
+
+def ratio_over_reference(num: float, den: float | None, num_classes: int, n: int) -> float | None:
+    """``num / den`` for an accuracy ``num`` kept relative to a reference accuracy ``den`` on ``n``
+    test samples of ``num_classes`` classes, or None (undefined) when ``den`` is at or below
+    :func:`chance_floor`: a reference with no skill has nothing to keep, and the ratio grows without
+    bound as it nears 0 (a pool with one untrained server: 0.825 / 0.122 = 6.75 "kept").
+    """
+    if den is None or num is None or not np.isfinite(den) or not np.isfinite(num) or n <= 0:
+        return None
+    return float(num / den) if den > chance_floor(num_classes, n) else None
+
+
 def system_correct(defer: np.ndarray, m_ok: np.ndarray, e_ok: np.ndarray) -> np.ndarray:
     return np.where(defer, e_ok, m_ok)
 
