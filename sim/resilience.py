@@ -105,10 +105,13 @@ def kept(rounds: list[dict[str, Any]], reference_rounds: list[dict[str, Any]] | 
     out = {"rounds_degraded": sorted(degraded)}
     ref = {r["round"]: r["system_accuracy"] for r in _evaluated(reference_rounds)} if reference_rounds else None
     out["fraction_kept"] = _ratios(acc, ref if ref is not None else acc, degraded, num_classes, n)
-    up = {r["round"]: r.get("server_accuracy_all_up") for r in ev if r.get("server_accuracy_all_up") is not None}
+    # a round whose all-up stand-in holds a server that never learnt anything has no inference ratio
+    up = {r["round"]: (None if r.get("all_up_untrained") else r.get("server_accuracy_all_up"))
+          for r in ev if r.get("server_accuracy_all_up") is not None}
     out["inference_kept"] = _ratios({t: r["server_accuracy"] for r in ev if (t := r["round"]) in up}, up, degraded,
                                     num_classes, n)
-    sys_up = {r["round"]: r["system_accuracy_all_up"] for r in ev if r.get("system_accuracy_all_up") is not None}
+    sys_up = {r["round"]: (None if r.get("all_up_untrained") else r["system_accuracy_all_up"])
+              for r in ev if r.get("system_accuracy_all_up") is not None}
     out["inference_kept_system"] = _ratios({t: acc[t] for t in sys_up}, sys_up, degraded, num_classes, n)
     return out
 

@@ -256,14 +256,21 @@ class PoolStrategy(FleetStrategy):
         """The same trained pool answering the same samples with every server up and reachable
         (MEL's resilience measure, docs/methods.md §7): ``server_accuracy_all_up`` (every sample
         deferred) and ``system_accuracy_all_up`` (the devices' own decisions kept). In a round
-        with no failure the pool's answers are used as they are, so the ratios are exactly 1."""
+        with no failure the pool's answers are used as they are, so the ratios are exactly 1.
+        ``all_up_untrained``: the servers whose all-up stand-in has never learnt anything (an up
+        server not trained yet, a down one with no checkpoint from training, no installed start
+        state): "the same trained pool" is then not a trained pool, and its ratios are undefined."""
         e_up = e_pred
+        untrained: list[int] = []
         if self.pool.degraded():
             e_up = self.pool.answer_all_up(x, pooled["device"], pooled["route"], pooled["defer"], pooled["m_pred"])
+            pool = self.pool
+            untrained = [s for s in range(pool.num_servers) if s not in pool.initial
+                         and (pool.trained_round[s] if s in pool.up else pool.checkpoint_round[s]) == 0]
         y, defer = pooled["y"], pooled["defer"].astype(bool)
         e_ok, m_ok = e_up == y, pooled["m_pred"] == y
         return {"degraded": self.pool.degraded(), "server_accuracy_all_up": float(e_ok.mean()),
-                "system_accuracy_all_up": float(np.where(defer, e_ok, m_ok).mean())}
+                "system_accuracy_all_up": float(np.where(defer, e_ok, m_ok).mean()), "all_up_untrained": untrained}
 
     # ---- checkpoint / resume ------------------------------------------------------------------
     def checkpoint(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
