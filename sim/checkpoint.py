@@ -159,8 +159,11 @@ def open_for_resume(cfg: Config, run_dir: Path) -> tuple[tuple[dict, dict] | Non
         checkpoint is checked then), and the run with failures starts from round 1.
 
     Raises:
-        ConfigError: no run or checkpoint there, an unreadable checkpoint, or a different config.
+        ConfigError: no run or checkpoint there, an unreadable checkpoint, a different config, or a
+            metrics.jsonl the checkpoint cannot restore (:func:`sim.journal.proven`).
     """
+    from sim import journal
+
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise ConfigError(f"sim.resume={run_dir} is not a directory: give the run directory to continue")
@@ -179,6 +182,7 @@ def open_for_resume(cfg: Config, run_dir: Path) -> tuple[tuple[dict, dict] | Non
     if problem:
         raise ConfigError(f"the checkpoint in {run_dir} cannot be resumed ({problem}): start the run again "
                           "without sim.resume")
+    journal.proven(run_dir, arrays, int(meta["round"]))  # metrics.jsonl can be made what the checkpoint proves
     return (arrays, meta), int(meta["round"])
 
 

@@ -102,7 +102,7 @@ def open_run(cfg: Config, run_dir: Path, console: Any) -> tuple[Path, tuple | No
     Raises:
         ConfigError: the resumed directory does not fit this config, or cannot be finished.
     """
-    from sim import checkpoint
+    from sim import checkpoint, journal
 
     if not cfg.sim.resume:
         return run_dir, None, 0, None
@@ -118,11 +118,20 @@ def open_run(cfg: Config, run_dir: Path, console: Any) -> tuple[Path, tuple | No
                               "the results a resume needs to write summary.json: run it again without sim.resume")
         console.print(f"[bold]resuming[/bold] {run_dir}: all {finished} rounds are saved; writing its results",
                       soft_wrap=True)
-        return run_dir, ckpt, finished, None
-    console.print(f"[bold]resuming[/bold] {run_dir} after round {finished} of {cfg.sim.num_rounds}"
-                  if ckpt is not None else f"[bold]resuming[/bold] {run_dir}: its all-up reference run first",
-                  soft_wrap=True)
+    else:
+        console.print(f"[bold]resuming[/bold] {run_dir} after round {finished} of {cfg.sim.num_rounds}"
+                      if ckpt is not None else f"[bold]resuming[/bold] {run_dir}: its all-up reference run first",
+                      soft_wrap=True)
+    say_repair(console, run_dir, journal.proven(run_dir, ckpt[0] if ckpt else None, finished), finished)
     return run_dir, ckpt, finished, None
+
+
+def say_repair(console: Any, run_dir: Path, proven: Any, finished: int) -> None:
+    """One line when ``run_dir``'s metrics.jsonl is rewritten from its checkpoint (:class:`sim.journal.Proven`)."""
+    if proven.problem:
+        console.print(f"[bold]note[/bold]: {run_dir / 'metrics.jsonl'} did not match the checkpoint "
+                      f"({proven.problem}); rewritten with rounds 1-{finished} as the checkpoint keeps them",
+                      soft_wrap=True)
 
 
 def outcome_from_checkpoint(inp: Inputs) -> Outcome:
@@ -141,7 +150,9 @@ def run_reference(cfg: Config, run_dir: Path, console: Any) -> dict[str, Any] | 
     """With failures injected: the same seed with every server up (run, resumed, or read from
     ``run_dir/reference``): its summary, with its per-round records under ``rounds``; None when
     no reference is wanted."""
+    from sim import journal
     from sim.checkpoint import CHECKPOINT
+    from sim.core.cache import atomic_write_text
 
     if cfg.failures.name == FailureKind.none or not cfg.failures.reference:
         return None
@@ -154,8 +165,11 @@ def run_reference(cfg: Config, run_dir: Path, console: Any) -> dict[str, Any] | 
         ref_cfg = replace(cfg, failures=cfg.failures.none(), sim=replace(cfg.sim, resume=resume))
         reference = simulate(ref_cfg, ref_dir, console, fresh=bool(cfg.sim.resume))
     console.print("[bold]run with failures[/bold]")
-    rounds = [json.loads(line) for line in (ref_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    return {**reference, "rounds": rounds}
+    proven = journal.of_finished_run(ref_dir, cfg.sim.num_rounds)
+    if proven.problem:
+        say_repair(console, ref_dir, proven, cfg.sim.num_rounds)
+        atomic_write_text(ref_dir / "metrics.jsonl", proven.text, fsync=True)
+    return {**reference, "rounds": journal.records(proven.text)}
 
 
 def prepare_inputs(cfg: Config, run_dir: Path, console: Any, resume: tuple | None, finished: int) -> Inputs:
@@ -314,12 +328,13 @@ class Federation:
     def save_checkpoint(self, record: dict[str, Any], final: bool) -> None:
         """Replace the run's checkpoint with this round's state; the last round's also keeps what
         :func:`finish` needs (:func:`sim.checkpoint.final_part`)."""
-        from sim import checkpoint
+        from sim import checkpoint, journal
         from sim.core.arrays import prefixed
 
         pool_arrays, pool_meta = self.pool.checkpoint()
         strat_arrays, strat_meta = self.strategy.checkpoint()
-        arrays = {**prefixed("pool", pool_arrays), **prefixed("strategy", strat_arrays)}
+        arrays = {**prefixed("pool", pool_arrays), **prefixed("strategy", strat_arrays),
+                  **journal.part(self.inp.recorder.text)}  # metrics.jsonl up to this round: sim/journal.py
         meta = {"round": record["round"], "config": checkpoint.comparable(self.cfg), "pool": pool_meta,
                 "strategy": strat_meta}
         if final:

@@ -148,38 +148,50 @@ def jsonable(obj: Any) -> Any:
 class Recorder:
     """Writes a run's result files into ``run_dir``.
 
-    A new run starts a new metrics.jsonl; a resumed one (``keep_rounds=k``) keeps the records of
-    rounds 1..k and drops any later line an interrupted round left.
+    A new run starts a new metrics.jsonl. A resumed one (``keep_rounds=k``) continues from the
+    records of rounds 1..k as its checkpoint proves them (:func:`sim.journal.proven`: a line an
+    interrupted round left is dropped, a damaged file rewritten from the checkpoint's copy).
+
+    Raises:
+        ConfigError: (resuming) the file cannot be repaired from the checkpoint (one line).
     """
 
     def __init__(self, run_dir: Path, keep_rounds: int | None = None):
+        from sim import journal
+
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.metrics_path = self.run_dir / "metrics.jsonl"
+        self.lines: list[str] = []
+        """metrics.jsonl's lines as written (each checkpoint keeps them: :data:`sim.journal.JOURNAL`)."""
         self.rounds: list[dict[str, Any]] = []
         if keep_rounds is None:
             self.metrics_path.unlink(missing_ok=True)
             return
-        # Resuming: keep the finished rounds (an abandoned round may have left a later line).
-        if self.metrics_path.is_file():
-            for line in self.metrics_path.read_text().splitlines():
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError:
-                    continue  # a line cut short by the interruption
-                if rec.get("round", keep_rounds + 1) <= keep_rounds:
-                    self.rounds.append(rec)
-        atomic_write_text(self.metrics_path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in self.rounds),
-                          fsync=True)
+        text = journal.proven(self.run_dir, None, keep_rounds).text
+        self.lines = text.splitlines(keepends=True)
+        self.rounds = journal.records(text)
+        atomic_write_text(self.metrics_path, text, fsync=True)
+
+    @property
+    def text(self) -> str:
+        """metrics.jsonl as this run has written it so far."""
+        return "".join(self.lines)
 
     def round(self, record: dict[str, Any]) -> None:
-        """Append one round's record to metrics.jsonl and fsync it."""
+        """Append one round's record to metrics.jsonl and fsync it.
+
+        Raises:
+            OutOfSpace: the disk is full; the file is cut back to its previous rounds (one line).
+        """
         rec = jsonable(record)
-        self.rounds.append(rec)
+        line = json.dumps(rec, sort_keys=True) + "\n"
         with open(self.metrics_path, "a") as f:
-            f.write(json.dumps(rec, sort_keys=True) + "\n")
+            f.write(line)
             f.flush()
             os.fsync(f.fileno())
+        self.rounds.append(rec)
+        self.lines.append(line)
 
     def write_json(self, name: str, obj: dict[str, Any]) -> Path:
         """Write ``obj`` as ``run_dir/name`` atomically (sorted keys, NaN as null)."""
