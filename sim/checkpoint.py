@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import tempfile
 import zipfile
 from pathlib import Path
@@ -88,6 +89,13 @@ def load(run_dir: Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """
     path = Path(run_dir) / CHECKPOINT
     if not path.is_file():
+        from sim.results import RESULT_FILES, path_override, resume_override
+
+        if any((Path(run_dir) / name).exists() for name in RESULT_FILES):  # a run stopped before it checkpointed
+            raise CheckpointError(f"no checkpoint in {run_dir}: its run stopped before it checkpointed a round (or ran "
+                                  "with sim.checkpoint=false), so there is nothing to resume; start it again there: "
+                                  f"the same command with {shlex.quote(path_override('hydra.run.dir', run_dir))} "
+                                  f"instead of {shlex.quote(resume_override(run_dir))}")
         raise CheckpointError(f"no checkpoint in {run_dir} (expected {CHECKPOINT}): sim.resume needs the run "
                               "directory of a run that finished at least one round")
     try:

@@ -58,7 +58,8 @@ def simulate(cfg: Config, run_dir: Path, console: Any | None = None, fresh: bool
 
     The directory is claimed while the run writes (:func:`sim.results.claim`): a second run or
     resume of it is refused, and so is a new run where a run already left results (``fresh``: this
-    run's own all-up reference, started again, may replace what an interrupted one left).
+    run's own all-up reference, started again, may replace what an interrupted one left), unless
+    nothing can resume those (:func:`sim.results.dead_end`): a new run then replaces them, saying so.
 
     Args:
         cfg: the run config. run_dir: output directory (created; with ``sim.resume`` the resumed
@@ -74,7 +75,7 @@ def simulate(cfg: Config, run_dir: Path, console: Any | None = None, fresh: bool
     from rich.console import Console
 
     from sim.core.sources import check_hub
-    from sim.results import claim
+    from sim.results import claim, restart_in_place
 
     check_hub(cfg.data)
     console = console or Console()
@@ -83,6 +84,11 @@ def simulate(cfg: Config, run_dir: Path, console: Any | None = None, fresh: bool
         raise ConfigError(f"sim.resume={run_dir} is not a directory: give the run directory to continue")
     key = "sim.resume" if cfg.sim.resume else "hydra.run.dir"
     with claim(run_dir, new=not cfg.sim.resume and not fresh, key=key):
+        if not cfg.sim.resume:
+            gone = restart_in_place(run_dir)
+            if gone:
+                console.print(f"[bold]note[/bold]: {run_dir} held a stopped run that nothing can resume (no "
+                              f"checkpoint); this run replaces its {', '.join(gone)}", soft_wrap=True)
         run_dir, resume, finished, done = open_run(cfg, run_dir, console)
         if done is not None:
             return done

@@ -7,7 +7,8 @@ Every result file gets the same mode (0666 less the umask, :func:`sim.core.cache
 
 A run directory is *claimed* while a run or a resume writes into it (:func:`claim`): an exclusive
 lock on the directory, so a second run or resume of it is refused with one line, and a new run is
-refused in a directory that already holds a run's results (nothing there is deleted or rewritten).
+refused in a directory that already holds a run's results (nothing there is deleted or rewritten) --
+unless they are a :func:`dead_end`'s, which nothing can resume: a new run starts there again.
 """
 from __future__ import annotations
 
@@ -45,7 +46,7 @@ def check_run_dir(run_dir: Path, key: str = "hydra.run.dir", new: bool = True) -
 
     Raises:
         ConfigError: one line -- an existing file, a directory that cannot be created or written, or
-            (``new``) one that already holds a run's results.
+            (``new``) one that already holds a run's results, unless those are a :func:`dead_end`'s.
     """
     p = Path(os.path.expanduser(str(run_dir)))
     if p.exists() and not p.is_dir():
@@ -59,31 +60,62 @@ def check_run_dir(run_dir: Path, key: str = "hydra.run.dir", new: bool = True) -
         raise ConfigError(f"{key}={p} cannot be written ({exc.strerror or type(exc).__name__}): give a directory "
                           "you can write") from None
     found = [name for name in RESULT_FILES if (p / name).exists()]
-    if new and found:
+    if new and found and not dead_end(p):
         raise ConfigError(f"{key}={p} already holds a run's results ({found[0]}): give a new directory, or continue "
                           f"that run with {shlex.quote(resume_override(p))}")
     return p
 
 
-def resume_override(run_dir: Path | str) -> str:
-    """The override ``sim.resume=<run_dir>`` as Hydra reads it back to exactly ``run_dir``: the path
-    as it is where Hydra's grammar takes it unquoted, else single-quoted for Hydra (a multirun job's
-    directory, ``N_key=value,key=value``, has ``=`` and ``,``; ``;``, quotes, ...)."""
+KEEPS = ("checkpoint.npz", "summary.json")
+"""What makes a run directory worth keeping: a run can be resumed from it, or it has finished."""
+
+
+def dead_end(run_dir: Path) -> bool:
+    """Whether ``run_dir`` holds only what a run that can be neither resumed nor read left: no
+    :data:`KEEPS` file, here or in its ``reference/`` (a run stopped before its first checkpoint, or
+    run with ``sim.checkpoint=false``, or stopped by a full disk before it). A new run may start there
+    again; it replaces those partial results (:func:`restart_in_place`)."""
+    p = Path(run_dir)
+    return not any((d / name).exists() for d in (p, p / "reference") for name in KEEPS)
+
+
+def restart_in_place(run_dir: Path) -> list[str]:
+    """Remove the partial results of a :func:`dead_end` run in ``run_dir`` (a new run starts there);
+    the names removed (none: nothing was there, or the directory is not a dead end). ``reference/`` is
+    left to the new run's own reference run, which is a dead end too."""
+    p = Path(run_dir)
+    if not dead_end(p):
+        return []
+    gone = [name for name in RESULT_FILES if name != "reference" and (p / name).is_file()]
+    for name in gone:
+        (p / name).unlink()
+    return gone + (["reference/"] if (p / "reference").is_dir() else [])
+
+
+def path_override(key: str, path: Path | str) -> str:
+    """The override ``<key>=<path>`` as Hydra reads it back to exactly ``path``: the path as it is
+    where Hydra's grammar takes it unquoted, else single-quoted for Hydra (a multirun job's directory,
+    ``N_key=value,key=value``, has ``=`` and ``,``; ``;``, quotes, ...)."""
     import re
 
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    text = str(run_dir)
+    text = str(path)
     parser = OverridesParser.create()
     try:
-        as_is = parser.parse_override(f"sim.resume={text}").value() == text
+        as_is = parser.parse_override(f"{key}={text}").value() == text
     except Exception:  # noqa: BLE001 -- Hydra's grammar refuses it unquoted
         as_is = False
     if as_is:
-        return f"sim.resume={text}"
+        return f"{key}={text}"
     # Hydra's quoted strings: a quote is escaped as \', and backslashes before a quote or the end doubled.
     escaped = re.sub(r"(\\+)(?='|$)", lambda m: m.group(1) * 2, text).replace("'", "\\'")
-    return f"sim.resume='{escaped}'"
+    return f"{key}='{escaped}'"
+
+
+def resume_override(run_dir: Path | str) -> str:
+    """The override ``sim.resume=<run_dir>`` that Hydra reads back as exactly ``run_dir`` (:func:`path_override`)."""
+    return path_override("sim.resume", run_dir)
 
 
 @contextmanager

@@ -48,7 +48,7 @@ from sim.core.config import register, to_config  # noqa: E402
 from sim.core.errors import ConfigError  # noqa: E402
 from sim.core.stop import exit_code, signal_name  # noqa: E402
 from sim.pipeline import simulate  # noqa: E402
-from sim.results import claim, resume_override  # noqa: E402
+from sim.results import claim, path_override, resume_override  # noqa: E402
 from sim.sweep import FAILED, SWEEP, record_failure  # noqa: E402
 from strategies.config import register_all  # noqa: E402
 
@@ -132,16 +132,24 @@ _INJECTED = ("hydra.output_subdir=null",)
 def resume_command(run_dir: Path) -> str:
     """The command that continues the job running now, shell-quoted: its own overrides (in a
     multirun, this job's values, not the sweep), its config name if not the default, ``sim.resume``."""
+    return _job_command(resume_override(run_dir))
+
+
+def start_command(run_dir: Path) -> str:
+    """The command that starts the job running now again in ``run_dir`` (a :func:`sim.results.dead_end`:
+    nothing to resume), shell-quoted: as :func:`resume_command`, with ``hydra.run.dir`` instead of ``sim.resume``."""
+    return _job_command(path_override("hydra.run.dir", run_dir))
+
+
+def _job_command(where: str) -> str:
     args = [a for a in _CURRENT.get("overrides", []) if not a.lstrip("+~").startswith(("sim.resume=", "hydra."))]
     name = _CURRENT.get("config_name")
     flags = ["--config-name", name] if name and name != "config" else []
-    return " ".join(shlex.quote(a) for a in ["python", "-m", "sim.run", *flags, *args, resume_override(run_dir)])
+    return " ".join(shlex.quote(a) for a in ["python", "-m", "sim.run", *flags, *args, where])
 
 
 def _interrupted_message() -> str:
     """What to tell the user after Ctrl-C / SIGTERM: what is saved and the command that resumes."""
-    from sim.checkpoint import finished_round
-
     name = signal_name()
     run_dir = _CURRENT.get("run_dir")
     if SWEEP.get("parallel", 1) > 1:
@@ -152,17 +160,33 @@ def _interrupted_message() -> str:
     if run_dir is None:
         return f"interrupted ({name}) before the run started"
     rest = "; this sweep's later jobs did not run" if _CURRENT.get("multirun") else ""
-    command = resume_command(run_dir)
+    what, then = saved_and_next(run_dir)
+    return f"interrupted ({name}) {what}{rest}; {then}"
+
+
+def saved_and_next(run_dir: Path) -> tuple[str, str]:
+    """What a stopped job left in ``run_dir``, and how to go on from there: the resume command, or --
+    nothing to resume (:func:`sim.results.dead_end`) -- the command that starts it again there.
+
+    Returns:
+        ``(what, then)``, e.g. ``("after round 4: rounds 1-4 are saved in ...", "resume with:\\n  python -m ...")``.
+    """
+    from sim.checkpoint import finished_round
+
     done = finished_round(run_dir)
-    if done is None:
-        ref = finished_round(run_dir / "reference")
-        if ref is not None:
-            return (f"interrupted ({name}) during the all-up reference run, after its round {ref} (saved in "
-                    f"{run_dir / 'reference'}){rest}; resume with:\n  {command}")
-        return (f"interrupted ({name}) before the first round was checkpointed; nothing to resume in {run_dir} "
-                f"(start the run again){rest}")
-    return (f"interrupted ({name}) after round {done}: rounds 1-{done} are saved in {run_dir} (metrics.jsonl, "
-            f"checkpoint.npz){rest}; resume with:\n  {command}")
+    if done is not None:
+        return (f"after round {done}: rounds 1-{done} are saved in {run_dir} (metrics.jsonl, checkpoint.npz)",
+                f"resume with:\n  {resume_command(run_dir)}")
+    ref_dir = run_dir / "reference"
+    if (ref_dir / "summary.json").is_file():
+        return (f"after the all-up reference run, before the run with failures checkpointed a round (the reference "
+                f"is saved in {ref_dir})", f"resume with:\n  {resume_command(run_dir)}")
+    ref = finished_round(ref_dir)
+    if ref is not None:
+        return (f"during the all-up reference run, after its round {ref} (saved in {ref_dir})",
+                f"resume with:\n  {resume_command(run_dir)}")
+    return (f"before any round was checkpointed (none is with sim.checkpoint=false): nothing to resume in {run_dir}",
+            f"start the run again there with:\n  {start_command(run_dir)}")
 
 
 def _report_and_exit(note: str = "") -> None:

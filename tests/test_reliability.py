@@ -91,17 +91,20 @@ def finished(tmp_path_factory, shared_cache):
 
 # ---- 1. a new run never starts where a run left results ------------------------------------------
 
-@pytest.mark.parametrize("keep", [None, "metrics.jsonl", "summary.json", CHECKPOINT])
+@pytest.mark.parametrize("keep", [None, "summary.json", CHECKPOINT, f"reference/{CHECKPOINT}"])
 def test_new_run_where_results_are_is_refused_and_nothing_is_touched(tmp_path, finished, keep):
+    """A run that can be resumed (a checkpoint, here or in its reference/) or has finished (a summary)
+    is never replaced; one that can be neither is a dead end, replaced by a new run (tests below)."""
     from sim.pipeline import simulate
     from sim.run import check_command_line
 
     if keep is None:  # everything a finished run left
         d = copy_run(finished.dir, tmp_path / "run")
-    else:  # only one result file (e.g. a run stopped before its summary)
+    else:  # one file that makes it worth keeping (e.g. a run stopped before its summary), with a partial metrics.jsonl
         d = tmp_path / "run"
-        d.mkdir()
-        shutil.copy2(finished.dir / keep, d / keep)
+        (d / keep).parent.mkdir(parents=True)
+        shutil.copy2(finished.dir / Path(keep).name, d / keep)
+        shutil.copy2(finished.dir / "metrics.jsonl", d / "metrics.jsonl")
     before = snapshot(d)
     with pytest.raises(ConfigError) as exc:
         simulate(cfg(finished.cache), d)
@@ -113,6 +116,97 @@ def test_new_run_where_results_are_is_refused_and_nothing_is_touched(tmp_path, f
     with pytest.raises(ConfigError, match="already holds a run's results.*sim.resume"):
         check_command_line(["fleet.num_clients=4", f"hydra.run.dir={d}"])
     assert snapshot(d) == before
+
+
+def dead_end_copy(finished, dst: Path) -> Path:
+    """The finished run as a stop after round 1 leaves it with sim.checkpoint=false: round 1's line, no
+    checkpoint, no summary (also what a full disk before the first checkpoint leaves)."""
+    d = stopped_after_round_1(finished, dst)
+    (d / CHECKPOINT).unlink()
+    return d
+
+
+def test_a_dead_end_run_dir_is_started_again_in_place_and_sim_resume_says_how(tmp_path, finished):
+    """No checkpoint and no summary: nothing can resume it, so a new run starts there again (before:
+    refused as "already holds a run's results", while the stop had said "start the run again" and
+    sim.resume said "no checkpoint"), replacing the partial results and saying so."""
+    import io
+
+    from rich.console import Console
+
+    from sim.pipeline import simulate
+    from sim.results import dead_end
+    from sim.run import check_command_line
+
+    d = dead_end_copy(finished, tmp_path / "run")
+    assert dead_end(d) and not dead_end(finished.dir)
+    with pytest.raises(ConfigError, match="nothing to resume") as exc:
+        checkpoint.open_for_resume(cfg(finished.cache), d)
+    msg = str(exc.value)
+    assert "\n" not in msg and shlex.quote(f"hydra.run.dir={d}") in msg and "sim.checkpoint=false" in msg
+    check_command_line(["fleet.num_clients=4", f"hydra.run.dir={d}"])  # not refused
+    out = io.StringIO()
+    simulate(cfg(finished.cache), d, console=Console(file=out, width=400))
+    assert "held a stopped run that nothing can resume" in out.getvalue() and "metrics.jsonl" in out.getvalue()
+    assert rounds(d) == [1, 2]
+    assert json.loads((d / "summary.json").read_text()) == json.loads((finished.dir / "summary.json").read_text())
+
+
+def test_the_stop_message_of_a_dead_end_gives_the_command_that_starts_it_again(tmp_path, finished, monkeypatch):
+    from sim import run
+
+    d = dead_end_copy(finished, tmp_path / "runs; a b" / "run")
+    monkeypatch.setattr(run, "_CURRENT", {"overrides": ["fleet.num_clients=4", "sim.checkpoint=false",
+                                                        f"hydra.run.dir={d}"],
+                                          "multirun": False, "config_name": "config", "run_dir": d})
+    msg = run._interrupted_message()
+    assert msg.startswith("interrupted (SIGINT) before any round was checkpointed") and "nothing to resume" in msg
+    argv = shlex.split(msg.splitlines()[-1])
+    assert argv[:5] == ["python", "-m", "sim.run", "fleet.num_clients=4", "sim.checkpoint=false"]
+    assert hydra_values(argv[3:])["hydra.run.dir"] == str(d)
+
+
+def test_a_stop_after_the_reference_run_is_not_called_during_it(tmp_path, finished, monkeypatch):
+    """The all-up reference finished, the run with failures had not checkpointed a round (before: "during
+    the all-up reference run, after its round 2")."""
+    from sim import run
+
+    d = tmp_path / "run"
+    copy_run(finished.dir, d / "reference")
+    monkeypatch.setattr(run, "_CURRENT", {"overrides": ["failures=crash_stop"], "multirun": False,
+                                          "config_name": "config", "run_dir": d})
+    msg = run._interrupted_message()
+    assert msg.startswith("interrupted (SIGINT) after the all-up reference run, before the run with failures "
+                          "checkpointed a round"), msg
+    assert "during" not in msg and shlex.split(msg.splitlines()[-1])[-1] == resume_override(d)
+
+
+@pytest.mark.slow
+def test_ctrl_c_without_checkpoints_then_the_printed_command_finishes_the_run(tmp_path, shared_cache):
+    """sim.checkpoint=false, SIGINT after round 1: the printed command starts the run again in its own
+    directory and ends with the summary of the run uninterrupted."""
+    from sim.pipeline import simulate
+
+    run_dir = tmp_path / "run"
+    args = [*SIGNAL_ARGS, "sim.checkpoint=false"]
+    job = Running(tmp_path, shared_cache, [*args, f"hydra.run.dir={run_dir}"])
+    try:
+        job.wait_for(r"round\s+1/3\b", timeout=400)
+        job.p.send_signal(signal.SIGINT)
+        out = job.finish(timeout=30)
+    finally:
+        job.kill_group()
+    assert job.p.returncode == 130, out[-3000:]
+    assert "nothing to resume" in out and "Traceback" not in out
+    m = re.search(r"start the run again there with:\n(.+)", out)
+    assert m, out[-3000:]
+    argv = shlex.split(m.group(1))
+    r = cli(tmp_path, shared_cache, *argv[3:])
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "held a stopped run that nothing can resume" in r.stdout
+    simulate(cfg(shared_cache, **{"sim.num_rounds": 3}), tmp_path / "whole")
+    assert json.loads((run_dir / "summary.json").read_text()) == json.loads((tmp_path / "whole" / "summary.json").read_text())
+    assert rounds(run_dir) == [1, 2, 3]
 
 
 # ---- 2. one run or resume per directory at a time ------------------------------------------------
