@@ -26,6 +26,7 @@ import numpy as np
 from sim.core.cache import file_mode
 from sim.core.config import Config, FailureKind, plain
 from sim.core.errors import ConfigError
+from sim.core.storage import guard
 
 CHECKPOINT = "checkpoint.npz"
 META = "__meta__"
@@ -37,18 +38,25 @@ class CheckpointError(ValueError):
 
 def save(run_dir: Path, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> Path:
     """Atomically write ``run_dir/checkpoint.npz`` with ``arrays`` and the JSON ``meta`` (mode as any
-    result file, :func:`sim.core.cache.file_mode`)."""
+    result file, :func:`sim.core.cache.file_mode`).
+
+    Raises:
+        OutOfSpace: the disk is full: the temporary file is removed, the previous checkpoint stays.
+    """
     run_dir = Path(run_dir)
     payload = dict(arrays)
     payload[META] = np.frombuffer(json.dumps(meta, sort_keys=True, default=_json_default).encode(), dtype=np.uint8)
-    fd, tmp = tempfile.mkstemp(prefix=".checkpoint-", suffix=".npz", dir=run_dir)
+    what = f"the checkpoint of round {meta.get('round')}"
+    with guard(run_dir / CHECKPOINT, what):
+        fd, tmp = tempfile.mkstemp(prefix=".checkpoint-", suffix=".npz", dir=run_dir)
     try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **payload)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, file_mode())
-        os.replace(tmp, run_dir / CHECKPOINT)
+        with guard(run_dir / CHECKPOINT, what):  # judged before the partial file is removed
+            with os.fdopen(fd, "wb") as f:
+                np.savez(f, **payload)
+                f.flush()
+                os.fsync(f.fileno())
+            os.chmod(tmp, file_mode())
+            os.replace(tmp, run_dir / CHECKPOINT)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

@@ -25,6 +25,7 @@ os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
 
 
 from sim.core.config import Backend, ResourcesConfig, SimConfig  # noqa: E402
+from sim.core.errors import ConfigError  # noqa: E402
 from sim.core.stop import SIGNAL, STOP, Interrupted  # noqa: E402
 
 
@@ -643,6 +644,8 @@ def run(sim_cfg: SimConfig, server_main: Any, client_app: Any, num_clients: int)
             cause = exc.__cause__ or exc
             if STOP.is_set() or isinstance(cause, Interrupted):
                 raise KeyboardInterrupt from exc
+            if isinstance(cause, ConfigError):  # already one line for the user (e.g. the disk is full)
+                raise cause from None
             raise EngineError(f"the simulation failed: {type(cause).__name__}: {cause}") from exc
     if STOP.is_set():
         raise KeyboardInterrupt  # a stop that came while the engine was shutting down

@@ -29,6 +29,7 @@ from sim.core.cache import atomic_write_text
 from sim.core.config import Config, Training
 from sim.core.errors import ConfigError
 from sim.core.metrics import fairness
+from sim.core.storage import guard
 
 RESULT_FILES = ("metrics.jsonl", "checkpoint.npz", "summary.json", "clients.csv", "reference")
 """What a run leaves in its directory once it has finished a round: a new run never starts there."""
@@ -218,10 +219,21 @@ class Recorder:
         """
         rec = jsonable(record)
         line = json.dumps(rec, sort_keys=True) + "\n"
-        with open(self.metrics_path, "a") as f:
-            f.write(line)
-            f.flush()
-            os.fsync(f.fileno())
+        data = line.encode()
+        fd = os.open(self.metrics_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)  # unbuffered: no flush at close
+        try:
+            size = os.fstat(fd).st_size
+            try:
+                with guard(self.metrics_path, f"round {rec.get('round')}'s record"):
+                    done = 0
+                    while done < len(data):
+                        done += os.write(fd, data[done:])
+                    os.fsync(fd)
+            except BaseException:
+                os.ftruncate(fd, size)  # no torn line left behind (cutting back needs no space)
+                raise
+        finally:
+            os.close(fd)
         self.rounds.append(rec)
         self.lines.append(line)
 

@@ -61,7 +61,7 @@ EXIT_TIMEOUT_S = float(os.environ.get("L2H_SIM_EXIT_TIMEOUT_S", "20"))
 """After a stop signal the process ends within this many seconds, whatever is still running."""
 
 _CURRENT: dict[str, Any] = {}
-"""The job running now: ``run_dir``, ``overrides`` (its own), ``multirun``, ``config_name``."""
+"""The job running now: ``run_dir``, ``overrides`` (its own), ``multirun``, ``config_name``, ``checkpoint`` (sim.checkpoint)."""
 _EXITING = _threading.Lock()
 
 
@@ -81,21 +81,37 @@ def _hydra_task(cfg: DictConfig) -> float | None:
         resume = bool(config.sim.resume)
         run_dir = Path(os.path.expanduser(str(config.sim.resume))) if resume else Path(hc.runtime.output_dir)
         _CURRENT["run_dir"] = run_dir
+        _CURRENT["checkpoint"] = bool(config.sim.checkpoint)
         with claim(run_dir, new=not resume, key="sim.resume" if resume else "hydra.run.dir"):
             if not resume:
                 save_hydra_record(run_dir, cfg)
             summary = simulate(config, run_dir)
     except (ConfigError, EngineError) as exc:
+        text = failure_text(exc, _CURRENT.get("run_dir"))
         if not multirun:
-            print(f"error: {exc}", file=sys.stderr)
+            print(f"error: {text}", file=sys.stderr)
             sys.exit(2)
         # The sweep goes on. The failure is kept in the job's directory too: a parallel sweep's jobs run
         # in other processes, and :class:`sim.sweep.RaySweepSession` gathers them all at the sweep's end.
-        message = f"job {hc.job.num} ({' '.join(hc.overrides.task)}): {exc}"
+        message = f"job {hc.job.num} ({' '.join(hc.overrides.task)}): {text}"
         FAILED.append(message)
         record_failure(Path(hc.runtime.output_dir), message)
         return None
     return float(summary["system_accuracy"])
+
+
+def failure_text(exc: BaseException, run_dir: Path | None) -> str:
+    """The one line for a job that failed with ``exc``; a full disk (:class:`sim.core.storage.OutOfSpace`)
+    also says what of the run is saved and the command that goes on once there is room (:func:`saved_and_next`)."""
+    from sim.core.storage import OutOfSpace
+
+    if not isinstance(exc, OutOfSpace) or run_dir is None:
+        return str(exc)
+    try:
+        what, then = saved_and_next(Path(run_dir))
+    except Exception:  # noqa: BLE001 -- the failure itself is the message
+        return str(exc)
+    return f"{exc}; the run stopped {what}; then {then.replace(chr(10) + '  ', ' ')}"
 
 
 def save_hydra_record(run_dir: Path, cfg: DictConfig) -> None:
@@ -185,7 +201,8 @@ def saved_and_next(run_dir: Path) -> tuple[str, str]:
     if ref is not None:
         return (f"during the all-up reference run, after its round {ref} (saved in {ref_dir})",
                 f"resume with:\n  {resume_command(run_dir)}")
-    return (f"before any round was checkpointed (none is with sim.checkpoint=false): nothing to resume in {run_dir}",
+    off = " (sim.checkpoint=false)" if _CURRENT.get("checkpoint") is False else ""
+    return (f"before any round was checkpointed{off}: nothing to resume in {run_dir}",
             f"start the run again there with:\n  {start_command(run_dir)}")
 
 
