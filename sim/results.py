@@ -58,8 +58,9 @@ def check_run_dir(run_dir: Path, key: str = "hydra.run.dir", new: bool = True) -
         os.close(fd)
         os.unlink(probe)
     except OSError as exc:
-        raise ConfigError(f"{key}={p} cannot be written ({exc.strerror or type(exc).__name__}): give a directory "
-                          "you can write") from None
+        fix = ("make it writable, or copy it somewhere writable and resume the copy" if key == "sim.resume" else
+               "give a directory you can write")
+        raise ConfigError(f"{key}={p} cannot be written ({exc.strerror or type(exc).__name__}): {fix}") from None
     found = [name for name in RESULT_FILES if (p / name).exists()]
     if new and found and not dead_end(p):
         raise ConfigError(f"{key}={p} already holds a run's results ({found[0]}): give a new directory, or continue "

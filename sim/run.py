@@ -273,7 +273,8 @@ def _insist() -> None:
 
 def check_command_line(argv: list[str]) -> int:
     """Refuse a bad command line before Hydra starts: every job's config (:func:`sim.cli.precheck`),
-    ``--config-name``, and an explicit ``hydra.run.dir`` / ``hydra.sweep.dir`` that cannot be used.
+    ``--config-name``, an explicit ``hydra.run.dir`` / ``hydra.sweep.dir`` that cannot be used, and a
+    ``sim.resume`` directory that cannot be written.
 
     Returns:
         How many jobs of the sweep run at once (``sim.sweep_parallel``; 1 without ``-m``).
@@ -293,6 +294,11 @@ def check_command_line(argv: list[str]) -> int:
     if multirun and any(a in ("--cfg", "-c", "--info", "-i") or a.startswith(("--cfg=", "--info=")) for a in argv):
         raise ConfigError("--cfg/--info show one job's config: leave out -m (give one value per key) to see it")
     parallel = precheck(argv)
+    resume = [_override_value(a) for a in argv if a.startswith("sim.resume=")]
+    if resume and not multirun:  # Hydra's job log goes there first: an unwritable one is a traceback otherwise
+        from sim.results import check_run_dir
+
+        check_run_dir(Path(resume[-1]), key="sim.resume", new=False)
     for a in argv:
         key, _, value = a.partition("=")
         if key in ("hydra.run.dir", "hydra.sweep.dir"):

@@ -68,21 +68,29 @@ def read_verified(entry: Path, deep: bool = True) -> dict[str, Any] | None:
         return None
 
 
-def build_entry(entry: Path, build: Callable[[Path], dict[str, Any]], what: str) -> dict[str, Any]:
+def build_entry(entry: Path, build: Callable[[Path], dict[str, Any]], what: str,
+                check: Callable[[Path, dict[str, Any]], str | None] | None = None) -> dict[str, Any]:
     """Return the verified manifest of ``entry``, building it with ``build(tmpdir) -> meta`` if needed.
 
-    A corrupt or partial entry is removed and rebuilt with a warning; never used.
+    A corrupt or partial entry -- files that do not match its manifest, a manifest whose files are not
+    what ``check(entry, manifest)`` expects (it returns what is wrong, or None), or a regular file
+    where the entry's directory should be -- is removed and rebuilt with a warning; never used.
 
     Raises:
         ConfigError: the cache cannot be written (one line); OutOfSpace when its disk is full (the
             partial entry is removed first).
     """
     manifest = read_verified(entry)
-    if manifest is not None:
+    problem = check(entry, manifest) if manifest is not None and check is not None else None
+    if manifest is not None and problem is None:
         return manifest
-    if entry.exists():
-        warnings.warn(f"{what} cache entry {entry} is corrupt or incomplete; rebuilding it", stacklevel=2)
-        shutil.rmtree(entry, ignore_errors=True)
+    if entry.exists() or entry.is_symlink():
+        why = f" ({problem})" if problem else ""
+        warnings.warn(f"{what} cache entry {entry} is corrupt or incomplete{why}; rebuilding it", stacklevel=2)
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
     try:
         with guard(entry, f"the {what} cache entry", CACHE_FIX):
             entry.parent.mkdir(parents=True, exist_ok=True)
@@ -105,8 +113,9 @@ def build_entry(entry: Path, build: Callable[[Path], dict[str, Any]], what: str)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     manifest = read_verified(entry)
-    if manifest is None:
-        raise RuntimeError(f"{what} cache entry {entry} failed verification right after it was written")
+    problem = "its files do not match its manifest" if manifest is None else check(entry, manifest) if check else None
+    if problem:
+        raise RuntimeError(f"{what} cache entry {entry} failed verification right after it was written ({problem})")
     return manifest
 
 

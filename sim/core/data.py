@@ -246,8 +246,31 @@ def prepare(dcfg: DataConfig, num_clients: int, seed: int, cache_dir: Path) -> P
             np.save(tmp / f"{name}.npy", arr)
         return {"num_classes": k, "key": key, "bounded": dcfg.source in BOUNDED}
 
-    manifest = build_entry(entry, build, "dataset")
+    manifest = build_entry(entry, build, "dataset", check=lambda e, m: prepared_problem(e, m, num_clients))
     return load_prepared(entry, manifest)
+
+
+def prepared_problem(entry: Path, manifest: dict[str, Any], num_clients: int) -> str | None:
+    """What is wrong with the arrays of a prepared-dataset entry whose manifest checks out (None:
+    nothing) -- a manifest proves the files are the ones it lists, not that they are what
+    :func:`prepare` writes: ``x`` ``(N, C, H, W)`` float, ``y`` / ``owner`` / ``split`` ``(N,)``
+    integers with labels in ``0..K-1``, devices in ``-1..num_clients-1`` and SPLIT_* codes. Read with
+    ``allow_pickle=False``, memory-mapped (the labels, devices and codes are read whole)."""
+    try:
+        arrs = {n: np.load(entry / f"{n}.npy", mmap_mode="r", allow_pickle=False) for n in ("x", "y", "owner", "split")}
+        k = int(manifest["meta"]["num_classes"])
+    except (OSError, ValueError, KeyError, TypeError, EOFError) as exc:
+        return f"{type(exc).__name__}: {exc}"
+    x, n = arrs["x"], len(arrs["x"]) if arrs["x"].ndim else 0
+    if x.ndim != 4 or x.dtype.kind != "f" or not n:
+        return f"x is {x.dtype} {x.shape}, not (N, C, H, W) floats"
+    for name, low, high in (("y", 0, k - 1), ("owner", -1, num_clients - 1), ("split", -1, SPLIT_TEST)):
+        a = arrs[name]
+        if a.shape != (n,) or a.dtype.kind not in "iu":
+            return f"{name} is {a.dtype} {a.shape}, not {n} integers"
+        if n and (int(a.min()) < low or int(a.max()) > high):
+            return f"{name} holds values outside {low}..{high}"
+    return None
 
 
 def load_prepared(entry: Path, manifest: dict[str, Any] | None = None) -> Prepared:
