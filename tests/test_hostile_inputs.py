@@ -26,6 +26,16 @@ CONFIGS = [
     (["+foo=1"], "foo"),                                         # unknown + keys
     (["+sim.num_round=3"], "num_round"),                         # a typo of an existing key
     (["data.num_samples=7"], "data.num_samples"),
+    # ran without a word before (issue 28)
+    (["servers.lr=1e10"], "servers.lr"),                          # Adam moves each weight by ~lr per step
+    (["fleet.groups.1.lr=5"], "fleet.groups.1.lr"),
+    (["servers=mel", "servers.mel.standalone_weight=0", "servers.mel.combiner_weight=0"], "servers.mel"),
+    (["servers=mel", "servers.count=1"], "servers.count"),      # MEL with no ensemble
+    (["servers.training=dml"], "servers.count"),                # DML with no peer (servers.count=1)
+    (["failures=crash_stop", "servers.count=2", "failures.servers=[0,0]"], "failures.servers"),
+    (["failures=partition", "failures.partition.devices=[1,1]"], "failures.partition.devices"),
+    (["sim.plots=2"], "sim.plots"),                             # a bool given as 2 (OmegaConf: true)
+    (["sim.checkpoint=yes"], "sim.checkpoint"),
 ]
 
 
