@@ -185,3 +185,22 @@ def test_resuming_into_a_directory_that_cannot_be_written_is_one_line(tmp_path, 
     with pytest.raises(ConfigError, match="sim.resume=.* cannot be written \\(Read-only file system\\)") as err:
         run.check_command_line(["fleet.num_clients=4", f"sim.resume={d}"])
     assert "\n" not in str(err.value) and "writable" in str(err.value)
+
+
+@pytest.mark.parametrize("which", ["x", "y"])
+def test_a_pickle_bearing_npz_is_named_as_such_not_truncated(tmp_path, which):
+    """An object array is stored as a pickle, which is never loaded (before: "the file is truncated or not
+    an npz", which sends the user looking for a broken download)."""
+    from sim.core.config import DataConfig, DataSource
+    from sim.core.sources import load_source
+
+    arrays = {"x": np.zeros((10, 4)), "y": np.arange(10) % 2}
+    arrays[which] = np.array([{"a": 1}] * 10, dtype=object)
+    path = tmp_path / "pickled.npz"
+    np.savez(path, **arrays)
+    cfg = DataConfig(name="local")
+    cfg.source, cfg.path = DataSource.file, str(path)
+    with pytest.raises(DataError, match=f"array '{which}' holds Python objects") as err:
+        load_source(cfg)
+    msg = str(err.value)
+    assert "\n" not in msg and "truncated" not in msg and "np.savez" in msg
