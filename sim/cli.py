@@ -23,6 +23,7 @@ from typing import Any, Iterable, Iterator
 
 from sim.core.config import Config, register, to_config
 from sim.core.errors import ConfigError
+from sim.core.stop import STOP
 from strategies.config import register_all
 
 CONFIG_MODULE = "configs"
@@ -386,6 +387,8 @@ def precheck(argv: list[str]) -> int:
     with _hydra(line):
         extra = line.hydra_overrides
         for job in checked:
+            if STOP.is_set():  # a stop signal while checking (the runner holds it until here)
+                raise KeyboardInterrupt
             cfg = _checked(_compose(extra + job, line.config_name))
             if cfg.sim.resume:
                 if len(jobs) > 1 or line.multirun:

@@ -100,6 +100,30 @@ def shielded() -> Iterator[None]:
         raise KeyboardInterrupt
 
 
+_HELD: list[int] = []
+"""Entries :func:`hold_stops` added to :data:`_SHIELD` (removed by :func:`release_stops`)."""
+
+
+def hold_stops() -> None:
+    """Until :func:`release_stops`, a stop signal only sets :data:`STOP` (a second one still exits at
+    once, and the runner's watchdog still runs). For the runner's own start-up -- the command line's
+    checks and Hydra composing each job's config: a KeyboardInterrupt raised inside Hydra or OmegaConf
+    can leave them half-way through a change, and the exception that then surfaces is a config error
+    Hydra prints (``'NoneType' object has no attribute '_invalidate_flags_cache'``) instead of the stop."""
+    _SHIELD.append(1)
+    _HELD.append(1)
+
+
+def release_stops() -> None:
+    """End :func:`hold_stops`; a stop that came meanwhile is raised now (KeyboardInterrupt)."""
+    while _HELD:
+        _HELD.pop()
+        _SHIELD.pop()
+    if STOP.is_set() and not _SHIELD and not _RAISED and SIGNAL:
+        _RAISED.append(True)
+        raise KeyboardInterrupt
+
+
 @contextmanager
 def _keep_handlers() -> Iterator[None]:
     """Within the block (``ray.init``) this process's SIGINT / SIGTERM handling stays as it is:

@@ -70,12 +70,26 @@ def _hydra_task(cfg: DictConfig) -> float | None:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    from sim.engine import EngineError
+    from sim import engine
 
     hc = HydraConfig.get()
     multirun = hc.mode == RunMode.MULTIRUN
     _CURRENT.clear()
     _CURRENT.update(overrides=list(hc.overrides.task), multirun=multirun, config_name=hc.job.config_name)
+    try:
+        return _run_job(cfg, hc, multirun)
+    finally:
+        if multirun:
+            engine.hold_stops()  # Hydra composes the next job's config: a stop waits for its task (main)
+
+
+def _run_job(cfg: DictConfig, hc: Any, multirun: bool) -> float | None:
+    """One job of :func:`_hydra_task`: its config checked, its directory claimed, the simulation run;
+    a one-line error reported (and, in a sweep, kept in the job's directory)."""
+    from sim import engine
+    from sim.engine import EngineError
+
+    engine.release_stops()  # Hydra is done composing: a stop that came meanwhile is raised here
     try:
         config = to_config(cfg)
         resume = bool(config.sim.resume)
@@ -359,6 +373,7 @@ def main() -> None:
     engine.install_signal_handlers()
     engine.ON_FIRST_SIGNAL.append(_watchdog)
     engine.ON_REPEATED_SIGNAL.append(_insist)
+    engine.hold_stops()  # until a job's task starts (:func:`_run_job`): a stop then ends the run cleanly
     argv, code = sys.argv, 0
     try:
         if _STOP.is_set():  # a signal came while the program was importing

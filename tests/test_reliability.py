@@ -641,6 +641,48 @@ def test_a_stop_that_passed_through_c_extension_code_still_exits_143(tmp_path):
     assert "interrupted (SIGTERM) before the run started" in r.stderr and "Traceback" not in r.stderr
 
 
+_STOPPED_WHILE_HYDRA_COMPOSES = '''
+import os, signal, sys, time
+from hydra._internal.config_loader_impl import ConfigLoaderImpl
+from sim import run
+
+compose = ConfigLoaderImpl.load_sweep_config
+SENT = []
+
+
+def stopped_inside(self, *args, **kwargs):
+    try:  # SIGTERM to the process group just as job 0 is being composed (once: Hydra composes each job twice)
+        if not SENT:
+            SENT.append(os.kill(os.getpid(), signal.SIGTERM))
+            time.sleep(0.2)
+    except KeyboardInterrupt:  # what OmegaConf did with it: a half-made change surfaced as another error
+        raise ValueError("'NoneType' object has no attribute '_invalidate_flags_cache'")
+    return compose(self, *args, **kwargs)
+
+
+ConfigLoaderImpl.load_sweep_config = stopped_inside
+sys.argv[0] = "sim.run"
+run.main()
+'''
+
+
+def test_a_stop_while_hydra_composes_a_job_is_a_clean_143(tmp_path, shared_cache):
+    """The stress run's in-process 3-server sweep, SIGTERM just after job 0 launched: the interrupt landed
+    inside OmegaConf, which turned it into a config error Hydra printed ("HYDRA_FULL_ERROR") before the
+    stop's message. The runner now holds a stop until the job's task starts (sim.engine.hold_stops)."""
+    (tmp_path / "stopped_while_composing.py").write_text(_STOPPED_WHILE_HYDRA_COMPOSES)
+    env = {**os.environ, "L2H_SIM_CACHE": str(shared_cache),
+           "PYTHONPATH": os.pathsep.join([str(tmp_path), str(ROOT)])}
+    r = subprocess.run([sys.executable, "-m", "stopped_while_composing", "-m", "seed=0,1", "fleet.num_clients=4",
+                        "sim.backend=inprocess", "servers.count=3", "servers.training=mel",
+                        f"hydra.sweep.dir={tmp_path / 'sweep'}"], cwd=tmp_path, env=env, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 143, (r.returncode, r.stderr[-2000:])
+    assert "_invalidate_flags_cache" not in r.stderr + r.stdout and "HYDRA_FULL_ERROR" not in r.stderr, r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith("interrupted (SIGTERM)"), r.stderr[-2000:]
+    assert not list((tmp_path / "sweep").glob("*/summary.json"))
+
+
 # ---- 10. stop signals at random moments, then resume (benchmarks/stress_signals.py, fewer tries) ----
 
 
