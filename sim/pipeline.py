@@ -318,6 +318,7 @@ class Federation:
         replies excepted, :meth:`round_ok`), the progress line printed."""
         from sim import terminal
 
+        self.check_node(int(record["round"]))
         self.inp.recorder.round(record)
         final = int(record["round"]) == self.cfg.sim.num_rounds and self.strategy.last_x is not None
         if final:  # computed now, so the last checkpoint can hold it (a stop after it loses nothing)
@@ -330,6 +331,21 @@ class Federation:
             self.progress.console.print(terminal.round_line(record, self.cfg.sim.num_rounds), soft_wrap=True)
         if self.board is not None:
             log_round(self.board, record)
+
+    def check_node(self, round_: int) -> None:
+        """On Ray: fail the run, before this round is recorded, if the Ray node under it has died (its
+        servers and device workers died with it: the round's numbers would be the legacy models').
+
+        Raises:
+            NodeLost: one line, naming what died and where its log is.
+        """
+        if self.cfg.sim.backend != Backend.ray:
+            return
+        from sim import engine, raynode
+
+        message = raynode.lost_message(engine.started_here(), f"during round {round_}")
+        if message:
+            raise engine.NodeLost(message)
 
     def save_checkpoint(self, record: dict[str, Any], final: bool) -> None:
         """Replace the run's checkpoint with this round's state; the last round's also keeps what

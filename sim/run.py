@@ -116,10 +116,12 @@ def _run_job(cfg: DictConfig, hc: Any, multirun: bool) -> float | None:
 
 def failure_text(exc: BaseException, run_dir: Path | None) -> str:
     """The one line for a job that failed with ``exc``; a full disk (:class:`sim.core.storage.OutOfSpace`)
-    also says what of the run is saved and the command that goes on once there is room (:func:`saved_and_next`)."""
+    or a dead Ray node (:class:`sim.engine.NodeLost`) also says what of the run is saved and the command
+    that goes on from there (:func:`saved_and_next`)."""
     from sim.core.storage import OutOfSpace
+    from sim.engine import NodeLost
 
-    if not isinstance(exc, OutOfSpace) or run_dir is None:
+    if not isinstance(exc, (OutOfSpace, NodeLost)) or run_dir is None:
         return str(exc)
     try:
         what, then = saved_and_next(Path(run_dir))
