@@ -152,6 +152,26 @@ def test_a_dead_end_run_dir_is_started_again_in_place_and_sim_resume_says_how(tm
     assert json.loads((d / "summary.json").read_text()) == json.loads((finished.dir / "summary.json").read_text())
 
 
+def test_a_finished_reference_run_is_read_as_its_last_checkpoint_proves_it(tmp_path, finished):
+    """A resumed run with failures reads its finished all-up reference/ back (resilience.* come from its
+    per-round records): damaged records are taken from the reference's last checkpoint (before: a garbage
+    line was a JSONDecodeError traceback, a missing line a silently different resilience section);
+    without that checkpoint they must be whole, or the resume is refused in one line."""
+    from sim import journal
+
+    d = copy_run(finished.dir, tmp_path / "reference")
+    good = (d / "metrics.jsonl").read_text()
+    (d / "metrics.jsonl").write_text(good.splitlines(keepends=True)[1] + "garbage\n")
+    proven = journal.of_finished_run(d, 2)
+    assert proven.text == good and proven.problem
+    (d / CHECKPOINT).unlink()
+    with pytest.raises(ConfigError, match="does not hold rounds 1-2") as exc:
+        journal.of_finished_run(d, 2)
+    assert "\n" not in str(exc.value)
+    (d / "metrics.jsonl").write_text(good)
+    assert journal.of_finished_run(d, 2).text == good
+
+
 def test_the_stop_message_of_a_dead_end_gives_the_command_that_starts_it_again(tmp_path, finished, monkeypatch):
     from sim import run
 
