@@ -97,17 +97,21 @@ def proven(run_dir: Path, arrays: dict[str, np.ndarray] | None, finished: int) -
         return Proven("", None)
     if arrays is None:
         arrays = _journal_only(run_dir)
-    path = run_dir / METRICS
-    try:
-        on_disk = path.read_bytes().decode()
-    except FileNotFoundError:
-        on_disk = None
-    except (OSError, UnicodeDecodeError) as exc:
-        on_disk = f"\0{type(exc).__name__}"  # unreadable: a problem below, repaired if the journal allows
+    on_disk, unreadable = _read(run_dir / METRICS)
     if JOURNAL in arrays:
         text = _journal_text(arrays[JOURNAL], run_dir, finished)
-        return Proven(text, _problem(on_disk, text, finished))
-    return _from_file(run_dir, on_disk, finished)
+        return Proven(text, unreadable or _problem(on_disk, text, finished))
+    return _from_file(run_dir, on_disk, finished, unreadable)
+
+
+def _read(path: Path) -> tuple[str | None, str | None]:
+    """``(text, None)``; ``(None, None)`` when the file is missing; ``(None, why)`` when it cannot be read."""
+    try:
+        return path.read_bytes().decode(), None
+    except FileNotFoundError:
+        return None, None
+    except (OSError, UnicodeDecodeError) as exc:
+        return None, f"it was unreadable ({type(exc).__name__})"
 
 
 def _journal_only(run_dir: Path) -> dict[str, np.ndarray]:
@@ -116,7 +120,7 @@ def _journal_only(run_dir: Path) -> dict[str, np.ndarray]:
 
     try:
         with open(run_dir / CHECKPOINT, "rb") as f, np.load(f, allow_pickle=False) as z:
-            return {JOURNAL: z[JOURNAL]} if f"{JOURNAL}" in z.files else {}
+            return {JOURNAL: z[JOURNAL]} if JOURNAL in z.files else {}
     except Exception as exc:  # noqa: BLE001 -- any unreadable checkpoint is one line
         raise ConfigError(f"the checkpoint in {run_dir} is unreadable ({type(exc).__name__}): start the run again "
                           "without sim.resume") from None
@@ -139,8 +143,6 @@ def _problem(on_disk: str | None, text: str, finished: int) -> str | None:
     """How ``on_disk`` differs from the checkpoint's ``text`` beyond an abandoned round's lines."""
     if on_disk is None:
         return "it was missing"
-    if on_disk.startswith("\0"):
-        return f"it was unreadable ({on_disk[1:]})"
     if not on_disk.strip():
         return "it was empty"
     if on_disk.startswith(text):
@@ -155,7 +157,7 @@ def _problem(on_disk: str | None, text: str, finished: int) -> str | None:
     return None  # pragma: no cover -- on_disk would start with text
 
 
-def _from_file(run_dir: Path, on_disk: str | None, finished: int) -> Proven:
+def _from_file(run_dir: Path, on_disk: str | None, finished: int, unreadable: str | None) -> Proven:
     """An older checkpoint without a journal: rounds 1..finished taken from the file, if it has each
     of them (exact duplicates and lines that are not records of those rounds dropped)."""
     seen: dict[int, str] = {}
@@ -173,7 +175,7 @@ def _from_file(run_dir: Path, on_disk: str | None, finished: int) -> Proven:
                           f"rounds 1-{finished}), and this checkpoint (written before checkpoints kept the rounds' "
                           "records) cannot restore it: start the run again in a new directory")
     text = "".join(seen[r] + "\n" for r in range(1, finished + 1))
-    return Proven(text, _problem(on_disk, text, finished))
+    return Proven(text, unreadable or _problem(on_disk, text, finished))
 
 
 def of_finished_run(run_dir: Path, num_rounds: int) -> Proven:
