@@ -123,6 +123,9 @@ class RaySweepSession(Callback):
         FAILED.clear()
         if parallel > 1:  # read by the jobs' processes, which the launcher starts after this
             os.environ[engine.SWEEP_JOBS_ENV] = str(parallel)
+            # The jobs' tasks run in the launcher's processes, so none ends the hold on stop signals
+            # (sim.engine.hold_stops) here: this process only waits for them, and a stop interrupts that.
+            engine.release_stops()
         if not should_share(config):
             return
         try:
