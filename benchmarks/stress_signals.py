@@ -12,8 +12,9 @@ A try is *clean* when:
 - the process exits within ``--exit-timeout`` seconds with 130 (SIGINT) / 143 (SIGTERM) -- or, when
   the signal came after the run had written its results, 0 or death by that signal (a shell shows
   130 / 143 for both) -- with no traceback and no process of its group left behind (Ray's included);
-- it prints the command that resumes it (or says there is nothing to resume yet), and that command
-  (or, with nothing saved, the original one) finishes the interrupted run with a ``summary.json``
+- it prints the command that resumes it (or, with nothing to resume, the command that starts it again
+  in its directory), and that command (or, stopped before it started, the original one) finishes
+  the interrupted run with a ``summary.json``
   equal, to the last digit, to the uninterrupted run's; jobs of a sweep that finished before the
   signal are equal too (later jobs are not run: the message says so).
 
@@ -182,13 +183,13 @@ def finish_and_compare(text: str, cmd: list[str], where: Path, setting: Setting,
                        args: argparse.Namespace, result: dict) -> str | None:
     """Run the printed resume command (or the original command when nothing was saved), then compare
     every job that has a summary with the uninterrupted run's. Returns the problem, or None."""
-    m = re.search(r"resume with:\n\s+(.+)", text)
-    if m:
+    m = re.search(r"(?:resume|start the run again there) with:\n\s+(.+)", text)
+    if m:  # the printed command: a resume, or (nothing checkpointed) the job started again in its directory
         again = shlex.split(m.group(1))
         again[0:1] = [sys.executable] if again[0] == "python" else again[0:1]
     elif len(summaries(where, setting.multirun)) < len(ref):
         if where.exists():
-            shutil.rmtree(where)  # nothing was checkpointed: the message says to start again
+            shutil.rmtree(where)  # stopped before the run started: nothing of it is there to keep
         again = cmd
     else:
         again = None

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import tempfile
 import zipfile
 from pathlib import Path
@@ -25,6 +26,7 @@ import numpy as np
 from sim.core.cache import file_mode
 from sim.core.config import Config, FailureKind, plain
 from sim.core.errors import ConfigError
+from sim.core.storage import guard
 
 CHECKPOINT = "checkpoint.npz"
 META = "__meta__"
@@ -36,18 +38,25 @@ class CheckpointError(ValueError):
 
 def save(run_dir: Path, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> Path:
     """Atomically write ``run_dir/checkpoint.npz`` with ``arrays`` and the JSON ``meta`` (mode as any
-    result file, :func:`sim.core.cache.file_mode`)."""
+    result file, :func:`sim.core.cache.file_mode`).
+
+    Raises:
+        OutOfSpace: the disk is full: the temporary file is removed, the previous checkpoint stays.
+    """
     run_dir = Path(run_dir)
     payload = dict(arrays)
     payload[META] = np.frombuffer(json.dumps(meta, sort_keys=True, default=_json_default).encode(), dtype=np.uint8)
-    fd, tmp = tempfile.mkstemp(prefix=".checkpoint-", suffix=".npz", dir=run_dir)
+    what = f"the checkpoint of round {meta.get('round')}"
+    with guard(run_dir / CHECKPOINT, what):
+        fd, tmp = tempfile.mkstemp(prefix=".checkpoint-", suffix=".npz", dir=run_dir)
     try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **payload)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, file_mode())
-        os.replace(tmp, run_dir / CHECKPOINT)
+        with guard(run_dir / CHECKPOINT, what):  # judged before the partial file is removed
+            with os.fdopen(fd, "wb") as f:
+                np.savez(f, **payload)
+                f.flush()
+                os.fsync(f.fileno())
+            os.chmod(tmp, file_mode())
+            os.replace(tmp, run_dir / CHECKPOINT)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -88,6 +97,13 @@ def load(run_dir: Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """
     path = Path(run_dir) / CHECKPOINT
     if not path.is_file():
+        from sim.results import RESULT_FILES, path_override, resume_override
+
+        if any((Path(run_dir) / name).exists() for name in RESULT_FILES):  # a run stopped before it checkpointed
+            raise CheckpointError(f"no checkpoint in {run_dir}: its run stopped before it checkpointed a round (or ran "
+                                  "with sim.checkpoint=false), so there is nothing to resume; start it again there: "
+                                  f"the same command with {shlex.quote(path_override('hydra.run.dir', run_dir))} "
+                                  f"instead of {shlex.quote(resume_override(run_dir))}")
         raise CheckpointError(f"no checkpoint in {run_dir} (expected {CHECKPOINT}): sim.resume needs the run "
                               "directory of a run that finished at least one round")
     try:
@@ -163,8 +179,11 @@ def open_for_resume(cfg: Config, run_dir: Path) -> tuple[tuple[dict, dict] | Non
         checkpoint is checked then), and the run with failures starts from round 1.
 
     Raises:
-        ConfigError: no run or checkpoint there, an unreadable checkpoint, or a different config.
+        ConfigError: no run or checkpoint there, an unreadable checkpoint, a different config, or a
+            metrics.jsonl the checkpoint cannot restore (:func:`sim.journal.proven`).
     """
+    from sim import journal
+
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise ConfigError(f"sim.resume={run_dir} is not a directory: give the run directory to continue")
@@ -183,6 +202,7 @@ def open_for_resume(cfg: Config, run_dir: Path) -> tuple[tuple[dict, dict] | Non
     if problem:
         raise ConfigError(f"the checkpoint in {run_dir} cannot be resumed ({problem}): start the run again "
                           "without sim.resume")
+    journal.proven(run_dir, arrays, int(meta["round"]))  # metrics.jsonl can be made what the checkpoint proves
     return (arrays, meta), int(meta["round"])
 
 

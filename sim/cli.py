@@ -23,6 +23,7 @@ from typing import Any, Iterable, Iterator
 
 from sim.core.config import Config, register, to_config
 from sim.core.errors import ConfigError
+from sim.core.stop import STOP
 from strategies.config import register_all
 
 CONFIG_MODULE = "configs"
@@ -250,9 +251,44 @@ def _compose(overrides: list[str], config_name: str = CONFIG_NAME, hydra_config:
     from omegaconf.errors import OmegaConfBaseException
 
     try:
-        return compose(config_name=config_name, overrides=overrides, return_hydra_config=hydra_config)
+        cfg = compose(config_name=config_name, overrides=overrides, return_hydra_config=hydra_config)
     except (HydraException, OmegaConfBaseException, ValueError) as exc:
         raise ConfigError(one_line(exc)) from None
+    check_bools(cfg, overrides)
+    return cfg
+
+
+def check_bools(cfg: Any, overrides: list[str]) -> None:
+    """Refuse an override that gives a boolean key anything but ``true`` / ``false``: OmegaConf takes
+    ``2``, ``-1`` or ``yes`` as true (``sim.plots=2`` ran without a word), so a typo (``sim.plots=20``
+    for ``sim.rounds=20``) or a number meant for another key would pass silently.
+
+    Raises:
+        ConfigError: one line naming the key.
+    """
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+    from omegaconf import DictConfig, ListConfig, OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+    from omegaconf.nodes import BooleanNode
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(list(overrides))
+    except HydraException:
+        return  # compose accepted them; nothing more to say here
+    for ov in parsed:
+        key = ov.key_or_group
+        if ov.is_delete() or ov.is_sweep_override() or key.startswith("hydra"):
+            continue
+        head, _, last = key.rpartition(".")
+        try:
+            parent = OmegaConf.select(cfg, head) if head else cfg
+            node = parent._get_node(int(last) if isinstance(parent, ListConfig) else last) \
+                if isinstance(parent, (DictConfig, ListConfig)) else None
+        except (ValueError, KeyError, TypeError, AttributeError, OmegaConfBaseException):
+            continue
+        if isinstance(node, BooleanNode) and not isinstance(ov.value(), bool):
+            raise ConfigError(f"{key}={ov.get_value_element_as_str()} is invalid: must be true or false")
 
 
 def _checked(cfg: Any) -> Config:
@@ -351,6 +387,8 @@ def precheck(argv: list[str]) -> int:
     with _hydra(line):
         extra = line.hydra_overrides
         for job in checked:
+            if STOP.is_set():  # a stop signal while checking (the runner holds it until here)
+                raise KeyboardInterrupt
             cfg = _checked(_compose(extra + job, line.config_name))
             if cfg.sim.resume:
                 if len(jobs) > 1 or line.multirun:

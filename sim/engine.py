@@ -25,11 +25,23 @@ os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
 
 
 from sim.core.config import Backend, ResourcesConfig, SimConfig  # noqa: E402
+from sim.core.errors import ConfigError  # noqa: E402
 from sim.core.stop import SIGNAL, STOP, Interrupted  # noqa: E402
 
 
 class EngineError(RuntimeError):
     """The simulation engine could not start or run (one line: what and how to fix)."""
+
+
+class NodeLost(EngineError):
+    """The Ray node a run uses died mid-run (:func:`sim.raynode.node_lost`; one line). The round it
+    happened in is not kept, so the run resumes from its last checkpoint."""
+
+
+def started_here() -> bool:
+    """Whether the Ray this process is connected to is a local instance it started (its processes are
+    this process's children)."""
+    return bool(_STARTED and _STARTED[0])
 
 
 SWEEP_RAY_ENV = "L2H_SWEEP_RAY_ADDRESS"
@@ -93,6 +105,30 @@ def shielded() -> Iterator[None]:
     try:
         yield
     finally:
+        _SHIELD.pop()
+    if STOP.is_set() and not _SHIELD and not _RAISED and SIGNAL:
+        _RAISED.append(True)
+        raise KeyboardInterrupt
+
+
+_HELD: list[int] = []
+"""Entries :func:`hold_stops` added to :data:`_SHIELD` (removed by :func:`release_stops`)."""
+
+
+def hold_stops() -> None:
+    """Until :func:`release_stops`, a stop signal only sets :data:`STOP` (a second one still exits at
+    once, and the runner's watchdog still runs). For the runner's own start-up -- the command line's
+    checks and Hydra composing each job's config: a KeyboardInterrupt raised inside Hydra or OmegaConf
+    can leave them half-way through a change, and the exception that then surfaces is a config error
+    Hydra prints (``'NoneType' object has no attribute '_invalidate_flags_cache'``) instead of the stop."""
+    _SHIELD.append(1)
+    _HELD.append(1)
+
+
+def release_stops() -> None:
+    """End :func:`hold_stops`; a stop that came meanwhile is raised now (KeyboardInterrupt)."""
+    while _HELD:
+        _HELD.pop()
         _SHIELD.pop()
     if STOP.is_set() and not _SHIELD and not _RAISED and SIGNAL:
         _RAISED.append(True)
@@ -205,6 +241,9 @@ def start_ray(address: str | None, num_cpus: int | None, verbose: bool) -> bool:
     """
     import ray
 
+    from sim.raynode import quiet_error_channel
+
+    quiet_error_channel(verbose)  # Ray's error channel off the console unless verbose (sim/raynode.py)
     if ray.is_initialized():
         return False
     shared = os.environ.get(SWEEP_RAY_ENV) if not address else None
@@ -363,13 +402,17 @@ def stop_ray() -> None:
 def kill_ray(timeout: float = 10.0) -> None:
     """The last resort of a stop that could not wait for every thread: ``ray.shutdown`` in a helper
     thread, at most ``timeout`` seconds; then, if a local instance started here is still there, its
-    processes are killed directly. Call only right before the process exits (a thread may still hang
-    on Ray afterwards)."""
+    processes are killed directly, and whatever of its process tree is still running a second later
+    (:func:`sim.raynode.end_processes`). Call only right before the process exits (a thread may still hang on Ray
+    afterwards)."""
     import ray
+
+    from sim import raynode
 
     if not ray.is_initialized() and not _STARTED:
         return
     node = getattr(ray._private.worker, "_global_node", None)
+    tree = raynode.processes(node) if _STARTED else []  # before they are re-parented
     t = threading.Thread(target=ray.shutdown, name="l2h-ray-shutdown", daemon=True)
     t.start()
     t.join(timeout)
@@ -378,6 +421,7 @@ def kill_ray(timeout: float = 10.0) -> None:
             node.kill_all_processes(check_alive=False, allow_graceful=False)
         except Exception:  # noqa: BLE001 -- best effort while exiting
             pass
+    raynode.end_processes(tree)
 
 
 @contextmanager
@@ -622,6 +666,7 @@ def run(sim_cfg: SimConfig, server_main: Any, client_app: Any, num_clients: int)
 
         server_main(InProcessGrid(client_app, num_clients))
         return
+    from sim import raynode
     from sim.apps import make_server_app
 
     def main(grid: Any) -> None:
@@ -643,6 +688,14 @@ def run(sim_cfg: SimConfig, server_main: Any, client_app: Any, num_clients: int)
             cause = exc.__cause__ or exc
             if STOP.is_set() or isinstance(cause, Interrupted):
                 raise KeyboardInterrupt from exc
+            if isinstance(cause, (ConfigError, NodeLost)):  # already one line (a full disk, a dead node)
+                raise cause from None
+            lost = raynode.lost_message(started_here(), "during the run")
+            if lost:  # what failed first (a reset connection, a lost actor) was the node dying
+                raise NodeLost(lost) from exc
             raise EngineError(f"the simulation failed: {type(cause).__name__}: {cause}") from exc
+        lost = raynode.lost_message(started_here(), "during the run")
+        if lost:
+            raise NodeLost(lost)
     if STOP.is_set():
         raise KeyboardInterrupt  # a stop that came while the engine was shutting down

@@ -28,6 +28,11 @@ without an address, so Ray joins the cluster ``/tmp/ray/ray_current_cluster`` na
 ``flwr run`` for a private instance (``python -m sim.run`` does that itself). Not supported here
 (one line, before anything runs): ``sim.resume``, and failures with an all-up reference run
 (``failures.reference=true`` needs a second federation; set it false or use ``python -m sim.run``).
+
+A refused config (or any failure) ends the run with Flower's status ``finished:failed``, but
+``flwr run`` itself exits 0: Flower 1.42's CLI returns once the run has *started* (``--stream``
+only follows its logs) and never reads its final status, and nothing in an App can set the CLI's
+exit code. Check it with ``flwr ls --run-id <id> --format json`` (docs/reliability.md).
 """
 from __future__ import annotations
 

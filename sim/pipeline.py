@@ -58,7 +58,8 @@ def simulate(cfg: Config, run_dir: Path, console: Any | None = None, fresh: bool
 
     The directory is claimed while the run writes (:func:`sim.results.claim`): a second run or
     resume of it is refused, and so is a new run where a run already left results (``fresh``: this
-    run's own all-up reference, started again, may replace what an interrupted one left).
+    run's own all-up reference, started again, may replace what an interrupted one left), unless
+    nothing can resume those (:func:`sim.results.dead_end`): a new run then replaces them, saying so.
 
     Args:
         cfg: the run config. run_dir: output directory (created; with ``sim.resume`` the resumed
@@ -74,7 +75,7 @@ def simulate(cfg: Config, run_dir: Path, console: Any | None = None, fresh: bool
     from rich.console import Console
 
     from sim.core.sources import check_hub
-    from sim.results import claim
+    from sim.results import claim, restart_in_place
 
     check_hub(cfg.data)
     console = console or Console()
@@ -83,6 +84,11 @@ def simulate(cfg: Config, run_dir: Path, console: Any | None = None, fresh: bool
         raise ConfigError(f"sim.resume={run_dir} is not a directory: give the run directory to continue")
     key = "sim.resume" if cfg.sim.resume else "hydra.run.dir"
     with claim(run_dir, new=not cfg.sim.resume and not fresh, key=key):
+        if not cfg.sim.resume:
+            gone = restart_in_place(run_dir)
+            if gone:
+                console.print(f"[bold]note[/bold]: {run_dir} held a stopped run that nothing can resume (no "
+                              f"checkpoint); this run replaces its {', '.join(gone)}", soft_wrap=True)
         run_dir, resume, finished, done = open_run(cfg, run_dir, console)
         if done is not None:
             return done
@@ -102,7 +108,7 @@ def open_run(cfg: Config, run_dir: Path, console: Any) -> tuple[Path, tuple | No
     Raises:
         ConfigError: the resumed directory does not fit this config, or cannot be finished.
     """
-    from sim import checkpoint
+    from sim import checkpoint, journal
 
     if not cfg.sim.resume:
         return run_dir, None, 0, None
@@ -118,11 +124,20 @@ def open_run(cfg: Config, run_dir: Path, console: Any) -> tuple[Path, tuple | No
                               "the results a resume needs to write summary.json: run it again without sim.resume")
         console.print(f"[bold]resuming[/bold] {run_dir}: all {finished} rounds are saved; writing its results",
                       soft_wrap=True)
-        return run_dir, ckpt, finished, None
-    console.print(f"[bold]resuming[/bold] {run_dir} after round {finished} of {cfg.sim.num_rounds}"
-                  if ckpt is not None else f"[bold]resuming[/bold] {run_dir}: its all-up reference run first",
-                  soft_wrap=True)
+    else:
+        console.print(f"[bold]resuming[/bold] {run_dir} after round {finished} of {cfg.sim.num_rounds}"
+                      if ckpt is not None else f"[bold]resuming[/bold] {run_dir}: its all-up reference run first",
+                      soft_wrap=True)
+    say_repair(console, run_dir, journal.proven(run_dir, ckpt[0] if ckpt else None, finished), finished)
     return run_dir, ckpt, finished, None
+
+
+def say_repair(console: Any, run_dir: Path, proven: Any, finished: int) -> None:
+    """One line when ``run_dir``'s metrics.jsonl is rewritten from its checkpoint (:class:`sim.journal.Proven`)."""
+    if proven.problem:
+        console.print(f"[bold]note[/bold]: {run_dir / 'metrics.jsonl'} did not match the checkpoint "
+                      f"({proven.problem}); rewritten with rounds 1-{finished} as the checkpoint keeps them",
+                      soft_wrap=True)
 
 
 def outcome_from_checkpoint(inp: Inputs) -> Outcome:
@@ -141,7 +156,9 @@ def run_reference(cfg: Config, run_dir: Path, console: Any) -> dict[str, Any] | 
     """With failures injected: the same seed with every server up (run, resumed, or read from
     ``run_dir/reference``): its summary, with its per-round records under ``rounds``; None when
     no reference is wanted."""
+    from sim import journal
     from sim.checkpoint import CHECKPOINT
+    from sim.core.cache import atomic_write_text
 
     if cfg.failures.name == FailureKind.none or not cfg.failures.reference:
         return None
@@ -154,8 +171,11 @@ def run_reference(cfg: Config, run_dir: Path, console: Any) -> dict[str, Any] | 
         ref_cfg = replace(cfg, failures=cfg.failures.none(), sim=replace(cfg.sim, resume=resume))
         reference = simulate(ref_cfg, ref_dir, console, fresh=bool(cfg.sim.resume))
     console.print("[bold]run with failures[/bold]")
-    rounds = [json.loads(line) for line in (ref_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    return {**reference, "rounds": rounds}
+    proven = journal.of_finished_run(ref_dir, cfg.sim.num_rounds)
+    if proven.problem:
+        say_repair(console, ref_dir, proven, cfg.sim.num_rounds)
+        atomic_write_text(ref_dir / "metrics.jsonl", proven.text, fsync=True)
+    return {**reference, "rounds": journal.records(proven.text)}
 
 
 def prepare_inputs(cfg: Config, run_dir: Path, console: Any, resume: tuple | None, finished: int) -> Inputs:
@@ -330,6 +350,7 @@ class Federation:
         replies excepted, :meth:`round_ok`), the progress line printed."""
         from sim import terminal
 
+        self.check_node(int(record["round"]))
         self.inp.recorder.round(record)
         final = int(record["round"]) == self.cfg.sim.num_rounds and self.strategy.last_x is not None
         if final:  # computed now, so the last checkpoint can hold it (a stop after it loses nothing)
@@ -343,15 +364,31 @@ class Federation:
         if self.board is not None:
             log_round(self.board, record)
 
+    def check_node(self, round_: int) -> None:
+        """On Ray: fail the run, before this round is recorded, if the Ray node under it has died (its
+        servers and device workers died with it: the round's numbers would be the legacy models').
+
+        Raises:
+            NodeLost: one line, naming what died and where its log is.
+        """
+        if self.cfg.sim.backend != Backend.ray:
+            return
+        from sim import engine, raynode
+
+        message = raynode.lost_message(engine.started_here(), f"during round {round_}")
+        if message:
+            raise engine.NodeLost(message)
+
     def save_checkpoint(self, record: dict[str, Any], final: bool) -> None:
         """Replace the run's checkpoint with this round's state; the last round's also keeps what
         :func:`finish` needs (:func:`sim.checkpoint.final_part`)."""
-        from sim import checkpoint
+        from sim import checkpoint, journal
         from sim.core.arrays import prefixed
 
         pool_arrays, pool_meta = self.pool.checkpoint()
         strat_arrays, strat_meta = self.strategy.checkpoint()
-        arrays = {**prefixed("pool", pool_arrays), **prefixed("strategy", strat_arrays)}
+        arrays = {**prefixed("pool", pool_arrays), **prefixed("strategy", strat_arrays),
+                  **journal.part(self.inp.recorder.text)}  # metrics.jsonl up to this round: sim/journal.py
         meta = {"round": record["round"], "config": checkpoint.comparable(self.cfg), "pool": pool_meta,
                 "strategy": strat_meta}
         if final:

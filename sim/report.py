@@ -42,9 +42,10 @@ Written into ``--out`` (default: the first directory given):
   ``achieved_vs_requested_defer_rate`` (``strategy.max_defer_rate``); for runs with failures,
   ``resilience_kept`` (fraction kept and inference kept per configuration).
 
-A missing directory, a directory without runs or a bad ``--baseline`` is a one-line error (exit
-2); a run whose summary.json cannot be read is skipped with a one-line warning. Nothing in the run
-directories is modified.
+A missing directory, a directory without runs, a bad ``--baseline`` or an ``--out`` that cannot be
+written is a one-line error (exit 2); a run whose summary.json cannot be read, or holds NaN or an
+infinite number (which the simulator never writes), is skipped with a one-line warning. Nothing in
+the run directories is modified.
 """
 from __future__ import annotations
 
@@ -59,6 +60,7 @@ import numpy as np
 import pandas as pd
 
 from sim.core.cache import atomic_write_text
+from sim.core.storage import OutOfSpace
 
 GROUP_KEYS = ("strategy", "c_e", "c_1", "staleness", "max_defer_rate", "bound", "num_servers", "serve_depth",
               "capacity", "failures", "num_clients", "num_rounds")
@@ -203,6 +205,24 @@ def metrics_of(s: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
+def finite_json(text: str) -> Any:
+    """``json.loads`` that refuses ``NaN``, ``Infinity`` and numbers beyond float range (``1e999``):
+    Python's json reads them, the simulator never writes them (``null`` stands for "undefined"), so a
+    summary that holds one was written by something else and its means would be NaN or infinite.
+
+    Raises:
+        ValueError: a non-finite number (naming it), or the text is not JSON.
+    """
+    def refuse(token: str) -> float:
+        raise ValueError(f"it holds the non-finite number {token} (the simulator writes null for an undefined value)")
+
+    def number(token: str) -> float:
+        value = float(token)
+        return value if math.isfinite(value) else refuse(token)
+
+    return json.loads(text, parse_constant=refuse, parse_float=number)
+
+
 def read_run(run: Path) -> dict[str, Any]:
     """One run: ``run``, ``seed``, ``metrics``, ``curve`` (defer rates, accuracies), ``legacy``
     (its :data:`GROUP_KEYS` values) and ``config`` (flattened; None when not recorded) with ``source``.
@@ -211,7 +231,7 @@ def read_run(run: Path) -> dict[str, Any]:
         ReportError: the summary cannot be read or lacks a field (one line).
     """
     try:
-        s = json.loads((run / "summary.json").read_text())
+        s = finite_json((run / "summary.json").read_text())
         out = {"run": str(run), "seed": s["seed"], "metrics": metrics_of(s),
                "curve": (s["curves"]["defer_rate"], s["curves"]["rejector"]),
                "legacy": {"strategy": s["strategy"], "c_e": s["c_e"], "c_1": s["c_1"],
@@ -755,7 +775,8 @@ def report(dirs: list[Path], out: Path | None = None, plots: bool = True, baseli
         "paired": DataFrame | None, "files": [paths written], "warnings": [one-line messages]}``.
 
     Raises:
-        ReportError: no runs, a missing directory, no readable summary, a bad ``baseline``.
+        ReportError: no runs, a missing directory, no readable summary, a bad ``baseline``, an ``out``
+            that cannot be written (a full disk included).
     """
     spec = parse_baseline(baseline) if baseline is not None else None
     runs, warnings, grouped_by = load_runs([Path(d) for d in dirs])
@@ -773,13 +794,19 @@ def report(dirs: list[Path], out: Path | None = None, plots: bool = True, baseli
         ctx["baseline"] = pick_baseline(groups, varying, spec)
         ctx["paired"], ctx["paired_seeds"] = paired_stats(df, ctx["baseline"]["id"], metric_columns(df))
     out = Path(out) if out is not None else Path(dirs[0])
-    out.mkdir(parents=True, exist_ok=True)
-    ctx["files"] = [out / "report.csv", out / "report.md", out / "report.json"]
-    if plots:
-        ctx["files"] += figures(ctx, out)
-    write_csv(df, out / "report.csv")
-    atomic_write_text(out / "report.md", markdown(ctx))
-    write_json(ctx, out / "report.json")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        ctx["files"] = [out / "report.csv", out / "report.md", out / "report.json"]
+        if plots:
+            ctx["files"] += figures(ctx, out)
+        write_csv(df, out / "report.csv")
+        atomic_write_text(out / "report.md", markdown(ctx))
+        write_json(ctx, out / "report.json")
+    except OutOfSpace as exc:
+        raise ReportError(str(exc)) from None
+    except OSError as exc:
+        raise ReportError(f"--out {out} cannot be written ({exc.strerror or type(exc).__name__}"
+                          f"{': ' + str(exc.filename) if exc.filename else ''}): give a directory you can write") from None
     return {"frame": df, "groups": groups, "varying": varying, "stats": ctx["stats"], "paired": ctx["paired"],
             "files": ctx["files"], "warnings": warnings}
 

@@ -7,7 +7,8 @@ Every result file gets the same mode (0666 less the umask, :func:`sim.core.cache
 
 A run directory is *claimed* while a run or a resume writes into it (:func:`claim`): an exclusive
 lock on the directory, so a second run or resume of it is refused with one line, and a new run is
-refused in a directory that already holds a run's results (nothing there is deleted or rewritten).
+refused in a directory that already holds a run's results (nothing there is deleted or rewritten) --
+unless they are a :func:`dead_end`'s, which nothing can resume: a new run starts there again.
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ from sim.core.cache import atomic_write_text
 from sim.core.config import Config, Training
 from sim.core.errors import ConfigError
 from sim.core.metrics import fairness
+from sim.core.storage import guard
 
 RESULT_FILES = ("metrics.jsonl", "checkpoint.npz", "summary.json", "clients.csv", "reference")
 """What a run leaves in its directory once it has finished a round: a new run never starts there."""
@@ -45,7 +47,7 @@ def check_run_dir(run_dir: Path, key: str = "hydra.run.dir", new: bool = True) -
 
     Raises:
         ConfigError: one line -- an existing file, a directory that cannot be created or written, or
-            (``new``) one that already holds a run's results.
+            (``new``) one that already holds a run's results, unless those are a :func:`dead_end`'s.
     """
     p = Path(os.path.expanduser(str(run_dir)))
     if p.exists() and not p.is_dir():
@@ -56,34 +58,66 @@ def check_run_dir(run_dir: Path, key: str = "hydra.run.dir", new: bool = True) -
         os.close(fd)
         os.unlink(probe)
     except OSError as exc:
-        raise ConfigError(f"{key}={p} cannot be written ({exc.strerror or type(exc).__name__}): give a directory "
-                          "you can write") from None
+        fix = ("make it writable, or copy it somewhere writable and resume the copy" if key == "sim.resume" else
+               "give a directory you can write")
+        raise ConfigError(f"{key}={p} cannot be written ({exc.strerror or type(exc).__name__}): {fix}") from None
     found = [name for name in RESULT_FILES if (p / name).exists()]
-    if new and found:
+    if new and found and not dead_end(p):
         raise ConfigError(f"{key}={p} already holds a run's results ({found[0]}): give a new directory, or continue "
                           f"that run with {shlex.quote(resume_override(p))}")
     return p
 
 
-def resume_override(run_dir: Path | str) -> str:
-    """The override ``sim.resume=<run_dir>`` as Hydra reads it back to exactly ``run_dir``: the path
-    as it is where Hydra's grammar takes it unquoted, else single-quoted for Hydra (a multirun job's
-    directory, ``N_key=value,key=value``, has ``=`` and ``,``; ``;``, quotes, ...)."""
+KEEPS = ("checkpoint.npz", "summary.json")
+"""What makes a run directory worth keeping: a run can be resumed from it, or it has finished."""
+
+
+def dead_end(run_dir: Path) -> bool:
+    """Whether ``run_dir`` holds only what a run that can be neither resumed nor read left: no
+    :data:`KEEPS` file, here or in its ``reference/`` (a run stopped before its first checkpoint, or
+    run with ``sim.checkpoint=false``, or stopped by a full disk before it). A new run may start there
+    again; it replaces those partial results (:func:`restart_in_place`)."""
+    p = Path(run_dir)
+    return not any((d / name).exists() for d in (p, p / "reference") for name in KEEPS)
+
+
+def restart_in_place(run_dir: Path) -> list[str]:
+    """Remove the partial results of a :func:`dead_end` run in ``run_dir`` (a new run starts there);
+    the names removed (none: nothing was there, or the directory is not a dead end). ``reference/`` is
+    left to the new run's own reference run, which is a dead end too."""
+    p = Path(run_dir)
+    if not dead_end(p):
+        return []
+    gone = [name for name in RESULT_FILES if name != "reference" and (p / name).is_file()]
+    for name in gone:
+        (p / name).unlink()
+    return gone + (["reference/"] if (p / "reference").is_dir() else [])
+
+
+def path_override(key: str, path: Path | str) -> str:
+    """The override ``<key>=<path>`` as Hydra reads it back to exactly ``path``: the path as it is
+    where Hydra's grammar takes it unquoted, else single-quoted for Hydra (a multirun job's directory,
+    ``N_key=value,key=value``, has ``=`` and ``,``; ``;``, quotes, ...)."""
     import re
 
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    text = str(run_dir)
+    text = str(path)
     parser = OverridesParser.create()
     try:
-        as_is = parser.parse_override(f"sim.resume={text}").value() == text
+        as_is = parser.parse_override(f"{key}={text}").value() == text
     except Exception:  # noqa: BLE001 -- Hydra's grammar refuses it unquoted
         as_is = False
     if as_is:
-        return f"sim.resume={text}"
+        return f"{key}={text}"
     # Hydra's quoted strings: a quote is escaped as \', and backslashes before a quote or the end doubled.
     escaped = re.sub(r"(\\+)(?='|$)", lambda m: m.group(1) * 2, text).replace("'", "\\'")
-    return f"sim.resume='{escaped}'"
+    return f"{key}='{escaped}'"
+
+
+def resume_override(run_dir: Path | str) -> str:
+    """The override ``sim.resume=<run_dir>`` that Hydra reads back as exactly ``run_dir`` (:func:`path_override`)."""
+    return path_override("sim.resume", run_dir)
 
 
 @contextmanager
@@ -148,38 +182,61 @@ def jsonable(obj: Any) -> Any:
 class Recorder:
     """Writes a run's result files into ``run_dir``.
 
-    A new run starts a new metrics.jsonl; a resumed one (``keep_rounds=k``) keeps the records of
-    rounds 1..k and drops any later line an interrupted round left.
+    A new run starts a new metrics.jsonl. A resumed one (``keep_rounds=k``) continues from the
+    records of rounds 1..k as its checkpoint proves them (:func:`sim.journal.proven`: a line an
+    interrupted round left is dropped, a damaged file rewritten from the checkpoint's copy).
+
+    Raises:
+        ConfigError: (resuming) the file cannot be repaired from the checkpoint (one line).
     """
 
     def __init__(self, run_dir: Path, keep_rounds: int | None = None):
+        from sim import journal
+
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.metrics_path = self.run_dir / "metrics.jsonl"
+        self.lines: list[str] = []
+        """metrics.jsonl's lines as written (each checkpoint keeps them: :data:`sim.journal.JOURNAL`)."""
         self.rounds: list[dict[str, Any]] = []
         if keep_rounds is None:
             self.metrics_path.unlink(missing_ok=True)
             return
-        # Resuming: keep the finished rounds (an abandoned round may have left a later line).
-        if self.metrics_path.is_file():
-            for line in self.metrics_path.read_text().splitlines():
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError:
-                    continue  # a line cut short by the interruption
-                if rec.get("round", keep_rounds + 1) <= keep_rounds:
-                    self.rounds.append(rec)
-        atomic_write_text(self.metrics_path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in self.rounds),
-                          fsync=True)
+        text = journal.proven(self.run_dir, None, keep_rounds).text
+        self.lines = text.splitlines(keepends=True)
+        self.rounds = journal.records(text)
+        atomic_write_text(self.metrics_path, text, fsync=True)
+
+    @property
+    def text(self) -> str:
+        """metrics.jsonl as this run has written it so far."""
+        return "".join(self.lines)
 
     def round(self, record: dict[str, Any]) -> None:
-        """Append one round's record to metrics.jsonl and fsync it."""
+        """Append one round's record to metrics.jsonl and fsync it.
+
+        Raises:
+            OutOfSpace: the disk is full; the file is cut back to its previous rounds (one line).
+        """
         rec = jsonable(record)
+        line = json.dumps(rec, sort_keys=True) + "\n"
+        data = line.encode()
+        fd = os.open(self.metrics_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)  # unbuffered: no flush at close
+        try:
+            size = os.fstat(fd).st_size
+            try:
+                with guard(self.metrics_path, f"round {rec.get('round')}'s record"):
+                    done = 0
+                    while done < len(data):
+                        done += os.write(fd, data[done:])
+                    os.fsync(fd)
+            except BaseException:
+                os.ftruncate(fd, size)  # no torn line left behind (cutting back needs no space)
+                raise
+        finally:
+            os.close(fd)
         self.rounds.append(rec)
-        with open(self.metrics_path, "a") as f:
-            f.write(json.dumps(rec, sort_keys=True) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        self.lines.append(line)
 
     def write_json(self, name: str, obj: dict[str, Any]) -> Path:
         """Write ``obj`` as ``run_dir/name`` atomically (sorted keys, NaN as null)."""

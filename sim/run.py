@@ -48,7 +48,7 @@ from sim.core.config import register, to_config  # noqa: E402
 from sim.core.errors import ConfigError  # noqa: E402
 from sim.core.stop import exit_code, signal_name  # noqa: E402
 from sim.pipeline import simulate  # noqa: E402
-from sim.results import claim, resume_override  # noqa: E402
+from sim.results import claim, path_override, resume_override  # noqa: E402
 from sim.sweep import FAILED, SWEEP, record_failure  # noqa: E402
 from strategies.config import register_all  # noqa: E402
 
@@ -61,7 +61,7 @@ EXIT_TIMEOUT_S = float(os.environ.get("L2H_SIM_EXIT_TIMEOUT_S", "20"))
 """After a stop signal the process ends within this many seconds, whatever is still running."""
 
 _CURRENT: dict[str, Any] = {}
-"""The job running now: ``run_dir``, ``overrides`` (its own), ``multirun``, ``config_name``."""
+"""The job running now: ``run_dir``, ``overrides`` (its own), ``multirun``, ``config_name``, ``checkpoint`` (sim.checkpoint)."""
 _EXITING = _threading.Lock()
 
 
@@ -70,32 +70,64 @@ def _hydra_task(cfg: DictConfig) -> float | None:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    from sim.engine import EngineError
+    from sim import engine
 
     hc = HydraConfig.get()
     multirun = hc.mode == RunMode.MULTIRUN
     _CURRENT.clear()
     _CURRENT.update(overrides=list(hc.overrides.task), multirun=multirun, config_name=hc.job.config_name)
     try:
+        return _run_job(cfg, hc, multirun)
+    finally:
+        if multirun:
+            engine.hold_stops()  # Hydra composes the next job's config: a stop waits for its task (main)
+
+
+def _run_job(cfg: DictConfig, hc: Any, multirun: bool) -> float | None:
+    """One job of :func:`_hydra_task`: its config checked, its directory claimed, the simulation run;
+    a one-line error reported (and, in a sweep, kept in the job's directory)."""
+    from sim import engine
+    from sim.engine import EngineError
+
+    engine.release_stops()  # Hydra is done composing: a stop that came meanwhile is raised here
+    try:
         config = to_config(cfg)
         resume = bool(config.sim.resume)
         run_dir = Path(os.path.expanduser(str(config.sim.resume))) if resume else Path(hc.runtime.output_dir)
         _CURRENT["run_dir"] = run_dir
+        _CURRENT["checkpoint"] = bool(config.sim.checkpoint)
         with claim(run_dir, new=not resume, key="sim.resume" if resume else "hydra.run.dir"):
             if not resume:
                 save_hydra_record(run_dir, cfg)
             summary = simulate(config, run_dir)
     except (ConfigError, EngineError) as exc:
+        text = failure_text(exc, _CURRENT.get("run_dir"))
         if not multirun:
-            print(f"error: {exc}", file=sys.stderr)
+            print(f"error: {text}", file=sys.stderr)
             sys.exit(2)
         # The sweep goes on. The failure is kept in the job's directory too: a parallel sweep's jobs run
         # in other processes, and :class:`sim.sweep.RaySweepSession` gathers them all at the sweep's end.
-        message = f"job {hc.job.num} ({' '.join(hc.overrides.task)}): {exc}"
+        message = f"job {hc.job.num} ({' '.join(hc.overrides.task)}): {text}"
         FAILED.append(message)
         record_failure(Path(hc.runtime.output_dir), message)
         return None
     return float(summary["system_accuracy"])
+
+
+def failure_text(exc: BaseException, run_dir: Path | None) -> str:
+    """The one line for a job that failed with ``exc``; a full disk (:class:`sim.core.storage.OutOfSpace`)
+    or a dead Ray node (:class:`sim.engine.NodeLost`) also says what of the run is saved and the command
+    that goes on from there (:func:`saved_and_next`)."""
+    from sim.core.storage import OutOfSpace
+    from sim.engine import NodeLost
+
+    if not isinstance(exc, (OutOfSpace, NodeLost)) or run_dir is None:
+        return str(exc)
+    try:
+        what, then = saved_and_next(Path(run_dir))
+    except Exception:  # noqa: BLE001 -- the failure itself is the message
+        return str(exc)
+    return f"{exc}; the run stopped {what}; then {then.replace(chr(10) + '  ', ' ')}"
 
 
 def save_hydra_record(run_dir: Path, cfg: DictConfig) -> None:
@@ -132,16 +164,24 @@ _INJECTED = ("hydra.output_subdir=null",)
 def resume_command(run_dir: Path) -> str:
     """The command that continues the job running now, shell-quoted: its own overrides (in a
     multirun, this job's values, not the sweep), its config name if not the default, ``sim.resume``."""
+    return _job_command(resume_override(run_dir))
+
+
+def start_command(run_dir: Path) -> str:
+    """The command that starts the job running now again in ``run_dir`` (a :func:`sim.results.dead_end`:
+    nothing to resume), shell-quoted: as :func:`resume_command`, with ``hydra.run.dir`` instead of ``sim.resume``."""
+    return _job_command(path_override("hydra.run.dir", run_dir))
+
+
+def _job_command(where: str) -> str:
     args = [a for a in _CURRENT.get("overrides", []) if not a.lstrip("+~").startswith(("sim.resume=", "hydra."))]
     name = _CURRENT.get("config_name")
     flags = ["--config-name", name] if name and name != "config" else []
-    return " ".join(shlex.quote(a) for a in ["python", "-m", "sim.run", *flags, *args, resume_override(run_dir)])
+    return " ".join(shlex.quote(a) for a in ["python", "-m", "sim.run", *flags, *args, where])
 
 
 def _interrupted_message() -> str:
     """What to tell the user after Ctrl-C / SIGTERM: what is saved and the command that resumes."""
-    from sim.checkpoint import finished_round
-
     name = signal_name()
     run_dir = _CURRENT.get("run_dir")
     if SWEEP.get("parallel", 1) > 1:
@@ -152,17 +192,34 @@ def _interrupted_message() -> str:
     if run_dir is None:
         return f"interrupted ({name}) before the run started"
     rest = "; this sweep's later jobs did not run" if _CURRENT.get("multirun") else ""
-    command = resume_command(run_dir)
+    what, then = saved_and_next(run_dir)
+    return f"interrupted ({name}) {what}{rest}; {then}"
+
+
+def saved_and_next(run_dir: Path) -> tuple[str, str]:
+    """What a stopped job left in ``run_dir``, and how to go on from there: the resume command, or --
+    nothing to resume (:func:`sim.results.dead_end`) -- the command that starts it again there.
+
+    Returns:
+        ``(what, then)``, e.g. ``("after round 4: rounds 1-4 are saved in ...", "resume with:\\n  python -m ...")``.
+    """
+    from sim.checkpoint import finished_round
+
     done = finished_round(run_dir)
-    if done is None:
-        ref = finished_round(run_dir / "reference")
-        if ref is not None:
-            return (f"interrupted ({name}) during the all-up reference run, after its round {ref} (saved in "
-                    f"{run_dir / 'reference'}){rest}; resume with:\n  {command}")
-        return (f"interrupted ({name}) before the first round was checkpointed; nothing to resume in {run_dir} "
-                f"(start the run again){rest}")
-    return (f"interrupted ({name}) after round {done}: rounds 1-{done} are saved in {run_dir} (metrics.jsonl, "
-            f"checkpoint.npz){rest}; resume with:\n  {command}")
+    if done is not None:
+        return (f"after round {done}: rounds 1-{done} are saved in {run_dir} (metrics.jsonl, checkpoint.npz)",
+                f"resume with:\n  {resume_command(run_dir)}")
+    ref_dir = run_dir / "reference"
+    if (ref_dir / "summary.json").is_file():
+        return (f"after the all-up reference run, before the run with failures checkpointed a round (the reference "
+                f"is saved in {ref_dir})", f"resume with:\n  {resume_command(run_dir)}")
+    ref = finished_round(ref_dir)
+    if ref is not None:
+        return (f"during the all-up reference run, after its round {ref} (saved in {ref_dir})",
+                f"resume with:\n  {resume_command(run_dir)}")
+    off = " (sim.checkpoint=false)" if _CURRENT.get("checkpoint") is False else ""
+    return (f"before any round was checkpointed{off}: nothing to resume in {run_dir}",
+            f"start the run again there with:\n  {start_command(run_dir)}")
 
 
 def _report_and_exit(note: str = "") -> None:
@@ -232,7 +289,8 @@ def _insist() -> None:
 
 def check_command_line(argv: list[str]) -> int:
     """Refuse a bad command line before Hydra starts: every job's config (:func:`sim.cli.precheck`),
-    ``--config-name``, and an explicit ``hydra.run.dir`` / ``hydra.sweep.dir`` that cannot be used.
+    ``--config-name``, an explicit ``hydra.run.dir`` / ``hydra.sweep.dir`` that cannot be used, and a
+    ``sim.resume`` directory that cannot be written.
 
     Returns:
         How many jobs of the sweep run at once (``sim.sweep_parallel``; 1 without ``-m``).
@@ -252,6 +310,11 @@ def check_command_line(argv: list[str]) -> int:
     if multirun and any(a in ("--cfg", "-c", "--info", "-i") or a.startswith(("--cfg=", "--info=")) for a in argv):
         raise ConfigError("--cfg/--info show one job's config: leave out -m (give one value per key) to see it")
     parallel = precheck(argv)
+    resume = [_override_value(a) for a in argv if a.startswith("sim.resume=")]
+    if resume and not multirun:  # Hydra's job log goes there first: an unwritable one is a traceback otherwise
+        from sim.results import check_run_dir
+
+        check_run_dir(Path(resume[-1]), key="sim.resume", new=False)
     for a in argv:
         key, _, value = a.partition("=")
         if key in ("hydra.run.dir", "hydra.sweep.dir"):
@@ -312,6 +375,7 @@ def main() -> None:
     engine.install_signal_handlers()
     engine.ON_FIRST_SIGNAL.append(_watchdog)
     engine.ON_REPEATED_SIGNAL.append(_insist)
+    engine.hold_stops()  # until a job's task starts (:func:`_run_job`): a stop then ends the run cleanly
     argv, code = sys.argv, 0
     try:
         if _STOP.is_set():  # a signal came while the program was importing

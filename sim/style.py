@@ -97,15 +97,27 @@ def color(i: int) -> str:
 
 def save(fig: Any, path: Path) -> Path:
     """Save ``fig`` as ``path`` with suffix ``.pdf`` (vector) and ``.png`` (:data:`DPI`), close it.
+    Each file is written whole or not at all (:func:`sim.core.cache.atomic_write_bytes`).
 
     Returns:
         The PNG's path (``path`` with suffix ``.png``).
+
+    Raises:
+        OutOfSpace: the disk is full; OSError: the file cannot be written.
     """
+    import io
+
+    from sim.core.cache import atomic_write_bytes
+
     path = Path(path)
     png, pdf = path.with_suffix(".png"), path.with_suffix(".pdf")
-    fig.savefig(pdf)
-    fig.savefig(png, dpi=DPI)
-    plt.close(fig)
+    try:
+        for out, kwargs in ((pdf, {}), (png, {"dpi": DPI})):  # rendered in memory, written atomically
+            buf = io.BytesIO()
+            fig.savefig(buf, format=out.suffix[1:], **kwargs)
+            atomic_write_bytes(out, buf.getvalue(), what="a figure")
+    finally:
+        plt.close(fig)
     return png
 
 

@@ -58,10 +58,15 @@ FAILED_FILE = "failed.txt"
 
 
 def record_failure(job_dir: Path, message: str) -> None:
-    """Keep a failed job's one-line ``message`` in ``job_dir``/:data:`FAILED_FILE` (written atomically)."""
+    """Keep a failed job's one-line ``message`` in ``job_dir``/:data:`FAILED_FILE` (written atomically;
+    best effort: a job that failed because its disk is full cannot leave it, and is still reported by
+    this process, :data:`FAILED`)."""
     from sim.core.cache import atomic_write_text
 
-    atomic_write_text(Path(job_dir) / FAILED_FILE, message + "\n")
+    try:
+        atomic_write_text(Path(job_dir) / FAILED_FILE, message + "\n")
+    except (OSError, ValueError):  # ValueError: OutOfSpace is a ConfigError
+        pass
 
 
 def gather_failures(sweep_dir: Path) -> list[str]:
@@ -118,6 +123,9 @@ class RaySweepSession(Callback):
         FAILED.clear()
         if parallel > 1:  # read by the jobs' processes, which the launcher starts after this
             os.environ[engine.SWEEP_JOBS_ENV] = str(parallel)
+            # The jobs' tasks run in the launcher's processes, so none ends the hold on stop signals
+            # (sim.engine.hold_stops) here: this process only waits for them, and a stop interrupts that.
+            engine.release_stops()
         if not should_share(config):
             return
         try:

@@ -31,6 +31,16 @@ CONFIGS = [
     (["strategy.rejector.hidden=1000000000"], "strategy.rejector.hidden"),
     (["fleet.groups.1.hidden=1000000000"], "fleet.groups.1.hidden"),
     (["servers.hidden=4097"], "servers.hidden"),
+    # ran without a word before (issue 28)
+    (["servers.lr=1e10"], "servers.lr"),                          # Adam moves each weight by ~lr per step
+    (["fleet.groups.1.lr=5"], "fleet.groups.1.lr"),
+    (["servers=mel", "servers.mel.standalone_weight=0", "servers.mel.combiner_weight=0"], "servers.mel"),
+    (["servers=mel", "servers.count=1"], "servers.count"),      # MEL with no ensemble
+    (["servers.training=dml"], "servers.count"),                # DML with no peer (servers.count=1)
+    (["failures=crash_stop", "servers.count=2", "failures.servers=[0,0]"], "failures.servers"),
+    (["failures=partition", "failures.partition.devices=[1,1]"], "failures.partition.devices"),
+    (["sim.plots=2"], "sim.plots"),                             # a bool given as 2 (OmegaConf: true)
+    (["sim.checkpoint=yes"], "sim.checkpoint"),
 ]
 
 
@@ -124,3 +134,88 @@ def test_a_hydra_quoted_run_dir_is_checked_as_the_path_hydra_uses(tmp_path):
     with pytest.raises(ConfigError):
         check_command_line([f"hydra.run.dir='{run}'", "sim.num_rounds=1"])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x,y=1"]
+
+
+# ---- cache entries whose manifest checks out but whose files are not what the simulator writes ------
+
+FORGED = {
+    "object-dtype y": lambda e: np.save(e / "y.npy", np.array([object()] * 3, dtype=object), allow_pickle=True),
+    "y one sample short": lambda e: np.save(e / "y.npy", np.load(e / "y.npy")[:-1]),
+    "x flattened": lambda e: np.save(e / "x.npy", np.load(e / "x.npy").reshape(len(np.load(e / "y.npy")), -1)),
+    "a label beyond the classes": lambda e: np.save(e / "y.npy", np.load(e / "y.npy") + 100),
+}
+
+
+@pytest.mark.parametrize("forge", list(FORGED))
+def test_a_dataset_entry_with_a_forged_manifest_is_rebuilt_not_used(tmp_path, forge):
+    """Files rewritten and the manifest rewritten to match them (before: a traceback, or -- one sample
+    short -- a run on misaligned labels, exit 0): the entry is rebuilt with a warning naming the problem."""
+    import json
+
+    from sim.core.cache import write_manifest
+    from tests.conftest import prepare_for, small_cfg
+
+    cfg = small_cfg()
+    p = prepare_for(cfg, tmp_path)
+    good = {n: (p.path / f"{n}.npy").read_bytes() for n in ("x", "y", "owner", "split")}
+    meta = json.loads((p.path / "manifest.json").read_text())["meta"]
+    FORGED[forge](p.path)
+    write_manifest(p.path, meta)
+    with pytest.warns(UserWarning, match="dataset cache entry .* is corrupt or incomplete \\(.+\\); rebuilding"):
+        again = prepare_for(cfg, tmp_path)
+    assert {n: (again.path / f"{n}.npy").read_bytes() for n in good} == good
+
+
+def test_a_fleet_entry_that_is_a_regular_file_is_rebuilt(tmp_path):
+    """Before: the rename onto the file failed with a traceback."""
+    from tests.conftest import fleet_for, prepare_for, small_cfg
+
+    cfg = small_cfg()
+    prep = prepare_for(cfg, tmp_path)
+    entry = fleet_for(cfg, prep, tmp_path).path
+    import shutil
+
+    shutil.rmtree(entry)
+    entry.write_text("not a directory")
+    with pytest.warns(UserWarning, match="legacy fleet cache entry .* rebuilding"):
+        fleet = fleet_for(cfg, prep, tmp_path)
+    assert fleet.built and entry.is_dir() and len(list(entry.glob("device_*.pt"))) == cfg.fleet.num_clients
+
+
+def test_resuming_into_a_directory_that_cannot_be_written_is_one_line(tmp_path, monkeypatch):
+    """Hydra's job log is opened there first: before, a logging traceback (a new run there was already
+    refused in one line)."""
+    import errno
+
+    from sim import results, run
+
+    d = tmp_path / "run"
+    d.mkdir()
+    monkeypatch.setattr(run, "precheck", lambda argv: 1)  # the config and checkpoint checks: tested elsewhere
+
+    def read_only(*a, **k):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(results.tempfile, "mkstemp", read_only)
+    with pytest.raises(ConfigError, match="sim.resume=.* cannot be written \\(Read-only file system\\)") as err:
+        run.check_command_line(["fleet.num_clients=4", f"sim.resume={d}"])
+    assert "\n" not in str(err.value) and "writable" in str(err.value)
+
+
+@pytest.mark.parametrize("which", ["x", "y"])
+def test_a_pickle_bearing_npz_is_named_as_such_not_truncated(tmp_path, which):
+    """An object array is stored as a pickle, which is never loaded (before: "the file is truncated or not
+    an npz", which sends the user looking for a broken download)."""
+    from sim.core.config import DataConfig, DataSource
+    from sim.core.sources import load_source
+
+    arrays = {"x": np.zeros((10, 4)), "y": np.arange(10) % 2}
+    arrays[which] = np.array([{"a": 1}] * 10, dtype=object)
+    path = tmp_path / "pickled.npz"
+    np.savez(path, **arrays)
+    cfg = DataConfig(name="local")
+    cfg.source, cfg.path = DataSource.file, str(path)
+    with pytest.raises(DataError, match=f"array '{which}' holds Python objects") as err:
+        load_source(cfg)
+    msg = str(err.value)
+    assert "\n" not in msg and "truncated" not in msg and "np.savez" in msg

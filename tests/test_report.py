@@ -173,6 +173,37 @@ def test_bad_input_is_one_line(tmp_path, capsys):
     assert capsys.readouterr().err.count("\n") == 1
 
 
+@pytest.mark.parametrize("token", ["NaN", "Infinity", "-Infinity", "1e999"])
+def test_a_summary_with_a_non_finite_number_is_skipped_with_a_warning(tmp_path, capsys, token):
+    """Python's json reads NaN / Infinity (and 1e999 as inf); the simulator never writes them. Before:
+    the table printed nan / inf with no word."""
+    for i, a in enumerate((0.8, 0.82)):
+        fake_run(tmp_path, f"ok{i}", i, a, cfg())
+    bad = fake_run(tmp_path, "bad", 2, 0.5, cfg())
+    text = (bad / "summary.json").read_text().replace('"system_accuracy": 0.5', f'"system_accuracy": {token}')
+    assert token in text
+    (bad / "summary.json").write_text(text)
+    assert R.main([str(tmp_path), "--out", str(tmp_path / "out"), "--no-plots"]) == 0
+    out, err = capsys.readouterr()
+    assert err.count("\n") == 1 and err.startswith("warning: ") and "bad" in err and "non-finite" in err, err
+    assert "nan" not in out.lower() and "inf" not in out.lower().replace("info", "")
+    assert json.loads((tmp_path / "out" / "report.json").read_text())  # strict JSON, two runs
+
+
+@pytest.mark.parametrize("out", ["/proc/l2h-report", "file"])
+def test_an_out_that_cannot_be_written_is_one_line(tmp_path, capsys, out):
+    """Before: a FileNotFoundError / FileExistsError traceback."""
+    fake_run(tmp_path, "ok", 0, 0.8, cfg())
+    if out == "file":
+        out = str(tmp_path / "a-file")
+        (tmp_path / "a-file").write_text("x")
+    before = snapshot(tmp_path)
+    assert R.main([str(tmp_path), "--out", out, "--no-plots"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --out {out} cannot be written") and err.count("\n") == 1, err
+    assert snapshot(tmp_path) == before
+
+
 def test_figures_are_pdf_and_png_and_runs_are_untouched(tmp_path):
     runs = tmp_path / "runs"
     for seed in (0, 1):

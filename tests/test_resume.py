@@ -77,10 +77,24 @@ def uninterrupted(tmp_path_factory, _cache):
     from sim.cli import compose_checked
     from sim.pipeline import simulate
 
+    from sim.pipeline import Federation
+
     tmp = tmp_path_factory.mktemp("whole")
-    simulate(compose_checked([*ARGS, "sim.backend=inprocess", f"sim.cache_dir={CACHE[0]}"]), tmp / "run",
-             console=Console(quiet=True))
+    save = Federation.save_checkpoint
+
+    def save_and_keep(self, record, final):  # each round's checkpoint, as a stop after that round leaves it
+        save(self, record, final)
+        SNAPS[int(record["round"])] = (self.inp.run_dir / checkpoint.CHECKPOINT).read_bytes()
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(Federation, "save_checkpoint", save_and_keep)
+        simulate(compose_checked([*ARGS, "sim.backend=inprocess", f"sim.cache_dir={CACHE[0]}"]), tmp / "run",
+                 console=Console(quiet=True))
     return tmp / "run"
+
+
+SNAPS: dict[int, bytes] = {}
+"""The uninterrupted run's checkpoint after each round."""
 
 
 def test_sigint_then_resume_equals_the_uninterrupted_run(tmp_path, uninterrupted):
@@ -213,3 +227,111 @@ def test_a_crossfit_run_interrupted_and_resumed_equals_the_uninterrupted_run(tmp
     assert r.returncode == 0, r.stderr[-2000:]
     assert json.loads((run_dir / "summary.json").read_text()) == json.loads((whole / "summary.json").read_text())
     assert rounds_without_time(run_dir / "metrics.jsonl") == rounds_without_time(whole / "metrics.jsonl")
+
+
+# ---- metrics.jsonl against the checkpoint (sim/journal.py) ------------------------------------------
+
+STOPPED_AFTER = 3
+DAMAGES = {
+    "as a stop leaves it": lambda lines: lines[:STOPPED_AFTER] + [lines[STOPPED_AFTER]],  # the abandoned round's
+    "deleted": None,
+    "empty": lambda lines: [],
+    "last line cut in half": lambda lines: lines[:STOPPED_AFTER - 1] + [lines[STOPPED_AFTER - 1][:300]],
+    "garbage line appended": lambda lines: lines[:STOPPED_AFTER] + ["garbage {\n"],
+    "last line duplicated": lambda lines: lines[:STOPPED_AFTER] + [lines[STOPPED_AFTER - 1]],
+    "a round edited": lambda lines: [lines[0].replace('"round": 1', '"round": 1, "x": 1')] + lines[1:STOPPED_AFTER],
+}
+
+
+def stopped_copy(uninterrupted: Path, dst: Path, damage) -> Path:
+    """The uninterrupted run as a stop after round STOPPED_AFTER leaves it, its metrics.jsonl then damaged."""
+    import shutil
+
+    shutil.copytree(uninterrupted, dst)
+    (dst / checkpoint.CHECKPOINT).write_bytes(SNAPS[STOPPED_AFTER])
+    for name in ("summary.json", "clients.csv", "timing.json"):
+        (dst / name).unlink()
+    lines = (uninterrupted / "metrics.jsonl").read_text().splitlines(keepends=True)
+    if damage is None:
+        (dst / "metrics.jsonl").unlink()
+    else:
+        (dst / "metrics.jsonl").write_text("".join(damage(lines)))
+    return dst
+
+
+@pytest.mark.parametrize("damage", list(DAMAGES))
+def test_a_resume_repairs_metrics_jsonl_from_the_checkpoint_and_ends_as_the_uninterrupted_run(
+        tmp_path, uninterrupted, damage):
+    """metrics.jsonl deleted, emptied, cut, with garbage or a duplicate: the resume says it rewrites
+    the file from the checkpoint's copy of rounds 1-3 and ends with the uninterrupted run's summary.json
+    and per-round records (before: 2, 3 or 5 lines, a different summary, exit 0)."""
+    import io
+
+    from rich.console import Console
+
+    from sim.pipeline import simulate
+
+    d = stopped_copy(uninterrupted, tmp_path / "run", DAMAGES[damage])
+    out = io.StringIO()
+    cfg = small_cfg(**{a.split("=")[0]: a.split("=", 1)[1] for a in ARGS}, **{
+        "sim.resume": str(d), "sim.backend": "inprocess", "sim.cache_dir": str(CACHE[0])})
+    simulate(cfg, tmp_path / "unused", console=Console(file=out, width=400))
+    printed = out.getvalue()
+    assert f"resuming {d} after round {STOPPED_AFTER} of 5" in printed
+    assert json.loads((d / "summary.json").read_text()) == json.loads((uninterrupted / "summary.json").read_text())
+    assert rounds_without_time(d / "metrics.jsonl") == rounds_without_time(uninterrupted / "metrics.jsonl")
+    note = [ln for ln in printed.splitlines() if "did not match the checkpoint" in ln]
+    assert len(note) == (0 if damage == "as a stop leaves it" else 1), printed
+    head = (uninterrupted / "metrics.jsonl").read_text().splitlines(keepends=True)[:STOPPED_AFTER]
+    assert (d / "metrics.jsonl").read_text().startswith("".join(head))  # rounds 1-3 byte for byte
+
+
+def without_journal(d: Path) -> None:
+    """Make ``d``'s checkpoint one written before checkpoints kept metrics.jsonl."""
+    from sim.journal import JOURNAL
+
+    arrays, meta = checkpoint.load(d)
+    assert JOURNAL in arrays
+    checkpoint.save(d, {k: v for k, v in arrays.items() if k != JOURNAL}, meta)
+
+
+@pytest.mark.parametrize("damage,refused", [("deleted", "lacks the record of round 1"),
+                                            ("last line cut in half", "lacks the record of round 3"),
+                                            ("last line duplicated", None), ("garbage line appended", None),
+                                            ("as a stop leaves it", None)])
+def test_an_older_checkpoint_resumes_what_the_file_proves_and_refuses_what_it_lacks(
+        tmp_path, uninterrupted, damage, refused):
+    """A checkpoint from before the journal: rounds 1-3 must be in the file once each (duplicates and
+    garbage dropped, with the note); a missing one is refused in one line, before anything is written."""
+    from sim import journal
+
+    d = stopped_copy(uninterrupted, tmp_path / "run", DAMAGES[damage])
+    without_journal(d)
+    before = {p: p.read_bytes() for p in d.rglob("*") if p.is_file()}
+    cfg = small_cfg(**{a.split("=")[0]: a.split("=", 1)[1] for a in ARGS}, **{"sim.resume": str(d)})
+    if refused:
+        with pytest.raises(ConfigError, match=refused) as err:
+            checkpoint.open_for_resume(cfg, d)
+        assert "\n" not in str(err.value) and "start the run again" in str(err.value)
+        r = cli(tmp_path, *ARGS, "sim.backend=inprocess", f"sim.resume={d}")
+        assert r.returncode == 2 and r.stderr.startswith("error: ") and refused in r.stderr, r.stderr[-2000:]
+        assert len(r.stderr.strip().splitlines()) == 1
+        assert {p: p.read_bytes() for p in d.rglob("*") if p.is_file()} == before
+        return
+    proven = journal.proven(d, None, STOPPED_AFTER)
+    head = (uninterrupted / "metrics.jsonl").read_text().splitlines(keepends=True)[:STOPPED_AFTER]
+    assert proven.text == "".join(head)
+    assert (proven.problem is None) == (damage == "as a stop leaves it")
+
+
+def test_a_damaged_journal_in_the_checkpoint_is_refused(tmp_path, uninterrupted):
+    from sim.journal import JOURNAL
+
+    d = stopped_copy(uninterrupted, tmp_path / "run", DAMAGES["as a stop leaves it"])
+    arrays, meta = checkpoint.load(d)
+    arrays[JOURNAL] = arrays[JOURNAL][:-100]
+    checkpoint.save(d, arrays, meta)
+    cfg = small_cfg(**{a.split("=")[0]: a.split("=", 1)[1] for a in ARGS}, **{"sim.resume": str(d)})
+    with pytest.raises(ConfigError, match="checkpoint in .* is damaged") as err:
+        checkpoint.open_for_resume(cfg, d)
+    assert "\n" not in str(err.value)

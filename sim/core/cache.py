@@ -18,8 +18,11 @@ from pathlib import Path
 from typing import Any, Callable
 
 from sim.core.errors import ConfigError
+from sim.core.storage import guard
 
 MANIFEST = "manifest.json"
+CACHE_FIX = "free space on that disk, or set sim.cache_dir (or L2H_SIM_CACHE) to a directory on a disk with room"
+"""How to go on when a cache entry does not fit (:class:`sim.core.storage.OutOfSpace`)."""
 
 
 def content_key(obj: Any, length: int = 16) -> str:
@@ -65,27 +68,41 @@ def read_verified(entry: Path, deep: bool = True) -> dict[str, Any] | None:
         return None
 
 
-def build_entry(entry: Path, build: Callable[[Path], dict[str, Any]], what: str) -> dict[str, Any]:
+def build_entry(entry: Path, build: Callable[[Path], dict[str, Any]], what: str,
+                check: Callable[[Path, dict[str, Any]], str | None] | None = None) -> dict[str, Any]:
     """Return the verified manifest of ``entry``, building it with ``build(tmpdir) -> meta`` if needed.
 
-    A corrupt or partial entry is removed and rebuilt with a warning; never used.
+    A corrupt or partial entry -- files that do not match its manifest, a manifest whose files are not
+    what ``check(entry, manifest)`` expects (it returns what is wrong, or None), or a regular file
+    where the entry's directory should be -- is removed and rebuilt with a warning; never used.
+
+    Raises:
+        ConfigError: the cache cannot be written (one line); OutOfSpace when its disk is full (the
+            partial entry is removed first).
     """
     manifest = read_verified(entry)
-    if manifest is not None:
+    problem = check(entry, manifest) if manifest is not None and check is not None else None
+    if manifest is not None and problem is None:
         return manifest
-    if entry.exists():
-        warnings.warn(f"{what} cache entry {entry} is corrupt or incomplete; rebuilding it", stacklevel=2)
-        shutil.rmtree(entry, ignore_errors=True)
+    if entry.exists() or entry.is_symlink():
+        why = f" ({problem})" if problem else ""
+        warnings.warn(f"{what} cache entry {entry} is corrupt or incomplete{why}; rebuilding it", stacklevel=2)
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
     try:
-        entry.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}.", dir=entry.parent))
+        with guard(entry, f"the {what} cache entry", CACHE_FIX):
+            entry.parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}.", dir=entry.parent))
     except OSError as exc:
         raise ConfigError(f"the {what} cache entry {entry.name} is not in the cache {entry.parent.parent} and cannot "
                           f"be written there ({exc.strerror or type(exc).__name__}): set sim.cache_dir (or "
                           "L2H_SIM_CACHE) to a writable directory") from None
     try:
-        meta = build(tmp)
-        write_manifest(tmp, meta)
+        with guard(entry, f"the {what} cache entry", CACHE_FIX):  # judged before the partial entry is removed
+            meta = build(tmp)
+            write_manifest(tmp, meta)
         os.chmod(tmp, dir_mode())  # mkdtemp makes it 0700; an entry is readable like any other directory
         try:
             os.rename(tmp, entry)
@@ -96,8 +113,9 @@ def build_entry(entry: Path, build: Callable[[Path], dict[str, Any]], what: str)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     manifest = read_verified(entry)
-    if manifest is None:
-        raise RuntimeError(f"{what} cache entry {entry} failed verification right after it was written")
+    problem = "its files do not match its manifest" if manifest is None else check(entry, manifest) if check else None
+    if problem:
+        raise RuntimeError(f"{what} cache entry {entry} failed verification right after it was written ({problem})")
     return manifest
 
 
@@ -124,25 +142,32 @@ def dir_mode() -> int:
     return 0o777 & ~umask()
 
 
-def atomic_write_bytes(path: Path, data: bytes, fsync: bool = False) -> None:
+def atomic_write_bytes(path: Path, data: bytes, fsync: bool = False, what: str = "a result file") -> None:
     """Write ``data`` to ``path`` via a temporary file in the same directory and a rename, so readers
-    never see a partial file; the file gets the usual mode (:func:`file_mode`, not mkstemp's 0600)."""
+    never see a partial file; the file gets the usual mode (:func:`file_mode`, not mkstemp's 0600).
+
+    Raises:
+        OutOfSpace: the disk is full (``what``: the file, for the message); the temporary file is
+            removed and ``path`` is as it was.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with guard(path, what):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            if fsync:
-                f.flush()
-                os.fsync(f.fileno())
-        os.chmod(tmp, file_mode())
-        os.replace(tmp, path)
+        with guard(path, what):
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                if fsync:
+                    f.flush()
+                    os.fsync(f.fileno())
+            os.chmod(tmp, file_mode())
+            os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
 
 
-def atomic_write_text(path: Path, text: str, fsync: bool = False) -> None:
-    """Write ``text`` to ``path`` atomically (:func:`atomic_write_bytes`)."""
-    atomic_write_bytes(path, text.encode(), fsync=fsync)
+def atomic_write_text(path: Path, text: str, fsync: bool = False, what: str = "a result file") -> None:
+    """Write ``text`` to ``path`` atomically (:func:`atomic_write_bytes`; raises OutOfSpace as it does)."""
+    atomic_write_bytes(path, text.encode(), fsync=fsync, what=what)

@@ -744,6 +744,7 @@ class Config:
         self.strategy.check_with(self.servers)
         check_failure_targets(self)
         check_legacy_split(self)
+        check_learning(self)
 
 
 def check_legacy_split(cfg: Config) -> None:
@@ -775,12 +776,14 @@ def check_failure_targets(cfg: Config) -> None:
     num_servers, num_clients, num_rounds = cfg.servers.count, cfg.fleet.num_clients, cfg.sim.num_rounds
 
     def servers_ok(key: str, servers: list[int]) -> None:
+        once(key, servers, "server")
         bad = [s for s in servers if not 0 <= s < num_servers]
         if bad:
             raise ConfigError(f"{key} names server {bad[0]}, but servers.count={num_servers} (servers 0.."
                               f"{num_servers - 1}): fix {key} or raise servers.count")
 
     def devices_ok(key: str, devices: list[int]) -> None:
+        once(key, devices, "device")
         bad = [d for d in devices if not 0 <= d < num_clients]
         if bad:
             raise ConfigError(f"{key} names device {bad[0]}, but fleet.num_clients={num_clients} (devices 0.."
@@ -794,6 +797,62 @@ def check_failure_targets(cfg: Config) -> None:
     if f.round < 1 or (f.servers and f.round > num_rounds):
         raise ConfigError(f"failures.round={f.round} is invalid: the crash round must be in 1..{num_rounds} "
                           "(sim.num_rounds)")
+
+
+def once(key: str, values: list[int], what: str) -> None:
+    """Refuse a list that names one ``what`` twice (``failures.servers=[0,0]``: a second crash of a dead server).
+
+    Raises:
+        ConfigError: one line naming the key.
+    """
+    twice = sorted({v for v in values if list(values).count(v) > 1})
+    if twice:
+        raise ConfigError(f"{key}={list(values)} names {what} {twice[0]} twice: list each {what} once")
+
+
+MAX_LR = 1.0
+"""Largest learning rate a run accepts. Every network here trains with Adam, whose step moves each
+weight by about ``lr`` whatever the gradient's scale (Kingma & Ba 2015, §2.1: the step is bounded by
+lr); the weights start at about 1/sqrt(fan-in) <= 1 and the inputs lie in [0, 1], so with lr > 1 each
+step moves every weight by more than its own size and training cannot settle (``servers.lr=1e10`` used to
+run to the end without a word)."""
+
+
+def check_learning(cfg: "Config") -> None:
+    """Checks that need more than one section, or that apply to every learning rate: each ``lr`` /
+    ``*_lr`` at most :data:`MAX_LR`; MEL with a loss that is not all zero; MEL and DML with at least two
+    servers (one has no ensemble or peer).
+
+    Raises:
+        ConfigError: one line naming the key and the fix.
+    """
+    for key, value in _learning_rates(cfg):
+        need(value <= MAX_LR, key, value, f"a learning rate must be at most {MAX_LR:g} (Adam moves every weight "
+                                          "by about lr per step)")
+    sv = cfg.servers
+    if sv.training == Training.mel and sv.mel.standalone_weight == 0 and sv.mel.combiner_weight == 0:
+        raise ConfigError("servers.mel.standalone_weight and servers.mel.combiner_weight are both 0: the MEL loss "
+                          "would be zero and the servers would never learn; give one of them a positive weight")
+    if sv.training in (Training.mel, Training.dml):
+        need(sv.count >= 2, "servers.count", sv.count, f"servers.training={sv.training.value} needs at least 2 "
+             "servers (one has no ensemble or peer to learn with): raise servers.count, or use "
+             "servers.training=independent")
+
+
+def _learning_rates(obj: Any, prefix: str = "") -> list[tuple[str, float]]:
+    """Every ``lr`` / ``*_lr`` field of a config dataclass and its parts (``fleet.groups.0.lr``, ...)."""
+    out = []
+    for f in dataclasses.fields(obj):
+        value, key = getattr(obj, f.name), f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            out += _learning_rates(value, f"{key}.")
+        elif isinstance(value, (list, tuple)):
+            for i, item in enumerate(value):
+                if dataclasses.is_dataclass(item):
+                    out += _learning_rates(item, f"{key}.{i}.")
+        elif (f.name == "lr" or f.name.endswith("_lr")) and isinstance(value, (int, float)):
+            out.append((key, float(value)))
+    return out
 
 
 def register() -> None:

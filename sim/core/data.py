@@ -334,12 +334,40 @@ def prepare(dcfg: DataConfig, num_clients: int, seed: int, cache_dir: Path, vend
             np.save(tmp / f"{name}.npy", arr)
         return {"num_classes": k, "key": key, "bounded": dcfg.source in BOUNDED, "vendor": vendor_key(dcfg, seed)}
 
-    manifest = build_entry(entry, build, "dataset")
+    manifest = build_entry(entry, build, "dataset", check=lambda e, m: prepared_problem(e, m, num_clients))
     return load_prepared(entry, manifest)
 
 
 ARRAYS = ("x", "y", "owner", "split", "vendor_x", "vendor_y")
 """The arrays of a prepared dataset entry (``<name>.npy``)."""
+
+
+def prepared_problem(entry: Path, manifest: dict[str, Any], num_clients: int) -> str | None:
+    """What is wrong with the arrays of a prepared-dataset entry whose manifest checks out (None:
+    nothing) -- a manifest proves the files are the ones it lists, not that they are what
+    :func:`prepare` writes: ``x`` ``(N, C, H, W)`` float, ``y`` / ``owner`` / ``split`` ``(N,)``
+    integers with labels in ``0..K-1``, devices in ``-1..num_clients-1`` and SPLIT_* codes, and the
+    vendor pool ``(V, C, H, W)`` / ``(V,)`` likewise. Read with
+    ``allow_pickle=False``, memory-mapped (the labels, devices and codes are read whole)."""
+    try:
+        arrs = {n: np.load(entry / f"{n}.npy", mmap_mode="r", allow_pickle=False) for n in ARRAYS}
+        k = int(manifest["meta"]["num_classes"])
+    except (OSError, ValueError, KeyError, TypeError, EOFError) as exc:
+        return f"{type(exc).__name__}: {exc}"
+    x, n = arrs["x"], len(arrs["x"]) if arrs["x"].ndim else 0
+    if x.ndim != 4 or x.dtype.kind != "f" or not n:
+        return f"x is {x.dtype} {x.shape}, not (N, C, H, W) floats"
+    for name, low, high in (("y", 0, k - 1), ("owner", -1, num_clients - 1), ("split", -1, SPLIT_TEST)):
+        a = arrs[name]
+        if a.shape != (n,) or a.dtype.kind not in "iu":
+            return f"{name} is {a.dtype} {a.shape}, not {n} integers"
+        if n and (int(a.min()) < low or int(a.max()) > high):
+            return f"{name} holds values outside {low}..{high}"
+    vx, vy = arrs["vendor_x"], arrs["vendor_y"]  # the vendor pool (empty for a per-device fleet)
+    if vx.ndim != 4 or vx.shape[1:] != x.shape[1:] or vx.dtype.kind != "f" or vy.shape != (len(vx),) \
+            or vy.dtype.kind not in "iu" or (len(vy) and (int(vy.min()) < 0 or int(vy.max()) > k - 1)):
+        return f"the vendor pool is {vx.dtype} {vx.shape} / {vy.dtype} {vy.shape}, not samples like x with labels"
+    return None
 
 
 def load_prepared(entry: Path, manifest: dict[str, Any] | None = None) -> Prepared:

@@ -149,6 +149,20 @@ def hub_offline(timeout: float = HUB_TIMEOUT_S) -> bool:
     return True
 
 
+def _holds_objects(z: Any, name: str) -> bool:
+    """Whether the array ``name`` of the open .npz ``z`` has an object dtype (stored as a pickle), read
+    from its ``.npy`` header alone (``numpy.lib.format``; nothing is unpickled)."""
+    from numpy.lib import format as npy
+
+    try:
+        with z.zip.open(f"{name}.npy") as member:
+            version = npy.read_magic(member)
+            read = npy.read_array_header_1_0 if version == (1, 0) else npy.read_array_header_2_0
+            return bool(read(member)[2].hasobject)
+    except Exception:  # noqa: BLE001 -- an unreadable header is reported when the array is loaded
+        return False
+
+
 def _load_file(path: Path, dcfg: DataConfig) -> tuple[np.ndarray, np.ndarray]:
     if not path.exists():
         raise DataError(f"data.path {path} does not exist: give the path of a .npz or .parquet file")
@@ -160,6 +174,11 @@ def _load_file(path: Path, dcfg: DataConfig) -> tuple[np.ndarray, np.ndarray]:
             with open(path, "rb") as f, np.load(f, allow_pickle=False) as z:  # our handle: closed on a bad file
                 if "x" not in z or "y" not in z:
                     raise DataError(f"{path} lacks arrays 'x' and 'y' (has: {', '.join(z.files)})")
+                pickled = [name for name in ("x", "y") if _holds_objects(z, name)]
+                if pickled:
+                    raise DataError(f"{path}: its array {pickled[0]!r} holds Python objects (a pickle, which is never "
+                                    "loaded: it could run code); save numbers instead, e.g. np.savez(path, "
+                                    "x=x.astype(np.float32), y=y.astype(np.int64))")
                 return z["x"], z["y"]
         except DataError:
             raise
