@@ -166,20 +166,28 @@ def test_a_dataset_entry_with_a_forged_manifest_is_rebuilt_not_used(tmp_path, fo
     assert {n: (again.path / f"{n}.npy").read_bytes() for n in good} == good
 
 
-def test_a_fleet_entry_that_is_a_regular_file_is_rebuilt(tmp_path):
-    """Before: the rename onto the file failed with a traceback."""
-    from tests.conftest import fleet_for, prepare_for, small_cfg
-
-    cfg = small_cfg()
-    prep = prepare_for(cfg, tmp_path)
-    entry = fleet_for(cfg, prep, tmp_path).path
+@pytest.mark.parametrize("legacy", ["per_device", "product_line"])
+def test_a_fleet_entry_that_is_a_regular_file_is_rebuilt(tmp_path, legacy):
+    """Before: the rename onto the file failed with a traceback. Per-device fleets keep their models in
+    the fleet entry; a product line's models have entries of their own (``legacy/``), each rebuilt alike."""
     import shutil
 
+    from tests.conftest import PER_DEVICE, fleet_for, prepare_for, small_cfg
+
+    cfg = small_cfg(**(PER_DEVICE if legacy == "per_device" else {}))
+    prep = prepare_for(cfg, tmp_path)
+    first = fleet_for(cfg, prep, tmp_path)
+    entry = first.path if legacy == "per_device" else first.models[0].parent
     shutil.rmtree(entry)
     entry.write_text("not a directory")
-    with pytest.warns(UserWarning, match="legacy fleet cache entry .* rebuilding"):
+    what = "legacy fleet" if legacy == "per_device" else "legacy model"
+    with pytest.warns(UserWarning, match=f"{what} cache entry .* rebuilding"):
         fleet = fleet_for(cfg, prep, tmp_path)
-    assert fleet.built and entry.is_dir() and len(list(entry.glob("device_*.pt"))) == cfg.fleet.num_clients
+    assert fleet.built and entry.is_dir()
+    if legacy == "per_device":
+        assert len(list(entry.glob("device_*.pt"))) == cfg.fleet.num_clients
+    else:
+        assert fleet.models[0].is_file()
 
 
 def test_resuming_into_a_directory_that_cannot_be_written_is_one_line(tmp_path, monkeypatch):
