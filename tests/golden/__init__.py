@@ -33,7 +33,8 @@ BASE = ["fleet.num_clients=4", "sim.num_rounds=3", "sim.backend=inprocess", "sim
         "seed=1"]
 
 CASES: dict[str, list[str]] = {
-    # every strategy
+    # every strategy (the failure, routing and pool cases below price deferrals at c_e = 0, so that the
+    # 3-round runs defer enough, against product-line legacy models near 0.87, to exercise what they pin)
     "l2h": [],
     "l2d": ["strategy=l2d"],
     "legacy_only": ["strategy=legacy_only"],
@@ -41,8 +42,8 @@ CASES: dict[str, list[str]] = {
     "random": ["strategy=random"],
     "confidence": ["strategy=confidence"],
     "compare_confidence": ["strategy=compare_confidence"],
-    "dml": ["strategy=dml"],
-    "mel_crash_stop": ["strategy=mel", "failures=crash_stop", "failures.servers=[1]", "failures.round=2"],
+    "dml": ["strategy.c_e=0", "strategy=dml"],
+    "mel_crash_stop": ["strategy.c_e=0", "strategy=mel", "failures=crash_stop", "failures.servers=[1]", "failures.round=2"],
     "coop": ["strategy=coop"],
     # L2H variants
     "l2h_binary": ["data.classes=[3,8]"],
@@ -54,22 +55,32 @@ CASES: dict[str, list[str]] = {
     "l2d_ova_fedavg_2experts": ["strategy=l2d", "strategy.l2d.loss=ova", "strategy.rejector.federation=fedavg", "strategy.rejector.federate_by=fleet",
                                 "servers.count=2"],
     # routings x failures
-    "round_robin_crash_recover": ["sim.num_rounds=5", "servers.count=2", "servers.routing=round_robin",
+    "round_robin_crash_recover": ["strategy.c_e=0", "sim.num_rounds=5", "servers.count=2", "servers.routing=round_robin",
                                   "failures=crash_recover", "failures.round=1", "failures.recover_after=1"],
-    "learned_partition": ["servers.count=2", "servers.routing=learned", "failures=partition",
+    "learned_partition": ["strategy.c_e=0", "servers.count=2", "servers.routing=learned", "failures=partition",
                           "failures.partition.devices=[0,1]", "failures.partition.start=1"],
-    "least_loaded_transient": ["sim.num_rounds=5", "servers.count=2", "servers.routing=least_loaded",
+    "least_loaded_transient": ["strategy.c_e=0", "sim.num_rounds=5", "servers.count=2", "servers.routing=least_loaded",
                                "failures=transient", "failures.outage_p=0.5", "failures.query_drop_q=0.2"],
-    "ensemble_slow": ["servers.count=2", "servers.routing=all", "failures=slow", "failures.slow.start=1",
+    "ensemble_slow": ["strategy.c_e=0", "servers.count=2", "servers.routing=all", "failures=slow", "failures.slow.start=1",
                       "failures.slow.delay_s=5"],
-    "dropout_per_server_prices": ["servers.count=2", "servers.c_e=[0.05,0.2]", "failures=device_dropout",
+    "dropout_per_server_prices": ["strategy.c_e=0", "servers.count=2", "servers.c_e=[0.0,0.1]", "failures=device_dropout",
                                   "failures.dropout.fraction=0.5"],
     "random_failures_sampled": ["fleet.num_clients=12", "data.partition.name=sampled", "failures=random",
                                 "servers.count=2", "sim.devices_per_node=3"],
+    # fleets and uneven help (issues 29, 30)
+    "l2h_per_device": ["fleet.legacy=per_device", "data.split.legacy=0.4", "data.split.rejector=0.4",
+                       "data.split.test=0.2"],
+    "specialists_drift": ["strategy.c_e=0", "servers.count=2", "servers.known_classes=[[0,1,2,3,4],[5,6,7,8,9]]",
+                          "fleet.drift.fraction=0.5", "fleet.drift.offset=0.5"],
+    "tiered_versions": ["+tier=both", "servers.c_e=[0.0,0.1]", "fleet.groups.0.versions=2", "fleet.num_clients=8"],
+    "crossfit_labels": ["strategy.c_e=0", "strategy.server_labels=crossfit", "strategy.crossfit_folds=2",
+                        "sim.num_rounds=5"],
 }
 """Every strategy; every ``servers.training`` (independent, mel, dml, coop); four routings;
 seven failure kinds; both surrogates; both bounds; staleness, partial participation, three
-partitions, per-server prices, several devices per node."""
+partitions, per-server prices, several devices per node; product lines (the default) with model
+versions and per-device legacy models; specialist servers, drifting devices, a tiered pool;
+cross-fitted labels."""
 
 RAY_CASES = ("l2h",)
 """Cases also run on Flower + Ray: they must give the in-process golden file exactly. MEL servers with
