@@ -179,8 +179,12 @@ def test_mutual_learning_strategy_names_set_the_servers():
 def test_coop_runs_end_to_end_and_reports_depth_and_exits(tmp_path, shared_cache):
     """Devices rebuild the multi-exit Teammates from the broadcast; under a tight capacity the
     Teammates' serving depth drops below 1 and the summary carries the accuracy of every exit."""
+    from tests.conftest import PER_DEVICE
+
+    # per-device legacy models (weak) and c_e 0: deferrals that load the Teammates within 3 rounds
     s, rounds, _ = run(tmp_path, shared_cache, "coop", strategy="coop",
-                       **{"servers.coop.capacity": 0.5, "servers.routing": "round_robin", "sim.num_rounds": 3})
+                       **{"servers.coop.capacity": 0.5, "servers.routing": "round_robin", "sim.num_rounds": 3,
+                          "strategy.c_e": 0.0, **PER_DEVICE})
     loaded = [(r["load"][int(t)], f) for r in rounds for t, f in (r.get("serve_depth") or {}).items()]
     assert any(n > 0 for n, _ in loaded)
     assert all((f < 1.0) == (n > 0) for n, f in loaded)  # any answer exceeds half a full-depth answer
