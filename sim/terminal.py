@@ -117,7 +117,7 @@ def print_summary(console: Any, summary: dict[str, Any], run_dir: Path, sim_s: f
     console.print(tb)
     ops = summary.get("operating_points") or {}
     if ops:
-        to = Table(title="at fixed defer rates (this run's score ranking vs the baselines' at the same rate)")
+        to = Table(title="at fixed defer rates: this run's ranking vs the baselines'")
         for col in ("defer rate", "ranking", "confidence", "per device", "calibrated", "random"):
             to.add_column(col, justify="right")
         for rate, v in ops.items():
