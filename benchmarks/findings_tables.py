@@ -34,7 +34,7 @@ KNOWN = {"partial": [list(range(6))], "specialist": [list(range(5)), list(range(
 
 def load(d: Path) -> list[dict[str, Any]]:
     """Every run's summary under ``d`` (none if ``d`` does not exist)."""
-    if not d.is_dir():
+    if not d.is_dir() or not any(d.rglob("summary.json")):
         return []
     out = []
     for run in find_runs([d]):
@@ -152,9 +152,12 @@ def op_value(s: dict[str, Any]) -> float:
 
 def uneven_table(name: str, runs: list[dict[str, Any]]) -> list[str]:
     known = sorted(set().union(*map(set, KNOWN.get(name, [[]])))) if name in KNOWN else []
-    head = "| configuration | n | system acc | defer rate | vs conf. @ same rate | vs per-device | oracle headroom | oracle routing |"
+    head = ("| configuration | n | system acc | defer rate | L01 cost | vs conf. @ same rate | vs per-device | "
+            "oracle headroom | oracle routing |")
     if name == "partial":
         head = head.replace("| oracle routing |", "| classes 6-9: share of deferrals | classes 6-9: defer rate |")
+    if name == "tiered":
+        head += " large server's share of the final answers |"
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     by: dict[str, list[dict[str, Any]]] = {}
     for s in runs:
@@ -167,6 +170,7 @@ def uneven_table(name: str, runs: list[dict[str, Any]]) -> list[str]:
         by.setdefault(key, []).append(s)
     for key, g in sorted(by.items()):
         row = (f"| {key} | {len(g)} | {plain([s['system_accuracy'] for s in g])} | {plain([s['defer_rate'] for s in g])} | "
+               f"{plain([s['l01_cost'] for s in g])} | "
                f"{cell([own(s, 'confidence') for s in g])} | {cell([own(s, 'confidence_per_device') for s in g])} | "
                f"{cell([s['oracle']['headroom'] for s in g])} | ")
         if name == "partial":
@@ -180,8 +184,19 @@ def uneven_table(name: str, runs: list[dict[str, Any]]) -> list[str]:
             row += f"{plain(share)} | {plain(rate)} |"
         else:  # perfect routing among several servers (one server: nothing to route)
             row += f"{plain([s['oracle'].get('routing') if s['num_servers'] > 1 else None for s in g])} |"
+            if name == "tiered":
+                row += f" {plain([last_load_share(s) for s in g])} |"
         lines.append(row)
     return lines
+
+
+def last_load_share(s: dict[str, Any]) -> float | None:
+    """The share of the last round's deferred test samples the last (largest) server answered."""
+    if s["num_servers"] < 2:
+        return None
+    lines = (Path(s["_run"]) / "metrics.jsonl").read_text().splitlines()
+    load = json.loads(lines[-1]).get("load") or []
+    return float(load[-1] / sum(load)) if load and sum(load) else None
 
 
 def main(argv: list[str]) -> int:
