@@ -72,6 +72,12 @@ ON_REPEATED_SIGNAL: list[Any] = []
 """Callables run when a second stop signal arrives (the user insists: the runner exits at once)."""
 _STARTED: list[bool] = []
 """Whether this process started the local Ray instance it is connected to (so it must stop it)."""
+ON_NODE_LOST: list[Any] = []
+"""Callables run, in a watcher thread, with the one-line failure (:func:`sim.raynode.lost_line`) the
+moment the local Ray instance this process started loses its raylet or GCS server
+(:func:`sim.raynode.watch`): the runner prints its one line and ends the process there (``sim.run``),
+before Ray's core worker ends it with status 1 and no word. With none registered (the simulator used
+as a library) the end-of-round check (``sim.pipeline.Federation.check_node``) is all there is."""
 
 
 def _on_signal(signum: int, frame: Any) -> None:
@@ -314,6 +320,11 @@ def init_ray(kwargs: dict[str, Any], address: str | None) -> None:
             with _keep_handlers():
                 ray.init(**kwargs)
             _STARTED[:] = [not address]
+            if not address:
+                from sim import raynode
+
+                raynode.LOST.clear()
+                raynode.watch(ray._private.worker._global_node, _node_lost)
         except Exception as exc:  # noqa: BLE001 -- any failure of ray.init is one line, after cleaning up
             failure = exc
         if failure is not None or STOP.is_set():
@@ -326,6 +337,15 @@ def init_ray(kwargs: dict[str, Any], address: str | None) -> None:
         raise EngineError(f"could not start or join {where} ({type(failure).__name__}: {msg}); check "
                           "sim.ray_address (null for a local run, or the address `ray start --head` printed) "
                           "and that Ray's temporary directory (RAY_TMPDIR, /tmp/ray) is writable")
+
+
+def _node_lost(lost: str) -> None:
+    """The watcher's report (:func:`sim.raynode.watch`): the one line to every :data:`ON_NODE_LOST` hook."""
+    from sim import raynode
+
+    line = raynode.lost_line(lost, "during the run")
+    for hook in list(ON_NODE_LOST):
+        hook(line)
 
 
 PROJECT_PACKAGES = ("sim", "strategies", "servers", "clients", "configs")
@@ -391,12 +411,43 @@ def check_reachable(address: str, timeout: float = 3.0) -> None:
 
 def stop_ray() -> None:
     """Shut Ray down in this process (a local instance started here: its processes too), without a
-    stop signal cutting the shutdown short. Also after a failed ``ray.init`` (what it started)."""
+    stop signal cutting the shutdown short. Also after a failed ``ray.init`` (what it started). On a
+    node that died, Ray is left without disconnecting (:func:`abandon_ray`)."""
     import ray
 
+    from sim import raynode
+
+    raynode.disarm()
+    if node_gone():
+        abandon_ray()
+        return
     with shielded():
         ray.shutdown()
     _STARTED.clear()
+
+
+def node_gone() -> bool:
+    """Whether the Ray node this process uses has died (:func:`sim.raynode.node_lost`; once found, for good)."""
+    from sim import raynode
+
+    if not raynode.LOST:
+        lost = raynode.node_lost(started_here())
+        if lost is not None:
+            raynode.LOST.append(lost)
+    return bool(raynode.LOST)
+
+
+def abandon_ray() -> None:
+    """Leave a Ray whose node died without disconnecting from it: Ray's core worker, finding its raylet
+    gone while it disconnects (``ray.shutdown``), ends the process with status 1 and no word. What is
+    left of a local instance started here is killed instead (:func:`sim.raynode.abandon`); the process
+    must then end with ``os._exit`` (the runner's :func:`sim.run._leave` does, Ray being still
+    initialised), Ray's own exit hook would disconnect."""
+    import ray
+
+    from sim import raynode
+
+    raynode.abandon(getattr(ray._private.worker, "_global_node", None), started_here())
 
 
 def kill_ray(timeout: float = 10.0) -> None:
@@ -410,6 +461,10 @@ def kill_ray(timeout: float = 10.0) -> None:
     from sim import raynode
 
     if not ray.is_initialized() and not _STARTED:
+        return
+    raynode.disarm()
+    if node_gone():
+        abandon_ray()
         return
     node = getattr(ray._private.worker, "_global_node", None)
     tree = raynode.processes(node) if _STARTED else []  # before they are re-parented

@@ -222,6 +222,41 @@ def saved_and_next(run_dir: Path) -> tuple[str, str]:
             f"start the run again there with:\n  {start_command(run_dir)}")
 
 
+def _node_lost(line: str) -> None:
+    """:data:`sim.engine.ON_NODE_LOST`: the Ray node under the run died (its raylet or GCS server
+    exited, seen by a watcher thread). Print the run's one line -- what died, what is saved, the
+    command that resumes (:func:`failure_text`) -- and end the process with 2 at once: Ray's core
+    worker would end it with status 1 and no word the next time the driver touched the dead node's
+    object store, or disconnected from it. Nothing if a stop is already ending the process (it says
+    what is saved)."""
+    from sim import engine
+    from sim.engine import NodeLost
+
+    if not _EXITING.acquire(blocking=False):
+        return
+    try:
+        text = _node_lost_text(NodeLost(line))
+    except Exception:  # noqa: BLE001 -- never let the message stop the exit
+        text = line
+    try:
+        sys.stdout.flush()
+        sys.stderr.write(f"error: {text}\n")  # one write: the line whole, or (Ray ending the process first) none
+        sys.stderr.flush()
+    finally:
+        engine.abandon_ray()
+        os._exit(2)
+
+
+def _node_lost_text(exc: BaseException) -> str:
+    """The one line of :func:`_node_lost` for the job (or the sweep) running now."""
+    if SWEEP.get("parallel", 1) > 1:
+        return (f"{exc}; the sweep's running jobs died with it and its later jobs did not run; each job's finished "
+                f"rounds are saved in its directory under {SWEEP['dir']} (resume one with `python -m sim.run <its "
+                "overrides> sim.resume=<its directory>`)")
+    text = failure_text(exc, _CURRENT.get("run_dir"))
+    return text + ("; this sweep's later jobs did not run" if _CURRENT.get("multirun") else "")
+
+
 def _report_and_exit(note: str = "") -> None:
     """Print the interruption message (once per process) and end the process with 130 / 143."""
     if not _EXITING.acquire(blocking=False):
@@ -375,6 +410,7 @@ def main() -> None:
     engine.install_signal_handlers()
     engine.ON_FIRST_SIGNAL.append(_watchdog)
     engine.ON_REPEATED_SIGNAL.append(_insist)
+    engine.ON_NODE_LOST.append(_node_lost)
     engine.hold_stops()  # until a job's task starts (:func:`_run_job`): a stop then ends the run cleanly
     argv, code = sys.argv, 0
     try:

@@ -161,6 +161,59 @@ def test_a_worker_killed_from_outside_costs_its_replies_not_the_run(tmp_path, sh
     assert "device replies were errors" in out
 
 
+def _sleepers(*kinds):
+    """A stand-in for a local Ray node (``ray._private.node.Node``): one sleeping process per kind."""
+    from types import SimpleNamespace
+
+    procs = {k: subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"]) for k in kinds}
+    return procs, SimpleNamespace(all_processes={k: [SimpleNamespace(process=p)] for k, p in procs.items()})
+
+
+@pytest.mark.parametrize("pidfd", [True, False], ids=["pidfd", "polled"])
+def test_the_node_watcher_reports_a_dead_raylet_at_once_and_a_disarmed_one_nothing(monkeypatch, pidfd):
+    """sim/raynode.py watch: the raylet's exit is reported within a second, with its pid and status (the
+    runner then prints its one line and exits 2 before Ray's core worker ends the process with status 1
+    and no word); a watcher disarmed first (Ray shut down on purpose) reports nothing; abandon ends what
+    is left of the node, its GCS server included."""
+    import queue
+
+    from sim import raynode
+
+    monkeypatch.setattr(raynode, "LOST", [])
+    monkeypatch.setattr(raynode, "_WATCH", {})
+    if not pidfd:
+        monkeypatch.setattr(raynode, "_PIDFD_OPEN", None)
+    got = queue.Queue()
+    procs, node = _sleepers("raylet", "gcs_server")
+    try:
+        raynode.watch(node, got.put)
+        time.sleep(0.2)
+        assert got.empty()  # alive: nothing reported
+        procs["raylet"].kill()
+        t0 = time.monotonic()
+        what = got.get(timeout=10)
+        assert time.monotonic() - t0 < 1.0
+        assert what == f"its raylet (pid {procs['raylet'].pid}) exited with status -9" and raynode.LOST == [what]
+        raynode.abandon(node, started_here=True)
+        # killed, not left to sleep its 120 s (0: psutil reaped it before Popen could read -9)
+        assert procs["gcs_server"].wait(timeout=5) in (0, -signal.SIGKILL)
+    finally:
+        for p in procs.values():
+            p.kill()
+            p.wait()
+    procs, node = _sleepers("raylet")
+    try:
+        raynode.watch(node, got.put)
+        raynode.disarm()
+        procs["raylet"].kill()
+        procs["raylet"].wait()
+        time.sleep(0.3)
+        assert got.empty()
+    finally:
+        procs["raylet"].kill()
+        procs["raylet"].wait()
+
+
 @pytest.mark.slow
 def test_a_killed_raylet_fails_the_run_in_one_line_and_it_resumes_to_the_uninterrupted_summary(tmp_path,
                                                                                                 shared_cache):
