@@ -31,7 +31,20 @@ from sim.core.errors import DataError
 from sim.core.seeding import derive_seed
 from sim.core.training import predict_logits, train_minibatch, train_stacked
 
-FLEET_VERSION = 2  # 2: product lines; per-device entries also keep each group's temperature
+FLEET_VERSION = 3  # 2: product lines; per-device entries also keep each group's temperature; 3: float64 product lines
+PRODUCT_LINE_DTYPE = torch.float64
+"""The precision a product line's model trains in (then stored as float32). In float32 its ~850 Adam
+steps (digits: 450 samples, 60 epochs) turned the rounding differences between CPU kernel families
+into different models: on the golden runs, 2 of 540 test decisions flipped under
+``ATEN_CPU_CAPABILITY=default`` against AVX2 (issue 28). In float64 a gradient's rounding (~1e-16
+relative) stays far below Adam's eps (1e-8), so the trained weights agree across kernel families to
+far below float32's resolution. The initial weights are drawn in float64 too: torch's float32
+``uniform_`` differs by an ulp between the AVX2 and the portable kernels (measured), and 850 steps
+grow that to 2e-6 relative, enough to flip decisions; float64 draws differ by 1e-17. Measured on the
+digits product lines, AVX2 against ``default``: see ``tests/test_fleet.py``
+(``test_a_product_line_is_the_same_model_under_every_kernel_family``). A product line trains once
+per fleet (a handful of models), so the slower arithmetic is cheap; per-device fleets (thousands of
+models, batched) keep float32."""
 
 
 def assign_groups(num_clients: int, shares: list[float]) -> list[int]:
@@ -126,7 +139,8 @@ class Fleet:
 
 
 def pretrain_legacy(xs: np.ndarray, ys: np.ndarray, group: DeviceGroupConfig, in_shape, num_classes: int,
-                    seeds: list[int], batched: bool = True) -> list[torch.nn.Module]:
+                    seeds: list[int], batched: bool = True, dtype: torch.dtype = torch.float32
+                    ) -> list[torch.nn.Module]:
     """Train M legacy models of one group on equally many samples each.
 
     Model i is initialised from ``seeds[i]`` and trained with cross-entropy and Adam (batch 32,
@@ -134,13 +148,16 @@ def pretrain_legacy(xs: np.ndarray, ys: np.ndarray, group: DeviceGroupConfig, in
     together (:func:`sim.core.training.train_stacked`; 1-D CNNs with the hand-written gradients of
     :mod:`clients.stacked`), or one after the other with
     :func:`sim.core.training.train_minibatch` when ``batched`` is False (``fleet.pretrain=sequential``:
-    the same training up to float rounding). Returns the M models, frozen.
+    the same training up to float rounding). ``dtype``: the precision in which the initial weights
+    are drawn and the models trained; the models returned are float32. Returns the M models, frozen.
     """
     models = []
     for s in seeds:
         torch.default_generator.manual_seed(derive_seed(s, "legacy-init"))  # torch.manual_seed, less CUDA bookkeeping
-        models.append(build_model(group.arch, in_shape, num_classes, hidden=int(group.hidden)))
-    xt, yt = torch.from_numpy(np.ascontiguousarray(xs)), torch.from_numpy(np.ascontiguousarray(ys))
+        with default_dtype(dtype):  # drawn in dtype: float32 draws differ by an ulp between kernel families
+            models.append(build_model(group.arch, in_shape, num_classes, hidden=int(group.hidden)))
+    xt = torch.from_numpy(np.ascontiguousarray(xs)).to(dtype)
+    yt = torch.from_numpy(np.ascontiguousarray(ys))
     hp = {"epochs": int(group.epochs), "batch_size": 32, "lr": float(group.lr)}
     if batched:
         train_stacked(models, xt, yt, seeds=[derive_seed(s, "legacy") for s in seeds], grads=STACKED_GRADS.get(group.arch),
@@ -150,7 +167,18 @@ def pretrain_legacy(xs: np.ndarray, ys: np.ndarray, group: DeviceGroupConfig, in
             model.train()
             train_minibatch(model.parameters(), (x, y), lambda xb, yb, m=model: F.cross_entropy(m(xb), yb),
                             seed=derive_seed(s, "legacy"), **hp)
-    return [freeze(m) for m in models]
+    return [freeze(m.float()) for m in models]
+
+
+@contextmanager
+def default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    """``torch.set_default_dtype(dtype)`` inside the block (parameters created there are ``dtype``), restored after."""
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(before)
 
 
 def freeze(model: torch.nn.Module) -> torch.nn.Module:
@@ -212,7 +240,7 @@ def train_product_line(prep: Prepared, group: DeviceGroupConfig, version: int, s
     n_pre = max(1, int(round(float(group.pretrain_fraction) * len(vy))))
     pick = np.sort(np.random.default_rng(derive_seed(seed, "vendor-subset", tag, version)).permutation(len(vy))[:n_pre])
     model, = pretrain_legacy(x[pick][None], vy[pick][None].astype(np.int64), group, prep.in_shape, prep.num_classes,
-                             [derive_seed(seed, "product-line", tag, version)], batched=False)
+                             [derive_seed(seed, "product-line", tag, version)], batched=False, dtype=PRODUCT_LINE_DTYPE)
     return model, n_pre
 
 

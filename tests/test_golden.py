@@ -7,6 +7,22 @@ from tests.golden import CASES, RAY_CASES, differences, dump, golden_path, load,
 
 FAST = ("l2h", "l2d", "mel_crash_stop")
 """Cases in the quick suite (``-m "not slow"``); the full suite runs every case."""
+AMPLIFIED = {"coop": 1}
+"""Cases whose later rounds do not survive another machine's rounding -> the rounds that do.
+``coop`` under the portable kernels (``ATEN_CPU_CAPABILITY=default``) against its AVX2 recording:
+round 1 equal to RTOL, then one deferral decision flips (a server's training load moves by one
+sample), the multi-exit servers train on other samples, and 198 values move (server exits by up to
+0.05, system accuracy by one test sample). On the recording machine every case is still compared
+exactly; on another, such a case is compared through those rounds and in shape only."""
+
+
+def shape(x):
+    """``x`` with every leaf replaced by its type name (keys and list lengths kept)."""
+    if isinstance(x, dict):
+        return {k: shape(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [shape(v) for v in x]
+    return "number" if isinstance(x, (int, float)) and not isinstance(x, bool) else type(x).__name__
 
 
 def _check(name, got):
@@ -18,7 +34,14 @@ def _check(name, got):
         return
     # Another machine's rounding: keys, counts and strings exactly; floats (losses, accuracies) to RTOL,
     # far below one test sample's share of a golden run's accuracy (1/360).
-    moved = differences({k: v for k, v in want.items() if k != "machine"}, got)
+    want = {k: v for k, v in want.items() if k != "machine"}
+    if name in AMPLIFIED:
+        # Its later rounds amplify rounding into changed decisions (see AMPLIFIED): the records of the
+        # rounds before that to RTOL, everything else in shape (the same keys, lengths and types).
+        k = AMPLIFIED[name]
+        moved = differences(want["rounds"][:k], got["rounds"][:k], "rounds") + differences(shape(want), shape(got))
+    else:
+        moved = differences(want, got)
     assert not moved, (f"{name}: results moved beyond float rounding (golden files from {want['machine']}, this "
                        f"machine {machine()}): {len(moved)} values, first {moved[:3]}; if intended, regenerate "
                        f"with `python -m tests.golden {name}`")

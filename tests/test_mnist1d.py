@@ -224,7 +224,10 @@ def test_a_tiny_mnist1d_fleet_runs_end_to_end(tmp_path, shared_cache):
 
     from sim.run import simulate
 
-    cfg = small_cfg(data="mnist1d", **{"data.num_samples": 400, "sim.cache_dir": str(shared_cache),
+    # data.vendor_samples=400: the product lines train on 400 vendor samples, not the default 4,000
+    # (which cost this test 80% of its time; what it checks does not depend on their accuracy)
+    cfg = small_cfg(data="mnist1d", **{"data.num_samples": 400, "data.vendor_samples": 400,
+                                       "sim.cache_dir": str(shared_cache),
                                        "sim.backend": "inprocess", "servers.epochs": 2, "strategy": "mel"})
     with open(os.devnull, "w") as null:
         summary = simulate(cfg, tmp_path / "run", console=Console(file=null))
