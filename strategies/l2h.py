@@ -218,4 +218,4 @@ class L2HStrategy(PoolStrategy):
         fit = self.pool.train(server_round, batches)
         self.pool.end_round()
         return {"samples_sent": sent, "samples_deferred": sent - explored, "samples_explored": explored,
-                "rejector_loss": self.mean_loss(got), **fit, "train_load": self.pool.load.tolist()}
+                "rejector_loss": self.mean_loss(got), **fit}
