@@ -241,7 +241,7 @@ def check_archs(cfg: Config, in_shape: tuple[int, ...]) -> None:
         ConfigError: one line naming the key (``fleet.groups.<i>.arch`` / ``.downsample`` or
             ``servers.arch``) and the fix.
     """
-    from clients.zoo import check_input
+    from sim.core.zoo import check_input
 
     _, h, w = (int(v) for v in in_shape)
     for i, g in enumerate(cfg.fleet.groups):

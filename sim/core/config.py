@@ -71,7 +71,7 @@ MAX_SAMPLES = 10_000_000
 MAX_HIDDEN = 4096
 """Widest hidden layer, in units or channels, of any model: ``servers.hidden``,
 ``strategy.rejector.hidden``, ``fleet.groups.<i>.hidden``. The largest network this allows is
-:class:`clients.zoo.SmallCNN`'s second 3x3 convolution from 4,096 to 8,192 channels: 3.0e8 weights,
+:class:`sim.core.zoo.SmallCNN`'s second 3x3 convolution from 4,096 to 8,192 channels: 3.0e8 weights,
 1.2 GB in float32 and 4.8 GB with its gradient and Adam's two moments -- still built and trained on a
 16 GB machine. Twice the width is four times that (19 GB: an allocation failure on the 23 GB
 reference machine), and ``hidden=1000000000`` failed with an allocation traceback. The widths in use
