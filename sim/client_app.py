@@ -1,4 +1,4 @@
-"""The Flower ClientApp (a node simulating one or more legacy devices) and ServerApp.
+"""The Flower ClientApp: a node simulating one or more legacy devices.
 
 A node finds its devices from ``context.node_config["partition-id"]`` and the device ids each
 message lists (``config.devices``; :mod:`sim.core.nodes` says which node hosts which devices). What a
@@ -25,7 +25,6 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
-from flwr.serverapp import Grid, ServerApp
 
 from clients.device import Device
 from clients.legacy import legacy_file, load_legacy, model_index
@@ -249,14 +248,3 @@ def train(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     return _node_reply(msg, context, _evaluate_device)
-
-
-def make_server_app(run: Callable[[Grid], None]) -> ServerApp:
-    """A ServerApp whose main calls ``run(grid)`` (the runner holds the strategy and results)."""
-    app = ServerApp()
-
-    @app.main()
-    def main(grid: Grid, context: Context) -> None:
-        run(grid)
-
-    return app
