@@ -24,7 +24,6 @@ from typing import Any, Iterable, Iterator
 from sim.core.config import Config, register, to_config
 from sim.core.errors import ConfigError
 from sim.core.stop import STOP
-from strategies.config import register_all
 
 CONFIG_MODULE = "configs"
 CONFIG_NAME = "config"
@@ -193,7 +192,6 @@ def _hydra(line: CommandLine | None = None) -> Iterator[Any]:
     from hydra.core.global_hydra import GlobalHydra
 
     register()
-    register_all()
     path = line.config_path if line is not None and line.config_path else f"pkg://{CONFIG_MODULE}"
     if line is not None and line.config_dir and not os.path.isdir(line.config_dir):
         raise ConfigError(f"--config-dir {line.config_dir}: no such directory")

@@ -33,8 +33,8 @@ from sim.core.config import DeviceGroupConfig, ServersConfig, from_plain
 from sim.core.data import device_data, group_ranks, load_prepared
 from sim.core.faults import cut_off
 from sim.core.nodes import hosted
+from sim.core.schemas import resolve
 from strategies.method import DeviceMethod, RoundContext
-from strategies.registry import method as method_of
 
 _WORKER: dict[str, Any] = {}
 _SPECS: dict[str, dict[str, Any]] = {}
@@ -47,9 +47,9 @@ def _runtime(spec: dict[str, Any]) -> dict[str, Any]:
         torch.set_num_threads(int(spec["torch_threads"]))
         _WORKER.clear()
         servers = from_plain(ServersConfig, spec["servers"])
-        m = method_of(spec["strategy"]["name"])
-        device_method = m.device(from_plain(m.config, spec["strategy"]), servers, int(spec["seed"]),
-                                 int(spec["num_classes"]))
+        strategy = from_plain(resolve(spec["strategy"]["config"], "strategy.config"), spec["strategy"])
+        device_cls = resolve(strategy.device, "strategy.device", DeviceMethod)
+        device_method = device_cls(strategy, servers, int(spec["seed"]), int(spec["num_classes"]))
         groups = [from_plain(DeviceGroupConfig, g) for g in spec["group_cfgs"]]
         _WORKER.update(key=spec["key"], prep=load_prepared(Path(spec["data_path"])), devices={}, learners={},
                        view=None, method=device_method, servers=servers, groups=groups, legacy={},

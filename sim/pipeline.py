@@ -23,7 +23,7 @@ from typing import Any
 
 from sim.core.config import Config, FailureKind, LegacySource, plain, replace
 from sim.core.errors import ConfigError
-from sim.server_app import Federation, Inputs, Outcome
+from sim.server_app import Federation, Inputs, Outcome, method_classes
 
 
 def simulate(cfg: Config, run_dir: Path, console: Any | None = None, fresh: bool = False) -> dict[str, Any]:
@@ -161,8 +161,8 @@ def prepare_inputs(cfg: Config, run_dir: Path, console: Any, resume: tuple | Non
     from sim.core.faults import build_schedule, schedule_json
     from sim.provenance import record as record_provenance
     from sim.results import Recorder
-    from strategies.registry import method
 
+    _, server_cls = method_classes(cfg.strategy)  # a wrong strategy.device / .server: refused before any work
     t_start = time.perf_counter()
     timing: dict[str, Any] = {"started_at": time.time()}  # Unix seconds (when, beside how long)
     engine.quiet_logs(cfg.sim.verbose)
@@ -180,7 +180,7 @@ def prepare_inputs(cfg: Config, run_dir: Path, console: Any, resume: tuple | Non
     for note in cfg.strategy.notes():
         console.print(f"[bold]warning[/bold]: {note}", soft_wrap=True)
     terminal.print_fleet(console, cfg, prep, fleet)
-    states = method(cfg.strategy.name).server.prepare_servers(cfg, prep, fleet, cache_dir, console)
+    states = server_cls.prepare_servers(cfg, prep, fleet, cache_dir, console)
     if states is not None:
         timing["experts_s"] = time.perf_counter() - t_start - timing["prepare_data_s"] - timing["legacy_fleet_s"]
     recorder = Recorder(run_dir, keep_rounds=finished if cfg.sim.resume else None)

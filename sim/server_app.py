@@ -2,7 +2,7 @@
 
 :class:`Federation` is one run's ServerApp main (:meth:`Federation.main`): inside the engine's
 session it builds the pool (:class:`servers.pool.ServerPool`; its actors live on Ray), the method's
-strategy, restores a resumed run, and runs Flower's rounds; at the end of every
+strategy (``strategy.server``), restores a resumed run, and runs Flower's rounds; at the end of every
 round (:meth:`Federation.on_round`) the record is appended to ``metrics.jsonl``, the checkpoint
 replaced, the progress line printed. :func:`server_app` wraps a main as Flower's ``ServerApp``;
 :mod:`sim.engine` runs it against the ClientApp (:mod:`sim.client_app`).
@@ -14,11 +14,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-from sim.core.config import Backend, Config
+from sim.core.config import Backend, Config, StrategyConfig
 from sim.core.errors import ConfigError
 
 if TYPE_CHECKING:  # Flower is imported when a run starts, not for a config check (python -m sim.run)
     from flwr.serverapp import Grid, ServerApp
+
+    from strategies.method import DeviceMethod
+    from strategies.pool_strategy import PoolStrategy
 
 
 @dataclass
@@ -141,9 +144,9 @@ class Federation:
 
         from servers.pool import ServerPool
         from strategies.labels import fold_copies
-        from strategies.registry import method
 
         cfg, inp, timing = self.cfg, self.inp, self.inp.timing
+        device_cls, server_cls = method_classes(cfg.strategy)
         timing["engine_start_s"] = time.perf_counter() - self.t_sim
         if cfg.sim.backend == Backend.ray:  # which Ray instance ran it (a sweep's jobs share one: sim/sweep.py)
             import ray
@@ -152,13 +155,13 @@ class Federation:
         self.pool = ServerPool(cfg.servers, inp.prep.in_shape, inp.prep.num_classes, int(cfg.seed),
                                cfg.failures.query_timeout_s, "ray" if cfg.sim.backend == Backend.ray else "local",
                                int(cfg.sim.torch_threads), cfg.servers.prices(cfg.strategy.c_e),
-                               fold_copies(cfg.strategy, method(cfg.strategy.name).device.learns_from_labels))
+                               fold_copies(cfg.strategy, device_cls.learns_from_labels))
         try:
             timeout = float(cfg.sim.round_timeout)
             self.pool.wait_ready(min(120.0, timeout))
             if inp.server_states is not None:
                 self.pool.install(inp.server_states)
-            self.strategy = method(cfg.strategy.name).server(cfg, self.pool, inp.schedule, self.on_round)
+            self.strategy = server_cls(cfg, self.pool, inp.schedule, self.on_round)
             self.strategy.spec_json = self.spec_json
             if inp.resume is not None:
                 self.restore()
@@ -194,6 +197,23 @@ class Federation:
 BOARD_SCALARS = ("system_accuracy", "legacy_accuracy", "server_accuracy", "oracle_accuracy", "defer_rate",
                  "served_defer_rate", "l01_cost", "rejector_loss", "server_loss", "samples_sent", "train_errors",
                  "eval_errors", "server_accuracy_all_up", "system_accuracy_all_up")
+
+
+def method_classes(strategy: StrategyConfig) -> tuple[type[DeviceMethod], type[PoolStrategy]]:
+    """The method's device and ServerApp classes, named by ``strategy.device`` / ``strategy.server``
+    (dotted paths, :func:`sim.core.schemas.resolve`); importing them imports torch and Flower.
+
+    Raises:
+        ConfigError: one line naming the key: a path that does not import, or a class of the wrong
+            kind (``strategy.device`` must be a :class:`~strategies.method.DeviceMethod`,
+            ``strategy.server`` a :class:`~strategies.pool_strategy.PoolStrategy`).
+    """
+    from sim.core.schemas import resolve
+    from strategies.method import DeviceMethod
+    from strategies.pool_strategy import PoolStrategy
+
+    return (resolve(strategy.device, "strategy.device", DeviceMethod),
+            resolve(strategy.server, "strategy.server", PoolStrategy))
 
 
 def board(inp: Inputs) -> Any:

@@ -72,7 +72,6 @@ def decide(rejector: Rejector, feats: torch.Tensor, avail: torch.Tensor, servers
 class L2HMethod(DeviceMethod):
     """The L2H device side: a rejector trained against the servers' (possibly stale) answers."""
 
-    config_class = L2HConfig
     cfg: L2HConfig
     learns_from_labels = True
 
