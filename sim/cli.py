@@ -291,8 +291,15 @@ def check_bools(cfg: Any, overrides: list[str]) -> None:
 
 def _checked(cfg: Any) -> Config:
     """The typed config of a composed one; raises ConfigError (one line)."""
+    from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
+    strategy = cfg.get("strategy")
+    if OmegaConf.is_dict(strategy) and strategy._get_node("config") is not None \
+            and OmegaConf.is_missing(strategy, "config"):
+        raise ConfigError(f"strategy={strategy.get('name', '?')} names no config class: its YAML's defaults "
+                          "list needs '- /schema@_here_: <dotted path>', e.g. strategies.config.L2HConfig "
+                          "(docs/adding.md)")
     try:
         return to_config(cfg)
     except ConfigError:

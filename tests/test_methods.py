@@ -89,6 +89,18 @@ def test_a_wrong_method_is_one_line_at_composition(overrides, key):
     assert "\n" not in msg and key in msg, msg
 
 
+def test_a_method_yaml_that_names_no_config_class_is_one_line(tmp_path):
+    from sim.cli import CommandLine, compose_checked
+
+    (tmp_path / "strategy").mkdir()
+    (tmp_path / "strategy" / "bare.yaml").write_text(
+        "name: bare\ndevice: strategies.baselines.RandomDeferral\nserver: strategies.l2h.L2HStrategy\n")
+    with pytest.raises(ConfigError) as err:
+        compose_checked(["strategy=bare"], CommandLine(config_dir=str(tmp_path)))
+    msg = str(err.value)
+    assert "\n" not in msg and "strategy=bare names no config class" in msg, msg
+
+
 @pytest.mark.parametrize("override,key", [
     ("strategy.device=nosuchpackage.Method", "strategy.device"),
     ("strategy.device=strategies.l2h.NoSuchClass", "strategy.device"),
