@@ -318,9 +318,23 @@ def compose_checked(overrides: list[str], line: CommandLine | None = None) -> Co
     Raises:
         ConfigError: one line, for any composition, type or range error.
     """
-    with _hydra(line):
+    with _hydra(line) as loader:
         extra = (line.hydra_overrides if line else [])
-        return _checked(_compose(extra + list(overrides), line.config_name if line else CONFIG_NAME))
+        cfg = _checked(_compose(extra + list(overrides), line.config_name if line else CONFIG_NAME))
+        check_method_name(cfg.strategy.name, loader.get_group_options("strategy"))
+        return cfg
+
+
+def check_method_name(name: str, methods: list[str]) -> None:
+    """Refuse a ``strategy.name`` that is no method's: the name picks nothing (``strategy=<name>``
+    picks the method's YAML, which names its classes) but labels the run's results and seeds.
+
+    Raises:
+        ConfigError: one line listing the methods (``methods``: the ``strategy`` group's options).
+    """
+    if name not in methods:
+        raise ConfigError(f"strategy.name={name} is invalid: no configs/strategy/{name}.yaml; choose the method "
+                          f"with strategy=<name>, one of {', '.join(sorted(methods))}")
 
 
 def sweep_jobs(line: CommandLine) -> list[list[str]]:
@@ -389,12 +403,14 @@ def precheck(argv: list[str]) -> int:
     if len(checked) < len(jobs):
         print(f"note: the sweep has {len(jobs)} jobs; checking {len(checked)} of them (every swept value at "
               "least once) before the first runs", file=sys.stderr)
-    with _hydra(line):
+    with _hydra(line) as loader:
         extra = line.hydra_overrides
+        methods = loader.get_group_options("strategy")
         for job in checked:
             if STOP.is_set():  # a stop signal while checking (the runner holds it until here)
                 raise KeyboardInterrupt
             cfg = _checked(_compose(extra + job, line.config_name))
+            check_method_name(cfg.strategy.name, methods)
             if cfg.sim.resume:
                 if len(jobs) > 1 or line.multirun:
                     raise ConfigError("sim.resume continues one run: give one run directory, without -m or sweeps")

@@ -76,6 +76,7 @@ def test_every_method_has_a_golden_case():
 
 @pytest.mark.parametrize("overrides,key", [
     (["strategy=nope"], "strategy"),
+    (["strategy.name=nope"], "strategy.name"),
     (["strategy.device=nonsense"], "strategy.device"),
     (["strategy.server=nonsense"], "strategy.server"),
     (["strategy.config=strategies.config.L2DConfig"], "strategy.config"),
@@ -177,3 +178,12 @@ def test_a_toy_method_is_one_class_and_one_yaml_and_runs_end_to_end(tmp_path, sh
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["strategy"] == "every_other"
     assert 0.45 < summary["defer_rate"] < 0.55  # every other test sample, every server up
+
+
+def test_a_sweep_over_a_name_that_is_no_method_is_refused_before_it_runs():
+    """``python -m sim.run -m strategy.name=l2h,nope`` (the runner's precheck): one line."""
+    from sim.cli import precheck
+
+    with pytest.raises(ConfigError) as err:
+        precheck(["-m", "strategy.name=l2h,nope"])
+    assert "\n" not in str(err.value) and str(err.value).startswith("strategy.name=nope is invalid"), err.value
