@@ -77,6 +77,8 @@ def legacy_model(spec: dict[str, Any], device_id: int) -> torch.nn.Module:
 
 
 def get_device(spec: dict[str, Any], device_id: int) -> Device:
+    """Device ``device_id`` of the run ``spec`` describes: its data splits, legacy model and legacy
+    outputs, built once per worker process and kept (the legacy models are frozen)."""
     rt = _runtime(spec)
     dev = rt["devices"].get(device_id)
     if dev is None:
@@ -212,6 +214,7 @@ message) instead of by value; what a run needs travels in each message's ``confi
 
 @app.query()
 def query(msg: Message, context: Context) -> Message:
+    """The handshake: the node answers with its ``partition_id``."""
     pid = int(context.node_config["partition-id"])
     return Message(RecordDict({"info": MetricRecord({"partition_id": pid})}), reply_to=msg)
 
@@ -242,9 +245,11 @@ def _evaluate_device(spec: dict[str, Any], device: Device, msg: Message, context
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
+    """A training round for the devices ``msg`` lists: each trains its part and sends samples."""
     return _node_reply(msg, context, _train_device)
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
+    """An evaluation for the devices ``msg`` lists: their per-sample decisions on their test splits."""
     return _node_reply(msg, context, _evaluate_device)

@@ -92,6 +92,8 @@ L2DLoss = choice("L2DLoss", ("ce", "ce_cost", "ova"))
 
 @dataclass
 class L2DOptions:
+    """``strategy.l2d``: L2D's surrogate loss and its fixed experts' pretraining."""
+
     loss: L2DLoss = L2DLoss.ce_cost  # ce (Mozannar-Sontag, alpha) | ce_cost (costs c_e, c_1) | ova (Verma-Nalisnick)
     alpha: float = 1.0  # ce: weight of the classifier term when the expert is right (1 = consistent)
     expert_epochs: int = 30  # pretraining of the fixed expert(s) on the held-out pool (cached)

@@ -1,6 +1,6 @@
 """What a method does on a device: the :class:`DeviceMethod` every method implements.
 
-A Flower node calls the method of ``strategy.name`` once per round for each of its sampled
+A Flower node calls the method ``strategy.device`` names once per round for each of its sampled
 devices: :meth:`DeviceMethod.train` on the device's rejector split (it decides what to send to
 the helper servers and trains the device's own part: a rejector, an estimator, an L2D model),
 and :meth:`DeviceMethod.evaluate` on its test split (it decides what to defer; the server pool
