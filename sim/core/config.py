@@ -378,7 +378,8 @@ class StrategyConfig:
     class (set by the ``schema`` entry the method's YAML names), ``device`` its
     :class:`strategies.method.DeviceMethod`, ``server`` its ServerApp strategy
     (:class:`strategies.pool_strategy.PoolStrategy`). They are the method's wiring, not parameters:
-    the run's recorded config leaves them out (:data:`WIRING`), ``name`` identifies the method."""
+    ``summary.json``'s config and the checkpoint's leave them out (:data:`WIRING`; ``name`` identifies
+    the method there); Hydra's ``.hydra/config.yaml`` keeps them, so it reads back typed."""
 
     name: str = MISSING
     config: str = MISSING  # this class, by dotted path (set by its schema entry: do not give it)
@@ -403,7 +404,7 @@ class StrategyConfig:
     crossfit_folds: int = 3  # server_labels=crossfit: K, the folds (and fold copies of every server)
 
     WIRING: ClassVar[tuple[str, ...]] = ("config", "device", "server")
-    """The keys that name the method's classes (left out of the run's recorded config)."""
+    """The keys that name the method's classes (left out by :func:`sim.checkpoint.comparable`)."""
 
     def __post_init__(self) -> None:
         from sim.core.schemas import dotted

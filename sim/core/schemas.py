@@ -7,8 +7,8 @@ and server classes in ``strategy.device`` / ``strategy.server``. Nothing lists t
 - the config class is imported when Hydra composes a config that names it -- the ``schema``
   group of Hydra's ConfigStore looks each name up as a dotted path (:class:`SchemaGroup`) -- so a
   config error is found without importing torch or any method's code;
-- the device and server classes are imported (:func:`resolve`) only where a run builds them: the
-  ClientApp's workers and the ServerApp.
+- the device and server classes are imported (:func:`resolve`) only where a run starts
+  (``sim.server_app.method_classes``, before any data is made) and in the ClientApp's workers.
 """
 from __future__ import annotations
 
