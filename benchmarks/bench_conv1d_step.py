@@ -23,7 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from clients.stacked import conv1d_net_grads  # noqa: E402
-from clients.zoo import Conv1DNet  # noqa: E402
+from sim.core.zoo import Conv1DNet  # noqa: E402
 
 
 def median_s(step, repeats: int) -> float:

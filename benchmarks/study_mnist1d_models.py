@@ -3,7 +3,7 @@
 MNIST-1D (Greydanus & Kobak 2020, arXiv 2011.14439) reports logistic regression 32%, MLP 68% and
 CNN 94% test accuracy on its 4000 / 1000 split. This study trains this project's ``logreg``,
 ``mlp`` (one hidden layer of 100; the paper's MLP has two, 100-100 with a residual) and ``cnn1d``
-(the paper's ConvBase, 25 channels) from :mod:`clients.zoo`, for each of ``--seeds`` (model
+(the paper's ConvBase, 25 channels) from :mod:`sim.core.zoo`, for each of ``--seeds`` (model
 initialisation and batch order), and prints mean +- std:
 
 * ``benchmark``: the simulator's data, read by its own loader
@@ -107,7 +107,7 @@ def train_eval(job: dict) -> dict:
     import torch
     import torch.nn.functional as F
 
-    from clients.zoo import build_model
+    from sim.core.zoo import build_model
     from sim.core.data import degrade
     from sim.core.training import train_minibatch
 

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from clients.calibration import fit_temperature
 from clients.stacked import CACHE_TAG, STACKED_GRADS
-from clients.zoo import build_model
+from sim.core.zoo import build_model
 from sim.core.cache import build_entry, content_key
 from sim.core.config import DataConfig, DeviceGroupConfig, FleetConfig, LegacySource, Pretrain, plain
 from sim.core.data import Prepared, data_key, degrade, device_data, group_ranks

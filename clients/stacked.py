@@ -1,7 +1,7 @@
 """Hand-written gradients for many stacked legacy models of one architecture, for the batched build.
 
 :func:`sim.core.training.train_stacked` trains M same-shaped models at once through ``vmap`` and
-autograd. For :class:`clients.zoo.Conv1DNet` (MNIST-1D fleets) that costs most of a large build:
+autograd. For :class:`sim.core.zoo.Conv1DNet` (MNIST-1D fleets) that costs most of a large build:
 ``vmap`` turns each convolution into a grouped convolution of M groups of a few channels, and its
 backward is slow on CPUs. :func:`conv1d_net_grads` computes the same gradient as explicit batched
 matrix products: each convolution is patches ``(M, B*L_out, C*k)`` times weights, its backward two
@@ -98,7 +98,7 @@ def _chunk_grads(p: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor) -
 
 @torch.no_grad()
 def conv1d_net_grads(params: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Gradient of the sum over M :class:`clients.zoo.Conv1DNet` models of each one's mean
+    """Gradient of the sum over M :class:`sim.core.zoo.Conv1DNet` models of each one's mean
     cross-entropy on its own batch (so model i's slice is model i's own gradient).
 
     Args:

@@ -71,6 +71,47 @@ class Answers:
     depth: dict[int, float]
 
 
+@dataclass
+class PoolAnswer:
+    """What the pool did in one evaluation round (:meth:`servers.pool.ServerPool.answer`).
+
+    Attributes:
+        answers: per test sample, the answer it gets when deferred (:class:`Answers`).
+        options: ``(N, S)`` int64, each answering server's prediction for the samples whose device
+            can reach it (-1 elsewhere): what perfect routing could pick from (the oracle reference).
+        all_up: ``(N,)`` int64, the answers had every server been up and reachable
+            (:func:`servers.allup.all_up_answers`); None when the round is not degraded (then
+            :attr:`answers` are all-up's).
+        all_up_untrained: servers whose all-up stand-in has never learnt anything.
+        degraded: a server was down, a partition cut devices off, or queries were dropped.
+        availability: per server, 1 if up this round, else 0.
+        load: per server, the deferred samples it answered. failovers: kind -> deferred samples that
+            failed over so (only kinds that occurred, sorted). depth: coop Teammate -> the depth
+            fraction it served at. dead: the servers whose actor is gone, sorted.
+    """
+
+    answers: Answers
+    options: np.ndarray
+    all_up: np.ndarray | None
+    all_up_untrained: list[int]
+    degraded: bool
+    availability: list[int]
+    load: list[int]
+    failovers: dict[str, int]
+    depth: dict[int, float]
+    dead: list[int]
+
+
+def options(out: ServerOutputs, reach_of: dict[int, list[int]], device: np.ndarray, num_servers: int) -> np.ndarray:
+    """``(N, S)`` int64: server s's prediction (full depth) for each sample whose device can reach
+    it (``reach_of``: device -> servers) and that s answered; -1 elsewhere."""
+    out_pred = np.full((len(device), num_servers), -1, dtype=np.int64)
+    for s, logits in sorted(out.logits.items()):
+        reach = np.isin(device, [d for d, servers in reach_of.items() if s in servers])
+        out_pred[:, s] = np.where(reach, logits.argmax(1).numpy(), -1)
+    return out_pred
+
+
 def answer(out: ServerOutputs, router: Router, reach_of: dict[int, list[int]], device: np.ndarray,
            route: np.ndarray, defer: np.ndarray, m_pred: np.ndarray, dropped: np.ndarray, num_servers: int,
            failovers: Counter, combiners: Combiners | None, coop: CoopConfig | None,

@@ -16,17 +16,24 @@ measured: both servers of a 2-node test cluster on one node); a large argument s
 several servers in one round of calls is put in the object store once (:data:`PUT_MIN_BYTES`)
 instead of being copied into every actor call; results come back as arrays the pool owns, as
 in-process (:func:`_owned`).
+
+:class:`ServerHandles` holds a pool's handles and the bookkeeping of its calls: which servers are
+dead, and which are *busy* -- a Ray actor answers its calls one at a time, so a server whose call
+timed out is busy until that call returns: a timed call does not queue behind it (a busy server
+counts as not answering, at once), and an untimed call waits for it, at most :data:`BUSY_GRACE_S`
+past its delay. A server slowed past the timeout is snapshotted first (``full_state``, kept in
+:attr:`ServerHandles.resting`), so a checkpoint taken while it sleeps needs no call to it.
 """
 from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
 from servers.helper import HelperServer
-from sim.core.config import ServersConfig
+from sim.core.config import ResourcesConfig, ServersConfig
 from sim.core.stop import check_stop
 
 log = logging.getLogger(__name__)
@@ -41,6 +48,14 @@ round trip; above that it would store one copy per call."""
 _PUT: dict[int, tuple[Any, Any]] = {}
 """``id(arg) -> (arg, ObjectRef)`` for the calls submitted since the last :func:`gather` (the
 argument is kept alive, so its id cannot be reused while it is cached)."""
+
+
+READ_ONLY = frozenset({"ping", "set_delay", "where", "predict", "weights", "broadcast_weights", "state", "full_state",
+                       "predict_labels"})
+"""Server methods that leave a server's state (weights, optimizer, buffer) as it is."""
+
+BUSY_GRACE_S = 60.0
+"""How long past its injected delay an untimed call waits for a busy server (:meth:`ServerHandles.settle`)."""
 
 
 class ServerUnavailable(RuntimeError):
@@ -272,3 +287,149 @@ def _method_error(s: int, method: str, exc: BaseException) -> ServerMethodError:
     details = "".join(traceback.format_exception(exc))
     log.error("helper server %d's %s() raised:\n%s", s, method, details)
     return ServerMethodError(s, method, exc, details)
+
+
+Handle = LocalHandle | RayHandle
+
+
+class ServerHandles:
+    """A pool's S servers as handles, with the bookkeeping of their calls (see the module docstring).
+
+    Args:
+        make: ``make(i)`` a new handle on server ``i`` (:func:`new_handle`). count: S. remote: the
+            handles are Ray actors (a delay is really slept, so a slowed server is snapshotted first).
+
+    Attributes:
+        handles: server -> its handle. dead: servers whose actor is gone (killed, or lost).
+        busy: server -> (its call that timed out, its injected delay then). resting: server -> its
+            ``full_state`` taken before it was slowed past the timeout. slow: server -> this round's
+            injected delay in seconds (:meth:`slow_down`).
+    """
+
+    def __init__(self, make: Callable[[int], Handle], count: int, remote: bool):
+        self.make, self.remote = make, remote
+        self.handles: dict[int, Handle] = {i: make(i) for i in range(count)}
+        self.dead: set[int] = set()
+        self.busy: dict[int, tuple[Any, float]] = {}
+        self.resting: dict[int, dict[str, np.ndarray]] = {}
+        self.slow: dict[int, float] = {}
+
+    def call(self, method: str, servers: Sequence[int], *args: Any, timeout: float | None = None,
+             each: Callable[[int], tuple] | None = None) -> dict[int, Any]:
+        """Call ``method`` on each of ``servers`` in parallel and wait (up to ``timeout`` seconds).
+
+        A busy server is not called by a timed call: it counts as slower than ``timeout`` at once.
+        Before an untimed call its busy servers are waited for (:meth:`settle`).
+
+        Args:
+            args: the same arguments for every server, or ``each(s)``: server s's arguments.
+
+        Returns:
+            ``server -> result`` for the servers that answered; those whose actor is gone are
+            marked dead, those slower than ``timeout`` are left out (and busy until they answer).
+
+        Raises:
+            ServerMethodError: a server method raised (:func:`gather`).
+        """
+        servers = list(servers)
+        if timeout is None:
+            self.settle([s for s in servers if s in self.busy])
+        ask = [s for s in servers if not self.still_busy(s)]
+        futures = {s: self.handles[s].submit(method, *(each(s) if each else args)) for s in ask}
+        res, failed = gather(futures, timeout)
+        self.dead |= {s for s, why in failed.items() if why == "dead"}
+        for s, why in failed.items():
+            if why == "timeout" and hasattr(futures[s], "ref"):  # a Ray call still running on the actor
+                self.busy[s] = (futures[s], float(self.slow.get(s, 0.0)))
+        if method not in READ_ONLY:
+            for s in ask:
+                self.resting.pop(s, None)
+        return res
+
+    def still_busy(self, s: int) -> bool:
+        """Whether server ``s``'s call that timed out is still running (checked without waiting)."""
+        if s not in self.busy:
+            return False
+        _, failed = gather({s: self.busy[s][0]}, 0.0)
+        if failed.get(s) == "timeout":
+            return True
+        del self.busy[s]
+        if failed.get(s) == "dead":
+            self.dead.add(s)
+        return False
+
+    def settle(self, servers: Sequence[int]) -> None:
+        """Wait until the busy ``servers`` have answered their call that timed out, each at most its
+        delay plus :data:`BUSY_GRACE_S` (one that has not by then stays busy)."""
+        for s in servers:
+            if self.still_busy(s):
+                future, delay = self.busy[s]
+                _, failed = gather({s: future}, delay + BUSY_GRACE_S)
+                if failed.get(s) != "timeout":
+                    del self.busy[s]
+                    if failed.get(s) == "dead":
+                        self.dead.add(s)
+
+    def alive(self) -> list[int]:
+        """The servers whose actor is not dead, ascending."""
+        return [s for s in sorted(self.handles) if s not in self.dead]
+
+    def kill(self, s: int) -> None:
+        """Crash server ``s`` (its actor is killed; its state is lost)."""
+        if s not in self.dead:
+            self.handles[s].kill()
+            self.dead.add(s)
+        self.busy.pop(s, None)
+
+    def revive(self, s: int) -> None:
+        """Start a new server ``s`` in place of a dead one (a fresh state)."""
+        self.handles[s] = self.make(s)
+        self.dead.discard(s)
+        self.busy.pop(s, None)
+        self.resting.pop(s, None)
+
+    def slow_down(self, delays: dict[int, float], timeout: float) -> None:
+        """Give every live server this round's injected delay (``delays``: server -> seconds; 0 for
+        the others). One still busy and slower than ``timeout`` again is not called (it counts as
+        down); on Ray, one about to sleep past ``timeout`` is snapshotted first (:attr:`resting`), so a
+        checkpoint need not wait for it."""
+        self.slow = delays
+        live = self.alive()
+        delay = {s: float(delays.get(s, 0.0)) for s in live}
+        asleep = {s for s in live if delay[s] > timeout and self.still_busy(s)}
+        if self.remote:
+            slowing = [s for s in live if delay[s] > timeout and s not in asleep and s not in self.resting]
+            self.resting.update(self.call("full_state", slowing))
+        self.call("set_delay", [s for s in live if s not in asleep], each=lambda s: (delay[s],))
+
+    def full_states(self) -> dict[int, dict[str, np.ndarray]]:
+        """Every live server's ``full_state`` (a sleeping one's from before it slept)."""
+        live = self.alive()
+        states = {s: self.resting[s] for s in live if s in self.resting and self.still_busy(s)}
+        states.update(self.call("full_state", [s for s in live if s not in states]))
+        return states
+
+    def wait_ready(self, timeout: float, resources: ResourcesConfig) -> None:
+        """Wait until every server answers a ping (Ray schedules actors only where their
+        ``resources``, ``servers.resources``, fit).
+
+        Raises:
+            ServerUnavailable: some server did not start within ``timeout`` seconds.
+        """
+        _, failed = gather({s: h.submit("ping") for s, h in self.handles.items()}, timeout)
+        if failed:
+            raise ServerUnavailable(
+                f"{len(failed)} of {len(self.handles)} helper server actors did not start within {timeout:g}s: "
+                f"the Ray cluster may not have servers.resources (num_cpus={resources.num_cpus}, "
+                f"num_gpus={resources.num_gpus}) free for each server")
+
+    def shutdown(self) -> None:
+        """Kill every server (end of run, or an interrupted one)."""
+        for i, h in self.handles.items():
+            if i not in self.dead:
+                try:
+                    h.kill()
+                except Exception:  # noqa: BLE001 -- already gone
+                    pass
+        self.dead = set(self.handles)
+        self.busy.clear()

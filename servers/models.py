@@ -18,25 +18,8 @@ from typing import Iterable, Sequence
 import torch
 from torch import nn
 
-from clients.zoo import Conv1DNet, LogReg, MLP, SmallCNN, build_model
 from sim.core.config import ServersConfig, Training
-
-
-def split_model(model: nn.Module) -> tuple[nn.Module, nn.Module]:
-    """Split a zoo model into ``(trunk, head)``: ``head(trunk(x)) == model(x)``.
-
-    Raises:
-        TypeError: a model the zoo does not make.
-    """
-    if isinstance(model, MLP):
-        return model.net[:-1], model.net[-1]
-    if isinstance(model, SmallCNN):
-        return nn.Sequential(model.features, nn.Flatten()), model.head
-    if isinstance(model, LogReg):
-        return nn.Flatten(), model.fc
-    if isinstance(model, Conv1DNet):
-        return nn.Sequential(model.rows, model.features, nn.Flatten()), model.head
-    raise TypeError(f"cannot split a {type(model).__name__} into trunk and head")
+from sim.core.zoo import build_model, split_model
 
 
 UNKNOWN_LOGIT = -1.0e4
@@ -66,7 +49,7 @@ class ServerNet(nn.Module):
     """A helper server's network: ``trunk: (B, C, H, W) -> (B, F)``, ``head: (B, F) -> (B, K)``.
 
     Args:
-        arch, in_shape, num_classes, hidden: as :func:`clients.zoo.build_model`.
+        arch, in_shape, num_classes, hidden: as :func:`sim.core.zoo.build_model`.
         known: the classes it knows (None: all): a specialist's head never answers another class
             (:class:`KnownClasses`).
     """

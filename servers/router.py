@@ -10,7 +10,7 @@ servers are not cold), is assigned by the round-robin / least-loaded rule instea
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -55,3 +55,30 @@ class Router:
         if self.routing == Routing.learned and want in reach:
             return [want], False
         return [self.assign(reach)], want >= 0
+
+    def route(self, batches: list[dict[str, Any]], reachable: Callable[[int], list[int]], up: Sequence[int]
+              ) -> tuple[dict[int, list[int]], int]:
+        """Route the training samples the devices sent (one batch per device, in device order:
+        ``device``, ``route (M,)``, ``explore (M,)``), counting each in :attr:`load`.
+
+        Args:
+            reachable: ``reachable(device)``, the servers the device can use (non-empty for every
+                batch). up: the servers up this round.
+
+        Returns:
+            ``(rows, rerouted)``: server -> the rows (indices into the batches concatenated) it
+            gets; how many samples' chosen server was down and went to another.
+        """
+        rows: dict[int, list[int]] = {s: [] for s in up}
+        self.reset()
+        row = rerouted = 0
+        for b in batches:
+            reach = reachable(int(b["device"]))
+            for want, explore in zip(b["route"].tolist(), b["explore"].tolist()):
+                targets, skipped = self.pick(reach, want, explore)
+                rerouted += skipped  # the chosen server went down since the device chose
+                for s in targets:
+                    self.load[s] += 1
+                    rows[s].append(row)
+                row += 1
+        return rows, rerouted

@@ -138,15 +138,16 @@ checkpoint written before one of them existed still resumes)."""
 
 
 def comparable(cfg: Config) -> dict[str, Any]:
-    """The config as plain values without the keys a resumed run may change (:data:`RESUME_FREE`)
-    and without the strategy keys that have no effect in this run
-    (:meth:`~sim.core.config.StrategyConfig.inert_keys`), with ``servers.routing=auto`` resolved as
-    the run resolves it."""
+    """The config as plain values without the keys a resumed run may change (:data:`RESUME_FREE`),
+    without the strategy keys that have no effect in this run
+    (:meth:`~sim.core.config.StrategyConfig.inert_keys`) and without the method's wiring (its classes,
+    :data:`~sim.core.config.StrategyConfig.WIRING`: ``strategy.name`` identifies the method), with
+    ``servers.routing=auto`` resolved as the run resolves it."""
     out = plain(cfg)
     out["servers"]["routing"] = str(cfg.servers.resolved_routing)
     for k in RESUME_FREE:
         out["sim"].pop(k, None)
-    for k in cfg.strategy.inert_keys():
+    for k in (*cfg.strategy.inert_keys(), *cfg.strategy.WIRING):
         out["strategy"].pop(k, None)
     return out
 

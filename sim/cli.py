@@ -24,7 +24,6 @@ from typing import Any, Iterable, Iterator
 from sim.core.config import Config, register, to_config
 from sim.core.errors import ConfigError
 from sim.core.stop import STOP
-from strategies.config import register_all
 
 CONFIG_MODULE = "configs"
 CONFIG_NAME = "config"
@@ -193,7 +192,6 @@ def _hydra(line: CommandLine | None = None) -> Iterator[Any]:
     from hydra.core.global_hydra import GlobalHydra
 
     register()
-    register_all()
     path = line.config_path if line is not None and line.config_path else f"pkg://{CONFIG_MODULE}"
     if line is not None and line.config_dir and not os.path.isdir(line.config_dir):
         raise ConfigError(f"--config-dir {line.config_dir}: no such directory")
@@ -293,8 +291,15 @@ def check_bools(cfg: Any, overrides: list[str]) -> None:
 
 def _checked(cfg: Any) -> Config:
     """The typed config of a composed one; raises ConfigError (one line)."""
+    from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
+    strategy = cfg.get("strategy")
+    if OmegaConf.is_dict(strategy) and strategy._get_node("config") is not None \
+            and OmegaConf.is_missing(strategy, "config"):
+        raise ConfigError(f"strategy={strategy.get('name', '?')} names no config class: its YAML's defaults "
+                          "list needs '- /schema@_here_: <dotted path>', e.g. strategies.config.L2HConfig "
+                          "(docs/adding.md)")
     try:
         return to_config(cfg)
     except ConfigError:
@@ -313,9 +318,23 @@ def compose_checked(overrides: list[str], line: CommandLine | None = None) -> Co
     Raises:
         ConfigError: one line, for any composition, type or range error.
     """
-    with _hydra(line):
+    with _hydra(line) as loader:
         extra = (line.hydra_overrides if line else [])
-        return _checked(_compose(extra + list(overrides), line.config_name if line else CONFIG_NAME))
+        cfg = _checked(_compose(extra + list(overrides), line.config_name if line else CONFIG_NAME))
+        check_method_name(cfg.strategy.name, loader.get_group_options("strategy"))
+        return cfg
+
+
+def check_method_name(name: str, methods: list[str]) -> None:
+    """Refuse a ``strategy.name`` that is no method's: the name picks nothing (``strategy=<name>``
+    picks the method's YAML, which names its classes) but labels the run's results and seeds.
+
+    Raises:
+        ConfigError: one line listing the methods (``methods``: the ``strategy`` group's options).
+    """
+    if name not in methods:
+        raise ConfigError(f"strategy.name={name} is invalid: no configs/strategy/{name}.yaml; choose the method "
+                          f"with strategy=<name>, one of {', '.join(sorted(methods))}")
 
 
 def sweep_jobs(line: CommandLine) -> list[list[str]]:
@@ -384,12 +403,14 @@ def precheck(argv: list[str]) -> int:
     if len(checked) < len(jobs):
         print(f"note: the sweep has {len(jobs)} jobs; checking {len(checked)} of them (every swept value at "
               "least once) before the first runs", file=sys.stderr)
-    with _hydra(line):
+    with _hydra(line) as loader:
         extra = line.hydra_overrides
+        methods = loader.get_group_options("strategy")
         for job in checked:
             if STOP.is_set():  # a stop signal while checking (the runner holds it until here)
                 raise KeyboardInterrupt
             cfg = _checked(_compose(extra + job, line.config_name))
+            check_method_name(cfg.strategy.name, methods)
             if cfg.sim.resume:
                 if len(jobs) > 1 or line.multirun:
                     raise ConfigError("sim.resume continues one run: give one run directory, without -m or sweeps")

@@ -38,6 +38,20 @@ class NodeLost(EngineError):
     happened in is not kept, so the run resumes from its last checkpoint."""
 
 
+def check_node(when: str) -> None:
+    """Fail when the Ray node this process uses has died (:func:`sim.raynode.lost_message`; ``when``:
+    ``during round 3``).
+
+    Raises:
+        NodeLost: one line, naming what died and where its log is.
+    """
+    from sim import raynode
+
+    message = raynode.lost_message(started_here(), when)
+    if message:
+        raise NodeLost(message)
+
+
 def started_here() -> bool:
     """Whether the Ray this process is connected to is a local instance it started (its processes are
     this process's children)."""
@@ -707,7 +721,8 @@ def run_fleet(server_app: Any, client_app: Any, num_clients: int, client_resourc
 
 
 def run(sim_cfg: SimConfig, server_main: Any, client_app: Any, num_clients: int) -> None:
-    """Run a fleet: ``server_main(grid)`` drives ``num_clients`` nodes of ``client_app``.
+    """Run a fleet: ``server_main(grid)`` (the ServerApp's main, :meth:`sim.server_app.Federation.main`)
+    drives ``num_clients`` nodes of ``client_app`` (:data:`sim.client_app.app`).
 
     ``sim.backend=ray``: Flower's simulation engine on Ray (started or joined here, shut down
     after if started here). ``sim.backend=inprocess``: the same apps called in this process.
@@ -722,7 +737,7 @@ def run(sim_cfg: SimConfig, server_main: Any, client_app: Any, num_clients: int)
         server_main(InProcessGrid(client_app, num_clients))
         return
     from sim import raynode
-    from sim.apps import make_server_app
+    from sim.server_app import server_app
 
     def main(grid: Any) -> None:
         server_main(StoppableGrid(grid))
@@ -734,7 +749,7 @@ def run(sim_cfg: SimConfig, server_main: Any, client_app: Any, num_clients: int)
         private = bool(_STARTED and _STARTED[0])
         jobs_at_once = 1 if private else int(os.environ.get(SWEEP_JOBS_ENV, "1"))
         try:
-            run_fleet(make_server_app(main), client_app, num_clients, sim_cfg.client_resources, sim_cfg.verbose,
+            run_fleet(server_app(main), client_app, num_clients, sim_cfg.client_resources, sim_cfg.verbose,
                       jobs_at_once)
         except KeyboardInterrupt:
             STOP.set()  # the ServerApp thread stops at its next check (ray_session waits for it)

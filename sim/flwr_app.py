@@ -1,7 +1,8 @@
 """``flwr run .``: the fleet simulation as a Flower App, run by Flower's own runtime.
 
-pyproject.toml's ``[tool.flwr.app.components]`` names this module's :data:`app` (the ServerApp)
-and :data:`sim.apps.app` (the ClientApp, the same one ``python -m sim.run`` runs). Its run config
+pyproject.toml's ``[tool.flwr.app.components]`` names this module's :data:`app` (the ServerApp of
+``flwr run``: it composes the config, then runs :class:`sim.server_app.Federation` as ``python -m
+sim.run`` does) and :data:`sim.client_app.app` (the ClientApp, the same one ``python -m sim.run`` runs). Its run config
 (``[tool.flwr.app.config]``) has two keys:
 
 - ``overrides``: a Hydra override string, exactly the arguments ``python -m sim.run`` takes
@@ -46,7 +47,7 @@ from typing import Any
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from sim.apps import app as client_app
+from sim.client_app import app as client_app
 from sim.core.config import Backend, Config, FailureKind, replace
 from sim.core.errors import ConfigError
 
@@ -141,7 +142,9 @@ def run_app(grid: Grid, cfg: Config, run_dir: Path) -> dict[str, Any]:
     """
     from rich.console import Console
 
-    from sim.pipeline import Federation, Outcome, device_spec, finish, prepare_inputs
+    from sim import engine
+    from sim.pipeline import device_spec, finish, prepare_inputs
+    from sim.server_app import Federation, Outcome
 
     nodes = wait_for_nodes(grid, NODES_TIMEOUT_S)
     per_node = math.ceil(cfg.fleet.num_clients / nodes)
@@ -149,9 +152,9 @@ def run_app(grid: Grid, cfg: Config, run_dir: Path) -> dict[str, Any]:
     inp = prepare_inputs(cfg, Path(run_dir), Console(), None, 0)
     if cfg.sim.backend == Backend.ray:
         wait_for_ray(NODES_TIMEOUT_S)
-    fed = Federation(inp, device_spec(inp, per_node))
+    fed = Federation(inp, device_spec(inp, per_node), engine.check_node)
     with fed.progress:
-        fed.server_main(grid)
+        fed.main(grid)
     seconds = time.perf_counter() - fed.t_sim
     if fed.strategy is None or fed.strategy.last_metrics is None:
         raise RuntimeError("the simulation finished without a successful evaluation round; "

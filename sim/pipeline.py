@@ -4,8 +4,9 @@
 
 1. :func:`prepare_inputs` -- the prepared dataset, the legacy fleet, the failure schedule, the
    method's server start states (L2D's fixed experts), the result recorder;
-2. :func:`run_federation` -- the ServerApp (the method's strategy driving the server pool) and
-   the ClientApp on Flower's simulation engine (or in-process), one checkpoint per round;
+2. :func:`run_federation` -- the ServerApp (:mod:`sim.server_app`: the method's strategy driving
+   the server pool) and the ClientApp (:mod:`sim.client_app`) on Flower's simulation engine (or
+   in-process), one checkpoint per round;
 3. :func:`finish` -- ``summary.json``, ``clients.csv``, plots, ``timing.json``, the summary table.
 
 With failures injected (``failures.name != none`` and ``failures.reference=true``) the same seed
@@ -17,40 +18,12 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sim.core.config import Backend, Config, FailureKind, LegacySource, plain, replace
+from sim.core.config import Config, FailureKind, LegacySource, plain, replace
 from sim.core.errors import ConfigError
-
-
-@dataclass
-class Inputs:
-    """Everything the federation needs, made before it starts (step 1)."""
-
-    cfg: Config
-    run_dir: Path
-    console: Any
-    prep: Any
-    fleet: Any
-    schedule: list
-    server_states: list | None
-    recorder: Any
-    resume: tuple[dict, dict] | None
-    finished: int
-    t_start: float
-    timing: dict[str, float] = field(default_factory=dict)
-
-
-@dataclass
-class Outcome:
-    """What the federation left behind (step 2)."""
-
-    strategy: Any
-    table: dict | None
-    dead: list[int]
-    sim_seconds: float
+from sim.server_app import Federation, Inputs, Outcome, method_classes
 
 
 def simulate(cfg: Config, run_dir: Path, console: Any | None = None, fresh: bool = False) -> dict[str, Any]:
@@ -188,8 +161,8 @@ def prepare_inputs(cfg: Config, run_dir: Path, console: Any, resume: tuple | Non
     from sim.core.faults import build_schedule, schedule_json
     from sim.provenance import record as record_provenance
     from sim.results import Recorder
-    from strategies.registry import method
 
+    _, server_cls = method_classes(cfg.strategy)  # a wrong strategy.device / .server: refused before any work
     t_start = time.perf_counter()
     timing: dict[str, Any] = {"started_at": time.time()}  # Unix seconds (when, beside how long)
     engine.quiet_logs(cfg.sim.verbose)
@@ -207,7 +180,7 @@ def prepare_inputs(cfg: Config, run_dir: Path, console: Any, resume: tuple | Non
     for note in cfg.strategy.notes():
         console.print(f"[bold]warning[/bold]: {note}", soft_wrap=True)
     terminal.print_fleet(console, cfg, prep, fleet)
-    states = method(cfg.strategy.name).server.prepare_servers(cfg, prep, fleet, cache_dir, console)
+    states = server_cls.prepare_servers(cfg, prep, fleet, cache_dir, console)
     if states is not None:
         timing["experts_s"] = time.perf_counter() - t_start - timing["prepare_data_s"] - timing["legacy_fleet_s"]
     recorder = Recorder(run_dir, keep_rounds=finished if cfg.sim.resume else None)
@@ -241,7 +214,7 @@ def check_archs(cfg: Config, in_shape: tuple[int, ...]) -> None:
         ConfigError: one line naming the key (``fleet.groups.<i>.arch`` / ``.downsample`` or
             ``servers.arch``) and the fix.
     """
-    from clients.zoo import check_input
+    from sim.core.zoo import check_input
 
     _, h, w = (int(v) for v in in_shape)
     for i, g in enumerate(cfg.fleet.groups):
@@ -276,14 +249,14 @@ def run_federation(inp: Inputs) -> Outcome:
             the final evaluation (:func:`final_missing_message`).
     """
     from sim import engine
-    from sim.apps import app as client_app
+    from sim.client_app import app as client_app
     from sim.core.nodes import devices_per_node, num_nodes
 
     cfg = inp.cfg
     per_node = devices_per_node(cfg.fleet.num_clients, cfg.sim.devices_per_node, int(cfg.sim.max_nodes))
-    fed = Federation(inp, device_spec(inp, per_node))
+    fed = Federation(inp, device_spec(inp, per_node), engine.check_node)
     with fed.progress:
-        engine.run(cfg.sim, fed.server_main, client_app, num_nodes(cfg.fleet.num_clients, per_node))
+        engine.run(cfg.sim, fed.main, client_app, num_nodes(cfg.fleet.num_clients, per_node))
     sim_seconds = time.perf_counter() - fed.t_sim
     inp.timing["engine_stop_s"] = sim_seconds - sum(inp.timing.get(p, 0.0) for p in (
         "engine_start_s", "handshake_s", "rounds_s"))
@@ -313,173 +286,6 @@ def final_missing_message(missing: dict[int, str], num_clients: int, run_dir: Pa
             f"{num_clients - len(missing)} of {num_clients} devices, so none were written. Fix the cause "
             f"(sim.verbose=true shows the device's traceback), then "
             + (f"continue with sim.resume={run_dir}" if run_dir is not None else "run again"))
-
-
-class Federation:
-    """The ServerApp's main (:meth:`server_main`: the pool and the method's strategy) and what it
-    does at the end of every round (:meth:`on_round`: record, checkpoint, progress line)."""
-
-    def __init__(self, inp: Inputs, spec_json: str):
-        from sim import terminal
-
-        self.inp, self.cfg, self.spec_json = inp, inp.cfg, spec_json
-        self.progress, self.task = terminal.round_progress(inp.console, self.cfg.sim.num_rounds,
-                                                           self.cfg.sim.progress)
-        self.progress.advance(self.task, inp.finished)
-        self.pool: Any = None
-        self.strategy: Any = None
-        self.table: dict | None = None
-        self.dead: list[int] = []
-        self.t_sim = time.perf_counter()
-        self.board = board(inp) if self.cfg.sim.tensorboard else None
-
-    def round_ok(self, record: dict[str, Any]) -> bool:
-        """Whether a round is worth a checkpoint: some device answered its training *and* its
-        evaluation, beyond the injected dropouts. A killed worker costs its replies and the round is
-        kept; a round in which every device failed (e.g. after restoring a mis-shaped state) never
-        replaces the last good checkpoint, so the run can still be resumed from it. The final round
-        needs every device's evaluation (it has no injected dropout; :func:`final_missing_message`)."""
-        answered_train = int(record.get("train_devices", 1))
-        answered_eval = int(record.get("eval_devices", 1))
-        if int(record["round"]) == len(self.inp.schedule) and int(record.get("eval_errors", 0)) > 0:
-            return False  # the schedule has one entry per round: this is the final one
-        return answered_train > 0 and answered_eval > 0
-
-    def on_round(self, record: dict[str, Any]) -> None:
-        """A finished round: its record appended, the checkpoint replaced (rounds that lost device
-        replies excepted, :meth:`round_ok`), the progress line printed."""
-        from sim import terminal
-
-        self.check_node(int(record["round"]))
-        self.inp.recorder.round(record)
-        final = int(record["round"]) == self.cfg.sim.num_rounds and self.strategy.last_x is not None
-        if final:  # computed now, so the last checkpoint can hold it (a stop after it loses nothing)
-            self.table = self.pool.table(self.strategy.last_x, self.strategy.last_eval["y"])
-            self.dead = sorted(self.pool.dead)
-        if self.cfg.sim.checkpoint and self.round_ok(record):
-            self.save_checkpoint(record, final)
-        self.progress.advance(self.task)
-        if record.get("system_accuracy") is not None:
-            self.progress.console.print(terminal.round_line(record, self.cfg.sim.num_rounds), soft_wrap=True)
-        if self.board is not None:
-            log_round(self.board, record)
-
-    def check_node(self, round_: int) -> None:
-        """On Ray: fail the run, before this round is recorded, if the Ray node under it has died (its
-        servers and device workers died with it: the round's numbers would be the legacy models').
-
-        Raises:
-            NodeLost: one line, naming what died and where its log is.
-        """
-        if self.cfg.sim.backend != Backend.ray:
-            return
-        from sim import engine, raynode
-
-        message = raynode.lost_message(engine.started_here(), f"during round {round_}")
-        if message:
-            raise engine.NodeLost(message)
-
-    def save_checkpoint(self, record: dict[str, Any], final: bool) -> None:
-        """Replace the run's checkpoint with this round's state; the last round's also keeps what
-        :func:`finish` needs (:func:`sim.checkpoint.final_part`)."""
-        from sim import checkpoint, journal
-        from sim.core.arrays import prefixed
-
-        pool_arrays, pool_meta = self.pool.checkpoint()
-        strat_arrays, strat_meta = self.strategy.checkpoint()
-        arrays = {**prefixed("pool", pool_arrays), **prefixed("strategy", strat_arrays),
-                  **journal.part(self.inp.recorder.text)}  # metrics.jsonl up to this round: sim/journal.py
-        meta = {"round": record["round"], "config": checkpoint.comparable(self.cfg), "pool": pool_meta,
-                "strategy": strat_meta}
-        if final:
-            last = self.strategy
-            final_arrays, meta[checkpoint.FINAL] = checkpoint.final_part(last.last_eval, last.last_metrics,
-                                                                         self.table, self.dead)
-            arrays.update(final_arrays)
-        checkpoint.save(self.inp.run_dir, arrays, meta)
-
-    def server_main(self, grid: Any) -> None:
-        """The ServerApp: build the pool inside the engine's session (its actors live on Ray), the
-        strategy, restore a resumed run, then Flower's round loop; the pool is shut down whatever happens."""
-        from flwr.app import ArrayRecord
-
-        from servers.pool import ServerPool
-        from strategies.labels import fold_copies
-        from strategies.registry import method
-
-        cfg, inp, timing = self.cfg, self.inp, self.inp.timing
-        timing["engine_start_s"] = time.perf_counter() - self.t_sim
-        if cfg.sim.backend == Backend.ray:  # which Ray instance ran it (a sweep's jobs share one: sim/sweep.py)
-            import ray
-
-            timing["ray_node_id"] = ray.get_runtime_context().get_node_id()
-        self.pool = ServerPool(cfg.servers, inp.prep.in_shape, inp.prep.num_classes, int(cfg.seed),
-                               cfg.failures.query_timeout_s, "ray" if cfg.sim.backend == Backend.ray else "local",
-                               int(cfg.sim.torch_threads), cfg.servers.prices(cfg.strategy.c_e),
-                               fold_copies(cfg.strategy, method(cfg.strategy.name).device.learns_from_labels))
-        try:
-            timeout = float(cfg.sim.round_timeout)
-            self.pool.wait_ready(min(120.0, timeout))
-            if inp.server_states is not None:
-                self.pool.install(inp.server_states)
-            self.strategy = method(cfg.strategy.name).server(cfg, self.pool, inp.schedule, self.on_round)
-            self.strategy.spec_json = self.spec_json
-            if inp.resume is not None:
-                self.restore()
-            self.strategy.handshake(grid, timeout)
-            self.strategy.t0 = time.perf_counter()
-            timing["handshake_s"] = self.strategy.t0 - self.t_sim - timing["engine_start_s"]
-            self.strategy.start(grid, initial_arrays=ArrayRecord(), num_rounds=cfg.sim.num_rounds - inp.finished,
-                                timeout=timeout)
-            timing["rounds_s"] = time.perf_counter() - self.strategy.t0
-            last = self.strategy
-            if self.table is None and last.last_x is not None:
-                self.table = self.pool.table(last.last_x, last.last_eval["y"])
-            self.dead = sorted(self.pool.dead)
-        finally:
-            self.pool.shutdown()
-            if self.board is not None:
-                self.board.close()
-
-    def restore(self) -> None:
-        """Load the resumed run's checkpoint into the pool and the strategy."""
-        from sim import checkpoint
-        from sim.core.arrays import sub
-        from strategies.pool_strategy import CheckpointMismatch
-
-        arrays, meta = self.inp.resume
-        self.pool.restore(sub(arrays, "pool"), meta["pool"])
-        try:
-            self.strategy.restore(sub(arrays, "strategy"), meta["strategy"], self.inp.finished)
-        except CheckpointMismatch as exc:
-            raise checkpoint.CheckpointError(str(exc)) from None
-
-
-BOARD_SCALARS = ("system_accuracy", "legacy_accuracy", "server_accuracy", "oracle_accuracy", "defer_rate",
-                 "served_defer_rate", "l01_cost", "rejector_loss", "server_loss", "samples_sent", "train_errors",
-                 "eval_errors", "server_accuracy_all_up", "system_accuracy_all_up")
-
-
-def board(inp: Inputs) -> Any:
-    """A TensorBoard writer in ``<run dir>/tensorboard`` (a resumed run drops what came after its
-    checkpoint). Raises ConfigError when the ``tensorboard`` package is missing."""
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        raise ConfigError("sim.tensorboard=true needs the tensorboard package: pip install tensorboard") from None
-    return SummaryWriter(str(inp.run_dir / "tensorboard"), purge_step=inp.finished + 1 if inp.finished else None)
-
-
-def log_round(writer: Any, record: dict[str, Any]) -> None:
-    """One round's scalars (accuracies, defer rates, L01, losses, failovers by kind) at step = round."""
-    t = int(record["round"])
-    for key in BOARD_SCALARS:
-        v = record.get(key)
-        if isinstance(v, (int, float)) and v == v:
-            writer.add_scalar(key, v, t)
-    for kind, n in (record.get("failovers") or {}).items():
-        writer.add_scalar(f"failovers/{kind}", n, t)
-    writer.flush()
 
 
 def finish(inp: Inputs, out: Outcome, reference: dict[str, Any] | None) -> dict[str, Any]:

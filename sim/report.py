@@ -164,12 +164,10 @@ def hydra_config(path: Path) -> tuple[dict[str, Any], bool]:
 
     from sim.checkpoint import RESUME_FREE, comparable
     from sim.core.config import Config, from_plain
-    from strategies.config import register_all
 
     raw = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
     if not isinstance(raw, dict):
         raise ValueError(f"{path} is not a mapping")
-    register_all()
     try:
         return {k: v for k, v in comparable(from_plain(Config, raw)).items() if k != "seed"}, True
     except Exception:  # noqa: BLE001 -- any schema mismatch: the same stripping on the composed values

@@ -50,10 +50,8 @@ from sim.core.stop import exit_code, signal_name  # noqa: E402
 from sim.pipeline import simulate  # noqa: E402
 from sim.results import claim, path_override, resume_override  # noqa: E402
 from sim.sweep import FAILED, SWEEP, record_failure  # noqa: E402
-from strategies.config import register_all  # noqa: E402
 
 register()
-register_all()
 
 __all__ = ["main", "simulate"]
 

@@ -44,8 +44,8 @@ class Baseline(DeviceMethod):
     """A fixed deferral rule; subclasses give :meth:`rule`. The servers' error on the rejector split
     is measured (reported as ``train_server_error``) whenever a server is reachable."""
 
-    config_class = BaselineConfig
     cfg: BaselineConfig
+
     def __init__(self, cfg: BaselineConfig, servers: ServersConfig, seed: int, num_classes: int):
         super().__init__(cfg, servers, seed, num_classes)
         self.labels = LabelSource(cfg, seed)

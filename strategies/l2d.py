@@ -79,7 +79,6 @@ def available(servers: ServersConfig, reach: list[int]) -> torch.Tensor:
 class L2DMethod(DeviceMethod):
     """The L2D device side: a classifier (from the legacy model) and one deferral logit per expert."""
 
-    config_class = L2DConfig
     cfg: L2DConfig
 
     def new_learner(self, device: Device) -> L2DModel:

@@ -72,7 +72,6 @@ def decide(rejector: Rejector, feats: torch.Tensor, avail: torch.Tensor, servers
 class L2HMethod(DeviceMethod):
     """The L2H device side: a rejector trained against the servers' (possibly stale) answers."""
 
-    config_class = L2HConfig
     cfg: L2HConfig
     learns_from_labels = True
 
@@ -218,4 +217,4 @@ class L2HStrategy(PoolStrategy):
         fit = self.pool.train(server_round, batches)
         self.pool.end_round()
         return {"samples_sent": sent, "samples_deferred": sent - explored, "samples_explored": explored,
-                "rejector_loss": self.mean_loss(got), **fit, "train_load": self.pool.load.tolist()}
+                "rejector_loss": self.mean_loss(got), **fit}

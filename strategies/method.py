@@ -1,13 +1,14 @@
 """What a method does on a device: the :class:`DeviceMethod` every method implements.
 
-A Flower node calls the method of ``strategy.name`` once per round for each of its sampled
+A Flower node calls the method ``strategy.device`` names once per round for each of its sampled
 devices: :meth:`DeviceMethod.train` on the device's rejector split (it decides what to send to
 the helper servers and trains the device's own part: a rejector, an estimator, an L2D model),
 and :meth:`DeviceMethod.evaluate` on its test split (it decides what to defer; the server pool
 answers the deferred samples). The device's trained part ("learner") is kept by the node between
 rounds and handed in through the :class:`RoundContext`.
 
-Adding a method: docs/adding.md (the smallest example is :class:`strategies.baselines.RandomDeferral`).
+Adding a method: one class and one YAML that names it (``strategy.device``), docs/adding.md (the
+smallest example is :class:`strategies.baselines.RandomDeferral`).
 """
 from __future__ import annotations
 
@@ -75,7 +76,6 @@ class DeviceMethod(ABC):
         servers: the ``servers`` config. seed: the run seed. num_classes: K.
     """
 
-    config_class: ClassVar[type[StrategyConfig]] = StrategyConfig
     learns_from_labels: ClassVar[bool] = False
     """True for a method that learns from the servers' answers on its split (``strategy.server_labels``
     applies; with ``crossfit`` the pool trains fold copies of the servers for it)."""

@@ -118,14 +118,14 @@ class PoolStrategy(FleetStrategy):
         """The server copy devices train against this round (docs/methods.md §1, "Synchronous and
         asynchronous"): every up server's current weights every S rounds (``strategy.staleness``;
         S = 1: every round). In between, the entry of a server reset since its entry was taken
-        (:attr:`servers.pool.ServerPool.reset_round`) is replaced by its current weights as soon as it
+        (:attr:`servers.recovery.Recovery.reset_round`) is replaced by its current weights as soon as it
         is up: S delays what devices learn of a server's training, not that it lost it."""
         if self.stale is None or (server_round - 1) % self.staleness == 0:
             self.stale = ArrayRecord({k: Array(v) for k, v in self.pool.snapshot().items()})
             self.stale_round[:] = -1
             self.stale_round[self.pool.up] = server_round
             return
-        reset = self.pool.reset_round
+        reset = self.pool.recovery.reset_round
         outdated = [s for s in self.pool.up if reset[s] > 0 and self.stale_round[s] < reset[s]]
         if outdated:
             fresh = self.pool.snapshot()
@@ -144,7 +144,7 @@ class PoolStrategy(FleetStrategy):
             return {}
         out = {}
         for s in self.pool.up:
-            stale = devices[self.known[devices, s] < self.pool.reset_round[s]]  # -1 (never) < any reset round
+            stale = devices[self.known[devices, s] < self.pool.recovery.reset_round[s]]  # -1 (never) < any reset
             if len(stale):
                 out[s] = stale.tolist()
         return out
@@ -224,53 +224,28 @@ class PoolStrategy(FleetStrategy):
         return RecordDict({"config": self.config(server_round)})
 
     def answer(self, server_round: int, pooled: dict[str, np.ndarray], x: np.ndarray) -> dict[str, Any]:
-        """The pool answers the test samples (with failover); returns per-round server metrics."""
-        args = (pooled["device"], pooled["route"], pooled["defer"], pooled["m_pred"])
-        out = self.pool.answer(server_round, x, *args)
-        pooled.update(e_pred=out.e_pred, served=out.served, price=out.price)
-        pooled["any_right"] = self.any_server_right(pooled)
+        """The pool answers the test samples (with failover, :meth:`servers.pool.ServerPool.answer`);
+        fills ``pooled``'s ``e_pred``, ``served``, ``price`` and ``any_right`` (a server the sample's
+        device could reach answers it right, or its deferral's actual answer is right: the
+        oracle-routing reference, :func:`sim.core.metrics.oracle_references`); returns the round's
+        server metrics, with the all-up counterfactual (MEL's resilience measure, docs/methods.md
+        §7): ``server_accuracy_all_up`` (every sample deferred) and ``system_accuracy_all_up`` (the
+        devices' own decisions kept) of the same trained pool with every server up and reachable
+        (exactly the round's own in a round with no failure); ``all_up_untrained``: the servers
+        whose all-up stand-in never learnt anything (the ratios are then undefined)."""
+        out = self.pool.answer(server_round, x, pooled["device"], pooled["route"], pooled["defer"], pooled["m_pred"])
+        a, y = out.answers, pooled["y"]
+        pooled.update(e_pred=a.e_pred, served=a.served, price=a.price)
+        pooled["any_right"] = (a.e_pred == y) | (out.options == y[:, None]).any(1)
+        e_ok = (out.all_up if out.all_up is not None else a.e_pred) == y
+        m_ok, defer = pooled["m_pred"] == y, pooled["defer"].astype(bool)
         return {
-            **self.all_up_counterfactual(x, pooled, out.e_pred),
-            "availability": self.pool.availability(),
-            "load": self.pool.load.tolist(),
-            "failovers": {k: int(v) for k, v in sorted(self.pool.failovers.items())},
-            "servers_dead": sorted(self.pool.dead),
+            "degraded": out.degraded, "server_accuracy_all_up": float(e_ok.mean()),
+            "system_accuracy_all_up": float(np.where(defer, e_ok, m_ok).mean()), "all_up_untrained": out.all_up_untrained,
+            "availability": out.availability, "load": out.load, "failovers": out.failovers, "servers_dead": out.dead,
             # coop: each Teammate's serving depth fraction this round (drops under load / cost pressure)
-            **({"serve_depth": {str(k): v for k, v in self.pool.depth.items()}} if self.pool.depth else {}),
+            **({"serve_depth": {str(k): v for k, v in out.depth.items()}} if out.depth else {}),
         }
-
-    def any_server_right(self, pooled: dict[str, np.ndarray]) -> np.ndarray:
-        """``(N,)`` bool: a server the sample's device could reach this round answers it right, or its
-        deferral's actual answer is right -- what perfect routing among the answering servers would
-        get (the oracle-routing reference, :func:`sim.core.metrics.oracle_references`)."""
-        y, device = pooled["y"], pooled["device"]
-        right = pooled["e_pred"] == y
-        outs = self.pool.last_outputs
-        for s, logits in sorted(outs.logits.items()):
-            reach = np.isin(device, [d for d in np.unique(device) if s in self.pool.reachable(int(d))])
-            right |= reach & (logits.argmax(1).numpy() == y)
-        return right
-
-    def all_up_counterfactual(self, x: np.ndarray, pooled: dict[str, np.ndarray], e_pred: np.ndarray
-                              ) -> dict[str, float]:
-        """The same trained pool answering the same samples with every server up and reachable
-        (MEL's resilience measure, docs/methods.md §7): ``server_accuracy_all_up`` (every sample
-        deferred) and ``system_accuracy_all_up`` (the devices' own decisions kept). In a round
-        with no failure the pool's answers are used as they are, so the ratios are exactly 1.
-        ``all_up_untrained``: the servers whose all-up stand-in has never learnt anything (an up
-        server not trained yet, a down one with no checkpoint from training, no installed start
-        state): "the same trained pool" is then not a trained pool, and its ratios are undefined."""
-        e_up = e_pred
-        untrained: list[int] = []
-        if self.pool.degraded():
-            e_up = self.pool.answer_all_up(x, pooled["device"], pooled["route"], pooled["defer"], pooled["m_pred"])
-            pool = self.pool
-            untrained = [s for s in range(pool.num_servers) if s not in pool.initial
-                         and (pool.trained_round[s] if s in pool.up else pool.checkpoint_round[s]) == 0]
-        y, defer = pooled["y"], pooled["defer"].astype(bool)
-        e_ok, m_ok = e_up == y, pooled["m_pred"] == y
-        return {"degraded": self.pool.degraded(), "server_accuracy_all_up": float(e_ok.mean()),
-                "system_accuracy_all_up": float(np.where(defer, e_ok, m_ok).mean()), "all_up_untrained": untrained}
 
     # ---- checkpoint / resume ------------------------------------------------------------------
     def checkpoint(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:

@@ -8,7 +8,7 @@ import json
 from flwr.app import Array, ArrayRecord
 
 from servers.helper import HelperServer
-from sim.apps import app
+from sim.client_app import app
 from sim.core.config import plain
 from sim.core.data import device_data
 from strategies.base import DEVICE_FIELDS

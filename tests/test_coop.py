@@ -84,15 +84,15 @@ def test_the_leader_learns_from_labels_only_and_teammates_from_each_other():
     big, small = coop_pool(3), coop_pool(2)
     fit_round(big)
     fit_round(small)
-    sd = {n: p.handles for n, p in (("big", big), ("small", small))}
+    sd = {n: p.servers.handles for n, p in (("big", big), ("small", small))}
     for k, v in sd["big"][0].obj.model.state_dict().items():
         assert torch.equal(v, sd["small"][0].obj.model.state_dict()[k]), k
     t_big, t_small = sd["big"][1].obj.model.state_dict(), sd["small"][1].obj.model.state_dict()
     assert any(not torch.equal(v, t_small[k]) for k, v in t_big.items())
     # Teammates train their shallow exits (SFSL); the Leader's exit heads stay as initialised
     init = coop_pool(3)
-    assert not torch.equal(big.handles[1].obj.model.exits[0].weight, init.handles[1].obj.model.exits[0].weight)
-    assert torch.equal(big.handles[0].obj.model.exits[0].weight, init.handles[0].obj.model.exits[0].weight)
+    assert not torch.equal(big.servers.handles[1].obj.model.exits[0].weight, init.servers.handles[1].obj.model.exits[0].weight)
+    assert torch.equal(big.servers.handles[0].obj.model.exits[0].weight, init.servers.handles[0].obj.model.exits[0].weight)
 
 
 def test_teammates_answer_from_a_shallower_exit_under_load():
@@ -103,9 +103,9 @@ def test_teammates_answer_from_a_shallower_exit_under_load():
     n = len(x)
     pool.begin_eval()
     out = pool.answer(2, x, np.zeros(n, int), np.full(n, 1), np.ones(n, bool), (y + 1) % K)
-    assert pool.load[1] == n and pool.depth[1] == 1 / 3  # 30 answers * 1/3 <= 10 < 30 * 2/3
+    assert out.load[1] == n and out.depth[1] == 1 / 3  # 30 answers * 1/3 <= 10 < 30 * 2/3
     shallow = pool.outputs(x, None).exits[1][0].argmax(1).numpy()
-    assert np.array_equal(out.e_pred, shallow)
+    assert np.array_equal(out.answers.e_pred, shallow)
     table = pool.table(x, y)
     assert set(table["exits"]) == {"1", "2"} and len(table["exits"]["1"]) == 3
 

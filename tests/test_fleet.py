@@ -102,7 +102,7 @@ def test_batched_pretraining_is_the_one_by_one_training(arch):
     import torch.nn.functional as F
 
     from clients.stacked import STACKED_GRADS
-    from clients.zoo import build_model
+    from sim.core.zoo import build_model
     from sim.core.training import train_minibatch, train_stacked
 
     m, n = 4, 40  # n > batch 32: two steps per epoch, the second a short one
@@ -145,7 +145,7 @@ def test_hand_written_conv1d_gradients_are_autograds_in_any_chunking(monkeypatch
     spans several chunks (the last one short), for C*H rows as channels, the shortest signal (W=8)
     and an odd length whose last sample no kernel reads."""
     import clients.stacked as stacked
-    from clients.zoo import build_model
+    from sim.core.zoo import build_model
     from torch.func import functional_call, stack_module_state
 
     monkeypatch.setattr(stacked, "CHUNK", 3)

@@ -156,8 +156,8 @@ def test_degrade_of_images_is_unchanged():
 @pytest.mark.numeric
 @pytest.mark.parametrize("w", [8, 40, 41, 64])
 def test_cnn1d_runs_on_any_length_and_its_trunk_head_split_reproduces_it(w):
-    from clients.zoo import build_model
-    from servers.models import ServerNet, split_model
+    from servers.models import ServerNet
+    from sim.core.zoo import build_model, split_model
 
     torch.manual_seed(0)
     model = build_model("cnn1d", (1, 1, w), 10, hidden=25).eval()
@@ -171,7 +171,7 @@ def test_cnn1d_runs_on_any_length_and_its_trunk_head_split_reproduces_it(w):
 
 
 def test_cnn1d_has_the_papers_convbase_shape():
-    from clients.zoo import build_model
+    from sim.core.zoo import build_model
 
     model = build_model("cnn1d", (1, 1, 40), 10, hidden=25)
     assert sum(p.numel() for p in model.parameters()) == 5210  # ConvBase: 25 channels, 125 features
@@ -179,7 +179,7 @@ def test_cnn1d_has_the_papers_convbase_shape():
 
 
 def test_flat_models_work_on_signals_and_the_2d_cnn_is_refused_with_a_hint():
-    from clients.zoo import build_model
+    from sim.core.zoo import build_model
 
     x = torch.rand(4, 1, 1, 40)
     for arch in ("logreg", "mlp"):

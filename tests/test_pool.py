@@ -47,51 +47,50 @@ def test_failover_order_full_ensemble_then_subset_then_standalone_then_legacy():
     pool.begin_round(RoundFaults(round=1))
     pool.train(1, [batch(0), batch(1, seed=1)])
     out, _ = answer(pool)
-    assert (out.failover == KINDS.index("none")).all() and out.served.all()
+    assert (out.answers.failover == KINDS.index("none")).all() and out.answers.served.all()
 
     pool.begin_round(RoundFaults(round=2, kill=[0]))
     assert pool.up == [1, 2]
     out, _ = answer(pool, round_=2)
-    assert (out.failover == KINDS.index("subset")).all() and out.served.all()
-    assert pool.failovers["subset"] == 30
+    assert (out.answers.failover == KINDS.index("subset")).all() and out.answers.served.all()
+    assert out.failovers == {"subset": 30} and out.dead == [0] and out.availability == [0, 1, 1]
 
     pool.begin_round(RoundFaults(round=3, kill=[1]))
     out, _ = answer(pool, round_=3)
-    assert (out.failover == KINDS.index("standalone")).all()
-    assert pool.load.tolist() == [0, 0, 30]  # only the survivor answered
+    assert (out.answers.failover == KINDS.index("standalone")).all()
+    assert out.load == [0, 0, 30]  # only the survivor answered
 
     pool.begin_round(RoundFaults(round=4, kill=[2]))
     out, m_pred = answer(pool, round_=4)
-    assert (out.failover == KINDS.index("legacy")).all() and not out.served.any()
-    assert np.array_equal(out.e_pred, m_pred)  # the device's own legacy answer, exactly
+    assert (out.answers.failover == KINDS.index("legacy")).all() and not out.answers.served.any()
+    assert np.array_equal(out.answers.e_pred, m_pred)  # the device's own legacy answer, exactly
 
 
 def test_learned_routing_goes_to_the_chosen_server_and_a_dropped_query_fails_over():
     pool = make_pool(3, "learned")
     pool.begin_round(RoundFaults(round=1))
     out, _ = answer(pool, route=2)
-    assert pool.load.tolist() == [0, 0, 30] and (out.failover == 0).all()
+    assert out.load == [0, 0, 30] and (out.answers.failover == 0).all() and not out.degraded
     # every query lost: each deferred sample falls back to the legacy model
     pool.begin_round(RoundFaults(round=2, query_drop=1.0))
     out, m_pred = answer(pool, route=2, round_=2)
-    assert not out.served.any() and np.array_equal(out.e_pred, m_pred)
-    assert pool.failovers["legacy"] == 30
+    assert not out.answers.served.any() and np.array_equal(out.answers.e_pred, m_pred)
+    assert out.failovers == {"legacy": 30} and out.degraded and out.all_up is not None
 
 
 def test_partitioned_devices_never_reach_the_cut_servers():
     pool = make_pool(3, "round_robin")
     pool.begin_round(RoundFaults(round=1, partition=[[[0], [0, 1]]]))
     assert pool.reachable(0) == [2] and pool.reachable(1) == [0, 1, 2]
-    pool.train(1, [batch(0, n=12), batch(1, n=12, seed=1)])
-    assert pool.load.tolist() == [4, 4, 16]  # device 0's 12 samples all went to server 2
+    fit = pool.train(1, [batch(0, n=12), batch(1, n=12, seed=1)])
+    assert fit["train_load"] == [4, 4, 16]  # device 0's 12 samples all went to server 2
 
 
 def test_least_loaded_balances_and_round_robin_cycles():
     for routing in ("least_loaded", "round_robin"):
         pool = make_pool(3, routing)
         pool.begin_round(RoundFaults(round=1))
-        pool.train(1, [batch(0, n=30)])
-        assert pool.load.tolist() == [10, 10, 10], routing
+        assert pool.train(1, [batch(0, n=30)])["train_load"] == [10, 10, 10], routing
 
 
 def test_outage_and_slow_server_count_as_down_and_come_back():
@@ -105,20 +104,20 @@ def test_crash_recover_from_checkpoint_restores_the_weights_and_from_scratch_doe
     pool.begin_round(RoundFaults(round=1))
     pool.train(1, [batch(0, n=40)])
     pool.end_round()
-    trained = pool.handles[0].obj.weights()
-    fresh = ServerPool(pool.cfg, IN_SHAPE, K, pool.seed, pool.timeout, "local").handles[0].obj.weights()
+    trained = pool.servers.handles[0].obj.weights()
+    fresh = ServerPool(pool.cfg, IN_SHAPE, K, pool.seed, pool.timeout, "local").servers.handles[0].obj.weights()
     pool.begin_round(RoundFaults(round=2, kill=[0]))
     assert pool.up == [1]
     pool.begin_round(RoundFaults(round=3, restart=[0], recover_from="checkpoint"))
     assert pool.up == [0, 1]
-    for k, v in pool.handles[0].obj.weights().items():
+    for k, v in pool.servers.handles[0].obj.weights().items():
         assert np.array_equal(v, trained[k])
-    assert len(pool.handles[0].obj.buffer) == 20  # its replay buffer came back too
+    assert len(pool.servers.handles[0].obj.buffer) == 20  # its replay buffer came back too
     pool.begin_round(RoundFaults(round=4, kill=[0]))
     pool.begin_round(RoundFaults(round=5, restart=[0], recover_from="scratch"))
-    for k, v in pool.handles[0].obj.weights().items():
+    for k, v in pool.servers.handles[0].obj.weights().items():
         assert np.array_equal(v, fresh[k])
-    assert len(pool.handles[0].obj.buffer) == 0
+    assert len(pool.servers.handles[0].obj.buffer) == 0
 
 
 @pytest.mark.numeric
@@ -128,7 +127,7 @@ def test_mel_split_training_step_equals_the_joint_gradient_step():
     pool = make_pool(2, "all", "mel", **{"servers.epochs": 1, "servers.batch_size": 64})
     nets = {s: ServerNet("mlp", IN_SHAPE, K, 8) for s in (0, 1)}
     for s in (0, 1):
-        nets[s].load_state_dict(pool.handles[s].obj.model.state_dict())
+        nets[s].load_state_dict(pool.servers.handles[s].obj.model.state_dict())
     comb = Combiners(2, 8, K)
     comb.load_state_dict(pool.combiners.state_dict())
     ids, x, y = data(30)
@@ -154,7 +153,7 @@ def test_mel_split_training_step_equals_the_joint_gradient_step():
     # CPU. No tolerance could be argued here instead: Adam's first step is lr * g / (|g| + eps), which
     # turns a rounding difference in a near-zero gradient into a step of up to lr.
     for s in (0, 1):
-        for k, v in pool.handles[s].obj.model.state_dict().items():
+        for k, v in pool.servers.handles[s].obj.model.state_dict().items():
             assert torch.equal(v, nets[s].state_dict()[k]), (s, k)
     for k, v in pool.combiners.state_dict().items():
         assert torch.equal(v, comb.state_dict()[k]), k
@@ -196,10 +195,11 @@ def test_random_fault_schedules_never_break_the_pool(training, routing):
                                       for d in (0, 1)])
             pool.end_round()
             out, m_pred = answer(pool, round_=faults.round)
-            legacy = out.failover == KINDS.index("legacy")
-            assert np.array_equal(out.served, ~legacy)
-            assert np.array_equal(out.e_pred[~out.served], m_pred[~out.served])
-            assert ((out.e_pred >= 0) & (out.e_pred < K)).all()
+            a = out.answers
+            legacy = a.failover == KINDS.index("legacy")
+            assert np.array_equal(a.served, ~legacy)
+            assert np.array_equal(a.e_pred[~a.served], m_pred[~a.served])
+            assert ((a.e_pred >= 0) & (a.e_pred < K)).all()
 
 
 def test_schedule_presets():
@@ -223,17 +223,16 @@ def test_killed_actor_is_really_dead_and_its_samples_go_elsewhere(ray_local):
     pool = make_pool(3, "learned", placement="ray")
     pool.wait_ready(60)
     pool.begin_round(RoundFaults(round=1))
-    pool.train(1, [batch(0, n=12, route=0)])
-    assert pool.load.tolist() == [12, 0, 0]
-    actor = pool.handles[0].actor
+    assert pool.train(1, [batch(0, n=12, route=0)])["train_load"] == [12, 0, 0]
+    actor = pool.servers.handles[0].actor
     pool.begin_round(RoundFaults(round=2, kill=[0]))
     with pytest.raises(ray.exceptions.RayActorError):
         ray.get(actor.ping.remote(), timeout=30)
     assert pool.up == [1, 2]
-    pool.train(2, [batch(0, n=12, route=0)])  # the device still names server 0: rerouted
-    assert pool.load[0] == 0 and pool.load.sum() == 12 and pool.train_rerouted == 12
+    fit = pool.train(2, [batch(0, n=12, route=0)])  # the device still names server 0: rerouted
+    assert fit["train_load"][0] == 0 and sum(fit["train_load"]) == 12 and fit["train_rerouted"] == 12
     out, _ = answer(pool, route=0, round_=2)
-    assert out.served.all() and pool.load[0] == 0
+    assert out.answers.served.all() and out.load[0] == 0
     pool.shutdown()
 
 
@@ -250,6 +249,6 @@ def test_answers_are_not_timed_only_the_health_check_is(monkeypatch):
     monkeypatch.setattr(pool, "call", lambda method, servers, *a, timeout=None, **k: (
         seen.append((method, timeout)), real(method, servers, *a, timeout=timeout, **k))[1])
     out, _ = answer(pool)
-    assert ("predict", None) in seen and out.served.all()
+    assert ("predict", None) in seen and out.answers.served.all()
     pool.begin_round(RoundFaults(round=2, slow={1: 5.0}))  # slower than the timeout: down this round
     assert ("ping", pool.timeout) in seen and pool.up == [0]

@@ -72,7 +72,8 @@ def stopped_after_round_1(finished, dst: Path) -> Path:
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory, shared_cache):
     """One finished in-process run, with each round's checkpoint kept aside (``snaps[round]``)."""
-    from sim.pipeline import Federation, simulate
+    from sim.pipeline import simulate
+    from sim.server_app import Federation
 
     base = tmp_path_factory.mktemp("finished")
     snaps: dict[int, bytes] = {}
@@ -410,7 +411,7 @@ def test_round_ok_keeps_a_round_only_if_some_device_answered_both_phases():
     """A checkpoint keeps a round some device trained *and* evaluated in (a lost reply or an injected
     dropout does not discard the round); one in which every device failed a phase is not kept."""
     from sim.core.faults import RoundFaults
-    from sim.pipeline import Federation
+    from sim.server_app import Federation
 
     fed = Federation.__new__(Federation)
     fed.inp = SimpleNamespace(schedule=[RoundFaults(round=1, dropout=[0, 3]), RoundFaults(round=2)])
@@ -449,7 +450,7 @@ def test_a_round_every_device_failed_is_not_checkpointed_and_a_later_resume_fini
         tmp_path, finished, monkeypatch):
     """Devices that cannot be built during a resume (not injected dropouts): the run fails, the good
     checkpoint stays; resumed again once the devices are fine, it ends as the run that never stopped."""
-    from sim import apps
+    from sim import client_app
     from sim.engine import EngineError
     from sim.pipeline import simulate
 
@@ -459,7 +460,7 @@ def test_a_round_every_device_failed_is_not_checkpointed_and_a_later_resume_fini
     def unreadable(spec, device_id):
         raise OSError(f"device {device_id} cannot read its legacy model (test)")
 
-    monkeypatch.setattr(apps, "get_device", unreadable)
+    monkeypatch.setattr(client_app, "get_device", unreadable)
     with pytest.raises(EngineError):
         simulate(cfg(finished.cache, **{"sim.resume": str(d)}), tmp_path / "unused")
     assert (d / CHECKPOINT).read_bytes() == good and not (d / "summary.json").exists()

@@ -76,8 +76,7 @@ def uninterrupted(tmp_path_factory, _cache):
 
     from sim.cli import compose_checked
     from sim.pipeline import simulate
-
-    from sim.pipeline import Federation
+    from sim.server_app import Federation
 
     tmp = tmp_path_factory.mktemp("whole")
     save = Federation.save_checkpoint

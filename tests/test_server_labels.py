@@ -193,7 +193,7 @@ def test_crossfit_labels_never_come_from_a_model_that_trained_on_that_sample(mon
         m = int(part.sum())
         pool.train(r, [{"device": 0, "ids": ids[part], "x": x[part], "y": y[part], "route": np.full(m, -1),
                         "explore": np.zeros(m, bool)}])
-    copies = {(s, j): trained[id(pool.handles[s].obj.folds.opts[j])] for s in (0, 1) for j in range(folds)}
+    copies = {(s, j): trained[id(pool.servers.handles[s].obj.folds.opts[j])] for s in (0, 1) for j in range(folds)}
     view = PoolView(cfg.servers, in_shape, K).load(pool.snapshot())
     asked: list[tuple[int, list[int]]] = []
     outputs = PoolView.outputs
@@ -213,7 +213,7 @@ def test_crossfit_labels_never_come_from_a_model_that_trained_on_that_sample(mon
         for s in (0, 1):
             assert not set(got) & copies[(s, j)], f"fold {j}'s copy of server {s} labelled a sample it trained on"
     for s in (0, 1):  # the instrument sees real training: every buffered sample trained K - 1 copies
-        buffer = pool.handles[s].obj.buffer.ids.tolist()
+        buffer = pool.servers.handles[s].obj.buffer.ids.tolist()
         assert len(buffer) > n / 4
         assert all(sum(i in copies[(s, j)] for j in range(folds)) == folds - 1 for i in buffer)
     # the labels are the asked copies' answers: row by row, fold by fold

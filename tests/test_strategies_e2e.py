@@ -48,7 +48,7 @@ def test_random_and_confidence_defer_at_the_requested_rate(tmp_path, shared_cach
 @pytest.mark.numeric
 def test_baseline_rules_on_one_device():
     from clients.device import Device
-    from clients.zoo import build_model
+    from sim.core.zoo import build_model
     from sim.core.config import ServersConfig
     from sim.core.data import DeviceData
     from strategies.baselines import CompareConfidence, Confidence, confidence_tau

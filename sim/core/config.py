@@ -9,9 +9,10 @@ raising :class:`~sim.core.errors.ConfigError` with one line that names the key, 
 fix; :class:`Config` checks what spans several groups (a failure naming a server that does not
 exist, ...). Components receive only their own part (``cfg.servers``, ``cfg.strategy``, ...).
 
-Each method's knobs live in its own subclass of :class:`StrategyConfig`, defined beside the
-method (``strategies/``) and registered with :func:`register_strategy`; ``configs/strategy/*.yaml``
-name that schema in their defaults list. See docs/adding.md.
+Each method's knobs live in a subclass of :class:`StrategyConfig` (``strategies/config.py``), which
+holds their defaults; ``configs/strategy/<name>.yaml`` names that class by dotted path in its defaults
+list and the method's device and server classes in ``strategy.device`` / ``strategy.server``
+(:mod:`sim.core.schemas`). See docs/adding.md.
 """
 from __future__ import annotations
 
@@ -71,7 +72,7 @@ MAX_SAMPLES = 10_000_000
 MAX_HIDDEN = 4096
 """Widest hidden layer, in units or channels, of any model: ``servers.hidden``,
 ``strategy.rejector.hidden``, ``fleet.groups.<i>.hidden``. The largest network this allows is
-:class:`clients.zoo.SmallCNN`'s second 3x3 convolution from 4,096 to 8,192 channels: 3.0e8 weights,
+:class:`sim.core.zoo.SmallCNN`'s second 3x3 convolution from 4,096 to 8,192 channels: 3.0e8 weights,
 1.2 GB in float32 and 4.8 GB with its gradient and Adam's two moments -- still built and trained on a
 16 GB machine. Twice the width is four times that (19 GB: an allocation failure on the 23 GB
 reference machine), and ``hidden=1000000000`` failed with an allocation traceback. The widths in use
@@ -370,10 +371,20 @@ class RejectorConfig:
 
 @dataclass
 class StrategyConfig:
-    """What every method has: its name, the L2H prices (every run reports the L01 cost), how stale
-    a server copy devices train against, and the device's trained part (``rejector``)."""
+    """What every method has: its name and classes, the L2H prices (every run reports the L01 cost),
+    how stale a server copy devices train against, and the device's trained part (``rejector``).
+
+    The method's classes are dotted paths (:mod:`sim.core.schemas`): ``config`` is this config's own
+    class (set by the ``schema`` entry the method's YAML names), ``device`` its
+    :class:`strategies.method.DeviceMethod`, ``server`` its ServerApp strategy
+    (:class:`strategies.pool_strategy.PoolStrategy`). They are the method's wiring, not parameters:
+    ``summary.json``'s config and the checkpoint's leave them out (:data:`WIRING`; ``name`` identifies
+    the method there); Hydra's ``.hydra/config.yaml`` keeps them, so it reads back typed."""
 
     name: str = MISSING
+    config: str = MISSING  # this class, by dotted path (set by its schema entry: do not give it)
+    device: str = MISSING  # the device side, e.g. strategies.l2h.L2HMethod
+    server: str = MISSING  # the ServerApp side, e.g. strategies.l2h.L2HStrategy
     c_e: float = 0.1  # price of one deferral
     c_1: float = 1.0  # extra cost when the server is wrong on a deferred sample
     staleness: int = 1  # S: devices train against a server copy refreshed every S rounds
@@ -392,7 +403,21 @@ class StrategyConfig:
     label_max_age: Optional[int] = None  # prequential: labels older than this many rounds are dropped (null: kept)
     crossfit_folds: int = 3  # server_labels=crossfit: K, the folds (and fold copies of every server)
 
+    WIRING: ClassVar[tuple[str, ...]] = ("config", "device", "server")
+    """The keys that name the method's classes (left out by :func:`sim.checkpoint.comparable`)."""
+
     def __post_init__(self) -> None:
+        from sim.core.schemas import dotted
+
+        own = dotted(type(self))
+        if self.config == MISSING:  # built in Python rather than composed: it is this class
+            self.config = own
+        need(self.config == own, "strategy.config", self.config,
+             f"it names the method's config class, which is {own}: choose the method with strategy=<name>")
+        for key in ("device", "server"):
+            value = getattr(self, key)
+            need(value == MISSING or "." in value, f"strategy.{key}", value,
+                 "give the class's dotted path, package.module.ClassName")
         check_fields(self, "strategy", {
             "c_e": (lambda v: v >= 0, "the deferral cost must be >= 0"),
             "c_1": (lambda v: v >= 0, "the server-error cost must be >= 0"),
@@ -401,9 +426,6 @@ class StrategyConfig:
             "label_max_age": (lambda v: v is None or v >= 1, "must be >= 1 round (or null: labels never expire)"),
             "crossfit_folds": (lambda v: 2 <= v <= 100, "K must be in 2 .. 100 (each fold is a copy of every server)"),
         })
-
-    schema_name: ClassVar[str] = "strategy"
-    """The name its schema is stored under in Hydra's ConfigStore (``strategy/base_<name>``)."""
 
     def check_with(self, servers: "ServersConfig") -> None:
         """Checks that involve the ``servers`` config (a method that adds some calls this one too).
@@ -442,20 +464,6 @@ class BoundedConfig(StrategyConfig):
         need(self.max_defer_rate is None or 0 <= self.max_defer_rate <= 1, "strategy.max_defer_rate",
              self.max_defer_rate, "delta must be in [0, 1] (or null: no bound)")
         need(0 < self.calibration < 1, "strategy.calibration", self.calibration, "must be in (0, 1)")
-
-
-STRATEGY_SCHEMAS: dict[str, type[StrategyConfig]] = {}
-"""``strategy.name`` -> its config class (filled by :func:`register_strategy`)."""
-
-
-def register_strategy(names: tuple[str, ...], schema: type[StrategyConfig]) -> None:
-    """Declare that ``strategy.name`` in ``names`` uses the config class ``schema`` and store the
-    schema in Hydra's ConfigStore as ``strategy/base_<schema.schema_name>`` (its YAMLs' default)."""
-    from hydra.core.config_store import ConfigStore
-
-    for n in names:
-        STRATEGY_SCHEMAS[n] = schema
-    ConfigStore.instance().store(group="strategy", name=f"base_{schema.schema_name}", node=schema)  # type: ignore
 
 
 # ---- servers ----------------------------------------------------------------------------------
@@ -739,8 +747,6 @@ class Config:
         need(isinstance(self.seed, int) and 0 <= self.seed < 2**63, "seed", self.seed,
              "must be an integer in 0 .. 2^63 - 1")
         check_all_finite(self)
-        if STRATEGY_SCHEMAS and self.strategy.name not in STRATEGY_SCHEMAS:
-            raise invalid("strategy.name", self.strategy.name, f"choose one of {', '.join(STRATEGY_SCHEMAS)}")
         self.strategy.check_with(self.servers)
         check_failure_targets(self)
         check_legacy_split(self)
@@ -856,10 +862,14 @@ def _learning_rates(obj: Any, prefix: str = "") -> list[tuple[str, float]]:
 
 
 def register() -> None:
-    """Register the schema as ``base_config`` (used by configs/config.yaml's defaults)."""
+    """Register the schema as ``base_config`` (used by configs/config.yaml's defaults) and the
+    ``schema`` group the strategy YAMLs name their config classes in (:mod:`sim.core.schemas`)."""
     from hydra.core.config_store import ConfigStore
 
+    from sim.core.schemas import install
+
     ConfigStore.instance().store(name="base_config", node=Config)
+    install()
 
 
 # ---- conversions ------------------------------------------------------------------------------
@@ -910,14 +920,23 @@ def plain(obj: Any) -> Any:
 def from_plain(cls: type, data: dict[str, Any]) -> Any:
     """Rebuild a config dataclass of type ``cls`` from :func:`plain`'s output (checks run).
 
-    ``cls`` may be :class:`Config` (the strategy part's class is looked up by its name) or any
-    part, e.g. :class:`ServersConfig` or a method's config class.
+    ``cls`` may be :class:`Config` (the strategy part's class is the one its ``config`` key names)
+    or any part, e.g. :class:`ServersConfig` or a method's config class.
+
+    Raises:
+        ConfigError: a value out of range, or a strategy ``config`` that is missing (a config recorded
+            before methods named their classes) or does not resolve.
     """
     from omegaconf import OmegaConf
 
+    from sim.core.schemas import resolve
+
     node = OmegaConf.structured(cls)
     if cls is Config:
-        node.strategy = OmegaConf.structured(STRATEGY_SCHEMAS[data["strategy"]["name"]])
+        path = (data.get("strategy") or {}).get("config")
+        if path is None:
+            raise ConfigError("strategy.config is missing: the config does not name its method's config class")
+        node.strategy = OmegaConf.structured(resolve(path, "strategy.config", StrategyConfig))
     return OmegaConf.to_object(OmegaConf.merge(node, data))
 
 

@@ -1,4 +1,4 @@
-"""The Flower ClientApp (a node simulating one or more legacy devices) and ServerApp.
+"""The Flower ClientApp: a node simulating one or more legacy devices.
 
 A node finds its devices from ``context.node_config["partition-id"]`` and the device ids each
 message lists (``config.devices``; :mod:`sim.core.nodes` says which node hosts which devices). What a
@@ -25,7 +25,6 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
-from flwr.serverapp import Grid, ServerApp
 
 from clients.device import Device
 from clients.legacy import legacy_file, load_legacy, model_index
@@ -34,8 +33,8 @@ from sim.core.config import DeviceGroupConfig, ServersConfig, from_plain
 from sim.core.data import device_data, group_ranks, load_prepared
 from sim.core.faults import cut_off
 from sim.core.nodes import hosted
+from sim.core.schemas import resolve
 from strategies.method import DeviceMethod, RoundContext
-from strategies.registry import method as method_of
 
 _WORKER: dict[str, Any] = {}
 _SPECS: dict[str, dict[str, Any]] = {}
@@ -48,9 +47,9 @@ def _runtime(spec: dict[str, Any]) -> dict[str, Any]:
         torch.set_num_threads(int(spec["torch_threads"]))
         _WORKER.clear()
         servers = from_plain(ServersConfig, spec["servers"])
-        m = method_of(spec["strategy"]["name"])
-        device_method = m.device(from_plain(m.config, spec["strategy"]), servers, int(spec["seed"]),
-                                 int(spec["num_classes"]))
+        strategy = from_plain(resolve(spec["strategy"]["config"], "strategy.config"), spec["strategy"])
+        device_cls = resolve(strategy.device, "strategy.device", DeviceMethod)
+        device_method = device_cls(strategy, servers, int(spec["seed"]), int(spec["num_classes"]))
         groups = [from_plain(DeviceGroupConfig, g) for g in spec["group_cfgs"]]
         _WORKER.update(key=spec["key"], prep=load_prepared(Path(spec["data_path"])), devices={}, learners={},
                        view=None, method=device_method, servers=servers, groups=groups, legacy={},
@@ -78,6 +77,8 @@ def legacy_model(spec: dict[str, Any], device_id: int) -> torch.nn.Module:
 
 
 def get_device(spec: dict[str, Any], device_id: int) -> Device:
+    """Device ``device_id`` of the run ``spec`` describes: its data splits, legacy model and legacy
+    outputs, built once per worker process and kept (the legacy models are frozen)."""
     rt = _runtime(spec)
     dev = rt["devices"].get(device_id)
     if dev is None:
@@ -213,6 +214,7 @@ message) instead of by value; what a run needs travels in each message's ``confi
 
 @app.query()
 def query(msg: Message, context: Context) -> Message:
+    """The handshake: the node answers with its ``partition_id``."""
     pid = int(context.node_config["partition-id"])
     return Message(RecordDict({"info": MetricRecord({"partition_id": pid})}), reply_to=msg)
 
@@ -243,20 +245,11 @@ def _evaluate_device(spec: dict[str, Any], device: Device, msg: Message, context
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
+    """A training round for the devices ``msg`` lists: each trains its part and sends samples."""
     return _node_reply(msg, context, _train_device)
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
+    """An evaluation for the devices ``msg`` lists: their per-sample decisions on their test splits."""
     return _node_reply(msg, context, _evaluate_device)
-
-
-def make_server_app(run: Callable[[Grid], None]) -> ServerApp:
-    """A ServerApp whose main calls ``run(grid)`` (the runner holds the strategy and results)."""
-    app = ServerApp()
-
-    @app.main()
-    def main(grid: Grid, context: Context) -> None:
-        run(grid)
-
-    return app

@@ -1,7 +1,9 @@
-"""Model zoo shared by legacy clients and helper servers.
+"""The model architectures shared by the devices' legacy models and the helper servers (the zoo).
 
 Every model maps images ``x: (B, C, H, W)`` float32 in [0, 1] to class logits ``(B, K)``;
 1-D signals are ``(B, 1, 1, W)`` (``logreg`` and ``mlp`` flatten them, ``cnn1d`` convolves along W).
+:func:`build_model` makes one by its ``Arch`` name; :func:`split_model` splits one into trunk and head
+(a helper server's network, :class:`servers.models.ServerNet`).
 """
 from __future__ import annotations
 
@@ -130,3 +132,20 @@ def build_model(arch: str, in_shape: tuple[int, int, int], num_classes: int, hid
     if arch == "logreg":
         return LogReg(in_shape, num_classes)
     return ZOO[arch](in_shape, num_classes, hidden=hidden)
+
+
+def split_model(model: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """Split a zoo model into ``(trunk, head)``: ``head(trunk(x)) == model(x)``.
+
+    Raises:
+        TypeError: a model the zoo does not make.
+    """
+    if isinstance(model, MLP):
+        return model.net[:-1], model.net[-1]
+    if isinstance(model, SmallCNN):
+        return nn.Sequential(model.features, nn.Flatten()), model.head
+    if isinstance(model, LogReg):
+        return nn.Flatten(), model.fc
+    if isinstance(model, Conv1DNet):
+        return nn.Sequential(model.rows, model.features, nn.Flatten()), model.head
+    raise TypeError(f"cannot split a {type(model).__name__} into trunk and head")
