@@ -37,6 +37,8 @@ Written into ``--out`` (default: the first directory given):
   and (from the run's ``provenance.json``) the CPU, torch's CPU capability and the code's commit.
 - ``report.md``: the grouped tables (mean ± CI (s)); the paired table with ``--baseline``.
 - ``report.json``: the same numbers for scripts.
+- ``rounds.csv`` and ``rounds.parquet``: every run's per-round metrics in one long (tidy) table, one
+  row per run, round and metric (:mod:`sim.tidy`): ``pandas.read_parquet("rounds.parquet")``.
 - figures, each as ``.pdf`` and ``.png``: ``accuracy_vs_defer_rate``; when the runs vary in
   them, ``cost_coverage`` and ``accuracy_vs_c_e`` (c_e), ``accuracy_vs_staleness`` (S, log2 axis),
   ``achieved_vs_requested_defer_rate`` (``strategy.max_defer_rate``); for runs with failures,
@@ -61,6 +63,7 @@ import pandas as pd
 
 from sim.core.cache import atomic_write_text
 from sim.core.storage import OutOfSpace
+from sim.tidy import write_rounds
 
 GROUP_KEYS = ("strategy", "c_e", "c_1", "staleness", "max_defer_rate", "bound", "num_servers", "serve_depth",
               "capacity", "failures", "num_clients", "num_rounds")
@@ -799,6 +802,7 @@ def report(dirs: list[Path], out: Path | None = None, plots: bool = True, baseli
         ctx["files"] = [out / "report.csv", out / "report.md", out / "report.json"]
         if plots:
             ctx["files"] += figures(ctx, out)
+        ctx["files"] += write_rounds(groups, varying, out)
         write_csv(df, out / "report.csv")
         atomic_write_text(out / "report.md", markdown(ctx))
         write_json(ctx, out / "report.json")
