@@ -30,6 +30,9 @@ CONFIG_MODULE = "configs"
 CONFIG_NAME = "config"
 MAX_CHECKED = 100
 """Most jobs :func:`precheck` composes (about 0.1 s each); a larger sweep is sampled (:func:`sample_jobs`)."""
+LAST_CHECK: dict[str, int] = {}
+"""What the last :func:`precheck` found: ``jobs``, the number of jobs the command line runs (for
+the sweep's ``job k/N`` line, :mod:`sim.progress`)."""
 FLAGS_WITH_VALUE = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn",
                     "--config-dir", "-cd", "--experimental-rerun", "--shell-completion", "-sc"}
 
@@ -378,6 +381,7 @@ def precheck(argv: list[str]) -> int:
     """
     line = parse_command_line(argv)
     jobs = sweep_jobs(line)
+    LAST_CHECK["jobs"] = len(jobs)
     if line.multirun:
         check_sweep_settings(jobs)
     checked = sample_jobs(jobs, MAX_CHECKED)

@@ -63,7 +63,8 @@ def simulate(cfg: Config, run_dir: Path, console: Any | None = None, fresh: bool
 
     Args:
         cfg: the run config. run_dir: output directory (created; with ``sim.resume`` the resumed
-            run's own directory is used). console: a rich Console (None: a default one).
+            run's own directory is used). console: a rich Console (None: a default one); what it
+            prints is also appended to ``run_dir/run.log`` (:mod:`sim.runlog`).
 
     Returns:
         The summary dict written to ``summary.json``.
@@ -76,6 +77,7 @@ def simulate(cfg: Config, run_dir: Path, console: Any | None = None, fresh: bool
 
     from sim.core.sources import check_hub
     from sim.results import claim, restart_in_place
+    from sim.runlog import mirrored
 
     check_hub(cfg.data)
     console = console or Console()
@@ -83,7 +85,7 @@ def simulate(cfg: Config, run_dir: Path, console: Any | None = None, fresh: bool
     if cfg.sim.resume and not run_dir.is_dir():
         raise ConfigError(f"sim.resume={run_dir} is not a directory: give the run directory to continue")
     key = "sim.resume" if cfg.sim.resume else "hydra.run.dir"
-    with claim(run_dir, new=not cfg.sim.resume and not fresh, key=key):
+    with claim(run_dir, new=not cfg.sim.resume and not fresh, key=key), mirrored(console, run_dir) as console:
         if not cfg.sim.resume:
             gone = restart_in_place(run_dir)
             if gone:
@@ -185,6 +187,7 @@ def prepare_inputs(cfg: Config, run_dir: Path, console: Any, resume: tuple | Non
     from clients.legacy import build_fleet
     from sim import engine, terminal
     from sim.core.data import prepare
+    from sim.progress import phase
     from sim.core.faults import build_schedule, schedule_json
     from sim.provenance import record as record_provenance
     from sim.results import Recorder
@@ -196,13 +199,16 @@ def prepare_inputs(cfg: Config, run_dir: Path, console: Any, resume: tuple | Non
     torch.set_num_threads(int(cfg.sim.torch_threads))
     torch.manual_seed(int(cfg.seed))
     cache_dir = check_cache_dir(cfg.sim.cache_dir)
-    prep = prepare(cfg.data, cfg.fleet.num_clients, cfg.seed, cache_dir,
-                   vendor=cfg.fleet.legacy == LegacySource.product_line)
+    show = bool(cfg.sim.progress)  # a status line per phase (sim/progress.py)
+    with phase(console, "data", f"preparing {cfg.data.name} for {cfg.fleet.num_clients} devices", show):
+        prep = prepare(cfg.data, cfg.fleet.num_clients, cfg.seed, cache_dir,
+                       vendor=cfg.fleet.legacy == LegacySource.product_line)
     check_archs(cfg, prep.in_shape)
     cfg.strategy.check_data(prep.num_classes)
     cfg.servers.check_data(prep.num_classes)
     timing["prepare_data_s"] = time.perf_counter() - t_start
-    fleet = build_fleet(cfg.fleet, cfg.data, prep, cfg.seed, cache_dir)
+    with phase(console, "legacy models", fleet_phase_text(cfg), show) as status:
+        fleet = build_fleet(cfg.fleet, cfg.data, prep, cfg.seed, cache_dir, progress=status.update)
     timing["legacy_fleet_s"] = time.perf_counter() - t_start - timing["prepare_data_s"]
     for note in cfg.strategy.notes():
         console.print(f"[bold]warning[/bold]: {note}", soft_wrap=True)
@@ -217,6 +223,17 @@ def prepare_inputs(cfg: Config, run_dir: Path, console: Any, resume: tuple | Non
     terminal.print_servers(console, cfg, schedule)
     recorder.write_json("failure_schedule.json", {"failures": plain(cfg.failures), "rounds": schedule_json(schedule)})
     return Inputs(cfg, run_dir, console, prep, fleet, schedule, states, recorder, resume, finished, t_start, timing)
+
+
+def fleet_phase_text(cfg: Config) -> str:
+    """What the fleet build makes: product lines build few models, per-device fleets one per device."""
+    from clients.legacy import product_line_models
+
+    n = int(cfg.fleet.num_clients)
+    if cfg.fleet.legacy == LegacySource.product_line:
+        models = len(product_line_models(list(cfg.fleet.groups)))
+        return f"{models} product-line model(s) for {n} devices (built or from the cache)"
+    return f"{n} per-device models (built or from the cache)"
 
 
 def check_cache_dir(cache_dir: str) -> Path:
@@ -282,8 +299,11 @@ def run_federation(inp: Inputs) -> Outcome:
     cfg = inp.cfg
     per_node = devices_per_node(cfg.fleet.num_clients, cfg.sim.devices_per_node, int(cfg.sim.max_nodes))
     fed = Federation(inp, device_spec(inp, per_node))
+    nodes = num_nodes(cfg.fleet.num_clients, per_node)
     with fed.progress:
-        engine.run(cfg.sim, fed.server_main, client_app, num_nodes(cfg.fleet.num_clients, per_node))
+        fed.progress.phase("engine", f"starting Flower on Ray ({nodes} nodes)" if cfg.sim.backend == Backend.ray
+                           else "starting the in-process engine")
+        engine.run(cfg.sim, fed.server_main, client_app, nodes)
     sim_seconds = time.perf_counter() - fed.t_sim
     inp.timing["engine_stop_s"] = sim_seconds - sum(inp.timing.get(p, 0.0) for p in (
         "engine_start_s", "handshake_s", "rounds_s"))
@@ -320,12 +340,10 @@ class Federation:
     does at the end of every round (:meth:`on_round`: record, checkpoint, progress line)."""
 
     def __init__(self, inp: Inputs, spec_json: str):
-        from sim import terminal
+        from sim.progress import RunProgress
 
         self.inp, self.cfg, self.spec_json = inp, inp.cfg, spec_json
-        self.progress, self.task = terminal.round_progress(inp.console, self.cfg.sim.num_rounds,
-                                                           self.cfg.sim.progress)
-        self.progress.advance(self.task, inp.finished)
+        self.progress = RunProgress(inp.console, self.cfg.sim.num_rounds, inp.finished, self.cfg.sim.progress)
         self.pool: Any = None
         self.strategy: Any = None
         self.table: dict | None = None
@@ -358,7 +376,7 @@ class Federation:
             self.dead = sorted(self.pool.dead)
         if self.cfg.sim.checkpoint and self.round_ok(record):
             self.save_checkpoint(record, final)
-        self.progress.advance(self.task)
+        self.progress.advance()
         if record.get("system_accuracy") is not None:
             self.progress.console.print(terminal.round_line(record, self.cfg.sim.num_rounds), soft_wrap=True)
         if self.board is not None:
@@ -409,6 +427,7 @@ class Federation:
 
         cfg, inp, timing = self.cfg, self.inp, self.inp.timing
         timing["engine_start_s"] = time.perf_counter() - self.t_sim
+        self.progress.phase("servers", f"starting {cfg.servers.count} helper server(s)")
         if cfg.sim.backend == Backend.ray:  # which Ray instance ran it (a sweep's jobs share one: sim/sweep.py)
             import ray
 
@@ -426,9 +445,11 @@ class Federation:
             self.strategy.spec_json = self.spec_json
             if inp.resume is not None:
                 self.restore()
+            self.progress.phase("handshake", "every Flower node builds its devices")
             self.strategy.handshake(grid, timeout)
             self.strategy.t0 = time.perf_counter()
             timing["handshake_s"] = self.strategy.t0 - self.t_sim - timing["engine_start_s"]
+            self.progress.rounds_start()
             self.strategy.start(grid, initial_arrays=ArrayRecord(), num_rounds=cfg.sim.num_rounds - inp.finished,
                                 timeout=timeout)
             timing["rounds_s"] = time.perf_counter() - self.strategy.t0
