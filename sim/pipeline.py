@@ -528,8 +528,11 @@ def finish(inp: Inputs, out: Outcome, reference: dict[str, Any] | None) -> dict[
         plots.plot_rounds(rec.rounds, d / "rounds.png")
         plots.plot_defer_curve(metrics, d / "accuracy_vs_defer_rate.png")
         plots.plot_devices(rows, d / "devices.png")
-        plots.plot_timeline(rec.rounds, inp.schedule, summary["resilience"], d / "resilience_timeline.png")
-        plots.plot_states(summary, d / "resilience_states.png")
+        if cfg.failures.name != FailureKind.none:  # the resilience figures: only a run with failures has them
+            plots.plot_timeline(rec.rounds, inp.schedule, summary["resilience"], d / "resilience_timeline.png",
+                                reference.get("rounds") if reference else None)
+            plots.plot_states(summary, d / "resilience_states.png", rec.rounds,
+                              reference.get("rounds") if reference else None)
         plots.plot_partition(inp.prep.y, inp.prep.owner, inp.prep.split, inp.prep.num_classes, d / "partition.png")
     errors = sum(int(r.get("train_errors", 0)) + int(r.get("eval_errors", 0)) for r in rec.rounds)
     if errors and not cfg.sim.verbose:
