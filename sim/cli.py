@@ -379,6 +379,8 @@ def precheck(argv: list[str]) -> int:
             not fit the run directory, or a resume in a sweep; a sweep setting that differs between
             jobs, :func:`check_sweep_settings`).
     """
+    from sim.tracking import check_trackers
+
     line = parse_command_line(argv)
     jobs = sweep_jobs(line)
     LAST_CHECK["jobs"] = len(jobs)
@@ -394,6 +396,7 @@ def precheck(argv: list[str]) -> int:
             if STOP.is_set():  # a stop signal while checking (the runner holds it until here)
                 raise KeyboardInterrupt
             cfg = _checked(_compose(extra + job, line.config_name))
+            check_trackers(cfg.sim)
             if cfg.sim.resume:
                 if len(jobs) > 1 or line.multirun:
                     raise ConfigError("sim.resume continues one run: give one run directory, without -m or sweeps")

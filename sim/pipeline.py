@@ -41,6 +41,7 @@ class Inputs:
     finished: int
     t_start: float
     timing: dict[str, float] = field(default_factory=dict)
+    trackers: Any = None  # TensorBoard / MLflow (sim/tracking.py), open while the run goes on
 
 
 @dataclass
@@ -78,8 +79,10 @@ def simulate(cfg: Config, run_dir: Path, console: Any | None = None, fresh: bool
     from sim.core.sources import check_hub
     from sim.results import claim, restart_in_place
     from sim.runlog import mirrored
+    from sim.tracking import check_trackers
 
     check_hub(cfg.data)
+    check_trackers(cfg.sim)
     console = console or Console()
     run_dir = Path(os.path.expanduser(str(cfg.sim.resume))) if cfg.sim.resume else Path(run_dir)
     if cfg.sim.resume and not run_dir.is_dir():
@@ -96,9 +99,14 @@ def simulate(cfg: Config, run_dir: Path, console: Any | None = None, fresh: bool
             return done
         reference = run_reference(cfg, run_dir, console)
         inputs = prepare_inputs(cfg, run_dir, console, resume, finished)
-        if resume is not None and finished >= cfg.sim.num_rounds:
-            return finish(inputs, outcome_from_checkpoint(inputs), reference)
-        return finish(inputs, run_federation(inputs), reference)
+        try:
+            if resume is not None and finished >= cfg.sim.num_rounds:
+                return finish(inputs, outcome_from_checkpoint(inputs), reference)
+            return finish(inputs, run_federation(inputs), reference)
+        except BaseException as exc:  # the MLflow run ends KILLED (a stop) or FAILED, not RUNNING
+            if inputs.trackers is not None:
+                inputs.trackers.close("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+            raise
 
 
 def open_run(cfg: Config, run_dir: Path, console: Any) -> tuple[Path, tuple | None, int, dict | None]:
@@ -170,7 +178,8 @@ def run_reference(cfg: Config, run_dir: Path, console: Any) -> dict[str, Any] | 
     else:
         console.print("[bold]reference[/bold]: the same seed with every server up (for resilience.fraction_kept)")
         resume = str(ref_dir) if cfg.sim.resume and (ref_dir / CHECKPOINT).is_file() else None
-        ref_cfg = replace(cfg, failures=cfg.failures.none(), sim=replace(cfg.sim, resume=resume))
+        # its own TensorBoard (reference/tensorboard), no MLflow run of its own: the experiment lists the runs asked for
+        ref_cfg = replace(cfg, failures=cfg.failures.none(), sim=replace(cfg.sim, resume=resume, mlflow=False))
         reference = simulate(ref_cfg, ref_dir, console, fresh=bool(cfg.sim.resume))
     console.print("[bold]run with failures[/bold]")
     proven = journal.of_finished_run(ref_dir, cfg.sim.num_rounds)
@@ -349,7 +358,8 @@ class Federation:
         self.table: dict | None = None
         self.dead: list[int] = []
         self.t_sim = time.perf_counter()
-        self.board = board(inp) if self.cfg.sim.tensorboard else None
+        if inp.trackers is None:
+            inp.trackers = open_trackers(inp)
 
     def round_ok(self, record: dict[str, Any]) -> bool:
         """Whether a round is worth a checkpoint: some device answered its training *and* its
@@ -370,6 +380,8 @@ class Federation:
 
         self.check_node(int(record["round"]))
         self.inp.recorder.round(record)
+        if self.inp.trackers is not None:  # before the checkpoint, as metrics.jsonl: a stop loses no round of it
+            self.inp.trackers.round(record)
         final = int(record["round"]) == self.cfg.sim.num_rounds and self.strategy.last_x is not None
         if final:  # computed now, so the last checkpoint can hold it (a stop after it loses nothing)
             self.table = self.pool.table(self.strategy.last_x, self.strategy.last_eval["y"])
@@ -379,8 +391,6 @@ class Federation:
         self.progress.advance()
         if record.get("system_accuracy") is not None:
             self.progress.console.print(terminal.round_line(record, self.cfg.sim.num_rounds), soft_wrap=True)
-        if self.board is not None:
-            log_round(self.board, record)
 
     def check_node(self, round_: int) -> None:
         """On Ray: fail the run, before this round is recorded, if the Ray node under it has died (its
@@ -459,8 +469,6 @@ class Federation:
             self.dead = sorted(self.pool.dead)
         finally:
             self.pool.shutdown()
-            if self.board is not None:
-                self.board.close()
 
     def restore(self) -> None:
         """Load the resumed run's checkpoint into the pool and the strategy."""
@@ -476,31 +484,14 @@ class Federation:
             raise checkpoint.CheckpointError(str(exc)) from None
 
 
-BOARD_SCALARS = ("system_accuracy", "legacy_accuracy", "server_accuracy", "oracle_accuracy", "defer_rate",
-                 "served_defer_rate", "l01_cost", "rejector_loss", "server_loss", "samples_sent", "train_errors",
-                 "eval_errors", "server_accuracy_all_up", "system_accuracy_all_up")
+def open_trackers(inp: Inputs) -> Any:
+    """TensorBoard and MLflow for this run when ``sim.tensorboard`` / ``sim.mlflow`` ask for them
+    (:class:`sim.tracking.Trackers`), else None. Raises ConfigError (one line) when a package is missing."""
+    if not (inp.cfg.sim.tensorboard or inp.cfg.sim.mlflow):
+        return None
+    from sim.tracking import Trackers
 
-
-def board(inp: Inputs) -> Any:
-    """A TensorBoard writer in ``<run dir>/tensorboard`` (a resumed run drops what came after its
-    checkpoint). Raises ConfigError when the ``tensorboard`` package is missing."""
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        raise ConfigError("sim.tensorboard=true needs the tensorboard package: pip install tensorboard") from None
-    return SummaryWriter(str(inp.run_dir / "tensorboard"), purge_step=inp.finished + 1 if inp.finished else None)
-
-
-def log_round(writer: Any, record: dict[str, Any]) -> None:
-    """One round's scalars (accuracies, defer rates, L01, losses, failovers by kind) at step = round."""
-    t = int(record["round"])
-    for key in BOARD_SCALARS:
-        v = record.get(key)
-        if isinstance(v, (int, float)) and v == v:
-            writer.add_scalar(key, v, t)
-    for kind, n in (record.get("failovers") or {}).items():
-        writer.add_scalar(f"failovers/{kind}", n, t)
-    writer.flush()
+    return Trackers(inp.cfg, inp.run_dir, inp.finished)
 
 
 def finish(inp: Inputs, out: Outcome, reference: dict[str, Any] | None) -> dict[str, Any]:
@@ -523,17 +514,19 @@ def finish(inp: Inputs, out: Outcome, reference: dict[str, Any] | None) -> dict[
     summary["resilience"] = resilience_summary(cfg, rec.rounds, summary, reference,
                                                reference.get("rounds") if reference else None)
     rec.summary(summary)
+    made = []
     if cfg.sim.plots:
         d = inp.run_dir
-        plots.plot_rounds(rec.rounds, d / "rounds.png")
-        plots.plot_defer_curve(metrics, d / "accuracy_vs_defer_rate.png")
-        plots.plot_devices(rows, d / "devices.png")
+        made += [plots.plot_rounds(rec.rounds, d / "rounds.png"),
+                 plots.plot_defer_curve(metrics, d / "accuracy_vs_defer_rate.png"),
+                 plots.plot_devices(rows, d / "devices.png")]
         if cfg.failures.name != FailureKind.none:  # the resilience figures: only a run with failures has them
-            plots.plot_timeline(rec.rounds, inp.schedule, summary["resilience"], d / "resilience_timeline.png",
-                                reference.get("rounds") if reference else None)
-            plots.plot_states(summary, d / "resilience_states.png", rec.rounds,
-                              reference.get("rounds") if reference else None)
-        plots.plot_partition(inp.prep.y, inp.prep.owner, inp.prep.split, inp.prep.num_classes, d / "partition.png")
+            made += [plots.plot_timeline(rec.rounds, inp.schedule, summary["resilience"], d / "resilience_timeline.png",
+                                         reference.get("rounds") if reference else None),
+                     plots.plot_states(summary, d / "resilience_states.png", rec.rounds,
+                                       reference.get("rounds") if reference else None)]
+        made.append(plots.plot_partition(inp.prep.y, inp.prep.owner, inp.prep.split, inp.prep.num_classes,
+                                         d / "partition.png"))
     errors = sum(int(r.get("train_errors", 0)) + int(r.get("eval_errors", 0)) for r in rec.rounds)
     if errors and not cfg.sim.verbose:
         inp.console.print(f"note: {errors} device replies were errors (injected dropouts count here); "
@@ -542,5 +535,13 @@ def finish(inp: Inputs, out: Outcome, reference: dict[str, Any] | None) -> dict[
     inp.timing["finished_at"] = time.time()
     # Wall-clock phases go to their own file: summary.json holds only seed-determined numbers.
     rec.write_json("timing.json", {"backend": str(cfg.sim.backend), **inp.timing})
+    if inp.trackers is None:  # a resume of a run whose rounds were all done opens them here
+        inp.trackers = open_trackers(inp)  # None: neither is on
+    if inp.trackers is not None:  # (on an error, simulate ends the MLflow run FAILED)
+        from sim.style import outputs
+
+        inp.trackers.finish(summary, [f for png in made for f in outputs(png)]
+                            + [inp.run_dir / "summary.json", inp.run_dir / "clients.csv"])
+        inp.trackers.close()
     terminal.print_summary(inp.console, summary, inp.run_dir, out.sim_seconds, inp.timing["total_s"])
     return summary
