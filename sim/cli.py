@@ -377,7 +377,10 @@ def precheck(argv: list[str]) -> int:
     Raises:
         ConfigError: one line, for the first bad job (with ``sim.resume``: also a resume that does
             not fit the run directory, or a resume in a sweep; a sweep setting that differs between
-            jobs, :func:`check_sweep_settings`).
+            jobs, :func:`check_sweep_settings`; a tracker's missing package, :func:`sim.tracking.check_trackers`).
+
+    A sweep that runs jobs at once and logs to MLflow has its store created here
+    (:func:`sim.tracking.open_store`).
     """
     from sim.tracking import check_trackers
 
@@ -387,6 +390,7 @@ def precheck(argv: list[str]) -> int:
     if line.multirun:
         check_sweep_settings(jobs)
     checked = sample_jobs(jobs, MAX_CHECKED)
+    stores: set[str] = set()  # the MLflow stores the jobs log to
     if len(checked) < len(jobs):
         print(f"note: the sweep has {len(jobs)} jobs; checking {len(checked)} of them (every swept value at "
               "least once) before the first runs", file=sys.stderr)
@@ -397,6 +401,8 @@ def precheck(argv: list[str]) -> int:
                 raise KeyboardInterrupt
             cfg = _checked(_compose(extra + job, line.config_name))
             check_trackers(cfg.sim)
+            if cfg.sim.mlflow:
+                stores.add(str(cfg.sim.mlflow_dir))
             if cfg.sim.resume:
                 if len(jobs) > 1 or line.multirun:
                     raise ConfigError("sim.resume continues one run: give one run directory, without -m or sweeps")
@@ -407,4 +413,9 @@ def precheck(argv: list[str]) -> int:
     if parallel > 1 and any(o.lstrip("+~").startswith("hydra/launcher=") for o in line.hydra_overrides):
         raise ConfigError(f"sim.sweep_parallel={parallel} runs the sweep on Hydra's joblib launcher: leave out "
                           "hydra/launcher=... (or set sim.sweep_parallel=1 to use the launcher you give)")
+    if parallel > 1:  # jobs at once: their MLflow store made here, not by several jobs together
+        from sim.tracking import open_store
+
+        for store in sorted(stores):
+            open_store(store)
     return parallel

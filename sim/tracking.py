@@ -188,28 +188,45 @@ def store_uri(store: Path) -> str:
     return f"sqlite:///{Path(store).resolve() / 'mlflow.db'}"
 
 
+def open_store(mlflow_dir: str, verbose: bool = False) -> tuple[Any, str]:
+    """The MLflow store ``mlflow_dir`` (created, with its database and the experiment, on first use).
+
+    A sweep whose jobs run at once (``sim.sweep_parallel`` > 1) has it opened once before the first
+    job (:func:`sim.cli.precheck`), so the jobs never create the database together.
+
+    Returns:
+        ``(MlflowClient, experiment id)``.
+
+    Raises:
+        ConfigError: MLflow is missing, or the directory cannot be created (one line).
+    """
+    try:
+        from mlflow.tracking import MlflowClient
+    except ImportError:
+        raise ConfigError(MISSING["mlflow"][1]) from None
+    if not verbose:  # its database set-up logs at INFO
+        for name in ("mlflow", "alembic"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+    store = Path(os.path.expanduser(str(mlflow_dir)))
+    try:
+        store.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"sim.mlflow_dir={store} cannot be created ({exc.strerror}): give a directory "
+                          "you can write") from None
+    client = MlflowClient(tracking_uri=store_uri(store))
+    exp = client.get_experiment_by_name(EXPERIMENT)
+    exp_id = exp.experiment_id if exp is not None else client.create_experiment(
+        EXPERIMENT, artifact_location=(store.resolve() / "artifacts").as_uri())
+    return client, exp_id
+
+
 class MlflowRun:
     """One simulation as one MLflow run in the local store ``sim.mlflow_dir`` (module docstring)."""
 
     def __init__(self, cfg: Any, run_dir: Path, params: dict[str, Any]):
-        try:
-            from mlflow.entities import Param
-            from mlflow.tracking import MlflowClient
-        except ImportError:
-            raise ConfigError(MISSING["mlflow"][1]) from None
-        if not cfg.sim.verbose:  # its database set-up logs at INFO
-            for name in ("mlflow", "alembic"):
-                logging.getLogger(name).setLevel(logging.WARNING)
-        store = Path(os.path.expanduser(str(cfg.sim.mlflow_dir)))
-        try:
-            store.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise ConfigError(f"sim.mlflow_dir={store} cannot be created ({exc.strerror}): give a directory "
-                              "you can write") from None
-        self.client = MlflowClient(tracking_uri=store_uri(store))
-        exp = self.client.get_experiment_by_name(EXPERIMENT)
-        exp_id = exp.experiment_id if exp is not None else self.client.create_experiment(
-            EXPERIMENT, artifact_location=(store.resolve() / "artifacts").as_uri())
+        self.client, exp_id = open_store(cfg.sim.mlflow_dir, cfg.sim.verbose)
+        from mlflow.entities import Param
+
         key = str(Path(run_dir).resolve())
         old = self.client.search_runs([exp_id], filter_string=f"tags.run_dir = '{key}'", max_results=1) \
             if cfg.sim.resume else []

@@ -43,6 +43,18 @@ def test_a_tracker_without_its_package_is_one_line_before_anything_runs(monkeypa
     assert not any(tmp_path.iterdir())  # no store was made
 
 
+def test_a_sweep_running_jobs_at_once_has_its_mlflow_store_made_before_them(monkeypatch, tmp_path):
+    """Jobs at once would otherwise create the SQLite database together."""
+    from sim import tracking
+    from sim.cli import precheck
+
+    made = []
+    monkeypatch.setattr(tracking, "open_store", lambda d, verbose=False: made.append(d))
+    sweep = ["-m", "seed=0,1", "sim.mlflow=true", f"sim.mlflow_dir={tmp_path}"]
+    assert precheck([*sweep, "sim.sweep_parallel=1"]) == 1 and made == []  # one job at a time: each opens it
+    assert precheck([*sweep, "sim.sweep_parallel=2"]) == 2 and made == [str(tmp_path)]
+
+
 class Stop(KeyboardInterrupt):
     """Ctrl-C after round 1's checkpoint."""
 
