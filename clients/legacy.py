@@ -15,7 +15,7 @@ from __future__ import annotations
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -30,6 +30,9 @@ from sim.core.data import Prepared, data_key, degrade, device_data, group_ranks
 from sim.core.errors import DataError
 from sim.core.seeding import derive_seed
 from sim.core.training import predict_logits, train_minibatch, train_stacked
+
+Progress = Callable[[int, int], None]
+"""A fleet build's progress callback: ``(models ready, models in all)``."""
 
 FLEET_VERSION = 3  # 2: product lines; per-device entries also keep each group's temperature; 3: float64 product lines
 PRODUCT_LINE_DTYPE = torch.float64
@@ -189,20 +192,23 @@ def freeze(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def build_fleet(fleet_cfg: FleetConfig, data_cfg: DataConfig, prep: Prepared, seed: int, cache_dir: Path) -> Fleet:
+def build_fleet(fleet_cfg: FleetConfig, data_cfg: DataConfig, prep: Prepared, seed: int, cache_dir: Path,
+                progress: Progress | None = None) -> Fleet:
     """Build (or reuse from cache) the frozen legacy model of every device (``fleet.legacy``:
     :func:`build_product_line` or :func:`build_per_device`).
 
     Args:
         fleet_cfg: the ``fleet`` config. data_cfg: the ``data`` config (part of the cache key).
-        prep: the prepared dataset. seed: the run seed. cache_dir: cache root.
+        prep: the prepared dataset. seed: the run seed. cache_dir: cache root. progress: called
+            with ``(models ready, models in all)`` as models are built or found in the cache (a
+            status line, :mod:`sim.progress`); per-device models count as they are trained.
 
     Returns:
         The :class:`Fleet`. A corrupt cache entry is rebuilt with a warning.
     """
     if fleet_cfg.legacy == LegacySource.product_line:
-        return build_product_line(fleet_cfg, data_cfg, prep, seed, cache_dir)
-    return build_per_device(fleet_cfg, data_cfg, prep, seed, cache_dir)
+        return build_product_line(fleet_cfg, data_cfg, prep, seed, cache_dir, progress)
+    return build_per_device(fleet_cfg, data_cfg, prep, seed, cache_dir, progress)
 
 
 # ---- product lines: one model per group version, trained on the vendor pool -----------------------
@@ -244,8 +250,8 @@ def train_product_line(prep: Prepared, group: DeviceGroupConfig, version: int, s
     return model, n_pre
 
 
-def build_product_line(fleet_cfg: FleetConfig, data_cfg: DataConfig, prep: Prepared, seed: int, cache_dir: Path
-                       ) -> Fleet:
+def build_product_line(fleet_cfg: FleetConfig, data_cfg: DataConfig, prep: Prepared, seed: int, cache_dir: Path,
+                       progress: Progress | None = None) -> Fleet:
     """A ``product_line`` fleet: each group version's model trained once (:func:`train_product_line`)
     and cached on its own (``legacy/``, keyed by :func:`product_line_key`: reused by every fleet size
     and partition), then the fleet's view of them (``fleets/``: each device's model, legacy accuracy
@@ -255,8 +261,9 @@ def build_product_line(fleet_cfg: FleetConfig, data_cfg: DataConfig, prep: Prepa
     groups = assign_groups(n, [g.share for g in group_cfgs])
     built = {"flag": False}
     files, sizes = [], []
+    models = product_line_models(group_cfgs)
     with build_threads(fleet_cfg.build_threads):
-        for gi, v in product_line_models(group_cfgs):
+        for gi, v in models:
             key = product_line_key(prep, group_cfgs[gi], v)
             if fleet_cfg.build_threads != 1:  # another thread count rounds differently: its own entry
                 key["build_threads"] = int(fleet_cfg.build_threads)
@@ -271,6 +278,8 @@ def build_product_line(fleet_cfg: FleetConfig, data_cfg: DataConfig, prep: Prepa
             manifest = build_entry(entry, build, "legacy model")
             files.append(entry / MODEL_FILE)
             sizes.append(int(manifest["meta"]["pretrain_size"]))
+            if progress is not None:
+                progress(len(files), len(models))
     model_of = model_index(groups, group_cfgs)
     view_key = {"v": FLEET_VERSION, "data": data_key(data_cfg, n, seed), "models": [f.parent.name for f in files],
                 "groups": groups, "group_cfgs": [plain(g) for g in group_cfgs]}
@@ -319,8 +328,8 @@ def group_temperatures(cal: dict[int, list[tuple[np.ndarray, np.ndarray]]], num_
 
 
 # ---- per-device models: each device trains its own on its legacy split ---------------------------
-def build_per_device(fleet_cfg: FleetConfig, data_cfg: DataConfig, prep: Prepared, seed: int, cache_dir: Path
-                     ) -> Fleet:
+def build_per_device(fleet_cfg: FleetConfig, data_cfg: DataConfig, prep: Prepared, seed: int, cache_dir: Path,
+                     progress: Progress | None = None) -> Fleet:
     """A ``per_device`` fleet: each device's own model, trained on ``pretrain_fraction`` of its own
     legacy split; devices of a group with equally many samples train together
     (:func:`pretrain_legacy`). Cached as one entry (one state_dict per device)."""
@@ -354,6 +363,9 @@ def build_per_device(fleet_cfg: FleetConfig, data_cfg: DataConfig, prep: Prepare
             buckets.setdefault((groups[dev], n_pre), []).append(dev)
         accs, sizes = [0.0] * n, [0] * n
         cal: dict[int, list[tuple[np.ndarray, np.ndarray]]] = {}
+        done = 0
+        if progress is not None:
+            progress(0, n)
         for (gi, n_pre), devs in sorted(buckets.items()):
             models = pretrain_legacy(np.stack([data[v][0] for v in devs]), np.stack([data[v][1] for v in devs]),
                                      group_cfgs[gi], prep.in_shape, prep.num_classes,
@@ -365,6 +377,9 @@ def build_per_device(fleet_cfg: FleetConfig, data_cfg: DataConfig, prep: Prepare
                 accs[dev], sizes[dev] = float((pred == d.y_test).mean()), int(n_pre)
                 cal.setdefault(gi, []).append((predict_logits(model, torch.from_numpy(d.x_rejector)).numpy(),
                                                d.y_rejector))
+            done += len(devs)
+            if progress is not None:
+                progress(done, n)
         return {"key": key, "legacy_accuracy": accs, "pretrain_size": sizes,
                 "temperature": group_temperatures(cal, len(group_cfgs))}
 

@@ -130,7 +130,7 @@ def finished_round(run_dir: Path) -> int | None:
 
 
 # Keys that may differ between a run and its resumption (they do not change the numbers).
-RESUME_FREE = ("resume", "progress", "verbose", "plots", "tensorboard", "backend", "ray_address", "num_cpus", "round_timeout",
+RESUME_FREE = ("resume", "progress", "verbose", "plots", "tensorboard", "mlflow", "mlflow_dir", "backend", "ray_address", "num_cpus", "round_timeout",
                "checkpoint", "client_resources", "cache_dir", "devices_per_node", "max_nodes", "shared_ray_session",
                "sweep_parallel")
 """``sim`` keys that change how a run is executed, never its numbers: a resume may differ in them (and a

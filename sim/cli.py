@@ -29,6 +29,9 @@ CONFIG_MODULE = "configs"
 CONFIG_NAME = "config"
 MAX_CHECKED = 100
 """Most jobs :func:`precheck` composes (about 0.1 s each); a larger sweep is sampled (:func:`sample_jobs`)."""
+LAST_CHECK: dict[str, int] = {}
+"""What the last :func:`precheck` found: ``jobs``, the number of jobs the command line runs (for
+the sweep's ``job k/N`` line, :mod:`sim.progress`)."""
 FLAGS_WITH_VALUE = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn",
                     "--config-dir", "-cd", "--experimental-rerun", "--shell-completion", "-sc"}
 
@@ -393,13 +396,20 @@ def precheck(argv: list[str]) -> int:
     Raises:
         ConfigError: one line, for the first bad job (with ``sim.resume``: also a resume that does
             not fit the run directory, or a resume in a sweep; a sweep setting that differs between
-            jobs, :func:`check_sweep_settings`).
+            jobs, :func:`check_sweep_settings`; a tracker's missing package, :func:`sim.tracking.check_trackers`).
+
+    A sweep that runs jobs at once and logs to MLflow has its store created here
+    (:func:`sim.tracking.open_store`).
     """
+    from sim.tracking import check_trackers
+
     line = parse_command_line(argv)
     jobs = sweep_jobs(line)
+    LAST_CHECK["jobs"] = len(jobs)
     if line.multirun:
         check_sweep_settings(jobs)
     checked = sample_jobs(jobs, MAX_CHECKED)
+    stores: set[str] = set()  # the MLflow stores the jobs log to
     if len(checked) < len(jobs):
         print(f"note: the sweep has {len(jobs)} jobs; checking {len(checked)} of them (every swept value at "
               "least once) before the first runs", file=sys.stderr)
@@ -411,6 +421,9 @@ def precheck(argv: list[str]) -> int:
                 raise KeyboardInterrupt
             cfg = _checked(_compose(extra + job, line.config_name))
             check_method_name(cfg.strategy.name, methods)
+            check_trackers(cfg.sim)
+            if cfg.sim.mlflow:
+                stores.add(str(cfg.sim.mlflow_dir))
             if cfg.sim.resume:
                 if len(jobs) > 1 or line.multirun:
                     raise ConfigError("sim.resume continues one run: give one run directory, without -m or sweeps")
@@ -421,4 +434,9 @@ def precheck(argv: list[str]) -> int:
     if parallel > 1 and any(o.lstrip("+~").startswith("hydra/launcher=") for o in line.hydra_overrides):
         raise ConfigError(f"sim.sweep_parallel={parallel} runs the sweep on Hydra's joblib launcher: leave out "
                           "hydra/launcher=... (or set sim.sweep_parallel=1 to use the launcher you give)")
+    if parallel > 1:  # jobs at once: their MLflow store made here, not by several jobs together
+        from sim.tracking import open_store
+
+        for store in sorted(stores):
+            open_store(store)
     return parallel

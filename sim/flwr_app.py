@@ -144,19 +144,22 @@ def run_app(grid: Grid, cfg: Config, run_dir: Path) -> dict[str, Any]:
 
     from sim import engine
     from sim.pipeline import device_spec, finish, prepare_inputs
+    from sim.runlog import mirrored
     from sim.server_app import Federation, Outcome
 
     nodes = wait_for_nodes(grid, NODES_TIMEOUT_S)
     per_node = math.ceil(cfg.fleet.num_clients / nodes)
     cfg = replace(cfg, sim=replace(cfg.sim, devices_per_node=per_node))
-    inp = prepare_inputs(cfg, Path(run_dir), Console(), None, 0)
-    if cfg.sim.backend == Backend.ray:
-        wait_for_ray(NODES_TIMEOUT_S)
-    fed = Federation(inp, device_spec(inp, per_node), engine.check_node)
-    with fed.progress:
-        fed.main(grid)
-    seconds = time.perf_counter() - fed.t_sim
-    if fed.strategy is None or fed.strategy.last_metrics is None:
-        raise RuntimeError("the simulation finished without a successful evaluation round; "
-                           "rerun with overrides sim.verbose=true to see the devices' errors")
-    return finish(inp, Outcome(fed.strategy, fed.table, fed.dead, seconds), None)
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    with mirrored(Console(), Path(run_dir)) as console:  # run.log: what the console got (sim/runlog.py)
+        inp = prepare_inputs(cfg, Path(run_dir), console, None, 0)
+        if cfg.sim.backend == Backend.ray:
+            wait_for_ray(NODES_TIMEOUT_S)
+        fed = Federation(inp, device_spec(inp, per_node), engine.check_node)
+        with fed.progress:
+            fed.main(grid)
+        seconds = time.perf_counter() - fed.t_sim
+        if fed.strategy is None or fed.strategy.last_metrics is None:
+            raise RuntimeError("the simulation finished without a successful evaluation round; "
+                               "rerun with overrides sim.verbose=true to see the devices' errors")
+        return finish(inp, Outcome(fed.strategy, fed.table, fed.dead, seconds), None)

@@ -21,9 +21,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from sim.core.config import Config, FailureKind, LegacySource, plain, replace
+from sim.core.config import Backend, Config, FailureKind, LegacySource, plain, replace
 from sim.core.errors import ConfigError
-from sim.server_app import Federation, Inputs, Outcome, method_classes
+from sim.server_app import Federation, Inputs, Outcome, method_classes, open_trackers
 
 
 def simulate(cfg: Config, run_dir: Path, console: Any | None = None, fresh: bool = False) -> dict[str, Any]:
@@ -36,7 +36,8 @@ def simulate(cfg: Config, run_dir: Path, console: Any | None = None, fresh: bool
 
     Args:
         cfg: the run config. run_dir: output directory (created; with ``sim.resume`` the resumed
-            run's own directory is used). console: a rich Console (None: a default one).
+            run's own directory is used). console: a rich Console (None: a default one); what it
+            prints is also appended to ``run_dir/run.log`` (:mod:`sim.runlog`).
 
     Returns:
         The summary dict written to ``summary.json``.
@@ -49,14 +50,17 @@ def simulate(cfg: Config, run_dir: Path, console: Any | None = None, fresh: bool
 
     from sim.core.sources import check_hub
     from sim.results import claim, restart_in_place
+    from sim.runlog import mirrored
+    from sim.tracking import check_trackers
 
     check_hub(cfg.data)
+    check_trackers(cfg.sim)
     console = console or Console()
     run_dir = Path(os.path.expanduser(str(cfg.sim.resume))) if cfg.sim.resume else Path(run_dir)
     if cfg.sim.resume and not run_dir.is_dir():
         raise ConfigError(f"sim.resume={run_dir} is not a directory: give the run directory to continue")
     key = "sim.resume" if cfg.sim.resume else "hydra.run.dir"
-    with claim(run_dir, new=not cfg.sim.resume and not fresh, key=key):
+    with claim(run_dir, new=not cfg.sim.resume and not fresh, key=key), mirrored(console, run_dir) as console:
         if not cfg.sim.resume:
             gone = restart_in_place(run_dir)
             if gone:
@@ -67,9 +71,14 @@ def simulate(cfg: Config, run_dir: Path, console: Any | None = None, fresh: bool
             return done
         reference = run_reference(cfg, run_dir, console)
         inputs = prepare_inputs(cfg, run_dir, console, resume, finished)
-        if resume is not None and finished >= cfg.sim.num_rounds:
-            return finish(inputs, outcome_from_checkpoint(inputs), reference)
-        return finish(inputs, run_federation(inputs), reference)
+        try:
+            if resume is not None and finished >= cfg.sim.num_rounds:
+                return finish(inputs, outcome_from_checkpoint(inputs), reference)
+            return finish(inputs, run_federation(inputs), reference)
+        except BaseException as exc:  # the MLflow run ends KILLED (a stop) or FAILED, not RUNNING
+            if inputs.trackers is not None:
+                inputs.trackers.close("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+            raise
 
 
 def open_run(cfg: Config, run_dir: Path, console: Any) -> tuple[Path, tuple | None, int, dict | None]:
@@ -141,7 +150,8 @@ def run_reference(cfg: Config, run_dir: Path, console: Any) -> dict[str, Any] | 
     else:
         console.print("[bold]reference[/bold]: the same seed with every server up (for resilience.fraction_kept)")
         resume = str(ref_dir) if cfg.sim.resume and (ref_dir / CHECKPOINT).is_file() else None
-        ref_cfg = replace(cfg, failures=cfg.failures.none(), sim=replace(cfg.sim, resume=resume))
+        # its own TensorBoard (reference/tensorboard), no MLflow run of its own: the experiment lists the runs asked for
+        ref_cfg = replace(cfg, failures=cfg.failures.none(), sim=replace(cfg.sim, resume=resume, mlflow=False))
         reference = simulate(ref_cfg, ref_dir, console, fresh=bool(cfg.sim.resume))
     console.print("[bold]run with failures[/bold]")
     proven = journal.of_finished_run(ref_dir, cfg.sim.num_rounds)
@@ -158,6 +168,7 @@ def prepare_inputs(cfg: Config, run_dir: Path, console: Any, resume: tuple | Non
     from clients.legacy import build_fleet
     from sim import engine, terminal
     from sim.core.data import prepare
+    from sim.progress import phase
     from sim.core.faults import build_schedule, schedule_json
     from sim.provenance import record as record_provenance
     from sim.results import Recorder
@@ -169,13 +180,16 @@ def prepare_inputs(cfg: Config, run_dir: Path, console: Any, resume: tuple | Non
     torch.set_num_threads(int(cfg.sim.torch_threads))
     torch.manual_seed(int(cfg.seed))
     cache_dir = check_cache_dir(cfg.sim.cache_dir)
-    prep = prepare(cfg.data, cfg.fleet.num_clients, cfg.seed, cache_dir,
-                   vendor=cfg.fleet.legacy == LegacySource.product_line)
+    show = bool(cfg.sim.progress)  # a status line per phase (sim/progress.py)
+    with phase(console, "data", f"preparing {cfg.data.name} for {cfg.fleet.num_clients} devices", show):
+        prep = prepare(cfg.data, cfg.fleet.num_clients, cfg.seed, cache_dir,
+                       vendor=cfg.fleet.legacy == LegacySource.product_line)
     check_archs(cfg, prep.in_shape)
     cfg.strategy.check_data(prep.num_classes)
     cfg.servers.check_data(prep.num_classes)
     timing["prepare_data_s"] = time.perf_counter() - t_start
-    fleet = build_fleet(cfg.fleet, cfg.data, prep, cfg.seed, cache_dir)
+    with phase(console, "legacy models", fleet_phase_text(cfg), show) as status:
+        fleet = build_fleet(cfg.fleet, cfg.data, prep, cfg.seed, cache_dir, progress=status.update)
     timing["legacy_fleet_s"] = time.perf_counter() - t_start - timing["prepare_data_s"]
     for note in cfg.strategy.notes():
         console.print(f"[bold]warning[/bold]: {note}", soft_wrap=True)
@@ -190,6 +204,17 @@ def prepare_inputs(cfg: Config, run_dir: Path, console: Any, resume: tuple | Non
     terminal.print_servers(console, cfg, schedule)
     recorder.write_json("failure_schedule.json", {"failures": plain(cfg.failures), "rounds": schedule_json(schedule)})
     return Inputs(cfg, run_dir, console, prep, fleet, schedule, states, recorder, resume, finished, t_start, timing)
+
+
+def fleet_phase_text(cfg: Config) -> str:
+    """What the fleet build makes: product lines build few models, per-device fleets one per device."""
+    from clients.legacy import product_line_models
+
+    n = int(cfg.fleet.num_clients)
+    if cfg.fleet.legacy == LegacySource.product_line:
+        models = len(product_line_models(list(cfg.fleet.groups)))
+        return f"{models} product-line model(s) for {n} devices (built or from the cache)"
+    return f"{n} per-device models (built or from the cache)"
 
 
 def check_cache_dir(cache_dir: str) -> Path:
@@ -255,8 +280,11 @@ def run_federation(inp: Inputs) -> Outcome:
     cfg = inp.cfg
     per_node = devices_per_node(cfg.fleet.num_clients, cfg.sim.devices_per_node, int(cfg.sim.max_nodes))
     fed = Federation(inp, device_spec(inp, per_node), engine.check_node)
+    nodes = num_nodes(cfg.fleet.num_clients, per_node)
     with fed.progress:
-        engine.run(cfg.sim, fed.main, client_app, num_nodes(cfg.fleet.num_clients, per_node))
+        fed.progress.phase("engine", f"starting Flower on Ray ({nodes} nodes)" if cfg.sim.backend == Backend.ray
+                           else "starting the in-process engine")
+        engine.run(cfg.sim, fed.main, client_app, nodes)
     sim_seconds = time.perf_counter() - fed.t_sim
     inp.timing["engine_stop_s"] = sim_seconds - sum(inp.timing.get(p, 0.0) for p in (
         "engine_start_s", "handshake_s", "rounds_s"))
@@ -308,14 +336,19 @@ def finish(inp: Inputs, out: Outcome, reference: dict[str, Any] | None) -> dict[
     summary["resilience"] = resilience_summary(cfg, rec.rounds, summary, reference,
                                                reference.get("rounds") if reference else None)
     rec.summary(summary)
+    made = []
     if cfg.sim.plots:
         d = inp.run_dir
-        plots.plot_rounds(rec.rounds, d / "rounds.png")
-        plots.plot_defer_curve(metrics, d / "accuracy_vs_defer_rate.png")
-        plots.plot_devices(rows, d / "devices.png")
-        plots.plot_timeline(rec.rounds, inp.schedule, summary["resilience"], d / "resilience_timeline.png")
-        plots.plot_states(summary, d / "resilience_states.png")
-        plots.plot_partition(inp.prep.y, inp.prep.owner, inp.prep.split, inp.prep.num_classes, d / "partition.png")
+        made += [plots.plot_rounds(rec.rounds, d / "rounds.png"),
+                 plots.plot_defer_curve(metrics, d / "accuracy_vs_defer_rate.png"),
+                 plots.plot_devices(rows, d / "devices.png")]
+        if cfg.failures.name != FailureKind.none:  # the resilience figures: only a run with failures has them
+            made += [plots.plot_timeline(rec.rounds, inp.schedule, summary["resilience"], d / "resilience_timeline.png",
+                                         reference.get("rounds") if reference else None),
+                     plots.plot_states(summary, d / "resilience_states.png", rec.rounds,
+                                       reference.get("rounds") if reference else None)]
+        made.append(plots.plot_partition(inp.prep.y, inp.prep.owner, inp.prep.split, inp.prep.num_classes,
+                                         d / "partition.png"))
     errors = sum(int(r.get("train_errors", 0)) + int(r.get("eval_errors", 0)) for r in rec.rounds)
     if errors and not cfg.sim.verbose:
         inp.console.print(f"note: {errors} device replies were errors (injected dropouts count here); "
@@ -324,5 +357,13 @@ def finish(inp: Inputs, out: Outcome, reference: dict[str, Any] | None) -> dict[
     inp.timing["finished_at"] = time.time()
     # Wall-clock phases go to their own file: summary.json holds only seed-determined numbers.
     rec.write_json("timing.json", {"backend": str(cfg.sim.backend), **inp.timing})
+    if inp.trackers is None:  # a resume of a run whose rounds were all done opens them here
+        inp.trackers = open_trackers(inp)  # None: neither is on
+    if inp.trackers is not None:  # (on an error, simulate ends the MLflow run FAILED)
+        from sim.style import outputs
+
+        inp.trackers.finish(summary, [f for png in made for f in outputs(png)]
+                            + [inp.run_dir / "summary.json", inp.run_dir / "clients.csv"])
+        inp.trackers.close()
     terminal.print_summary(inp.console, summary, inp.run_dir, out.sim_seconds, inp.timing["total_s"])
     return summary

@@ -40,6 +40,7 @@ from sim.style import (
     log2_axis,
     save,
     styled,
+    wrap_label,
 )
 
 ACCURACY_LABELS = (("system_accuracy", "system"), ("legacy_accuracy", "legacy only"),
@@ -111,10 +112,12 @@ def plot_devices(rows: list[dict[str, Any]], path: Path) -> Path:
 
 
 @styled
-def plot_timeline(rounds: list[dict[str, Any]], schedule: list[Any], resilience: dict[str, Any], path: Path) -> Path:
+def plot_timeline(rounds: list[dict[str, Any]], schedule: list[Any], resilience: dict[str, Any], path: Path,
+                  reference_rounds: list[dict[str, Any]] | None = None) -> Path:
     """System accuracy per round with the rounds where servers were down shaded (darker: more
-    down), the legacy-only and the all-up reference (final round) accuracy as lines, and crashes
-    and recoveries as vertical lines at the start of their round."""
+    down), the legacy-only accuracy, the all-up reference run's per-round system accuracy (its
+    ``reference/metrics.jsonl``: the same seed with every server up; without one, its final accuracy
+    as a line, if known), and crashes and recoveries as vertical lines at the start of their round."""
     ev = [r for r in rounds if r.get("system_accuracy") is not None]
     fig, ax = figure(SINGLE, 2.8)
     shaded = False
@@ -127,9 +130,13 @@ def plot_timeline(rounds: list[dict[str, Any]], schedule: list[Any], resilience:
             shaded = True
     x = [r["round"] for r in ev]
     ax.plot(x, [_nan(r["system_accuracy"]) for r in ev], marker="o", color=color(0), label="system")
-    ax.plot(x, [_nan(r["legacy_accuracy"]) for r in ev], ls=":", color=color(8), label="legacy only")
-    if resilience.get("all_up_accuracy") is not None:
+    ref = [r for r in (reference_rounds or []) if r.get("system_accuracy") is not None]
+    if ref:
+        ax.plot([r["round"] for r in ref], [_nan(r["system_accuracy"]) for r in ref], ls="--", marker="s", ms=2.5,
+                color=color(2), lw=1, label="all up (reference run)")
+    elif resilience.get("all_up_accuracy") is not None:
         ax.axhline(resilience["all_up_accuracy"], color=color(2), ls="--", lw=1, label="all up (reference, final)")
+    ax.plot(x, [_nan(r["legacy_accuracy"]) for r in ev], ls=":", color=color(8), label="legacy only")
     _mark_events(ax, schedule)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("round")
@@ -147,55 +154,150 @@ def _mark_events(ax: Any, schedule: list[Any]) -> None:
                 ax.axvline(f.round - 0.5, color=col, ls=ls, lw=1.1, label=f"server {s} {verb}")
 
 
+def state_points(rounds: list[dict[str, Any]], reference_rounds: list[dict[str, Any]] | None = None
+                 ) -> list[tuple[str, int, float, float]]:
+    """Per availability state of the run (in order of first appearance): ``(state, t, accuracy,
+    all-up accuracy)`` at ``t``, the *last* evaluated round in that state, where the servers are as
+    trained as the run gets them in that state; the all-up value is the reference run's at the same
+    round (NaN without one). A mean over a state's rounds would mix in rounds where the servers had
+    barely trained (round 1), which no final accuracy can be set beside."""
+    from sim.resilience import state_label
+
+    last: dict[str, dict[str, Any]] = {}
+    for r in rounds:
+        if r.get("system_accuracy") is not None and r.get("availability") is not None:
+            last[state_label(list(r["availability"]))] = r
+    ref = {int(r["round"]): r for r in (reference_rounds or []) if r.get("system_accuracy") is not None}
+    return [(k, int(r["round"]), _nan(r["system_accuracy"]),
+             _nan(ref[int(r["round"])]["system_accuracy"]) if int(r["round"]) in ref else float("nan"))
+            for k, r in last.items()]
+
+
 @styled
-def plot_states(summary: dict[str, Any], path: Path) -> Path:
-    """Dots: system accuracy in each availability state of the run (mean over its rounds), the
-    final round with failures vs all up (the same test samples), and each server alone / each
-    ensemble on the final test samples. The accuracy axis is scaled to the data (dots, not bars,
-    so a range that does not start at 0 misleads no one)."""
+def plot_states(summary: dict[str, Any], path: Path, rounds: list[dict[str, Any]] | None = None,
+                reference_rounds: list[dict[str, Any]] | None = None) -> Path:
+    """Dots, one row per availability state of the run: the system accuracy at the last round in
+    that state (:func:`state_points`) and, beside it, the all-up reference run's at the same round;
+    then each server alone and each ensemble on the final test samples. Without ``rounds`` the final
+    round with failures and all up. The accuracy axis is scaled to the data (dots, not bars)."""
     res, table = summary["resilience"], (summary["servers"].get("table") or {})
-    items: list[tuple[str, float, int]] = []
-    if res.get("all_up_accuracy") is not None and res["failures"] != "none":
-        items += [("final, all up (reference)", _nan(res["all_up_accuracy"]), 4),
-                  ("final, with failures", _nan(res["system_accuracy"]), 3)]
-    items += [(f"rounds {k} (mean)", _nan(v["system_accuracy"]), 0) for k, v in res["accuracy_by_state"].items()]
-    items += [(f"server {k} alone", _nan(v), 1) for k, v in (table.get("standalone") or {}).items()]
-    items += [(f"ensemble {k}", _nan(v), 2) for k, v in (table.get("ensemble") or {}).items()]
-    fig, ax = figure(SINGLE, 0.8 + 0.22 * len(items))
-    y = np.arange(len(items))[::-1]
-    ax.scatter([v for _, v, _ in items], y, color=[color(c) for _, _, c in items], s=22, zorder=3)
+    rows: list[tuple[str, list[tuple[float, int, str]]]] = []
+    fail, up = "with failures", "all up (reference run), same round"
+    if rounds:
+        for state, t, acc, ref in state_points(rounds, reference_rounds):
+            rows.append((f"{state} (last: round {t})", [(acc, 3, fail), (ref, 2, up)]))
+    elif res.get("system_accuracy") is not None:
+        rows.append(("final round", [(_nan(res["system_accuracy"]), 3, fail),
+                                     (_nan(res.get("all_up_accuracy")), 2, up)]))
+    rows += [(f"server {k} alone", [(_nan(v), 0, "final test samples, server answers only")])
+             for k, v in (table.get("standalone") or {}).items()]
+    rows += [(f"ensemble {k}", [(_nan(v), 0, "final test samples, server answers only")])
+             for k, v in (table.get("ensemble") or {}).items()]
+    fig, ax = figure(SINGLE, 1.2 + 0.22 * len(rows))
+    y = np.arange(len(rows))[::-1]
+    for yi, (_, dots) in zip(y, rows):
+        for v, c, lab in dots:
+            if v == v:  # the reference hollow, so an equal value with failures shows through
+                ax.scatter([v], [yi], s=30 if c == 2 else 20, zorder=3 if c == 2 else 4, label=lab, marker="D"
+                           if c == 2 else "o", **({"facecolors": "none", "edgecolors": color(c), "linewidths": 1.1}
+                                                  if c == 2 else {"color": color(c)}))
     ax.set_yticks(y)
-    ax.set_yticklabels([lab for lab, _, _ in items])
+    ax.set_yticklabels([lab for lab, _ in rows])
+    ax.xaxis.set_major_locator(MaxNLocator(nbins=4))
     ax.grid(axis="y", visible=False)
     ax.set_xlabel(f"accuracy ({summary['servers']['training']} servers)")
+    legend_outside(fig, ax, "upper center", ncol=1)
     return save(fig, path)
 
 
 @styled
 def plot_report_resilience(groups: list[dict[str, Any]], path: Path) -> Path:
-    """MEL's resilience measures per configuration (x): the fraction of the all-up system accuracy
-    kept over the rounds with servers down and the inference-only fraction (docs/methods.md §7), each
-    a mean over seeds with its 95% CI as error bars, and the line 1 (nothing lost).
+    """MEL's resilience measures per configuration (one row each, its label beside it, never rotated):
+    the fraction of the all-up system accuracy kept over the rounds with servers down and the
+    inference-only fraction (docs/methods.md §7), each a mean over seeds with its 95% CI as error
+    bars, and the line 1 (nothing lost).
 
     ``groups``: dicts with ``label`` and, per measure, ``fraction_kept`` / ``inference_kept`` =
     ``(mean, lo, hi)`` (NaN where a configuration has no such rounds).
     """
     measures = (("fraction_kept", "system accuracy kept (vs the all-up run)"),
                 ("inference_kept", "inference kept (same pool, all up)"))
-    fig, ax = figure(SINGLE if len(groups) <= 4 else DOUBLE, 2.8)
-    width = 0.6 / len(measures)
-    xs = np.arange(len(groups))
+    extra = sum(wrap_label(g["label"]).count("\n") for g in groups)  # wrapped labels' further lines
+    fig, ax = figure(SINGLE, 1.3 + 0.32 * len(groups) + 0.12 * extra)
+    ys = np.arange(len(groups))[::-1].astype(float)
     for i, (m, label) in enumerate(measures):
         mean, lo, hi = (np.array([g[m][j] for g in groups], dtype=float) for j in range(3))
-        ax.errorbar(xs - 0.3 + width * (i + 0.5), mean, yerr=half_widths(mean, lo, hi), ls="none", marker="o",
+        ax.errorbar(mean, ys + (0.12 if i == 0 else -0.12), xerr=half_widths(mean, lo, hi), ls="none", marker="o",
                     ms=4, color=color(i), label=label)
-    ax.axhline(1.0, color="0.5", lw=0.8, ls=":")
-    ax.set_xticks(xs)
-    ax.set_xticklabels([g["label"] for g in groups], rotation=20 if len(groups) > 3 else 0, ha="right"
-                       if len(groups) > 3 else "center")
-    ax.grid(axis="x", visible=False)
-    ax.set_ylabel("fraction kept (95% CI)")
+    ax.axvline(1.0, color="0.5", lw=0.8, ls=":")
+    ax.set_yticks(ys)
+    ax.set_yticklabels([wrap_label(g["label"]) for g in groups])
+    ax.set_ylim(ys.min() - 0.6, ys.max() + 0.6)
+    ax.grid(axis="y", visible=False)
+    ax.xaxis.set_major_locator(MaxNLocator(nbins=4))
+    ax.set_xlabel("fraction kept (95% CI)")
     legend_outside(fig, ax, "upper center", ncol=1)
+    return save(fig, path)
+
+
+@styled
+def plot_report_differences(rows: list[dict[str, Any]], panels: list[tuple[str, str]], path: Path,
+                            title: str | None = None) -> Path:
+    """Differences per configuration (one row each, its label beside it): for each panel's metric the
+    mean difference with its 95% CI as error bars, and the line 0 (no difference). Used for paired
+    differences (against ``--baseline``, seed by seed) and within-run ones (vs confidence at the same
+    defer rate), where the configurations' own bands overlap and show nothing.
+
+    ``rows``: dicts with ``label`` and, per panel metric, ``(mean, lo, hi)``; ``panels``: ``(metric,
+    x label)`` pairs, one axis each, side by side.
+    """
+    extra = sum(wrap_label(r["label"]).count("\n") for r in rows)  # wrapped labels' further lines
+    fig, axes = figure(SINGLE if len(panels) == 1 else DOUBLE, 1.2 + 0.26 * len(rows) + 0.12 * extra, ncols=len(panels),
+                       sharey=True, squeeze=False)
+    ys = np.arange(len(rows))[::-1].astype(float)
+    for k, (ax, (metric, xlabel)) in enumerate(zip(axes[0], panels)):
+        mean, lo, hi = (np.array([r[metric][j] for r in rows], dtype=float) for j in range(3))
+        ax.axvline(0.0, color="0.4", lw=0.8, ls=":")
+        ax.errorbar(mean, ys, xerr=half_widths(mean, lo, hi), ls="none", marker="o", ms=4, color=color(k))
+        ax.set_xlabel(xlabel)
+        ax.grid(axis="y", visible=False)
+        ax.xaxis.set_major_locator(MaxNLocator(nbins=4))
+    axes[0][0].set_yticks(ys)
+    axes[0][0].set_yticklabels([wrap_label(r["label"]) for r in rows])
+    axes[0][0].set_ylim(ys.min() - 0.6, ys.max() + 0.6)
+    if title:
+        fig.suptitle(title, fontsize=8, x=0.02, ha="left")
+    return save(fig, path)
+
+
+@styled
+def plot_report_curve_differences(curves: list[dict[str, Any]], baseline: str, path: Path) -> Path:
+    """One small panel per configuration: its score-ranking curve minus the baseline's on the same
+    seed, at every defer rate (mean, 95% CI band), and the line 0; panels share both axes, titled
+    with the configuration's label (no legend to clip).
+
+    ``curves``: dicts with ``label``, ``x`` (defer rates) and ``mean``/``lo``/``hi`` (differences).
+    """
+    n = max(len(curves), 1)
+    cols = min(n, 4)
+    rows = -(-n // cols)
+    fig, axes = figure(SINGLE if cols <= 2 else DOUBLE, 0.5 + 1.55 * rows, nrows=rows, ncols=cols, sharex=True,
+                       sharey=True, squeeze=False)
+    for i, ax in enumerate(axes.flat):
+        if i >= len(curves):
+            ax.set_visible(False)
+            continue
+        c = curves[i]
+        ax.axhline(0.0, color="0.4", lw=0.8, ls=":")
+        band(ax, c["x"], c["mean"], c["lo"], c["hi"], color=color(i))
+        ax.set_title(c["label"], fontsize=7, loc="left", wrap=True)
+        if i % cols == 0:
+            ax.set_ylabel("accuracy $-$ baseline")
+        if i >= len(curves) - cols:
+            ax.set_xlabel("defer rate")
+            ax.xaxis.set_tick_params(labelbottom=True)
+    fig.suptitle(f"score-ranking curve minus the baseline's, same seed (baseline: {baseline})", fontsize=8,
+                 x=0.02, ha="left")
     return save(fig, path)
 
 
@@ -232,17 +334,25 @@ def plot_report_curves(curves: list[dict[str, Any]], path: Path) -> Path:
 
 
 @styled
-def plot_report_sweep(series: list[dict[str, Any]], xlabel: str, path: Path, log2: bool = False) -> Path:
+def plot_report_sweep(series: list[dict[str, Any]], xlabel: str, path: Path, log2: bool = False,
+                      paired: bool = False) -> Path:
     """System accuracy (left) and defer rate (right) against a swept key (mean over seeds with its
     95% CI band), one line per setting of the other varying keys.
 
     ``series``: dicts with ``label`` and ``points``, each point ``{"x": value of the swept key,
     "system_accuracy": (mean, lo, hi), "defer_rate": (mean, lo, hi)}``. ``log2``: a log2 x axis
-    (staleness S = 1, 2, 4, ...).
+    (staleness S = 1, 2, 4, ...). ``paired``: the points are paired differences against each
+    series' ``reference`` value (:func:`sim.report.paired_sweep_series`): the axes say so and the
+    line 0 is drawn.
     """
     fig, axes = figure(DOUBLE, 2.6, ncols=2)
     xs = [p["x"] for s in series for p in s["points"]]
-    for ax, metric, ylabel in zip(axes, ("system_accuracy", "defer_rate"), ("system accuracy", "defer rate")):
+    ref = f" at {xlabel.split(' (')[0]} = {series[0]['reference']:g}" if paired and series else ""
+    names = (("system accuracy", "defer rate") if not paired else
+             (f"system accuracy $-$ same seed's\n{ref.strip()}", f"defer rate $-$ same seed's\n{ref.strip()}"))
+    for ax, metric, ylabel in zip(axes, ("system_accuracy", "defer_rate"), names):
+        if paired:
+            ax.axhline(0.0, color="0.4", lw=0.8, ls=":")
         for i, s in enumerate(series):
             pts = sorted(s["points"], key=lambda p: p["x"])
             m, lo, hi = (np.array([p[metric][j] for p in pts], dtype=float) for j in range(3))
@@ -293,10 +403,12 @@ def plot_cost_curve(series: list[dict[str, Any]], path: Path) -> Path:
             ym, yl, yh = (np.array([p[metric][j] for p in pts], dtype=float) for j in range(3))
             ax.errorbar(xm, ym, xerr=half_widths(xm, xl, xh), yerr=half_widths(ym, yl, yh), marker="o", ms=4,
                         color=color(i), label=s["label"])
-            for p, x, y in zip(pts, xm, ym):  # series alternate above-right / below-left of their points
-                ax.annotate(f"{p['x']:g}", (x, y), xytext=(3, 2) if i % 2 == 0 else (-3, -3),
-                            textcoords="offset points", ha="left" if i % 2 == 0 else "right",
-                            va="bottom" if i % 2 == 0 else "top", fontsize=8, color=color(i))
+            for p, x, y in zip(pts, xm, ym):  # series alternate above-left / below-right of their points,
+                # clear of the marker and its error bars, on a white box where they cross a line
+                ax.annotate(f"{p['x']:g}", (x, y), xytext=(-6, 6) if i % 2 == 0 else (6, -6),
+                            textcoords="offset points", ha="right" if i % 2 == 0 else "left",
+                            va="bottom" if i % 2 == 0 else "top", fontsize=7, color=color(i), zorder=6,
+                            bbox={"boxstyle": "square,pad=0.1", "fc": "white", "ec": "none", "alpha": 0.8})
         ax.set_xlabel("defer rate (1 $-$ coverage)")
         ax.set_ylabel(ylabel)
     axes[0].set_title("labels: $c_e$ of the trained run", loc="left")

@@ -37,10 +37,18 @@ Written into ``--out`` (default: the first directory given):
   and (from the run's ``provenance.json``) the CPU, torch's CPU capability and the code's commit.
 - ``report.md``: the grouped tables (mean ± CI (s)); the paired table with ``--baseline``.
 - ``report.json``: the same numbers for scripts.
-- figures, each as ``.pdf`` and ``.png``: ``accuracy_vs_defer_rate``; when the runs vary in
-  them, ``cost_coverage`` and ``accuracy_vs_c_e`` (c_e), ``accuracy_vs_staleness`` (S, log2 axis),
-  ``achieved_vs_requested_defer_rate`` (``strategy.max_defer_rate``); for runs with failures,
-  ``resilience_kept`` (fraction kept and inference kept per configuration).
+- ``rounds.csv`` and ``rounds.parquet``: every run's per-round metrics in one long (tidy) table, one
+  row per run, round and metric (:mod:`sim.tidy`): ``pandas.read_parquet("rounds.parquet")``.
+- figures, each as ``.pdf`` and ``.png``: ``accuracy_vs_defer_rate``; ``vs_confidence`` (each
+  configuration's within-run paired difference against confidence at the same defer rate); with
+  ``--baseline``, ``paired_differences`` (system accuracy and defer rate minus the baseline's, seed
+  by seed) and ``accuracy_vs_defer_rate_paired`` (each score-ranking curve minus the baseline's, seed
+  by seed, one panel per configuration); when the runs vary in them, ``cost_coverage`` and
+  ``accuracy_vs_c_e`` (c_e), ``accuracy_vs_staleness`` and ``accuracy_vs_staleness_paired`` (S, log2
+  axis; the paired one: each S minus S = 1 on the same seed), ``achieved_vs_requested_defer_rate``
+  (``strategy.max_defer_rate``); for runs with failures, ``resilience_kept`` (fraction kept and
+  inference kept per configuration). Legends name configurations by the keys in which they differ
+  (:mod:`sim.naming`), or as ``--label`` / ``--labels`` say.
 
 A missing directory, a directory without runs, a bad ``--baseline`` or an ``--out`` that cannot be
 written is a one-line error (exit 2); a run whose summary.json cannot be read, or holds NaN or an
@@ -61,6 +69,7 @@ import pandas as pd
 
 from sim.core.cache import atomic_write_text
 from sim.core.storage import OutOfSpace
+from sim.tidy import write_rounds
 
 GROUP_KEYS = ("strategy", "c_e", "c_1", "staleness", "max_defer_rate", "bound", "num_servers", "serve_depth",
               "capacity", "failures", "num_clients", "num_rounds")
@@ -630,6 +639,17 @@ def figures_section(ctx: dict[str, Any]) -> list[str]:
         "band).",
         "achieved_vs_requested_defer_rate": "achieved test defer rate against the requested bound delta (mean, 95% "
         "CI band).",
+        "vs_confidence": "per configuration, system accuracy minus confidence thresholding's at the run's own "
+        "defer rate on the same test samples (a within-run paired difference; mean over seeds, 95% CI bars; the "
+        "line 0: no difference).",
+        "paired_differences": "per configuration, system accuracy and defer rate minus the baseline's on the same "
+        "seed (paired differences on the seeds both have; mean, 95% CI bars; the line 0: no difference).",
+        "accuracy_vs_defer_rate_paired": "one panel per configuration: its score-ranking curve minus the "
+        "baseline's on the same seed at every defer rate (mean, 95% CI band): where overlapping bands of the "
+        "curves themselves show nothing, a band clear of 0 is a difference at that defer rate.",
+        "accuracy_vs_staleness_paired": "system accuracy and defer rate at each staleness S minus the same "
+        "seed's at the smallest S (paired differences; mean, 95% CI band): seed-to-seed spread, which makes "
+        "the bands of accuracy_vs_staleness wide, cancels.",
         "resilience_kept": "per configuration with failures, over the rounds with servers down: the system accuracy "
         "kept against the all-up reference run (models trained with the failure) and the inference-only fraction "
         "(the same trained pool answering with the failure state vs all up: MEL's measure); mean over seeds, 95% "
@@ -719,6 +739,7 @@ def sweep_series(ctx: dict[str, Any], name: str, metrics: tuple[str, ...],
                  groups: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
     """Groups as series of points along the key ``name`` (:data:`ALIASES`): one series per setting of
     the other varying keys, one point per group ``{"x": value, metric: (mean, lo, hi), ...}``."""
+    from sim.naming import short_labels
     from sim.style import setting_label
 
     others = [k for k in ctx["varying"] if k not in ALIASES.get(name, (name,))]
@@ -728,9 +749,81 @@ def sweep_series(ctx: dict[str, Any], name: str, metrics: tuple[str, ...],
         if x is None:
             continue
         label = setting_label({k: g["values"][k] for k in others}) if others else ""
-        s = series.setdefault(label, {"label": label, "points": []})
+        s = series.setdefault(label, {"label": label, "values": {k: g["values"][k] for k in others}, "points": [],
+                                      "groups": []})
         s["points"].append({"x": float(x), **{m: _point(ctx["stats"], g["id"], m) for m in metrics}})
-    return list(series.values())
+        s["groups"].append((float(x), g["id"]))
+    out = list(series.values())
+    if others and len(out) > 1:  # only the keys in which the series differ (sim/naming.py)
+        for s, lab in zip(out, short_labels([s["values"] for s in out])):
+            s["label"] = lab
+    return out
+
+
+def paired_sweep_series(ctx: dict[str, Any], name: str, metrics: tuple[str, ...]) -> list[dict[str, Any]]:
+    """:func:`sweep_series` as paired differences: in each series, every point's metrics minus those of
+    the series' smallest value of ``name`` (S = 1 for the staleness), seed by seed on the seeds both
+    have (mean and 95% t-interval over those seeds); the reference point itself is 0."""
+    out = []
+    for s in sweep_series(ctx, name, metrics):
+        base_x, base = min(s["groups"])
+        stats, _ = paired_stats(ctx["df"][ctx["df"]["group"].isin([g for _, g in s["groups"]])], base, list(metrics))
+        points = [{"x": base_x, **{m: (0.0, math.nan, math.nan) for m in metrics}}]
+        for x, gid in s["groups"]:
+            if gid != base and gid in stats.index.get_level_values(0):
+                points.append({"x": x, **{m: _diff_point(stats, gid, m) for m in metrics}})
+        out.append({**s, "points": points, "reference": base_x})
+    return out
+
+
+def _diff_point(stats: pd.DataFrame, gid: str, metric: str) -> tuple[float, float, float]:
+    """A difference's mean and interval (not clipped: a difference may be negative)."""
+    st = stats.loc[(gid, metric)]
+    return float(st["mean"]), float(st["lo"]), float(st["hi"])
+
+
+def difference_rows(ctx: dict[str, Any], metrics: tuple[str, ...], paired: bool) -> list[dict[str, Any]]:
+    """Rows of a differences figure, one per configuration: ``{"label", metric: (mean, lo, hi)}``.
+    ``paired``: the paired differences against the baseline (every group but the baseline);
+    else the within-run differences in ``ctx["stats"]`` (e.g. ``vs_confidence``)."""
+    rows = []
+    for g in ctx["groups"]:
+        if paired:
+            if g["id"] == ctx["baseline"]["id"] or g["id"] not in ctx["paired"].index.get_level_values(0):
+                continue
+            rows.append({"label": g["label"], **{m: _diff_point(ctx["paired"], g["id"], m) for m in metrics}})
+        else:
+            rows.append({"label": g["label"], **{m: _diff_point(ctx["stats"], g["id"], m) for m in metrics}})
+    return rows
+
+
+def curve_differences(ctx: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per configuration but the baseline, its score-ranking curve minus the baseline's on the same
+    seed (both on the baseline's first grid), mean and 95% t-interval over the common seeds."""
+    base = next(g for g in ctx["groups"] if g["id"] == ctx["baseline"]["id"])
+    grid = _num_list(base["runs"][0]["curve"][0])
+
+    def per_seed(g: dict[str, Any]) -> dict[Any, np.ndarray]:
+        by: dict[Any, list[np.ndarray]] = {}
+        for r in g["runs"]:
+            by.setdefault(r["seed"], []).append(np.interp(grid, _num_list(r["curve"][0]), _num_list(r["curve"][1])))
+        return {seed: np.mean(v, axis=0) for seed, v in by.items()}
+
+    ref = per_seed(base)
+    out = []
+    for g in ctx["groups"]:
+        if g is base:
+            continue
+        mine = per_seed(g)
+        seeds = sorted(set(mine) & set(ref))
+        if not seeds:
+            continue
+        d = np.vstack([mine[k] - ref[k] for k in seeds])
+        mean = d.mean(axis=0)
+        std = d.std(axis=0, ddof=1) if len(seeds) > 1 else np.full_like(mean, math.nan)
+        lo, hi = t_interval(mean, std, len(seeds))
+        out.append({"label": f"{g['label']} (n={len(seeds)})", "x": grid, "mean": mean, "lo": lo, "hi": hi})
+    return out
 
 
 def figures(ctx: dict[str, Any], out: Path) -> list[Path]:
@@ -752,6 +845,24 @@ def figures(ctx: dict[str, Any], out: Path) -> list[Path]:
     if bounded:
         made.append(P.plot_report_bounded(sweep_series(ctx, "max_defer_rate", ("defer_rate",), bounded),
                                           out / "achieved_vs_requested_defer_rate.png"))
+    if _key(ctx["varying"], "staleness"):
+        made.append(P.plot_report_sweep(paired_sweep_series(ctx, "staleness", ("system_accuracy", "defer_rate")),
+                                        "staleness $S$ (rounds between server refreshes)",
+                                        out / "accuracy_vs_staleness_paired.png", log2=True, paired=True))
+    if len(ctx["groups"]) > 1 and any(np.isfinite(_diff_point(ctx["stats"], g["id"], "vs_confidence")[0])
+                                      for g in ctx["groups"]):
+        made.append(P.plot_report_differences(
+            difference_rows(ctx, ("vs_confidence",), paired=False),
+            [("vs_confidence", "system accuracy $-$ confidence's\nat the same defer rate (same run)")],
+            out / "vs_confidence.png"))
+    if ctx.get("baseline") is not None and len(ctx["groups"]) > 1:
+        base = ctx["baseline"]["label"].removesuffix(" (baseline)")
+        made.append(P.plot_report_differences(
+            difference_rows(ctx, ("system_accuracy", "defer_rate"), paired=True),
+            [("system_accuracy", "system accuracy $-$ baseline's"), ("defer_rate", "defer rate $-$ baseline's")],
+            out / "paired_differences.png", title=f"paired by seed against: {base}"))
+        made.append(P.plot_report_curve_differences(curve_differences(ctx), base,
+                                                    out / "accuracy_vs_defer_rate_paired.png"))
     failed = [g for g in ctx["groups"] if has_failures(g)]
     if failed:
         made.append(P.plot_report_resilience(
@@ -761,12 +872,33 @@ def figures(ctx: dict[str, Any], out: Path) -> list[Path]:
 
 
 # ---- the command -------------------------------------------------------------------------------------
-def report(dirs: list[Path], out: Path | None = None, plots: bool = True, baseline: str | None = None
-           ) -> dict[str, Any]:
+def name_groups(groups: list[dict[str, Any]], varying: list[str], baseline: dict[str, Any] | None,
+                labels: list[str]) -> None:
+    """Each group's legend ``label``: the short label of the keys in which it differs (from the
+    baseline's values, or the common ones), then the ``labels`` given (:mod:`sim.naming`).
+
+    Raises:
+        ReportError: a bad label (one line).
+    """
+    from sim.naming import LabelError, apply_labels, short_labels
+
+    for g, lab in zip(groups, short_labels([g["values"] for g in groups],
+                                           baseline["values"] if baseline is not None else None)):
+        g["label"] = lab
+    try:
+        apply_labels(groups, varying, labels, _matches, _text)
+    except LabelError as exc:
+        raise ReportError(str(exc)) from None
+
+
+def report(dirs: list[Path], out: Path | None = None, plots: bool = True, baseline: str | None = None,
+           labels: list[str] | None = None) -> dict[str, Any]:
     """Build the report of the runs under ``dirs`` into ``out`` (default ``dirs[0]``).
 
     Args:
         baseline: ``KEY=VALUE[,KEY=VALUE]`` choosing the group the paired table compares against.
+        labels: ``WHICH=TEXT`` legend labels of configurations (:mod:`sim.naming`); the others get
+            short labels of the keys in which they differ.
 
     Returns:
         ``{"frame": runs DataFrame, "groups": [...], "varying": [...], "stats": DataFrame,
@@ -791,12 +923,14 @@ def report(dirs: list[Path], out: Path | None = None, plots: bool = True, baseli
     if spec is not None:
         ctx["baseline"] = pick_baseline(groups, varying, spec)
         ctx["paired"], ctx["paired_seeds"] = paired_stats(df, ctx["baseline"]["id"], metric_columns(df))
+    name_groups(groups, varying, ctx["baseline"], labels or [])
     out = Path(out) if out is not None else Path(dirs[0])
     try:
         out.mkdir(parents=True, exist_ok=True)
         ctx["files"] = [out / "report.csv", out / "report.md", out / "report.json"]
         if plots:
             ctx["files"] += figures(ctx, out)
+        ctx["files"] += write_rounds(groups, varying, out)
         write_csv(df, out / "report.csv")
         atomic_write_text(out / "report.md", markdown(ctx))
         write_json(ctx, out / "report.json")
@@ -810,17 +944,33 @@ def report(dirs: list[Path], out: Path | None = None, plots: bool = True, baseli
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m sim.report DIR... [--out DIR] [--baseline KEY=VALUE,...] [--no-plots]``; exit 2 on bad input."""
-    parser = argparse.ArgumentParser(prog="python -m sim.report", description=__doc__.split("\n\n")[0])
+    """``python -m sim.report DIR... [--out DIR] [--baseline KEY=VALUE,...] [--label WHICH=TEXT]... [--labels FILE]
+    [--no-plots]`` (also ``l2h-report``); exit 2 on bad input."""
+    prog = "l2h-report" if Path(sys.argv[0]).name == "l2h-report" else "python -m sim.report"
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     parser.add_argument("dirs", nargs="+", type=Path, help="run directories or multirun sweep directories")
     parser.add_argument("--out", type=Path, default=None, help="output directory (default: the first directory)")
     parser.add_argument("--baseline", default=None, metavar="KEY=VALUE[,KEY=VALUE]",
                         help="the configuration to compare every other against, seed by seed "
                              "(its varying keys' values, e.g. strategy.name=confidence)")
-    parser.add_argument("--no-plots", action="store_true", help="write only report.csv, report.md and report.json")
+    parser.add_argument("--label", action="append", default=[], metavar="WHICH=TEXT",
+                        help="a configuration's legend label (repeatable); WHICH: its id (g3, in report.json) or "
+                             "KEY=VALUE[,KEY=VALUE] of its varying keys, e.g. strategy.name=confidence=Confidence")
+    parser.add_argument("--labels", type=Path, default=None, metavar="FILE",
+                        help="a file of WHICH=TEXT lines, as --label (# comments)")
+    parser.add_argument("--no-plots", action="store_true",
+                        help="write only report.csv, report.md, report.json and rounds.csv/.parquet")
     args = parser.parse_args(argv)
     try:
-        res = report(args.dirs, args.out, plots=not args.no_plots, baseline=args.baseline)
+        labels = list(args.label)
+        if args.labels is not None:
+            from sim.naming import LabelError, read_labels_file
+
+            try:
+                labels = read_labels_file(args.labels) + labels
+            except LabelError as exc:
+                raise ReportError(str(exc)) from None
+        res = report(args.dirs, args.out, plots=not args.no_plots, baseline=args.baseline, labels=labels)
     except ReportError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -42,12 +42,14 @@ from typing import Any  # noqa: E402
 
 import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
+from rich.console import Console  # noqa: E402
 
 from sim.cli import precheck  # noqa: E402
 from sim.core.config import register, to_config  # noqa: E402
 from sim.core.errors import ConfigError  # noqa: E402
 from sim.core.stop import exit_code, signal_name  # noqa: E402
 from sim.pipeline import simulate  # noqa: E402
+from sim.runlog import mirrored  # noqa: E402
 from sim.results import claim, path_override, resume_override  # noqa: E402
 from sim.sweep import FAILED, SWEEP, record_failure  # noqa: E402
 
@@ -97,9 +99,16 @@ def _run_job(cfg: DictConfig, hc: Any, multirun: bool) -> float | None:
         with claim(run_dir, new=not resume, key="sim.resume" if resume else "hydra.run.dir"):
             if not resume:
                 save_hydra_record(run_dir, cfg)
-            summary = simulate(config, run_dir)
+            with mirrored(Console(), run_dir) as console:  # run.log: what the console got (sim/runlog.py)
+                if multirun and config.sim.progress:
+                    say_job(console, hc)
+                summary = simulate(config, run_dir, console)
     except (ConfigError, EngineError) as exc:
         text = failure_text(exc, _CURRENT.get("run_dir"))
+        if _CURRENT.get("run_dir") is not None and Path(_CURRENT["run_dir"]).is_dir():
+            from sim.runlog import append_line
+
+            append_line(_CURRENT["run_dir"], f"error: {text}")  # run.log has what the console got (sim/runlog.py)
         if not multirun:
             print(f"error: {text}", file=sys.stderr)
             sys.exit(2)
@@ -110,6 +119,15 @@ def _run_job(cfg: DictConfig, hc: Any, multirun: bool) -> float | None:
         record_failure(Path(hc.runtime.output_dir), message)
         return None
     return float(summary["system_accuracy"])
+
+
+def say_job(console: Any, hc: Any) -> None:
+    """A sweep's job as it starts: ``job k/N: <overrides> (d done in MM:SS, eta MM:SS)`` (:mod:`sim.progress`)."""
+    from sim.progress import job_line, sweep_context
+
+    total, t0 = sweep_context()
+    console.print(job_line(int(hc.job.num), total or int(hc.job.num) + 1, list(hc.overrides.task),
+                           Path(str(hc.sweep.dir)), t0), soft_wrap=True, highlight=False)
 
 
 def failure_text(exc: BaseException, run_dir: Path | None) -> str:
@@ -416,6 +434,12 @@ def main() -> None:
             _watchdog()
             raise KeyboardInterrupt
         parallel = check_command_line(argv[1:])
+        if "-m" in argv[1:] or "--multirun" in argv[1:]:  # the sweep's "job k/N" lines (sim/progress.py)
+            from sim.cli import LAST_CHECK
+            from sim.progress import JOBS_ENV, T0_ENV
+
+            os.environ[JOBS_ENV] = str(LAST_CHECK.get("jobs", 0))
+            os.environ[T0_ENV] = repr(time.time())
         sys.argv = _hydra_argv(argv, parallel)
         _hydra_task()
     except KeyboardInterrupt:

@@ -40,6 +40,7 @@ class Inputs:
     finished: int
     t_start: float
     timing: dict[str, float] = field(default_factory=dict)
+    trackers: Any = None  # TensorBoard / MLflow (sim/tracking.py), open while the run goes on
 
 
 @dataclass
@@ -63,19 +64,18 @@ class Federation:
     """
 
     def __init__(self, inp: Inputs, spec_json: str, node_check: Callable[[str], None] | None = None):
-        from sim import terminal
+        from sim.progress import RunProgress
 
         self.inp, self.cfg, self.spec_json = inp, inp.cfg, spec_json
         self.node_check = node_check  # raises when the Ray node under the run died (sim.engine.check_node)
-        self.progress, self.task = terminal.round_progress(inp.console, self.cfg.sim.num_rounds,
-                                                           self.cfg.sim.progress)
-        self.progress.advance(self.task, inp.finished)
+        self.progress = RunProgress(inp.console, self.cfg.sim.num_rounds, inp.finished, self.cfg.sim.progress)
         self.pool: Any = None
         self.strategy: Any = None
         self.table: dict | None = None
         self.dead: list[int] = []
         self.t_sim = time.perf_counter()
-        self.board = board(inp) if self.cfg.sim.tensorboard else None
+        if inp.trackers is None:
+            inp.trackers = open_trackers(inp)
 
     def round_ok(self, record: dict[str, Any]) -> bool:
         """Whether a round is worth a checkpoint: some device answered its training *and* its
@@ -96,17 +96,17 @@ class Federation:
 
         self.check_node(int(record["round"]))
         self.inp.recorder.round(record)
+        if self.inp.trackers is not None:  # before the checkpoint, as metrics.jsonl: a stop loses no round of it
+            self.inp.trackers.round(record)
         final = int(record["round"]) == self.cfg.sim.num_rounds and self.strategy.last_x is not None
         if final:  # computed now, so the last checkpoint can hold it (a stop after it loses nothing)
             self.table = self.pool.table(self.strategy.last_x, self.strategy.last_eval["y"])
             self.dead = sorted(self.pool.dead)
         if self.cfg.sim.checkpoint and self.round_ok(record):
             self.save_checkpoint(record, final)
-        self.progress.advance(self.task)
+        self.progress.advance()
         if record.get("system_accuracy") is not None:
             self.progress.console.print(terminal.round_line(record, self.cfg.sim.num_rounds), soft_wrap=True)
-        if self.board is not None:
-            log_round(self.board, record)
 
     def check_node(self, round_: int) -> None:
         """On Ray: fail the run, before this round is recorded, if the Ray node under it has died (its
@@ -148,6 +148,7 @@ class Federation:
         cfg, inp, timing = self.cfg, self.inp, self.inp.timing
         device_cls, server_cls = method_classes(cfg.strategy)
         timing["engine_start_s"] = time.perf_counter() - self.t_sim
+        self.progress.phase("servers", f"starting {cfg.servers.count} helper server(s)")
         if cfg.sim.backend == Backend.ray:  # which Ray instance ran it (a sweep's jobs share one: sim/sweep.py)
             import ray
 
@@ -165,9 +166,11 @@ class Federation:
             self.strategy.spec_json = self.spec_json
             if inp.resume is not None:
                 self.restore()
+            self.progress.phase("handshake", "every Flower node builds its devices")
             self.strategy.handshake(grid, timeout)
             self.strategy.t0 = time.perf_counter()
             timing["handshake_s"] = self.strategy.t0 - self.t_sim - timing["engine_start_s"]
+            self.progress.rounds_start()
             self.strategy.start(grid, initial_arrays=ArrayRecord(), num_rounds=cfg.sim.num_rounds - inp.finished,
                                 timeout=timeout)
             timing["rounds_s"] = time.perf_counter() - self.strategy.t0
@@ -177,8 +180,6 @@ class Federation:
             self.dead = sorted(self.pool.dead)
         finally:
             self.pool.shutdown()
-            if self.board is not None:
-                self.board.close()
 
     def restore(self) -> None:
         """Load the resumed run's checkpoint into the pool and the strategy."""
@@ -193,10 +194,6 @@ class Federation:
         except CheckpointMismatch as exc:
             raise checkpoint.CheckpointError(str(exc)) from None
 
-
-BOARD_SCALARS = ("system_accuracy", "legacy_accuracy", "server_accuracy", "oracle_accuracy", "defer_rate",
-                 "served_defer_rate", "l01_cost", "rejector_loss", "server_loss", "samples_sent", "train_errors",
-                 "eval_errors", "server_accuracy_all_up", "system_accuracy_all_up")
 
 
 def method_classes(strategy: StrategyConfig) -> tuple[type[DeviceMethod], type[PoolStrategy]]:
@@ -216,26 +213,14 @@ def method_classes(strategy: StrategyConfig) -> tuple[type[DeviceMethod], type[P
             resolve(strategy.server, "strategy.server", PoolStrategy))
 
 
-def board(inp: Inputs) -> Any:
-    """A TensorBoard writer in ``<run dir>/tensorboard`` (a resumed run drops what came after its
-    checkpoint). Raises ConfigError when the ``tensorboard`` package is missing."""
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        raise ConfigError("sim.tensorboard=true needs the tensorboard package: pip install tensorboard") from None
-    return SummaryWriter(str(inp.run_dir / "tensorboard"), purge_step=inp.finished + 1 if inp.finished else None)
+def open_trackers(inp: Inputs) -> Any:
+    """TensorBoard and MLflow for this run when ``sim.tensorboard`` / ``sim.mlflow`` ask for them
+    (:class:`sim.tracking.Trackers`), else None. Raises ConfigError (one line) when a package is missing."""
+    if not (inp.cfg.sim.tensorboard or inp.cfg.sim.mlflow):
+        return None
+    from sim.tracking import Trackers
 
-
-def log_round(writer: Any, record: dict[str, Any]) -> None:
-    """One round's scalars (accuracies, defer rates, L01, losses, failovers by kind) at step = round."""
-    t = int(record["round"])
-    for key in BOARD_SCALARS:
-        v = record.get(key)
-        if isinstance(v, (int, float)) and v == v:
-            writer.add_scalar(key, v, t)
-    for kind, n in (record.get("failovers") or {}).items():
-        writer.add_scalar(f"failovers/{kind}", n, t)
-    writer.flush()
+    return Trackers(inp.cfg, inp.run_dir, inp.finished)
 
 
 def server_app(main: Callable[[Grid], None]) -> ServerApp:

@@ -112,6 +112,7 @@ def save(fig: Any, path: Path) -> Path:
     path = Path(path)
     png, pdf = path.with_suffix(".png"), path.with_suffix(".pdf")
     try:
+        fit(fig)
         for out, kwargs in ((pdf, {}), (png, {"dpi": DPI})):  # rendered in memory, written atomically
             buf = io.BytesIO()
             fig.savefig(buf, format=out.suffix[1:], **kwargs)
@@ -119,6 +120,52 @@ def save(fig: Any, path: Path) -> Path:
     finally:
         plt.close(fig)
     return png
+
+
+MIN_AXES_IN = (1.5, 1.2)
+"""Smallest width and height (inches) of the tallest / widest axes that :func:`fit` keeps."""
+PAD_IN = 0.04
+"""Margin (inches) :func:`fit` keeps between a legend and the figure's edge."""
+
+
+def _extent_in(artist: Any, fig: Any) -> Any:
+    return artist.get_window_extent(fig.canvas.get_renderer()).transformed(fig.dpi_scale_trans.inverted())
+
+
+def fit(fig: Any) -> None:
+    """Size ``fig`` from its legends and labels, before saving: an outside legend
+    (:func:`legend_outside`) that would be wider than the figure is first set in one column, then
+    the figure is widened to hold it; a label that still sticks out (an axis label wider than its
+    axes, long tick labels) widens or heightens the figure by as much; when legends and labels leave
+    the axes less than :data:`MIN_AXES_IN` (tallest axes' height, widest axes' width), the figure
+    grows by the difference. So 2-4 configurations with 40-60 character labels never clip at the
+    3.4-inch width (tests/test_figures.py checks that everything drawn lies inside the figure)."""
+    legends = list(fig.legends)
+    if not fig.axes:
+        return
+    fig.canvas.draw()  # one draw when everything fits (the common case), more only after a change
+    changed = False
+    for leg in legends:
+        if _extent_in(leg, fig).width > fig.get_figwidth() - 2 * PAD_IN and leg._ncols > 1:
+            leg.set_ncols(1)
+            changed = True
+    for _ in range(3):  # constrained layout places again after each change of size
+        if changed:
+            fig.canvas.draw()
+        changed = True
+        width, height = fig.get_size_inches()
+        need_w = max([_extent_in(leg, fig).width + 2 * PAD_IN for leg in legends] + [width])
+        boxes = [_extent_in(ax, fig) for ax in fig.axes if ax.get_visible()]
+        drawn = fig.get_tightbbox(fig.canvas.get_renderer())  # inches, everything drawn
+        need_w = max(need_w, width + max(0.0, -drawn.x0) + max(0.0, drawn.x1 - width) + (
+            PAD_IN if drawn.x0 < 0 or drawn.x1 > width else 0.0))
+        need_w += max(0.0, MIN_AXES_IN[0] - max(b.width for b in boxes))
+        need_h = height + max(0.0, -drawn.y0) + max(0.0, drawn.y1 - height) + (
+            PAD_IN if drawn.y0 < 0 or drawn.y1 > height else 0.0)
+        need_h += max(0.0, MIN_AXES_IN[1] - max(b.height for b in boxes))
+        if need_w <= width + 1e-3 and need_h <= height + 1e-3:
+            return
+        fig.set_size_inches(max(width, need_w), max(height, need_h))
 
 
 def outputs(path: Path) -> list[Path]:
@@ -154,11 +201,33 @@ def half_widths(mean: Sequence[float], lo: Sequence[float], hi: Sequence[float])
     return np.nan_to_num(np.vstack([m - lo_a, hi_a - m]), nan=0.0)
 
 
+LABEL_WIDTH = 46
+"""Characters of a legend or tick label line before :func:`wrap_label` breaks it."""
+
+
+def wrap_label(text: str, width: int = LABEL_WIDTH) -> str:
+    """A long configuration label on several lines, broken after its commas (``weights = shifted,
+    rejector inputs = sample, ...``) so a one-column figure need not grow to its length; a text that
+    already holds a line break, or one part longer than ``width``, is left as it is."""
+    if len(text) <= width or "\n" in text:
+        return text
+    lines: list[str] = []
+    for part in text.split(", "):
+        if lines and len(lines[-1]) + 2 + len(part) <= width:
+            lines[-1] += ", " + part
+        else:
+            if lines:
+                lines[-1] += ","
+            lines.append(part)
+    return "\n".join(lines)
+
+
 def legend_outside(fig: Any, ax: Any | None = None, where: str = "lower center", ncol: int | None = None,
                    **kw: Any) -> Any:
     """The legend of ``ax`` (default: every axis of ``fig``) outside the axes, at ``where``
     (a constrained-layout ``outside`` location: ``lower center``, ``upper center``, ``right upper``).
-    Duplicate labels are shown once; nothing is drawn when there are no labels."""
+    Duplicate labels are shown once, long ones on several lines (:func:`wrap_label`); nothing is
+    drawn when there are no labels."""
     handles, labels = [], []
     for a in ([ax] if ax is not None else fig.axes):
         for h, lab in zip(*a.get_legend_handles_labels()):
@@ -169,7 +238,7 @@ def legend_outside(fig: Any, ax: Any | None = None, where: str = "lower center",
         return None
     if ncol is None:
         ncol = 1 if where.startswith(("right", "left")) else min(len(labels), 2 if fig.get_figwidth() < 5 else 4)
-    return fig.legend(handles, labels, loc=f"outside {where}", ncol=ncol, **kw)
+    return fig.legend(handles, [wrap_label(lab) for lab in labels], loc=f"outside {where}", ncol=ncol, **kw)
 
 
 def log2_axis(ax: Any, values: Sequence[float], axis: str = "x") -> None:

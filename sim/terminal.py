@@ -1,13 +1,11 @@
-"""What a run shows on the terminal: the fleet at start, a progress bar and a line per round,
-and the summary tables at the end (rich)."""
+"""What a run shows on the terminal: the fleet at start, a line per round, and the summary tables at
+the end (rich). The progress display (phases, the rounds' bar) is :mod:`sim.progress`."""
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn, \
-    TimeRemainingColumn
 from rich.table import Table
 
 from sim.core.config import Config, FailureKind
@@ -46,14 +44,6 @@ def print_servers(console: Any, cfg: Config, schedule: list[Any]) -> None:
         console.print(f"  round {t:>3}: {text}", soft_wrap=True)
     if not lines and not drop:
         console.print("  (no fault falls within this run's rounds)")
-
-
-def round_progress(console: Any, num_rounds: int, enabled: bool) -> tuple[Progress, TaskID]:
-    """A progress bar over rounds with elapsed time and an estimate of the time left."""
-    progress = Progress(TextColumn("[bold]rounds"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                        TextColumn("eta"), TimeRemainingColumn(), console=console, transient=True,
-                        disable=not enabled)
-    return progress, progress.add_task("rounds", total=num_rounds)
 
 
 def round_line(record: dict[str, Any], num_rounds: int) -> str:

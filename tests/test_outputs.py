@@ -17,8 +17,9 @@ def test_partition_picture_and_tensorboard_scalars(tmp_path, shared_cache):
         assert (tmp_path / "run" / f"partition.{ext}").stat().st_size > 5_000
     acc = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
     acc.Reload()
-    tags = set(acc.Tags()["scalars"])
-    assert {"system_accuracy", "defer_rate", "l01_cost", "legacy_accuracy", "server_accuracy"} <= tags
-    sysacc = acc.Scalars("system_accuracy")
+    tags = set(acc.Tags()["scalars"])  # grouped by prefix (sim/tracking.py)
+    assert {"system/system_accuracy", "system/defer_rate", "system/l01_cost", "system/legacy_accuracy",
+            "servers/server_accuracy"} <= tags
+    sysacc = acc.Scalars("system/system_accuracy")
     assert [e.step for e in sysacc] == [1, 2, 3]
     assert sysacc[-1].value == pytest.approx(s["system_accuracy"])

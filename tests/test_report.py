@@ -219,6 +219,7 @@ def test_figures_are_pdf_and_png_and_runs_are_untouched(tmp_path):
     assert snapshot(runs) == before
     names = {p.name for p in res["files"]}
     for stem in ("accuracy_vs_defer_rate", "cost_coverage", "accuracy_vs_c_e", "accuracy_vs_staleness",
+                 "accuracy_vs_staleness_paired",
                  "achieved_vs_requested_defer_rate"):
         for ext in ("pdf", "png"):
             assert f"{stem}.{ext}" in names and (tmp_path / "out" / f"{stem}.{ext}").stat().st_size > 5_000

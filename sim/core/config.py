@@ -628,6 +628,8 @@ class SimConfig:
     progress: bool = True
     plots: bool = True
     tensorboard: bool = False  # per-round scalars in <run dir>/tensorboard (tensorboard --logdir <run dir>)
+    mlflow: bool = False  # params, per-round metrics, figures in the local MLflow store sim.mlflow_dir (sim/tracking.py)
+    mlflow_dir: str = "mlruns"  # the MLflow store (SQLite database and artifacts), shared by the runs started here
     cache_dir: str = "~/.cache/l2h-fleet-sim"
     round_timeout: float = 3600.0  # seconds to wait for device replies in a round
     checkpoint: bool = True  # write checkpoint.npz at the end of every round
