@@ -69,6 +69,7 @@ KEY_LABELS = {
     "failures.round": "failure round", "failures.servers": "failed servers",
     "servers.coop.serve_depth": "serve depth", "serve_depth": "serve depth", "servers.coop.capacity": "capacity",
     "capacity": "capacity", "strategy.tau": r"$\tau$", "strategy.defer_rate": "defer rate",
+    "servers.c_e": "server $c_e$", "servers.widths": "server widths", "servers.known_classes": "known classes",
 }
 """Human (math) labels of config keys for legends and axes; ``""``: show the value alone."""
 
