@@ -27,7 +27,7 @@ def test_nothing_failing_keeps_exactly_one(tmp_path, shared_cache):
 def test_a_fault_that_ends_before_the_last_round_is_measured_while_it_lasts(tmp_path, shared_cache):
     """Every device cut off from the only server in rounds 4-5 of 7: those rounds keep only the
     legacy model's accuracy; the last rounds are all up again, so the final-round ratio (the old
-    definition) says nothing was lost."""
+    definition) hides most of the loss."""
     s = run(tmp_path, shared_cache, "cut", failures="partition",
             **{"failures.partition.devices": "[0,1,2,3]", "failures.partition.servers": "[0]",
                "failures.partition.start": 4, "failures.partition.end": 5})
@@ -45,7 +45,10 @@ def test_a_fault_that_ends_before_the_last_round_is_measured_while_it_lasts(tmp_
     for t in (4, 5):
         assert rounds[t]["system_accuracy"] == rounds[t]["legacy_accuracy"] and rounds[t]["defer_rate"] == 0.0
         assert by_round[str(t)] == pytest.approx(rounds[t]["legacy_accuracy"] / ref[t]["system_accuracy"])
-    assert res["fraction_kept"] < 1.0 and res["fraction_kept_final"] > 0.99
+    # The final-round ratio (the old definition) sees less of the fault than the rounds it lasted: all up
+    # again, only the server's missed training samples remain (measured 0.988 final against 0.973 while cut
+    # off, with the float64 product lines; 0.99+ with the earlier models).
+    assert res["fraction_kept"] < res["fraction_kept_final"] <= 1.0
     assert all(by_round[t] == 1.0 for t in ("1", "2", "3"))  # before the fault: the reference's own rounds
     # the same trained server, reachable, answers the samples better than the legacy fallback did
     for t in (4, 5):  # cut off, every sample falls back to the legacy model: the server answers none

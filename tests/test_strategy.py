@@ -1,4 +1,6 @@
 """Server-side strategy logic without the engine: staleness, sampling, replay buffer."""
+from types import SimpleNamespace
+
 import numpy as np
 from flwr.app import Array, ArrayRecord
 
@@ -18,7 +20,7 @@ class StubPool:
 
     def __init__(self):
         self.up = [0]
-        self.reset_round = np.zeros(1, dtype=np.int64)
+        self.recovery = SimpleNamespace(reset_round=np.zeros(1, dtype=np.int64))  # servers.recovery.Recovery's
         self.masked = {}
 
     def begin_round(self, faults):
@@ -60,7 +62,7 @@ def test_a_reset_server_is_in_the_stale_copy_at_once_and_masked_for_devices_that
 
     s, grid = strategy(**{"strategy.staleness": 3, "sim.num_rounds": 10})
     seen = [sent_weight(s.configure_train(1, weights(1), None, grid))]
-    s.pool.reset_round[0] = 2  # the pool's begin_round of round 2 restarted it from scratch
+    s.pool.recovery.reset_round[0] = 2  # the pool's begin_round of round 2 restarted it from scratch
     seen += [sent_weight(s.configure_train(r, weights(r), None, grid)) for r in range(2, 6)]
     assert seen == [1, 2, 2, 4, 4] and s.stale_round.tolist() == [4]
     s.states = {0: {}, 1: {}, 2: {}}  # devices with a trained rejector (3 never trained: keeps its samples)
@@ -68,7 +70,7 @@ def test_a_reset_server_is_in_the_stale_copy_at_once_and_masked_for_devices_that
     assert s.masked() == {0: [1, 2]}
     s.eval_content(5, weights(5))
     assert json.loads(s.faults_json)["partition"] == [[[1, 2], [0]]] and s.pool.masked == {1: {0}, 2: {0}}
-    s.pool.reset_round[0] = 0  # never reset: only the device that never trained against it is masked
+    s.pool.recovery.reset_round[0] = 0  # never reset: only the device that never trained against it is masked
     assert s.masked() == {0: [2]}
 
 
