@@ -66,15 +66,21 @@ def assign_groups(num_clients: int, shares: list[float]) -> list[int]:
 
 
 @contextmanager
-def build_threads(threads: int) -> Iterator[None]:
-    """Run the block with ``threads`` torch threads, then restore the count a run's rounds use
-    (``sim.torch_threads``)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
+def torch_setting(get: Callable[[], Any], put: Callable[[Any], None], value: Any) -> Iterator[None]:
+    """Run the block with a process-wide torch setting at ``value`` (``put(value)``), then put back
+    what ``get()`` said before."""
+    before = get()
+    put(value)
     try:
         yield
     finally:
-        torch.set_num_threads(before)
+        put(before)
+
+
+def build_threads(threads: int) -> Iterator[None]:
+    """Run the block with ``threads`` torch threads, then restore the count a run's rounds use
+    (``sim.torch_threads``)."""
+    return torch_setting(torch.get_num_threads, torch.set_num_threads, threads)
 
 
 def legacy_file(device: int) -> str:
@@ -173,15 +179,9 @@ def pretrain_legacy(xs: np.ndarray, ys: np.ndarray, group: DeviceGroupConfig, in
     return [freeze(m.float()) for m in models]
 
 
-@contextmanager
 def default_dtype(dtype: torch.dtype) -> Iterator[None]:
     """``torch.set_default_dtype(dtype)`` inside the block (parameters created there are ``dtype``), restored after."""
-    before = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(before)
+    return torch_setting(torch.get_default_dtype, torch.set_default_dtype, dtype)
 
 
 def freeze(model: torch.nn.Module) -> torch.nn.Module:
