@@ -441,11 +441,15 @@ def stop_ray() -> None:
 
 
 def node_gone() -> bool:
-    """Whether the Ray node this process uses has died (:func:`sim.raynode.node_lost`; once found, for good)."""
+    """Whether the Ray node this process uses has died, as far as this process can see without asking
+    the GCS (:func:`sim.raynode.node_lost` with ``ask_gcs=False``; once found, for good). Called while
+    shutting down: a GCS that is exiting too (a stop signal sent to the whole process group) can keep a
+    ``ray.nodes()`` call waiting for its reconnect timeout, 60 s (measured: a stress try still running
+    30 s after SIGTERM to its group)."""
     from sim import raynode
 
     if not raynode.LOST:
-        lost = raynode.node_lost(started_here())
+        lost = raynode.node_lost(started_here(), ask_gcs=False)
         if lost is not None:
             raynode.LOST.append(lost)
     return bool(raynode.LOST)

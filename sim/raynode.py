@@ -72,13 +72,14 @@ def quiet_error_channel(verbose: bool) -> None:
     worker.print_to_stdstream = print_to_stdstream
 
 
-def node_lost(started_here: bool) -> str | None:
+def node_lost(started_here: bool, ask_gcs: bool = True) -> str | None:
     """What of this process's Ray node has died (None: nothing, or Ray is not up).
 
     ``started_here``: the local instance was started by this process -- its raylet and GCS server are
     this process's children, so their exit is seen at once (``Node.dead_processes``). Otherwise (a
-    cluster, a sweep's shared Ray) the GCS is asked whether the driver's node is alive (``ray.nodes``;
-    it notices a lost node after its health checks, seconds later).
+    cluster, a sweep's shared Ray), and when ``ask_gcs``, the GCS is asked whether the driver's node
+    is alive (``ray.nodes``; it notices a lost node after its health checks, seconds later; a GCS
+    that is itself exiting can keep that call waiting for up to a minute).
     """
     import ray
 
@@ -92,6 +93,8 @@ def node_lost(started_here: bool) -> str | None:
             dead = []
         if dead:
             return exited(*dead[0])
+    if not ask_gcs:
+        return None
     try:
         me = ray.get_runtime_context().get_node_id()
         alive = {n.get("NodeID"): n.get("Alive") for n in ray.nodes()}
