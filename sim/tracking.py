@@ -13,10 +13,10 @@ metrics (``hparams/system_accuracy``, ...) for TensorBoard's HParams tab.
 experiment ``l2h-fleet-sim``: the flattened config as params, the same per-round metrics at step =
 round, the final metrics, and the run's figures, ``summary.json`` and ``clients.csv`` as artifacts;
 tags ``run_dir`` and the code's ``git_commit``. The run is named after its directory; a sweep's job after its
-``N_<overrides>`` directory, with ``/`` and other characters a path rejects made ``_`` (:func:`run_name`). A stopped run's MLflow run ends ``KILLED`` (a failed
-one ``FAILED``), and its resume continues that MLflow run (found by its ``run_dir`` tag). The all-up
-reference of a run with failures gets no MLflow run of its own (its TensorBoard files are in
-``reference/tensorboard``). Browse with ``mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db``.
+``N_<overrides>`` directory, with ``/`` and other characters a path rejects made ``_`` (:func:`run_name`).
+A stopped run's MLflow run ends ``KILLED`` (a failed one ``FAILED``), and its resume continues that MLflow
+run (found by its ``run_dir`` tag). The all-up reference of a run with failures gets no MLflow run of
+its own (its TensorBoard files are in ``reference/tensorboard``). Browse with ``mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db``.
 
 Why SQLite and not MLflow's plain file store: MLflow deprecated the file store (``./mlruns`` as a
 tracking URI) and the 3.18 tested here refuses it unless ``MLFLOW_ALLOW_FILE_STORE=true``; the

@@ -19,6 +19,8 @@ What is checked:
   (:func:`sim.report.parser`), ``--baseline`` parses, and the keys of ``--baseline`` and ``--label`` are
   config keys.
 - ``python benchmarks/X.py ...``: the script exists and every ``--flag`` is one its argparse defines.
+- ``flwr run ... -c 'overrides="..."'``: the run config parses as Flower parses it and its overrides compose
+  and pass the ServerApp's checks (:func:`sim.flwr_app.config_from`).
 - any other ``python -m MODULE`` / ``python FILE``: the module or file exists.
 
 Placeholders are fine: run directories such as ``runs/X`` or ``multirun/DATE/TIME`` need not exist, and a
@@ -82,14 +84,6 @@ class Command:
             return argv[2] if len(argv) > 2 else ""
         return argv[1]
 
-    @property
-    def args(self) -> list[str]:
-        """The program's own arguments."""
-        argv = self.argv
-        if argv[0] in ("l2h-sim", "l2h-report"):
-            return argv[1:]
-        return argv[3:] if argv[1] == "-m" else argv[2:]
-
 
 def _segments(text: str) -> list[str]:
     """A shell line split at ``&&``, ``||`` and ``;`` outside quotes, comments dropped."""
@@ -143,7 +137,7 @@ def doc_commands() -> list[Command]:
             m = re.match(r"#\s+((?:python|l2h-)\S*\s.*)", line)
             if m:
                 cmds.append(Command(f"{path.relative_to(ROOT).as_posix()}:{i}", m.group(1)))
-    return [c for c in cmds if c.program]
+    return [c for c in cmds if c.program or c.argv[:2] == ["flwr", "run"]]
 
 
 def _by_program(*programs: str) -> list[pytest.param]:
@@ -263,8 +257,8 @@ def test_sim_report_command_parses(argv, where, error, config_keys):
 
     ap = parser()
     flags = {a.split("=", 1)[0] for a in _strip_program(argv) if a.startswith("-")}
-    assert flags <= set(ap._option_string_actions), (  # argparse would take an abbreviation; the docs spell it out
-        f"{' '.join(argv)} ({', '.join(where)}): sim.report has no {', '.join(sorted(flags - set(ap._option_string_actions)))}")
+    unknown = flags - set(ap._option_string_actions)  # argparse would take an abbreviation; the docs spell it out
+    assert not unknown, f"{' '.join(argv)} ({', '.join(where)}): sim.report has no {', '.join(sorted(unknown))}"
     try:
         ns = ap.parse_args(_strip_program(argv))
     except SystemExit:
@@ -294,11 +288,28 @@ def test_benchmark_command_uses_flags_the_script_has(argv, where, error):
     assert not unknown, f"{' '.join(argv)} ({', '.join(where)}): {argv[1]} has no {', '.join(sorted(unknown))}"
 
 
+def test_flwr_run_commands_overrides_compose():
+    """``flwr run . ... -c 'overrides="..." run-dir="..."'``: the run config parsed as Flower parses it, and
+    its overrides composed and checked as the ServerApp does (:func:`sim.flwr_app.config_from`)."""
+    from flwr.common.config import parse_config_args
+
+    from sim.flwr_app import config_from
+
+    found = [c for c in doc_commands() if c.argv[:2] == ["flwr", "run"]]
+    assert found, "no flwr run command in the docs"
+    for c in found:
+        argv = c.argv
+        given = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a in ("-c", "--run-config")]
+        run_config = parse_config_args(given)
+        assert "overrides" in run_config, f"{c.where}: {c.text}: no overrides in its run config"
+        config_from(run_config)
+
+
 def test_other_python_commands_name_modules_and_files_that_exist():
     import importlib.util
 
     for c in doc_commands():
-        if c.program in ("sim.run", "sim.report") or c.program.startswith("benchmarks/"):
+        if c.program in ("sim.run", "sim.report", "") or c.program.startswith("benchmarks/"):
             continue
         if c.argv[1] == "-m":
             assert importlib.util.find_spec(c.program) is not None, f"{c.where}: {c.text}: no module {c.program}"
