@@ -12,9 +12,10 @@ What is checked:
   :func:`sim.run.check_command_line` (:func:`sim.cli.precheck`: the config composed with Hydra's compose
   API and its values checked, method names, tracker packages, the sweep's settings; then ``--config-name``
   and ``hydra.run.dir`` / ``hydra.sweep.dir``). A ``-m`` sweep is expanded as Hydra's basic sweeper
-  expands it (Hydra's override parser, the preset's ``hydra.sweeper.params`` included) and its first
-  job is composed and checked; every swept value of a config group must be one of that group's options.
-  Composing every job of every sweep took minutes on a loaded 2-core machine.
+  expands it (:func:`sim.cli._expand`: Hydra's override parser, the preset's ``hydra.sweeper.params``
+  included) and its first job is composed and checked; every swept value of a config group must be one of
+  that group's options. Composing every job of every sweep took minutes on a loaded 2-core machine; as it
+  is, each command costs one composition (about 0.3 s of CPU here).
 - ``python -m sim.report ...`` (and ``l2h-report``): the arguments parse with the report's own parser
   (:func:`sim.report.parser`), ``--baseline`` parses, and the keys of ``--baseline`` and ``--label`` are
   config keys.
@@ -210,6 +211,44 @@ def config_keys():
     return set(flat_params(plain(compose_checked([]))))
 
 
+def preset_sweep(args: list[str]) -> list[list[str]]:
+    """The jobs of a ``-m`` command of the default config that picks at most one experiment preset, expanded
+    by :func:`sim.cli._expand` (Hydra's override parser, the basic sweeper's order) with the preset's
+    ``hydra.sweeper.params`` read from its YAML; [] for any other command (checked by :func:`sim.cli.precheck`
+    as it is). The presets hold the only sweeper params in configs/, and :func:`sim.cli.sweep_jobs` composes
+    the whole config to find them: a second composition per sweep, a third of this file's time.
+    :func:`test_a_presets_sweep_expands_as_the_command_line_check_expands_it` holds the two ways equal."""
+    from omegaconf import OmegaConf
+
+    from sim.cli import _expand, parse_command_line
+
+    line = parse_command_line(args)
+    presets = [o.split("=", 1)[1] for o in line.overrides if o.lstrip("+").split("=", 1)[0] == "experiment"]
+    if not line.multirun or line.config_name != "config" or line.config_dir or line.config_path \
+            or len(presets) > 1 or any("," in p for p in presets):
+        return []
+    params = None
+    for name in presets:
+        path = ROOT / "configs" / "experiment" / f"{name}.yaml"
+        if not path.is_file():
+            return []  # no such preset: the command line's check says so
+        preset = OmegaConf.load(path)
+        found = OmegaConf.select(preset, "hydra.sweeper.params")
+        params = OmegaConf.to_container(found, resolve=False) if found is not None else None
+    return _expand(line.overrides, params)
+
+
+@pytest.mark.parametrize("args", [
+    ["-m", "experiment=tiered_servers", "+tier=both", "servers.c_e=[0.05,0.1],[0.05,0.3]"],
+    ["-m", "experiment=compare", "strategy=l2h,l2d", "seed=0,1", "hydra.sweep.dir=runs/x"],
+    ["-m", "servers.training=independent,mel", "seed=0,1", "sim.sweep_parallel=2"],
+])
+def test_a_presets_sweep_expands_as_the_command_line_check_expands_it(args):
+    from sim.cli import parse_command_line, sweep_jobs
+
+    assert preset_sweep(args) == sweep_jobs(parse_command_line(args))
+
+
 @pytest.mark.parametrize("argv,where,error", _by_program("sim.run"))
 def test_sim_run_command_composes(argv, where, error, groups, tmp_path, monkeypatch):
     """Composes and passes the command line's checks; or, where the docs show its error, fails with it."""
@@ -227,14 +266,20 @@ def test_sim_run_command_composes(argv, where, error, groups, tmp_path, monkeypa
             (tmp_path / value).parent.mkdir(parents=True, exist_ok=True)
             (tmp_path / value).touch()
     jobs: list[list[str]] = []
-
-    def first_job(all_jobs, cap):
-        jobs.extend(all_jobs)
-        return all_jobs[:1]
-
-    monkeypatch.setattr(sim.cli, "sample_jobs", first_job)
     try:
-        check_command_line(args)
+        jobs = preset_sweep(args)
+        if jobs:  # its first job, on its own, with the flags and hydra.* overrides of the command
+            sim.cli.check_sweep_settings(jobs)
+            line = sim.cli.parse_command_line(args)
+            check_command_line([a for a in args if a not in ("-m", "--multirun") and a not in line.overrides]
+                               + jobs[0])
+        else:
+            def first_job(all_jobs, cap):
+                jobs.extend(all_jobs)
+                return all_jobs[:1]
+
+            monkeypatch.setattr(sim.cli, "sample_jobs", first_job)
+            check_command_line(args)
     except ConfigError as exc:
         if error is not None and (str(exc) == error or str(exc).startswith(error)):
             return
