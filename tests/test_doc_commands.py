@@ -1,9 +1,9 @@
 """Every command the docs tell a researcher to type is checked, without running anything.
 
-Where the commands are: the fenced ``bash`` / ``sh`` / ``shell`` blocks of README.md and docs/*.md
-(``\\`` continuations joined, ``&&`` / ``;`` chains split, ``#`` comments and leading ``VAR=value``
-assignments dropped), the inline code spans of those files that start with ``python -m sim.`` or
-``python benchmarks/``, and the commented ``#   python -m sim...`` lines of the headers of
+Where the commands are: the fenced ``bash`` / ``sh`` / ``shell`` blocks of README.md, docs/*.md and
+benchmarks/README.md (``\\`` continuations joined, ``&&`` / ``;`` chains split, ``#`` comments and leading
+``VAR=value`` assignments dropped), the inline code spans of those files that start with ``python -m sim.``
+or ``python benchmarks/``, and the commented ``#   python -m sim...`` lines of the headers of
 configs/experiment/*.yaml. Transcripts (unlabelled blocks with ``$`` prompts) are output, not commands.
 
 What is checked:
@@ -39,7 +39,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).parents[1]
-DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), ROOT / "benchmarks" / "README.md"]
 PRESETS = sorted((ROOT / "configs" / "experiment").glob("*.yaml"))
 FENCE = re.compile(r"^([ \t]*)```[ \t]*([A-Za-z]*)[^\n]*\n(.*?)^[ \t]*```", re.S | re.M)
 SHELL = {"bash", "sh", "shell", "zsh"}
@@ -47,6 +47,8 @@ INLINE = re.compile(r"`(python (?:-m sim\.|benchmarks/)[^`]*)`")
 ENV_ASSIGNMENT = re.compile(r"^[A-Za-z_][A-Za-z_0-9]*=")
 
 
+PLACEHOLDER_VALUES = {"fleet.num_clients=N": "fleet.num_clients=100"}
+"""Overrides written with a placeholder value (benchmarks/README.md's workload "for N devices"), checked with one."""
 NEEDS_THE_READERS_FILES = {
     ("strategy=mymethod",): "Could not find 'strategy/mymethod'",
 }
@@ -69,7 +71,8 @@ class Command:
         while args and ENV_ASSIGNMENT.match(args[0]):
             args.pop(0)
         # "more of the same" in a sweep's example, and <overrides>-style placeholders
-        return [a for a in args if a not in ("...", "…") and not re.fullmatch(r"<[^<>]+>", a)]
+        return [PLACEHOLDER_VALUES.get(a, a) for a in args
+                if a not in ("...", "…") and not re.fullmatch(r"<[^<>]+>", a)]
 
     @property
     def program(self) -> str:
