@@ -123,7 +123,11 @@ def main() -> None:
     ap.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
                     help="with --cold-run: more overrides for every run, e.g. fleet.build_threads=2")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "scale.json")
+    ap.add_argument("--report", type=Path, metavar="FILE", help="print the tables of a results file (--out) and stop")
     ns = ap.parse_args()
+    if ns.report is not None:
+        report(json.loads(ns.report.read_text()))
+        return
     if ns.set and not ns.cold_run:
         ap.error("--set goes with --cold-run")
     if any(o.split("=")[0].lstrip("+~") in ("fleet.num_clients", "sim.backend") for o in ns.set):
@@ -329,7 +333,4 @@ def report(res: dict) -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 3 and sys.argv[1] == "--report":
-        report(json.loads(Path(sys.argv[2]).read_text()))
-    else:
-        main()
+    main()

@@ -943,24 +943,29 @@ def report(dirs: list[Path], out: Path | None = None, plots: bool = True, baseli
             "files": ctx["files"], "warnings": warnings}
 
 
+def parser() -> argparse.ArgumentParser:
+    """The command line of :func:`main` (also what tests/test_doc_commands.py checks the docs' commands on)."""
+    prog = "l2h-report" if Path(sys.argv[0]).name == "l2h-report" else "python -m sim.report"
+    ap = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
+    ap.add_argument("dirs", nargs="+", type=Path, help="run directories or multirun sweep directories")
+    ap.add_argument("--out", type=Path, default=None, help="output directory (default: the first directory)")
+    ap.add_argument("--baseline", default=None, metavar="KEY=VALUE[,KEY=VALUE]",
+                    help="the configuration to compare every other against, seed by seed "
+                         "(its varying keys' values, e.g. strategy.name=confidence)")
+    ap.add_argument("--label", action="append", default=[], metavar="WHICH=TEXT",
+                    help="a configuration's legend label (repeatable); WHICH: its id (g3, in report.json) or "
+                         "KEY=VALUE[,KEY=VALUE] of its varying keys, e.g. strategy.name=confidence=Confidence")
+    ap.add_argument("--labels", type=Path, default=None, metavar="FILE",
+                    help="a file of WHICH=TEXT lines, as --label (# comments)")
+    ap.add_argument("--no-plots", action="store_true",
+                    help="write only report.csv, report.md, report.json and rounds.csv/.parquet")
+    return ap
+
+
 def main(argv: list[str] | None = None) -> int:
     """``python -m sim.report DIR... [--out DIR] [--baseline KEY=VALUE,...] [--label WHICH=TEXT]... [--labels FILE]
     [--no-plots]`` (also ``l2h-report``); exit 2 on bad input."""
-    prog = "l2h-report" if Path(sys.argv[0]).name == "l2h-report" else "python -m sim.report"
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
-    parser.add_argument("dirs", nargs="+", type=Path, help="run directories or multirun sweep directories")
-    parser.add_argument("--out", type=Path, default=None, help="output directory (default: the first directory)")
-    parser.add_argument("--baseline", default=None, metavar="KEY=VALUE[,KEY=VALUE]",
-                        help="the configuration to compare every other against, seed by seed "
-                             "(its varying keys' values, e.g. strategy.name=confidence)")
-    parser.add_argument("--label", action="append", default=[], metavar="WHICH=TEXT",
-                        help="a configuration's legend label (repeatable); WHICH: its id (g3, in report.json) or "
-                             "KEY=VALUE[,KEY=VALUE] of its varying keys, e.g. strategy.name=confidence=Confidence")
-    parser.add_argument("--labels", type=Path, default=None, metavar="FILE",
-                        help="a file of WHICH=TEXT lines, as --label (# comments)")
-    parser.add_argument("--no-plots", action="store_true",
-                        help="write only report.csv, report.md, report.json and rounds.csv/.parquet")
-    args = parser.parse_args(argv)
+    args = parser().parse_args(argv)
     try:
         labels = list(args.label)
         if args.labels is not None:

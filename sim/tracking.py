@@ -12,10 +12,11 @@ metrics (``hparams/system_accuracy``, ...) for TensorBoard's HParams tab.
 (default ``mlruns/`` in the working directory, shared by every run and sweep started there), in the
 experiment ``l2h-fleet-sim``: the flattened config as params, the same per-round metrics at step =
 round, the final metrics, and the run's figures, ``summary.json`` and ``clients.csv`` as artifacts;
-tags ``run_dir`` and the code's ``git_commit``. A stopped run's MLflow run ends ``KILLED`` (a failed
-one ``FAILED``), and its resume continues that MLflow run (found by its ``run_dir`` tag). The all-up
-reference of a run with failures gets no MLflow run of its own (its TensorBoard files are in
-``reference/tensorboard``). Browse with ``mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db``.
+tags ``run_dir`` and the code's ``git_commit``. The run is named after its directory; a sweep's job after its
+``N_<overrides>`` directory, with ``/`` and other characters a path rejects made ``_`` (:func:`run_name`).
+A stopped run's MLflow run ends ``KILLED`` (a failed one ``FAILED``), and its resume continues that MLflow
+run (found by its ``run_dir`` tag). The all-up reference of a run with failures gets no MLflow run of
+its own (its TensorBoard files are in ``reference/tensorboard``). Browse with ``mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db``.
 
 Why SQLite and not MLflow's plain file store: MLflow deprecated the file store (``./mlruns`` as a
 tracking URI) and the 3.18 tested here refuses it unless ``MLFLOW_ALLOW_FILE_STORE=true``; the
@@ -27,10 +28,12 @@ anything runs (:func:`check_trackers`).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
 import os
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -220,6 +223,37 @@ def open_store(mlflow_dir: str, verbose: bool = False) -> tuple[Any, str]:
     return client, exp_id
 
 
+RUN_NAME_MAX = 250
+"""Longest MLflow run name: the ``runs.name`` column of MLflow's SQL schema is ``String(250)`` (SQLite does not
+enforce it, the other databases MLflow runs on do)."""
+_UNSAFE = re.compile(r"[^A-Za-z0-9._=,+@%\[\]-]+")
+"""What a run name keeps: letters, digits and the punctuation of Hydra's ``key=value,key=value`` override
+names; anything else (``/``, ``\\``, ``:``, spaces, quotes, control characters) is what a path or another
+store's name rejects or splits on."""
+
+
+def run_name(run_dir: Path) -> str:
+    """The MLflow run name of the run in ``run_dir``: the directory's name, or, for a job of a sweep, its
+    path under the sweep directory (the nearest one above holding Hydra's ``multirun.yaml``), which is the
+    job's ``N_<overrides>`` directory (configs/config.yaml, ``hydra.sweep.subdir``). An override value holding
+    ``/`` (``sim.mlflow_dir=runs/mlruns``, ``data.path=/data/x.npz``) makes that more than one directory, and
+    the last one alone named every job of the sweep alike (``mlruns``).
+
+    Each run of characters outside letters, digits and ``._=,+@%[]-`` becomes one ``_``, so the name holds no
+    ``/`` and stays readable: ``3_data.path=_data_x.npz,seed=1``. It starts with the job number, so the jobs of
+    one sweep never share a name; a name over :data:`RUN_NAME_MAX` characters is cut, keeping that start, and
+    ends with a hash of the whole path (two long names that differ only at their ends stay apart).
+    """
+    run_dir = Path(os.path.abspath(os.path.expanduser(str(run_dir))))
+    sweep = next((d for d in run_dir.parents if (d / "multirun.yaml").is_file()), None)
+    raw = run_dir.relative_to(sweep).as_posix() if sweep is not None else run_dir.name
+    name = _UNSAFE.sub("_", raw).strip("_") or "run"
+    if len(name) > RUN_NAME_MAX:
+        tail = "~" + hashlib.sha1(raw.encode()).hexdigest()[:10]
+        name = name[:RUN_NAME_MAX - len(tail)] + tail
+    return name
+
+
 class MlflowRun:
     """One simulation as one MLflow run in the local store ``sim.mlflow_dir`` (module docstring)."""
 
@@ -237,7 +271,7 @@ class MlflowRun:
         from sim.provenance import git_state
 
         commit = git_state(Path(__file__).resolve().parent).get("commit") or "unknown"
-        self.run_id = self.client.create_run(exp_id, run_name=Path(run_dir).name,
+        self.run_id = self.client.create_run(exp_id, run_name=run_name(run_dir),
                                              tags={"run_dir": key, "git_commit": commit}).info.run_id
         items = [Param(k, str(v)[:6000]) for k, v in sorted(params.items())]
         for i in range(0, len(items), 100):  # MLflow takes at most 100 params per batch

@@ -131,3 +131,49 @@ def test_mlflow_run_has_params_metrics_and_figures_and_the_resume_continued_it(t
     assert {"figures/rounds.png", "figures/rounds.pdf", "figures/accuracy_vs_defer_rate.png"} <= figures
     assert not any("resilience" in f for f in figures)  # a run without failures has no resilience figures
     assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"summary.json", "clients.csv", "figures"}
+
+
+def sweep_job(tmp_path, subdir):
+    """A job's directory in a sweep (Hydra's multirun.yaml in the sweep directory), as Hydra makes it from
+    ``hydra.sweep.subdir`` = ``N_<overrides>``: an override value's ``/`` makes nested directories."""
+    sweep = tmp_path / "multirun" / "2026-01-01" / "10-00-00"
+    sweep.mkdir(parents=True, exist_ok=True)
+    (sweep / "multirun.yaml").write_text("hydra: {}\n")
+    (sweep / subdir).mkdir(parents=True, exist_ok=True)
+    return sweep / subdir
+
+
+def test_a_sweep_jobs_run_name_is_its_overrides_without_slashes_and_unique(tmp_path):
+    from sim.tracking import RUN_NAME_MAX, run_name
+
+    jobs = [sweep_job(tmp_path, f"{i}_seed={i},sim.mlflow=true,sim.mlflow_dir=runs/mlruns") for i in range(2)]
+    assert [j.name for j in jobs] == ["mlruns", "mlruns"]  # what named the MLflow runs before: every job alike
+    assert [run_name(j) for j in jobs] == ["0_seed=0,sim.mlflow=true,sim.mlflow_dir=runs_mlruns",
+                                           "1_seed=1,sim.mlflow=true,sim.mlflow_dir=runs_mlruns"]
+    odd = sweep_job(tmp_path, "2_data.path=/data/my file.npz,servers.c_e=[0.05,0.1]")
+    assert run_name(odd) == "2_data.path=_data_my_file.npz,servers.c_e=[0.05,0.1]"
+    assert run_name(tmp_path / "outputs" / "2026-01-01" / "10-00-00") == "10-00-00"  # one run: its directory
+
+    long = [sweep_job(tmp_path, f"{i}_strategy.rejector.hidden=64,{'x' * 200}/{'y' * 100}{i}") for i in (3, 4)]
+    names = [run_name(j) for j in long]
+    assert all(len(n) <= RUN_NAME_MAX and "/" not in n for n in names)
+    assert names[0].startswith("3_strategy.rejector.hidden=64,xxx") and names[1].startswith("4_")
+    assert len(set(names)) == 2
+
+
+def test_mlflow_keeps_the_safe_run_name_of_each_sweep_job(tmp_path):
+    """Read back with MLflow's client: each job of the sweep its own name, none with ``/``."""
+    pytest.importorskip("mlflow", reason='MLflow is the optional extra ".[mlflow]" (in ".[dev]")')
+    from types import SimpleNamespace
+
+    from sim.tracking import MlflowRun, open_store
+
+    store = tmp_path / "mlruns"
+    cfg = SimpleNamespace(sim=SimpleNamespace(mlflow_dir=str(store), verbose=False, resume=None))
+    dirs = [sweep_job(tmp_path, f"{i}_data.path=/data/x{i}.npz,sim.mlflow_dir=runs/mlruns") for i in range(2)]
+    for d in dirs:
+        MlflowRun(cfg, d, {"seed": 0}).end("FINISHED")
+    client, exp_id = open_store(str(store))
+    runs = {r.data.tags["run_dir"]: r.info.run_name for r in client.search_runs([exp_id])}
+    assert runs == {str(dirs[0].resolve()): "0_data.path=_data_x0.npz,sim.mlflow_dir=runs_mlruns",
+                    str(dirs[1].resolve()): "1_data.path=_data_x1.npz,sim.mlflow_dir=runs_mlruns"}
