@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from sim.core.config import Backend, Config, StrategyConfig
+from sim.core.device_spec import DeviceSpec
 from sim.core.errors import ConfigError
 
 if TYPE_CHECKING:  # Flower is imported when a run starts, not for a config check (python -m sim.run)
@@ -58,15 +59,16 @@ class Federation:
     the end of every round (:meth:`on_round`: record, checkpoint, progress line).
 
     Args:
-        inp: what the run prepared (step 1). spec_json: the device-runtime spec every message carries.
+        inp: what the run prepared (step 1). spec: the device-runtime spec every message carries
+            (serialised here, once: :meth:`DeviceSpec.to_json`).
         node_check: ``node_check(when)`` raises when the Ray node under the run has died
             (:func:`sim.engine.check_node`; None: not checked).
     """
 
-    def __init__(self, inp: Inputs, spec_json: str, node_check: Callable[[str], None] | None = None):
+    def __init__(self, inp: Inputs, spec: DeviceSpec, node_check: Callable[[str], None] | None = None):
         from sim.progress import RunProgress
 
-        self.inp, self.cfg, self.spec_json = inp, inp.cfg, spec_json
+        self.inp, self.cfg, self.spec_json = inp, inp.cfg, spec.to_json()
         self.node_check = node_check  # raises when the Ray node under the run died (sim.engine.check_node)
         self.progress = RunProgress(inp.console, self.cfg.sim.num_rounds, inp.finished, self.cfg.sim.progress)
         self.pool: Any = None

@@ -132,3 +132,23 @@ def test_malformed_message_raises_in_the_handler(setup):
                                               "devices": "[0]"})})
     with pytest.raises(KeyError):
         app(message(MessageType.TRAIN, bad), ctx(0))
+
+
+def test_device_spec_reads_back_what_the_server_writes(setup):
+    """The message's ``config.spec`` text is a :class:`DeviceSpec`'s JSON, field for field."""
+    from sim.core.device_spec import DeviceSpec
+
+    spec = setup[3]
+    typed = DeviceSpec.from_json(json.dumps(spec))
+    assert typed.groups == tuple(spec["groups"]) and typed.strategy.device == spec["strategy"]["device"]
+    assert json.loads(typed.to_json()) == json.loads(json.dumps(spec))
+
+
+@pytest.mark.parametrize("change, key", [({"seed": None}, "seed"), ({"colour": 1}, "colour")])
+def test_device_spec_with_a_missing_or_unknown_key_fails_in_one_line_naming_it(setup, change, key):
+    from sim.core.device_spec import DeviceSpec
+
+    spec = {k: v for k, v in {**setup[3], **change}.items() if v is not None}
+    with pytest.raises(ValueError, match=f"device spec: (missing|unknown) key '{key}'") as err:
+        DeviceSpec.from_json(json.dumps(spec))
+    assert "\n" not in str(err.value)
