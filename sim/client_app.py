@@ -232,9 +232,8 @@ def _evaluate_device(spec: DeviceSpec, device: Device, msg: Message, context: Co
     """One device's evaluation: its per-sample decisions on its test split (``DEVICE_FIELDS`` + x)."""
     ctx = RoundContext(device, _learner(spec, device, msg, context, create=False), reachable,
                        int(msg.content["config"]["round"]))
-    rec = _runtime(spec)["method"].evaluate(ctx)
-    rec.pop("device")
-    return rec, {"num_examples": len(rec["y"])}, None
+    res = _runtime(spec)["method"].evaluate(ctx)
+    return res.columns(), {"num_examples": len(res.y)}, None
 
 
 @app.train()
