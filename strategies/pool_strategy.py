@@ -28,6 +28,7 @@ from servers.pool import ServerPool
 from sim.core.arrays import stack_states, sub, unstack_states
 from sim.core.config import Config, FederateBy, Federation
 from sim.core.faults import RoundFaults
+from sim.core.round_record import RoundRecord
 from strategies.base import DeviceReplies, FleetStrategy, resumable
 from strategies.federation import weighted_mean
 
@@ -72,7 +73,7 @@ class PoolStrategy(FleetStrategy):
     """
 
     def __init__(self, cfg: Config, pool: ServerPool, schedule: list[RoundFaults],
-                 on_round: Callable[[dict[str, Any]], None]):
+                 on_round: Callable[[RoundRecord], None]):
         super().__init__(cfg, on_round)
         self.pool = pool
         self.schedule = schedule
