@@ -30,7 +30,7 @@ from clients.legacy import legacy_file, load_legacy, model_index
 from servers.view import PoolView
 from sim.core.data import device_data, group_ranks, load_prepared
 from sim.core.device_spec import DeviceSpec
-from sim.core.faults import cut_off
+from sim.core.faults import NodeFaults
 from sim.core.nodes import hosted
 from sim.core.schemas import resolve
 from strategies.method import DeviceMethod, RoundContext
@@ -133,13 +133,11 @@ class DeviceDropout(RuntimeError):
     """Injected device dropout: the device does not answer this round; its node's others do."""
 
 
-def _faults(msg: Message, pid: int) -> list[int]:
+def _faults(faults: NodeFaults, pid: int) -> list[int]:
     """This device's reachable servers this round; raises :class:`DeviceDropout` if it drops out."""
-    faults = json.loads(str(msg.content["config"]["faults"]))
-    if pid in faults["dropout"]:
+    if pid in faults.dropout:
         raise DeviceDropout(f"device {pid} dropped out (injected failure)")
-    cut = cut_off(faults["partition"], pid)
-    return [s for s in faults["up"] if s not in cut]
+    return faults.reachable(pid)
 
 
 def message_spec(msg: Message) -> DeviceSpec:
@@ -182,9 +180,11 @@ def _node_reply(msg: Message, context: Context, work: DeviceWork) -> Message:
     spec = message_spec(msg)
     content = RecordDict()
     parts: list[dict[str, np.ndarray]] = []
-    for d in message_devices(spec, msg, context):
+    devices = message_devices(spec, msg, context)
+    faults = NodeFaults.from_json(str(msg.content["config"]["faults"]))
+    for d in devices:
         try:
-            reachable = _faults(msg, d)
+            reachable = _faults(faults, d)
         except DeviceDropout:
             continue
         device = get_device(spec, d)

@@ -152,3 +152,16 @@ def test_device_spec_with_a_missing_or_unknown_key_fails_in_one_line_naming_it(s
     with pytest.raises(ValueError, match=f"device spec: (missing|unknown) key '{key}'") as err:
         DeviceSpec.from_json(json.dumps(spec))
     assert "\n" not in str(err.value)
+
+
+def test_node_faults_read_back_what_the_strategy_writes_and_name_a_missing_key():
+    """``config.faults``: a device cut off from a server by a partition cuts still reaches the others."""
+    from sim.core.faults import NodeFaults, RoundFaults
+    from strategies.pool_strategy import faults_config
+
+    text = faults_config(RoundFaults(round=1, partition=[[[1, 2], [0]]], dropout=[3]), [0, 1], final=False)
+    faults = NodeFaults.from_json(text)
+    assert faults.reachable(1) == [1] and faults.reachable(0) == [0, 1] and faults.dropout == (3,)
+    assert NodeFaults.from_json(faults_config(RoundFaults(round=1, dropout=[3]), [0], final=True)).dropout == ()
+    with pytest.raises(ValueError, match="node faults: missing key 'dropout'"):
+        NodeFaults.from_json(json.dumps({"up": [0], "partition": []}))
