@@ -4,12 +4,14 @@ A node finds its devices from ``context.node_config["partition-id"]`` and the de
 message lists (``config.devices``; :mod:`sim.core.nodes` says which node hosts which devices). What a
 worker process needs to build a device -- the memory-mapped prepared dataset, the fleet's
 legacy models on disk, the method's and the servers' config -- is named in a
-:class:`sim.core.device_spec.DeviceSpec` carried by each message (JSON text in ``config.spec``); the method (:class:`strategies.method.DeviceMethod`) and built devices
-are cached per worker process (legacy outputs are computed once: the models are
-frozen). Each device's rejector lives in the node's ``context.state`` (key ``rejector/<device>``)
-between rounds. Each message's config also says which helper servers are up and which devices
-are cut off or drop out this round (fault injection); a dropped-out device is left out of the
-node's reply (the strategy counts it as a failed device), its node's other devices answer.
+:class:`sim.core.device_spec.DeviceSpec` carried by each message (JSON text in ``config.spec``);
+the method (:class:`strategies.method.DeviceMethod`) and built devices are cached per worker
+process (legacy outputs are computed once: the models are frozen). Each device's rejector lives in
+the node's ``context.state`` (key ``rejector/<device>``) between rounds. Each message's config also
+says which helper servers are up and which devices are cut off or drop out this round (fault
+injection, a :class:`sim.core.faults.NodeFaults` in ``config.faults``); a dropped-out device is
+left out of the node's reply (the strategy counts it as a failed device), its node's other devices
+answer.
 
 A reply carries, per answering device ``d``, ``info/<d>`` (a MetricRecord) and, when it has one,
 ``rejector/<d>`` (its trained part), plus one ``samples`` ArrayRecord: the per-sample arrays of

@@ -86,9 +86,11 @@ class DeviceSpec:
         strategy: dict[str, Any] = data["strategy"]
         return cls(
             key=str(data["key"]), data_path=Path(data["data_path"]), fleet_path=Path(data["fleet_path"]),
-            legacy_models=tuple(Path(p) for p in data["legacy_models"]), groups=tuple(int(g) for g in data["groups"]),
+            legacy_models=tuple(Path(p) for p in data["legacy_models"]),
+            groups=tuple(int(g) for g in data["groups"]),
             group_cfgs=tuple(from_plain(DeviceGroupConfig, g) for g in data["group_cfgs"]),
-            temperatures=tuple(float(t) for t in data["temperatures"]), in_shape=tuple(int(v) for v in data["in_shape"]),
+            temperatures=tuple(float(t) for t in data["temperatures"]),
+            in_shape=tuple(int(v) for v in data["in_shape"]),
             num_classes=int(data["num_classes"]), seed=int(data["seed"]),
             strategy=from_plain(resolve(strategy["config"], "strategy.config"), strategy),
             servers=from_plain(ServersConfig, data["servers"]), torch_threads=int(data["torch_threads"]),

@@ -114,9 +114,8 @@ class NodeFaults:
         unknown = sorted(k for k in data if k not in names)
         if unknown:
             raise ValueError(f"node faults: unknown key {unknown[0]!r}")
-        return cls(tuple(int(s) for s in data["up"]),
-                   tuple((tuple(int(d) for d in devs), tuple(int(s) for s in srvs)) for devs, srvs in data["partition"]),
-                   tuple(int(d) for d in data["dropout"]))
+        cuts = tuple((tuple(int(d) for d in devs), tuple(int(s) for s in srvs)) for devs, srvs in data["partition"])
+        return cls(tuple(int(s) for s in data["up"]), cuts, tuple(int(d) for d in data["dropout"]))
 
 
 def _in(t: int, start: int, end: int | None) -> bool:
