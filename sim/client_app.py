@@ -19,7 +19,6 @@ all its answering devices concatenated in device order, with a ``device`` column
 """
 from __future__ import annotations
 
-import json
 from typing import Any, Callable
 
 import numpy as np
@@ -101,16 +100,16 @@ def _learner(spec: DeviceSpec, device: Device, msg: Message, context: Context, c
 
     Its state is the node's context (``rejector/<device>``), updated by what the message brings:
     a state to restore after a resume (``rejector/<device>``), then its federation group's
-    average (``federated/<key>``, which replaces the shared weights and keeps the device's own
-    ``local_*`` buffers). A device with neither state nor message has a new one (``create``) or
-    None. The module holding the state is reused per worker and device (loading a state into an
-    existing module is a copy, building one is not).
+    average (``federated/<key>``, the key in the ConfigRecord ``federated``; it replaces the shared
+    weights and keeps the device's own ``local_*`` buffers). A device with neither state nor
+    message has a new one (``create``) or None. The module holding the state is reused per worker
+    and device (loading a state into an existing module is a copy, building one is not).
     """
     rt = _runtime(spec)
     method: DeviceMethod = rt["method"]
     key = f"rejector/{device.device_id}"
     updates = [msg.content[key]] if key in msg.content else []
-    fed = json.loads(str(msg.content["config"].get("federated", "{}")))
+    fed = msg.content["federated"] if "federated" in msg.content else {}  # device -> its group's key
     if str(device.device_id) in fed:
         updates.append(msg.content[f"federated/{fed[str(device.device_id)]}"])
     modules = rt["learners"]
@@ -160,7 +159,7 @@ def message_devices(spec: DeviceSpec, msg: Message, context: Context) -> list[in
         ValueError: a listed device is not one this node hosts (a strategy/engine mismatch).
     """
     node = int(context.node_config["partition-id"])
-    devices = [int(d) for d in json.loads(str(msg.content["config"]["devices"]))]
+    devices = [int(d) for d in msg.content["config"]["devices"]]
     own = hosted(node, spec.devices_per_node, len(spec.groups))
     stray = [d for d in devices if d not in own]
     if stray:

@@ -14,7 +14,6 @@
 from __future__ import annotations
 
 import functools
-import json
 import re
 import math
 import time
@@ -202,17 +201,17 @@ class FleetStrategy(Strategy):
     def messages(self, grid: Grid, devices: Iterable[int], msg_type: str, content: RecordDict, round_: int
                  ) -> list[Message]:
         """One message per node hosting any of ``devices``: ``content`` plus the node's device list
-        (``config.devices``), per device with one a state to restore (``rejector/<d>``, after a
-        resume), and the federated averages its devices load (``federated/<key>``, with the map
-        device -> key in ``config.federated``)."""
+        (``config.devices``, a list of ints), per device with one a state to restore (``rejector/<d>``,
+        after a resume), and the federated averages its devices load (``federated/<key>``, with the
+        map device -> key in the ConfigRecord ``federated``)."""
         out = []
         self.sent = sorted(devices)
         for node, devs in by_node(self.sent, self.per_node).items():
             keys, records = self.federated(devs, msg_type)
-            config = {**dict(content["config"].items()), "devices": json.dumps(devs)}
-            if keys:
-                config["federated"] = json.dumps({str(d): k for d, k in keys.items()})
+            config = {**dict(content["config"].items()), "devices": [int(d) for d in devs]}
             c = RecordDict({**dict(content.items()), "config": ConfigRecord(config)})
+            if keys:
+                c["federated"] = ConfigRecord({str(d): k for d, k in keys.items()})
             for d in devs:
                 if d in self.restore_pending:
                     c[f"rejector/{d}"] = self.restore_pending[d]

@@ -45,7 +45,7 @@ def content(server, spec, devices, up=(0,), dropout=()):
     faults = json.dumps({"up": list(up), "partition": [], "dropout": list(dropout)})
     return RecordDict({"server": weights,
                        "config": ConfigRecord({"round": 1, "spec": json.dumps(spec), "faults": faults,
-                                               "devices": json.dumps(list(devices))})})
+                                               "devices": [int(d) for d in devices]})})
 
 
 def ctx(pid):
@@ -129,7 +129,7 @@ def test_malformed_message_raises_in_the_handler(setup):
     """Flower turns a handler exception into an error reply; the strategy counts those (see e2e)."""
     faults = json.dumps({"up": [0], "partition": [], "dropout": []})
     bad = RecordDict({"config": ConfigRecord({"round": 1, "spec": json.dumps(setup[3]), "faults": faults,
-                                              "devices": "[0]"})})
+                                              "devices": [0]})})
     with pytest.raises(KeyError):
         app(message(MessageType.TRAIN, bad), ctx(0))
 
