@@ -3,13 +3,15 @@
 A node finds its devices from ``context.node_config["partition-id"]`` and the device ids each
 message lists (``config.devices``; :mod:`sim.core.nodes` says which node hosts which devices). What a
 worker process needs to build a device -- the memory-mapped prepared dataset, the fleet's
-legacy models on disk, the method's and the servers' config -- is named in a small JSON ``spec``
-carried by each message; the method (:class:`strategies.method.DeviceMethod`) and built devices
-are cached per worker process (legacy outputs are computed once: the models are
-frozen). Each device's rejector lives in the node's ``context.state`` (key ``rejector/<device>``)
-between rounds. Each message's config also says which helper servers are up and which devices
-are cut off or drop out this round (fault injection); a dropped-out device is left out of the
-node's reply (the strategy counts it as a failed device), its node's other devices answer.
+legacy models on disk, the method's and the servers' config -- is named in a
+:class:`sim.core.device_spec.DeviceSpec` carried by each message (JSON text in ``config.spec``);
+the method (:class:`strategies.method.DeviceMethod`) and built devices are cached per worker
+process (legacy outputs are computed once: the models are frozen). Each device's rejector lives in
+the node's ``context.state`` (key ``rejector/<device>``) between rounds. Each message's config also
+says which helper servers are up and which devices are cut off or drop out this round (fault
+injection, a :class:`sim.core.faults.NodeFaults` in ``config.faults``); a dropped-out device is
+left out of the node's reply (the strategy counts it as a failed device), its node's other devices
+answer.
 
 A reply carries, per answering device ``d``, ``info/<d>`` (a MetricRecord) and, when it has one,
 ``rejector/<d>`` (its trained part), plus one ``samples`` ArrayRecord: the per-sample arrays of
@@ -17,8 +19,6 @@ all its answering devices concatenated in device order, with a ``device`` column
 """
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
@@ -29,90 +29,87 @@ from flwr.clientapp import ClientApp
 from clients.device import Device
 from clients.legacy import legacy_file, load_legacy, model_index
 from servers.view import PoolView
-from sim.core.config import DeviceGroupConfig, ServersConfig, from_plain
 from sim.core.data import device_data, group_ranks, load_prepared
-from sim.core.faults import cut_off
+from sim.core.device_spec import DeviceSpec
+from sim.core.faults import NodeFaults
 from sim.core.nodes import hosted
 from sim.core.schemas import resolve
 from strategies.method import DeviceMethod, RoundContext
 
 _WORKER: dict[str, Any] = {}
-_SPECS: dict[str, dict[str, Any]] = {}
+_SPECS: dict[str, DeviceSpec] = {}
 
 
-def _runtime(spec: dict[str, Any]) -> dict[str, Any]:
+def _runtime(spec: DeviceSpec) -> dict[str, Any]:
     """Per-worker-process cache for one run (keyed by the run's spec key): the prepared data, the
-    method, the servers' config, the fleet's group configs, built devices and learner modules."""
-    if _WORKER.get("key") != spec["key"]:
-        torch.set_num_threads(int(spec["torch_threads"]))
+    method, built devices, legacy models, learner modules and the servers' view."""
+    if _WORKER.get("key") != spec.key:
+        torch.set_num_threads(spec.torch_threads)
         _WORKER.clear()
-        servers = from_plain(ServersConfig, spec["servers"])
-        strategy = from_plain(resolve(spec["strategy"]["config"], "strategy.config"), spec["strategy"])
-        device_cls = resolve(strategy.device, "strategy.device", DeviceMethod)
-        device_method = device_cls(strategy, servers, int(spec["seed"]), int(spec["num_classes"]))
-        groups = [from_plain(DeviceGroupConfig, g) for g in spec["group_cfgs"]]
-        _WORKER.update(key=spec["key"], prep=load_prepared(Path(spec["data_path"])), devices={}, learners={},
-                       view=None, method=device_method, servers=servers, groups=groups, legacy={},
-                       ranks=group_ranks(spec["groups"]),
-                       model_of=model_index(spec["groups"], groups) if spec["legacy_models"] else None)
+        device_cls = resolve(spec.strategy.device, "strategy.device", DeviceMethod)
+        device_method = device_cls(spec.strategy, spec.servers, spec.seed, spec.num_classes)
+        _WORKER.update(key=spec.key, prep=load_prepared(spec.data_path), devices={}, learners={},
+                       view=None, method=device_method, legacy={},
+                       ranks=group_ranks(spec.groups),
+                       model_of=model_index(spec.groups, spec.group_cfgs) if spec.legacy_models else None)
     return _WORKER
 
 
-def legacy_model(spec: dict[str, Any], device_id: int) -> torch.nn.Module:
+def legacy_model(spec: DeviceSpec, device_id: int) -> torch.nn.Module:
     """The frozen legacy model ``device_id`` runs, loaded once per worker and file: a product line's
     devices share one module (it is never trained, so sharing is safe); a ``per_device`` fleet's
     device has its own file in the fleet's entry."""
     rt = _runtime(spec)
-    group = rt["groups"][spec["groups"][device_id]]
+    group = spec.group_cfgs[spec.groups[device_id]]
     if rt["model_of"] is not None:
-        path = Path(spec["legacy_models"][int(rt["model_of"][device_id])])
+        path = spec.legacy_models[int(rt["model_of"][device_id])]
     else:
-        path = Path(spec["fleet_path"]) / legacy_file(device_id)
+        path = spec.fleet_path / legacy_file(device_id)
     model = rt["legacy"].get(path)
     if model is None:
-        model = rt["legacy"][path] = load_legacy(path, group, spec["in_shape"], spec["num_classes"])
+        model = rt["legacy"][path] = load_legacy(path, group, spec.in_shape, spec.num_classes)
         if rt["model_of"] is None:  # one module per device: not worth keeping beyond the device itself
             rt["legacy"].pop(path)
     return model
 
 
-def get_device(spec: dict[str, Any], device_id: int) -> Device:
+def get_device(spec: DeviceSpec, device_id: int) -> Device:
     """Device ``device_id`` of the run ``spec`` describes: its data splits, legacy model and legacy
     outputs, built once per worker process and kept (the legacy models are frozen)."""
     rt = _runtime(spec)
     dev = rt["devices"].get(device_id)
     if dev is None:
-        group_index = spec["groups"][device_id]
-        data = device_data(rt["prep"], device_id, rt["groups"][group_index], spec["seed"], int(rt["ranks"][device_id]))
+        group_index = spec.groups[device_id]
+        data = device_data(rt["prep"], device_id, spec.group_cfgs[group_index], spec.seed, int(rt["ranks"][device_id]))
         dev = rt["devices"][device_id] = Device.create(device_id, data, legacy_model(spec, device_id),
-                                                       float(spec["temperatures"][group_index]))
+                                                       spec.temperatures[group_index])
     return dev
 
 
-def get_view(spec: dict[str, Any], arrays: ArrayRecord) -> PoolView:
+def get_view(spec: DeviceSpec, arrays: ArrayRecord) -> PoolView:
     """The servers' networks with the received weights (modules reused per worker)."""
     rt = _runtime(spec)
     if rt["view"] is None:
-        rt["view"] = PoolView(rt["servers"], spec["in_shape"], spec["num_classes"])
+        rt["view"] = PoolView(spec.servers, spec.in_shape, spec.num_classes)
     return rt["view"].load({k: arrays[k].numpy() for k in arrays.keys()})
 
 
-def _learner(spec: dict[str, Any], device: Device, msg: Message, context: Context, create: bool
+def _learner(spec: DeviceSpec, device: Device, msg: Message, context: Context, create: bool
              ) -> torch.nn.Module | None:
     """The device's trained part (its rejector; for L2D its classifier + deferral model).
 
     Its state is the node's context (``rejector/<device>``), updated by what the message brings:
     a state to restore after a resume (``rejector/<device>``), then its federation group's
-    average (``federated/<key>``, which replaces the shared weights and keeps the device's own
-    ``local_*`` buffers). A device with neither state nor message has a new one (``create``) or
-    None. The module holding the state is reused per worker and device (loading a state into an
-    existing module is a copy, building one is not).
+    average (``federated/<key>``, the key in the ConfigRecord ``federated``; it replaces the shared
+    weights and keeps the device's own ``local_*`` buffers). A device with neither state nor
+    message has a new one (``create``) or None. The module holding the state is reused per worker
+    and device (loading a state into an existing module is a copy, building one is not).
     """
     rt = _runtime(spec)
     method: DeviceMethod = rt["method"]
     key = f"rejector/{device.device_id}"
     updates = [msg.content[key]] if key in msg.content else []
-    fed = json.loads(str(msg.content["config"].get("federated", "{}")))
+    fed = msg.content["federated"] if "federated" in msg.content else {}  # device -> its group's key
     if str(device.device_id) in fed:
         updates.append(msg.content[f"federated/{fed[str(device.device_id)]}"])
     modules = rt["learners"]
@@ -137,41 +134,40 @@ class DeviceDropout(RuntimeError):
     """Injected device dropout: the device does not answer this round; its node's others do."""
 
 
-def _faults(msg: Message, pid: int) -> list[int]:
+def _faults(faults: NodeFaults, pid: int) -> list[int]:
     """This device's reachable servers this round; raises :class:`DeviceDropout` if it drops out."""
-    faults = json.loads(str(msg.content["config"]["faults"]))
-    if pid in faults["dropout"]:
+    if pid in faults.dropout:
         raise DeviceDropout(f"device {pid} dropped out (injected failure)")
-    cut = cut_off(faults["partition"], pid)
-    return [s for s in faults["up"] if s not in cut]
+    return faults.reachable(pid)
 
 
-def message_spec(msg: Message) -> dict[str, Any]:
-    """The run's device-runtime spec carried by a message (JSON string, parsed once per worker)."""
+def message_spec(msg: Message) -> DeviceSpec:
+    """The run's device-runtime spec carried by a message (JSON text, parsed once per worker and run:
+    :meth:`DeviceSpec.from_json`, the one place a node reads it)."""
     text = str(msg.content["config"]["spec"])
     spec = _SPECS.get(text)
     if spec is None:
         _SPECS.clear()
-        spec = _SPECS[text] = json.loads(text)
+        spec = _SPECS[text] = DeviceSpec.from_json(text)
     return spec
 
 
-def message_devices(spec: dict[str, Any], msg: Message, context: Context) -> list[int]:
+def message_devices(spec: DeviceSpec, msg: Message, context: Context) -> list[int]:
     """The devices a message asks this node to work for (``config.devices``).
 
     Raises:
         ValueError: a listed device is not one this node hosts (a strategy/engine mismatch).
     """
     node = int(context.node_config["partition-id"])
-    devices = [int(d) for d in json.loads(str(msg.content["config"]["devices"]))]
-    own = hosted(node, int(spec["devices_per_node"]), len(spec["groups"]))
+    devices = [int(d) for d in msg.content["config"]["devices"]]
+    own = hosted(node, spec.devices_per_node, len(spec.groups))
     stray = [d for d in devices if d not in own]
     if stray:
         raise ValueError(f"node {node} hosts devices {own.start}..{own.stop - 1}, was sent device {stray[0]}")
     return devices
 
 
-DeviceWork = Callable[[dict[str, Any], Device, Message, Context, list[int]],
+DeviceWork = Callable[[DeviceSpec, Device, Message, Context, list[int]],
                       tuple[dict[str, np.ndarray], dict[str, Any], torch.nn.Module | None]]
 
 
@@ -185,9 +181,11 @@ def _node_reply(msg: Message, context: Context, work: DeviceWork) -> Message:
     spec = message_spec(msg)
     content = RecordDict()
     parts: list[dict[str, np.ndarray]] = []
-    for d in message_devices(spec, msg, context):
+    devices = message_devices(spec, msg, context)
+    faults = NodeFaults.from_json(str(msg.content["config"]["faults"]))
+    for d in devices:
         try:
-            reachable = _faults(msg, d)
+            reachable = _faults(faults, d)
         except DeviceDropout:
             continue
         device = get_device(spec, d)
@@ -205,11 +203,8 @@ def _node_reply(msg: Message, context: Context, work: DeviceWork) -> Message:
 
 app = ClientApp()
 """The ClientApp of every node. Module-level, so Ray pickles it by reference (a few bytes per
-message) instead of by value; what a run needs travels in each message's ``config.spec``:
-``key``, ``data_path``, ``fleet_path``, ``legacy_models`` (a product line's model files; empty for a
-``per_device`` fleet, whose files are in ``fleet_path``), ``groups``, ``group_cfgs``, ``temperatures``
-(per group), ``in_shape``, ``num_classes``, ``seed``, ``strategy``, ``servers``, ``torch_threads``,
-``devices_per_node``."""
+message) instead of by value; what a run needs travels in each message's ``config.spec``
+(:class:`sim.core.device_spec.DeviceSpec`)."""
 
 
 @app.query()
@@ -219,7 +214,7 @@ def query(msg: Message, context: Context) -> Message:
     return Message(RecordDict({"info": MetricRecord({"partition_id": pid})}), reply_to=msg)
 
 
-def _train_device(spec: dict[str, Any], device: Device, msg: Message, context: Context, reachable: list[int]
+def _train_device(spec: DeviceSpec, device: Device, msg: Message, context: Context, reachable: list[int]
                   ) -> tuple[dict[str, np.ndarray], dict[str, Any], torch.nn.Module | None]:
     """One device's training round: the samples it sends (deferred + explored) and its metrics."""
     view = get_view(spec, msg.content["server"])
@@ -233,14 +228,13 @@ def _train_device(spec: dict[str, Any], device: Device, msg: Message, context: C
     return rows, {"num_examples": len(res.defer), **res.metrics}, ctx.learner
 
 
-def _evaluate_device(spec: dict[str, Any], device: Device, msg: Message, context: Context, reachable: list[int]
+def _evaluate_device(spec: DeviceSpec, device: Device, msg: Message, context: Context, reachable: list[int]
                      ) -> tuple[dict[str, np.ndarray], dict[str, Any], None]:
     """One device's evaluation: its per-sample decisions on its test split (``DEVICE_FIELDS`` + x)."""
     ctx = RoundContext(device, _learner(spec, device, msg, context, create=False), reachable,
                        int(msg.content["config"]["round"]))
-    rec = _runtime(spec)["method"].evaluate(ctx)
-    rec.pop("device")
-    return rec, {"num_examples": len(rec["y"])}, None
+    res = _runtime(spec)["method"].evaluate(ctx)
+    return res.columns(), {"num_examples": len(res.y)}, None
 
 
 @app.train()

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from sim.core.config import Backend, Config, FailureKind, LegacySource, plain, replace
+from sim.core.device_spec import DeviceSpec
 from sim.core.errors import ConfigError
 from sim.server_app import Federation, Inputs, Outcome, method_classes, open_trackers
 
@@ -251,19 +252,16 @@ def check_archs(cfg: Config, in_shape: tuple[int, ...]) -> None:
     check_input(str(cfg.servers.arch), in_shape, "servers.arch")
 
 
-def device_spec(inp: Inputs, per_node: int) -> str:
-    """The JSON every message carries: what a worker needs to build the run's devices and method."""
+def device_spec(inp: Inputs, per_node: int) -> DeviceSpec:
+    """What every message carries: what a worker needs to build the run's devices and method."""
     cfg = inp.cfg
-    return json.dumps({
-        "key": f"{inp.run_dir}:{time.time_ns()}",
-        "data_path": str(inp.prep.path), "fleet_path": str(inp.fleet.path),
-        "legacy_models": [str(p) for p in inp.fleet.models] if inp.fleet.legacy == "product_line" else [],
-        "groups": inp.fleet.groups, "group_cfgs": [plain(g) for g in inp.fleet.group_cfgs],
-        "temperatures": [float(t) for t in inp.fleet.temperature],
-        "in_shape": list(inp.prep.in_shape), "num_classes": inp.prep.num_classes, "seed": int(cfg.seed),
-        "strategy": plain(cfg.strategy), "servers": plain(cfg.servers), "torch_threads": int(cfg.sim.torch_threads),
-        "devices_per_node": per_node,
-    }, sort_keys=True)
+    return DeviceSpec(
+        key=f"{inp.run_dir}:{time.time_ns()}", data_path=Path(inp.prep.path), fleet_path=Path(inp.fleet.path),
+        legacy_models=tuple(Path(p) for p in inp.fleet.models) if inp.fleet.legacy == "product_line" else (),
+        groups=tuple(inp.fleet.groups), group_cfgs=tuple(inp.fleet.group_cfgs),
+        temperatures=tuple(float(t) for t in inp.fleet.temperature), in_shape=tuple(inp.prep.in_shape),
+        num_classes=inp.prep.num_classes, seed=int(cfg.seed), strategy=cfg.strategy, servers=cfg.servers,
+        torch_threads=int(cfg.sim.torch_threads), devices_per_node=per_node)
 
 
 def run_federation(inp: Inputs) -> Outcome:

@@ -15,7 +15,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from sim.core.config import Backend, Config, StrategyConfig
+from sim.core.device_spec import DeviceSpec
 from sim.core.errors import ConfigError
+from sim.core.round_record import RoundRecord
 
 if TYPE_CHECKING:  # Flower is imported when a run starts, not for a config check (python -m sim.run)
     from flwr.serverapp import Grid, ServerApp
@@ -58,15 +60,16 @@ class Federation:
     the end of every round (:meth:`on_round`: record, checkpoint, progress line).
 
     Args:
-        inp: what the run prepared (step 1). spec_json: the device-runtime spec every message carries.
+        inp: what the run prepared (step 1). spec: the device-runtime spec every message carries
+            (serialised here, once: :meth:`DeviceSpec.to_json`).
         node_check: ``node_check(when)`` raises when the Ray node under the run has died
             (:func:`sim.engine.check_node`; None: not checked).
     """
 
-    def __init__(self, inp: Inputs, spec_json: str, node_check: Callable[[str], None] | None = None):
+    def __init__(self, inp: Inputs, spec: DeviceSpec, node_check: Callable[[str], None] | None = None):
         from sim.progress import RunProgress
 
-        self.inp, self.cfg, self.spec_json = inp, inp.cfg, spec_json
+        self.inp, self.cfg, self.spec_json = inp, inp.cfg, spec.to_json()
         self.node_check = node_check  # raises when the Ray node under the run died (sim.engine.check_node)
         self.progress = RunProgress(inp.console, self.cfg.sim.num_rounds, inp.finished, self.cfg.sim.progress)
         self.pool: Any = None
@@ -89,16 +92,18 @@ class Federation:
             return False  # the schedule has one entry per round: this is the final one
         return answered_train > 0 and answered_eval > 0
 
-    def on_round(self, record: dict[str, Any]) -> None:
+    def on_round(self, round_record: RoundRecord) -> None:
         """A finished round: its record appended, the checkpoint replaced (rounds that lost device
-        replies excepted, :meth:`round_ok`), the progress line printed."""
+        replies excepted, :meth:`round_ok`), the progress line printed. The record is flattened
+        here, once, into the ``metrics.jsonl`` line everything after reads (:meth:`RoundRecord.as_dict`)."""
         from sim import terminal
 
-        self.check_node(int(record["round"]))
+        self.check_node(round_record.round)
+        record = round_record.as_dict()
         self.inp.recorder.round(record)
         if self.inp.trackers is not None:  # before the checkpoint, as metrics.jsonl: a stop loses no round of it
             self.inp.trackers.round(record)
-        final = int(record["round"]) == self.cfg.sim.num_rounds and self.strategy.last_x is not None
+        final = round_record.round == self.cfg.sim.num_rounds and self.strategy.last_x is not None
         if final:  # computed now, so the last checkpoint can hold it (a stop after it loses nothing)
             self.table = self.pool.table(self.strategy.last_x, self.strategy.last_eval["y"])
             self.dead = sorted(self.pool.dead)

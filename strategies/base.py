@@ -14,7 +14,6 @@
 from __future__ import annotations
 
 import functools
-import json
 import re
 import math
 import time
@@ -29,6 +28,7 @@ from flwr.serverapp.strategy import Strategy
 from sim.core.config import Config
 from sim.core.metrics import pooled_metrics
 from sim.core.nodes import by_node, devices_per_node, node_of as node_hosting, num_nodes
+from sim.core.round_record import RoundRecord
 from sim.core.seeding import derive_seed
 
 
@@ -144,10 +144,10 @@ class FleetStrategy(Strategy):
 
     Args:
         cfg: the run config (it orchestrates the run: fleet size, rounds, sampling, costs).
-        on_round: called with each finished round's record (a JSON-able dict).
+        on_round: called with each finished round's record (:class:`sim.core.round_record.RoundRecord`).
     """
 
-    def __init__(self, cfg: Config, on_round: Callable[[dict[str, Any]], None]):
+    def __init__(self, cfg: Config, on_round: Callable[[RoundRecord], None]):
         self.cfg = cfg
         self.num_clients = int(cfg.fleet.num_clients)
         self.num_rounds = int(cfg.sim.num_rounds)
@@ -201,17 +201,17 @@ class FleetStrategy(Strategy):
     def messages(self, grid: Grid, devices: Iterable[int], msg_type: str, content: RecordDict, round_: int
                  ) -> list[Message]:
         """One message per node hosting any of ``devices``: ``content`` plus the node's device list
-        (``config.devices``), per device with one a state to restore (``rejector/<d>``, after a
-        resume), and the federated averages its devices load (``federated/<key>``, with the map
-        device -> key in ``config.federated``)."""
+        (``config.devices``, a list of ints), per device with one a state to restore (``rejector/<d>``,
+        after a resume), and the federated averages its devices load (``federated/<key>``, with the
+        map device -> key in the ConfigRecord ``federated``)."""
         out = []
         self.sent = sorted(devices)
         for node, devs in by_node(self.sent, self.per_node).items():
             keys, records = self.federated(devs, msg_type)
-            config = {**dict(content["config"].items()), "devices": json.dumps(devs)}
-            if keys:
-                config["federated"] = json.dumps({str(d): k for d, k in keys.items()})
+            config = {**dict(content["config"].items()), "devices": [int(d) for d in devs]}
             c = RecordDict({**dict(content.items()), "config": ConfigRecord(config)})
+            if keys:
+                c["federated"] = ConfigRecord({str(d): k for d, k in keys.items()})
             for d in devs:
                 if d in self.restore_pending:
                     c[f"rejector/{d}"] = self.restore_pending[d]
@@ -273,24 +273,22 @@ class FleetStrategy(Strategy):
 
     @resumable
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        record = {"round": server_round, **self.train_record}
         got = self.collect(replies)
         if server_round == self.num_rounds:  # the final evaluation has no injected dropout: all must answer
             self.final_missing = self.missing(got)
-        metrics = None
+        metrics, servers = None, {}
         if got.devices:
             pooled = {f: got.samples[f] for f in DEVICE_FIELDS}
             x = got.samples["x"]
-            record.update(self.answer(server_round, pooled, x))
+            servers = self.answer(server_round, pooled, x)
             self.last_x = x
             s = self.cfg.strategy
             metrics = pooled_metrics(pooled, float(s.c_e), float(s.c_1))
             self.last_eval, self.last_metrics = pooled, metrics
-            record.update({k: v for k, v in metrics.items() if k != "curves"})
-        record["eval_devices"] = len(got.devices)
-        record["eval_errors"] = got.errors
-        record["elapsed_s"] = time.perf_counter() - self.t0
-        self.on_round(record)
+        self.on_round(RoundRecord(
+            server_round, dict(self.train_record), servers,
+            {k: v for k, v in metrics.items() if k != "curves"} if metrics is not None else {},
+            len(got.devices), got.errors, time.perf_counter() - self.t0))
         if metrics is None:
             return None
         return MetricRecord({k: float(metrics[k]) for k in ("system_accuracy", "defer_rate", "legacy_accuracy")})

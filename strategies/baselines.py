@@ -36,7 +36,7 @@ from sim.core.training import train_minibatch
 from sim.core.config import ServersConfig
 from strategies.config import BaselineConfig
 from strategies.labels import LabelSource, ServerAnswers, answer_memory, current_answers
-from strategies.method import DeviceMethod, RoundContext, TrainResult
+from strategies.method import DeviceMethod, EvalResult, RoundContext, TrainResult
 from strategies.records import no_route, test_record, train_metrics
 
 
@@ -87,7 +87,7 @@ class Baseline(DeviceMethod):
         return TrainResult(defer, no_route(len(defer)), explore, train_metrics(loss, defer, m_wrong, e_err))
 
     @torch.no_grad()
-    def evaluate(self, ctx: RoundContext) -> dict[str, np.ndarray]:
+    def evaluate(self, ctx: RoundContext) -> EvalResult:
         rng = np.random.default_rng(derive_seed(self.seed, "baseline-test", self.cfg.name, ctx.device.device_id))
         defer, score = self.rule(ctx.device, ctx.learner, "test", rng)
         defer &= bool(ctx.reachable)

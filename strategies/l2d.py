@@ -38,7 +38,7 @@ from sim.core.training import train_minibatch
 from strategies import bounded, l2d_losses
 from strategies.base import DeviceReplies
 from strategies.config import L2DConfig, L2DLoss
-from strategies.method import DeviceMethod, RoundContext, TrainResult
+from strategies.method import DeviceMethod, EvalResult, RoundContext, TrainResult
 from strategies.pool_strategy import PoolStrategy
 from strategies.records import test_record
 
@@ -147,7 +147,7 @@ class L2DMethod(DeviceMethod):
         model.local_bound.copy_(torch.tensor([t, rho]))
 
     @torch.no_grad()
-    def evaluate(self, ctx: RoundContext) -> dict[str, np.ndarray]:
+    def evaluate(self, ctx: RoundContext) -> EvalResult:
         """The device's predictions and deferrals on its test split (``m_pred`` / ``m_conf`` are the
         trained classifier's). A device never trained keeps its legacy model and defers nothing."""
         device, model = ctx.device, ctx.learner

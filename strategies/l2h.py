@@ -31,7 +31,7 @@ from strategies.config import L2HConfig, resolve_surrogate
 from strategies.labels import LabelSource, ServerAnswers, answer_memory
 from strategies.l2h_losses import (binary_alpha, binary_rejector_loss, l2h_weights, masked_decision,
                                    multi_server_rejector_loss, multiclass_rejector_loss)
-from strategies.method import DeviceMethod, RoundContext, TrainResult
+from strategies.method import DeviceMethod, EvalResult, RoundContext, TrainResult
 from strategies.pool_strategy import PoolStrategy
 from strategies.records import test_record, train_metrics
 
@@ -172,7 +172,7 @@ class L2HMethod(DeviceMethod):
         return bounded.apply(score.numpy(), defer, rejector.local_bound, self.cfg, rng)
 
     @torch.no_grad()
-    def evaluate(self, ctx: RoundContext) -> dict[str, np.ndarray]:
+    def evaluate(self, ctx: RoundContext) -> EvalResult:
         """The device's decisions on its test split; the pool answers the deferred samples.
 
         A device whose rejector has never been trained (not yet sampled) keeps every sample local

@@ -13,7 +13,7 @@ smallest example is :class:`strategies.baselines.RandomDeferral`).
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import ClassVar
 
 import numpy as np
@@ -68,6 +68,37 @@ class TrainResult:
     metrics: dict[str, float]
 
 
+@dataclass
+class EvalResult:
+    """What a device decided on its test split, per sample (``N`` test samples); built by
+    :func:`strategies.records.test_record`.
+
+    Attributes:
+        y: ``(N,)`` int64, the labels.
+        m_pred: ``(N,)`` int64, the local (legacy) model's prediction.
+        score: ``(N,)`` float32, the deferral score (higher = deferred first).
+        m_conf: ``(N,)`` float32, the local model's max softmax.
+        m_conf_cal: ``(N,)`` float32, its calibrated max softmax.
+        defer: ``(N,)`` bool, the samples it defers (the server pool answers them).
+        route: ``(N,)`` int64, the server a learned rejector chose (-1: none; the pool routes).
+        x: ``(N, C, H, W)`` the samples as the device sensed them (what the pool answers).
+    """
+
+    y: np.ndarray
+    m_pred: np.ndarray
+    score: np.ndarray
+    m_conf: np.ndarray
+    m_conf_cal: np.ndarray
+    defer: np.ndarray
+    route: np.ndarray
+    x: np.ndarray
+
+    def columns(self) -> dict[str, np.ndarray]:
+        """The per-sample columns a node's reply carries for the device (the one place they are
+        named: :data:`strategies.base.DEVICE_FIELDS` less ``device``, plus ``x``)."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
 class DeviceMethod(ABC):
     """The device side of a method (one instance per worker process and run).
 
@@ -92,5 +123,5 @@ class DeviceMethod(ABC):
         """One training round on the device's rejector split (trains ``ctx.learner`` in place)."""
 
     @abstractmethod
-    def evaluate(self, ctx: RoundContext) -> dict[str, np.ndarray]:
-        """The device's decisions on its test split: :func:`strategies.records.test_record`."""
+    def evaluate(self, ctx: RoundContext) -> EvalResult:
+        """The device's decisions on its test split (:func:`strategies.records.test_record`)."""

@@ -14,7 +14,6 @@ One round (docs/architecture.md, "A round"):
 """
 from __future__ import annotations
 
-import json
 from abc import abstractmethod
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -27,7 +26,8 @@ from clients.legacy import assign_groups
 from servers.pool import ServerPool
 from sim.core.arrays import stack_states, sub, unstack_states
 from sim.core.config import Config, FederateBy, Federation
-from sim.core.faults import RoundFaults
+from sim.core.faults import NodeFaults, RoundFaults
+from sim.core.round_record import RoundRecord
 from strategies.base import DeviceReplies, FleetStrategy, resumable
 from strategies.federation import weighted_mean
 
@@ -43,9 +43,9 @@ def record_arrays(record: ArrayRecord) -> dict[str, np.ndarray]:
 
 def faults_config(faults: RoundFaults, up: list[int], final: bool,
                   masked: dict[int, list[int]] | None = None) -> str:
-    """What devices learn of this round's faults (JSON in the message config): the servers up,
-    the network partition, and which devices drop out (none in the final evaluation, so the final
-    metrics always cover every device's test samples).
+    """What devices learn of this round's faults (a :class:`NodeFaults`, as the JSON text in the message
+    config): the servers up, the network partition, and which devices drop out (none in the final
+    evaluation, so the final metrics always cover every device's test samples).
 
     Args:
         masked: server -> devices that must not defer to it (evaluation: it was reset since they
@@ -53,7 +53,8 @@ def faults_config(faults: RoundFaults, up: list[int], final: bool,
             ``[devices, [server]]``, which devices apply as they apply the partition's.
     """
     cuts = list(faults.partition) + [[devs, [s]] for s, devs in sorted((masked or {}).items()) if devs]
-    return json.dumps({"up": up, "partition": cuts, "dropout": [] if final else faults.dropout})
+    return NodeFaults(tuple(up), tuple((tuple(d), tuple(s)) for d, s in cuts),
+                      () if final else tuple(faults.dropout)).to_json()
 
 
 def broadcast_head(key: str) -> str:
@@ -72,7 +73,7 @@ class PoolStrategy(FleetStrategy):
     """
 
     def __init__(self, cfg: Config, pool: ServerPool, schedule: list[RoundFaults],
-                 on_round: Callable[[dict[str, Any]], None]):
+                 on_round: Callable[[RoundRecord], None]):
         super().__init__(cfg, on_round)
         self.pool = pool
         self.schedule = schedule

@@ -9,35 +9,29 @@ from clients.device import Device
 from servers.models import ensemble_probs
 from servers.view import PoolView
 from sim.core.config import Routing, ServersConfig
+from strategies.method import EvalResult
 
 
 def test_record(device: Device, probs: torch.Tensor, score: np.ndarray, defer: np.ndarray, route: np.ndarray,
-                calibrated: np.ndarray | None = None) -> dict[str, np.ndarray]:
-    """A device's evaluation record on its test split (every method returns this shape).
+                calibrated: np.ndarray | None = None) -> EvalResult:
+    """A device's evaluation record on its test split (every method returns this).
 
     Args:
         probs: ``(N_test, K)`` the local model's softmax. score: ``(N_test,)`` deferral score
             (higher = deferred first). defer: ``(N_test,)`` bool. route: ``(N_test,)`` int64.
         calibrated: ``(N_test,)`` the local model's calibrated max softmax (None: the legacy
             model's, after its group's temperature scaling, :meth:`Device.calibrated_confidence`).
-
-    Returns:
-        Per-sample arrays ``(N_test,)``: ``device``, ``y``, ``m_pred``, ``score``, ``m_conf``
-        (local max softmax), ``m_conf_cal`` (calibrated), ``defer``, ``route``, and ``x`` (the
-        samples, which the pool answers).
     """
-    x = device.data.x_test
-    return {
-        "m_conf_cal": device.calibrated_confidence() if calibrated is None else np.asarray(calibrated, np.float32),
-        "device": np.full(len(x), device.device_id, dtype=np.int64),
-        "y": device.data.y_test.astype(np.int64),
-        "m_pred": probs.argmax(1).numpy().astype(np.int64),
-        "score": np.asarray(score, dtype=np.float32),
-        "m_conf": probs.max(1).values.numpy().astype(np.float32),
-        "defer": defer,
-        "route": route,
-        "x": x,
-    }
+    return EvalResult(
+        m_conf_cal=device.calibrated_confidence() if calibrated is None else np.asarray(calibrated, np.float32),
+        y=device.data.y_test.astype(np.int64),
+        m_pred=probs.argmax(1).numpy().astype(np.int64),
+        score=np.asarray(score, dtype=np.float32),
+        m_conf=probs.max(1).values.numpy().astype(np.float32),
+        defer=defer,
+        route=route,
+        x=device.data.x_test,
+    )
 
 
 def server_error(view: PoolView, feats: dict[int, torch.Tensor], logits: dict[int, torch.Tensor], y: torch.Tensor,

@@ -45,7 +45,7 @@ def content(server, spec, devices, up=(0,), dropout=()):
     faults = json.dumps({"up": list(up), "partition": [], "dropout": list(dropout)})
     return RecordDict({"server": weights,
                        "config": ConfigRecord({"round": 1, "spec": json.dumps(spec), "faults": faults,
-                                               "devices": json.dumps(list(devices))})})
+                                               "devices": [int(d) for d in devices]})})
 
 
 def ctx(pid):
@@ -129,6 +129,39 @@ def test_malformed_message_raises_in_the_handler(setup):
     """Flower turns a handler exception into an error reply; the strategy counts those (see e2e)."""
     faults = json.dumps({"up": [0], "partition": [], "dropout": []})
     bad = RecordDict({"config": ConfigRecord({"round": 1, "spec": json.dumps(setup[3]), "faults": faults,
-                                              "devices": "[0]"})})
+                                              "devices": [0]})})
     with pytest.raises(KeyError):
         app(message(MessageType.TRAIN, bad), ctx(0))
+
+
+def test_device_spec_reads_back_what_the_server_writes(setup):
+    """The message's ``config.spec`` text is a :class:`DeviceSpec`'s JSON, field for field."""
+    from sim.core.device_spec import DeviceSpec
+
+    spec = setup[3]
+    typed = DeviceSpec.from_json(json.dumps(spec))
+    assert typed.groups == tuple(spec["groups"]) and typed.strategy.device == spec["strategy"]["device"]
+    assert json.loads(typed.to_json()) == json.loads(json.dumps(spec))
+
+
+@pytest.mark.parametrize("change, key", [({"seed": None}, "seed"), ({"colour": 1}, "colour")])
+def test_device_spec_with_a_missing_or_unknown_key_fails_in_one_line_naming_it(setup, change, key):
+    from sim.core.device_spec import DeviceSpec
+
+    spec = {k: v for k, v in {**setup[3], **change}.items() if v is not None}
+    with pytest.raises(ValueError, match=f"device spec: (missing|unknown) key '{key}'") as err:
+        DeviceSpec.from_json(json.dumps(spec))
+    assert "\n" not in str(err.value)
+
+
+def test_node_faults_read_back_what_the_strategy_writes_and_name_a_missing_key():
+    """``config.faults``: a device cut off from a server by a partition cuts still reaches the others."""
+    from sim.core.faults import NodeFaults, RoundFaults
+    from strategies.pool_strategy import faults_config
+
+    text = faults_config(RoundFaults(round=1, partition=[[[1, 2], [0]]], dropout=[3]), [0, 1], final=False)
+    faults = NodeFaults.from_json(text)
+    assert faults.reachable(1) == [1] and faults.reachable(0) == [0, 1] and faults.dropout == (3,)
+    assert NodeFaults.from_json(faults_config(RoundFaults(round=1, dropout=[3]), [0], final=True)).dropout == ()
+    with pytest.raises(ValueError, match="node faults: missing key 'dropout'"):
+        NodeFaults.from_json(json.dumps({"up": [0], "partition": []}))

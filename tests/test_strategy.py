@@ -112,7 +112,7 @@ def test_a_round_without_evaluation_counts_no_failed_evaluation():
     s.aggregate_evaluate(1, [])
     assert len(list(s.configure_evaluate(2, weights(2), None, grid))) > 0
     s.aggregate_evaluate(2, [])  # no reply: every asked device failed
-    assert [(r["round"], r["eval_devices"], r["eval_errors"]) for r in records] == [(1, 0, 0), (2, 0, 4)]
+    assert [(r.round, r.eval_devices, r.eval_errors) for r in records] == [(1, 0, 0), (2, 0, 4)]
 
 
 def test_a_device_error_reply_is_one_line_on_either_backend():

@@ -25,6 +25,7 @@ Failure kinds (docs/architecture.md, "Failure model"):
 """
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -68,6 +69,53 @@ class RoundFaults:
 def cut_off(partition: list, device: int) -> set[int]:
     """Servers that ``device`` cannot reach under ``partition`` (a list of ``[devices, servers]``)."""
     return {s for devs, srvs in partition if device in devs for s in srvs}
+
+
+@dataclass(frozen=True)
+class NodeFaults:
+    """What a Flower node learns of a round's faults: ``config.faults`` in each message, JSON text
+    written by :meth:`to_json` (:func:`strategies.pool_strategy.faults_config`) and read by
+    :meth:`from_json` (the ClientApp, once per message).
+
+    Attributes:
+        up: the helper servers up this round.
+        partition: ``(devices, servers)`` cuts: those devices cannot reach those servers (the
+            schedule's network partition; in evaluation also the servers reset since a device last
+            trained against them).
+        dropout: the devices that drop out this round (none in the final evaluation).
+    """
+
+    up: tuple[int, ...] = ()
+    partition: tuple[tuple[tuple[int, ...], tuple[int, ...]], ...] = ()
+    dropout: tuple[int, ...] = ()
+
+    def reachable(self, device: int) -> list[int]:
+        """The up servers ``device`` is not cut off from, in ``up``'s order."""
+        cut = cut_off(list(self.partition), device)
+        return [s for s in self.up if s not in cut]
+
+    def to_json(self) -> str:
+        """The faults as the JSON text a message carries."""
+        return json.dumps({"up": list(self.up), "partition": [[list(d), list(s)] for d, s in self.partition],
+                           "dropout": list(self.dropout)})
+
+    @classmethod
+    def from_json(cls, text: str) -> NodeFaults:
+        """The faults :meth:`to_json` wrote.
+
+        Raises:
+            ValueError: one line naming the first missing or unknown key.
+        """
+        data = json.loads(text)
+        names = ("up", "partition", "dropout")
+        for k in names:
+            if k not in data:
+                raise ValueError(f"node faults: missing key {k!r}")
+        unknown = sorted(k for k in data if k not in names)
+        if unknown:
+            raise ValueError(f"node faults: unknown key {unknown[0]!r}")
+        cuts = tuple((tuple(int(d) for d in devs), tuple(int(s) for s in srvs)) for devs, srvs in data["partition"])
+        return cls(tuple(int(s) for s in data["up"]), cuts, tuple(int(d) for d in data["dropout"]))
 
 
 def _in(t: int, start: int, end: int | None) -> bool:
