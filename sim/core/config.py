@@ -570,13 +570,13 @@ class ServersConfig:
 
     def width(self, server: int) -> int:
         """The hidden width (MLP units / CNN channels) of server ``server``."""
-        return int(self.widths[server]) if self.widths is not None else int(self.hidden)
+        return self.widths[server] if self.widths is not None else self.hidden
 
     def known(self, server: int) -> list[int] | None:
         """The classes server ``server`` knows, sorted (None: every class)."""
         if self.known_classes is None or self.known_classes[server] is None:
             return None
-        return sorted(int(c) for c in self.known_classes[server])
+        return sorted(self.known_classes[server])
 
     def check_data(self, num_classes: int) -> None:
         """``known_classes`` against the dataset's K classes (run once the data is prepared).
