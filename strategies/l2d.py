@@ -95,7 +95,7 @@ class L2DMethod(DeviceMethod):
     def loss_function(self, model: L2DModel, avail: torch.Tensor):
         """``loss(x, y, expert_ok) -> scalar`` for ``strategy.l2d.loss``."""
         opts, c_1 = self.cfg.l2d, self.cfg.c_1
-        prices = self.servers.prices(self.cfg.c_e)
+        prices = self.prices
         if opts.loss == L2DLoss.ce:
             return lambda x, y, ok: l2d_losses.ce_loss(model(x), y, ok, avail, opts.alpha)
         if opts.loss == L2DLoss.ova:
@@ -110,7 +110,7 @@ class L2DMethod(DeviceMethod):
         model.eval()
         logits = model(x)
         pred, expert, score = l2d_losses.decide(logits, avail, str(self.cfg.l2d.loss),
-                                                self.servers.prices(self.cfg.c_e), self.cfg.c_1)
+                                                self.prices, self.cfg.c_1)
         return logits, pred, expert, score
 
     def train(self, ctx: RoundContext) -> TrainResult:

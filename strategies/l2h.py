@@ -117,7 +117,7 @@ class L2HMethod(DeviceMethod):
         """The rejector's training tensors (features first, one row per sample of the split) and its
         loss as a function of a batch of them, from the servers' ``answers`` (the labels)."""
         c_1 = self.cfg.c_1
-        prices = self.servers.prices(self.cfg.c_e)
+        prices = self.prices
         if num_options(self.servers) > 2:
             costs = torch.zeros(len(y), num_options(self.servers))
             costs[:, 0] = m_wrong

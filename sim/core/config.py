@@ -604,8 +604,10 @@ class ServersConfig:
         return self.resolved_routing == Routing.learned and self.count > 1
 
     def prices(self, c_e: float) -> list[float]:
-        """Per-server deferral price: ``servers.c_e`` when set, else ``c_e`` for every server."""
-        return [float(v) for v in self.c_e] if self.c_e else [float(c_e)] * self.count
+        """Per-server deferral price: ``servers.c_e`` when set, else ``c_e`` (``strategy.c_e``) for
+        every server. The only place prices are resolved: the ServerApp calls it once per run for
+        the pool, each :class:`strategies.method.DeviceMethod` once as ``self.prices``."""
+        return list(self.c_e) if self.c_e is not None else [c_e] * self.count
 
 
 # ---- sim --------------------------------------------------------------------------------------
