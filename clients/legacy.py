@@ -95,7 +95,7 @@ MODEL_FILE = "model.pt"
 def product_line_models(group_cfgs: list[DeviceGroupConfig]) -> list[tuple[int, int]]:
     """The product lines' model versions, ``(group, version)`` in order (the model index of
     :func:`model_index` is a position in this list)."""
-    return [(gi, v) for gi, g in enumerate(group_cfgs) for v in range(int(g.versions))]
+    return [(gi, v) for gi, g in enumerate(group_cfgs) for v in range(g.versions)]
 
 
 def model_index(groups: list[int], group_cfgs: list[DeviceGroupConfig]) -> np.ndarray:
@@ -164,10 +164,10 @@ def pretrain_legacy(xs: np.ndarray, ys: np.ndarray, group: DeviceGroupConfig, in
     for s in seeds:
         torch.default_generator.manual_seed(derive_seed(s, "legacy-init"))  # torch.manual_seed, less CUDA bookkeeping
         with default_dtype(dtype):  # drawn in dtype: float32 draws differ by an ulp between kernel families
-            models.append(build_model(group.arch, in_shape, num_classes, hidden=int(group.hidden)))
+            models.append(build_model(group.arch, in_shape, num_classes, hidden=group.hidden))
     xt = torch.from_numpy(np.ascontiguousarray(xs)).to(dtype)
     yt = torch.from_numpy(np.ascontiguousarray(ys))
-    hp = {"epochs": int(group.epochs), "batch_size": 32, "lr": float(group.lr)}
+    hp = {"epochs": group.epochs, "batch_size": 32, "lr": group.lr}
     if batched:
         train_stacked(models, xt, yt, seeds=[derive_seed(s, "legacy") for s in seeds], grads=STACKED_GRADS.get(group.arch),
                       **hp)
@@ -241,9 +241,9 @@ def train_product_line(prep: Prepared, group: DeviceGroupConfig, version: int, s
         raise DataError("the prepared dataset has no vendor pool for fleet.legacy=product_line: prepare it with "
                         "vendor=True")
     tag = content_key({k: plain(getattr(group, k)) for k in MODEL_FIELDS})
-    x = degrade(vx, int(group.downsample), float(group.noise_std), derive_seed(seed, "vendor-sensor", tag, version),
+    x = degrade(vx, group.downsample, group.noise_std, derive_seed(seed, "vendor-sensor", tag, version),
                 clip=prep.bounded)
-    n_pre = max(1, int(round(float(group.pretrain_fraction) * len(vy))))
+    n_pre = max(1, int(round(group.pretrain_fraction * len(vy))))
     pick = np.sort(np.random.default_rng(derive_seed(seed, "vendor-subset", tag, version)).permutation(len(vy))[:n_pre])
     model, = pretrain_legacy(x[pick][None], vy[pick][None].astype(np.int64), group, prep.in_shape, prep.num_classes,
                              [derive_seed(seed, "product-line", tag, version)], batched=False, dtype=PRODUCT_LINE_DTYPE)
@@ -393,6 +393,6 @@ def build_per_device(fleet_cfg: FleetConfig, data_cfg: DataConfig, prep: Prepare
 
 def load_legacy(path: Path, group: DeviceGroupConfig, in_shape, num_classes: int) -> torch.nn.Module:
     """Load a frozen legacy model from its state_dict file ``path`` (weights only, no unpickling)."""
-    model = build_model(group.arch, tuple(in_shape), num_classes, hidden=int(group.hidden))
+    model = build_model(group.arch, tuple(in_shape), num_classes, hidden=group.hidden)
     model.load_state_dict(torch.load(Path(path), weights_only=True))
     return freeze(model)

@@ -40,7 +40,7 @@ def held_out_pool(prep: Prepared, fleet: Fleet, seed: int) -> tuple[np.ndarray, 
     models, the legacy splits of every device through its sensor."""
     if fleet.legacy == "product_line":
         vx, vy = np.asarray(prep.vendor_x), np.asarray(prep.vendor_y)
-        xs = [degrade(vx, int(g.downsample), float(g.noise_std), derive_seed(seed, "expert-sensor", gi), clip=prep.bounded)
+        xs = [degrade(vx, g.downsample, g.noise_std, derive_seed(seed, "expert-sensor", gi), clip=prep.bounded)
               for gi, g in enumerate(fleet.group_cfgs)]
         return np.concatenate(xs), np.concatenate([vy] * len(xs))
     xs, ys = [], []

@@ -187,7 +187,7 @@ def serving_depths(exits: dict[int, torch.Tensor], load: np.ndarray, coop: CoopC
         if s == COOP_LEADER:
             continue
         fracs = depth_fractions(len(ex))
-        f = serving_fraction(int(load[s]), fracs, float(coop.serve_depth), coop.capacity)
+        f = serving_fraction(int(load[s]), fracs, coop.serve_depth, coop.capacity)
         depth[s] = f
         logits[s] = ex[fracs.index(f)]
     return depth

@@ -196,7 +196,7 @@ def new_handle(placement: str, cfg: ServersConfig, in_shape: tuple[int, ...], nu
     if placement == "local":
         return LocalHandle(lambda: HelperServer(*args))
     actor_cls = remote_server_class().options(
-        num_cpus=float(cfg.resources.num_cpus), num_gpus=float(cfg.resources.num_gpus),
+        num_cpus=cfg.resources.num_cpus, num_gpus=cfg.resources.num_gpus,
         max_restarts=0, max_task_retries=0, scheduling_strategy="SPREAD")
     return RayHandle(actor_cls.remote(*args))
 

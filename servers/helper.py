@@ -82,17 +82,17 @@ class HelperServer:
                  torch_threads: int = 1, folds: int = 0):
         torch.set_num_threads(int(torch_threads))
         self.cfg, self.seed, self.index = cfg, seed, index
-        self.dev = torch.device("cuda" if float(cfg.resources.num_gpus) > 0 and torch.cuda.is_available()
+        self.dev = torch.device("cuda" if cfg.resources.num_gpus > 0 and torch.cuda.is_available()
                                 else "cpu")
         with seeded(derive_seed(seed, "server-init", index)):
             self.model = make_server_net(cfg, tuple(in_shape), num_classes, index).to(self.dev)
-        self.folds = FoldCopies(self.model, folds, float(cfg.lr), seed, index) if folds else None
+        self.folds = FoldCopies(self.model, folds, cfg.lr, seed, index) if folds else None
         # A specialist (servers.known_classes) learns only from samples of the classes it knows.
         self.known = None if cfg.known(index) is None else np.asarray(cfg.known(index), dtype=np.int64)
         # Cooperative learning: the Leader learns from labels only, the Teammates also from their peers.
         self.teammate = cfg.training == Training.coop and index != COOP_LEADER
-        self.opt = Adam(self.model.parameters(), lr=float(cfg.lr))
-        self.buffer = ReplayBuffer(int(cfg.buffer_size))
+        self.opt = Adam(self.model.parameters(), lr=cfg.lr)
+        self.buffer = ReplayBuffer(cfg.buffer_size)
         self.delay_s = 0.0
         self._pending: tuple[torch.Tensor, torch.Tensor] | None = None
 
@@ -130,11 +130,11 @@ class HelperServer:
         y = torch.from_numpy(self.buffer.y).to(self.dev)
         self.model.train()
         loss = train_minibatch(self.opt, (x, y), lambda xb, yb: F.cross_entropy(self.model(xb), yb),
-                               epochs=int(self.cfg.epochs), batch_size=int(self.cfg.batch_size),
+                               epochs=self.cfg.epochs, batch_size=self.cfg.batch_size,
                                seed=derive_seed(self.seed, "server-fit", self.index, server_round))
         self.model.eval()
         if self.folds is not None:
-            self.folds.fit(self.buffer.ids, x, y, server_round, int(self.cfg.epochs), int(self.cfg.batch_size))
+            self.folds.fit(self.buffer.ids, x, y, server_round, self.cfg.epochs, self.cfg.batch_size)
         return {"server_loss": loss, "buffer_size": len(self.buffer)}
 
     # ---- joint (MEL / DML) training, one minibatch per call pair --------------------------------
@@ -170,7 +170,7 @@ class HelperServer:
             local = F.cross_entropy(logits, yt)
         if self.teammate and len(exits) > 1:
             local = local + sfsl_distillation_loss(exits[:-1], logits, yt, self.model.fractions()[:-1],
-                                                   float(self.cfg.coop.temperature))
+                                                   self.cfg.coop.temperature)
         total = weight * local
         if feat_grad is not None:
             total = total + (feats * torch.from_numpy(feat_grad).to(self.dev)).sum()
@@ -236,7 +236,7 @@ class HelperServer:
         self.buffer = ReplayBuffer(self.buffer.capacity)
         if "buffer.ids" in state:
             self.buffer.add(state["buffer.ids"], state["buffer.x"], state["buffer.y"])
-        self.opt = Adam(self.model.parameters(), lr=float(self.cfg.lr))
+        self.opt = Adam(self.model.parameters(), lr=self.cfg.lr)
 
     def full_state(self) -> dict[str, np.ndarray]:
         """:meth:`state` plus the optimizers' state (``opt/*``, ``fold{j}/opt/*``): what a resumed run

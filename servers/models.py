@@ -150,7 +150,7 @@ def make_server_net(cfg: ServersConfig, in_shape: Sequence[int], num_classes: in
     if cfg.training == Training.coop:
         if cfg.arch != "mlp":
             raise ValueError(f"servers.training=coop builds multi-exit MLPs: set servers.arch=mlp (got {cfg.arch})")
-        return MultiExitNet(in_shape, num_classes, int(cfg.hidden), int(cfg.coop.depth))
+        return MultiExitNet(in_shape, num_classes, cfg.hidden, cfg.coop.depth)
     return ServerNet(cfg.arch, tuple(in_shape), num_classes, cfg.width(index), cfg.known(index))
 
 

@@ -65,7 +65,7 @@ class JointTrainer:
 
     def __init__(self, cfg: ServersConfig, in_shape: Sequence[int], num_classes: int, seed: int):
         self.cfg, self.seed = cfg, seed
-        self.shared = ReplayBuffer(int(cfg.buffer_size))
+        self.shared = ReplayBuffer(cfg.buffer_size)
         self.combiners: Combiners | None = None
         self.comb_opt: torch.optim.Optimizer | None = None
         if cfg.training == Training.mel and cfg.count >= 2:
@@ -73,7 +73,7 @@ class JointTrainer:
                 dims = [make_server_net(cfg, in_shape, num_classes, s).feature_dim for s in range(cfg.count)]
             with seeded(derive_seed(seed, "combiner-init")):
                 self.combiners = Combiners(cfg.count, dims, num_classes)
-            self.comb_opt = Adam(self.combiners.parameters(), lr=float(cfg.lr))
+            self.comb_opt = Adam(self.combiners.parameters(), lr=cfg.lr)
 
     def fit(self, call: Call, live: Callable[[], list[int]], ids: np.ndarray, x: np.ndarray, y: np.ndarray,
             rows: dict[int, list[int]], server_round: int) -> dict[str, Any]:
@@ -88,10 +88,10 @@ class JointTrainer:
 
     def _batches(self, server_round: int) -> list[tuple[int, np.ndarray]]:
         """``(epoch, sample indices)`` of every minibatch, in training order (seeded per round)."""
-        n, bs = len(self.shared), int(self.cfg.batch_size)
+        n, bs = len(self.shared), self.cfg.batch_size
         gen = torch.Generator().manual_seed(derive_seed(self.seed, "pool-fit", server_round))
         out = []
-        for epoch in range(int(self.cfg.epochs)):
+        for epoch in range(self.cfg.epochs):
             order = torch.randperm(n, generator=gen).numpy()
             out += [(epoch, np.sort(order[start:start + bs])) for start in range(0, n, bs)]
         return out
@@ -106,7 +106,7 @@ class JointTrainer:
         x_all, y_all = self.shared.x, self.shared.y
         batches = self._batches(server_round)
         training = self.cfg.training
-        weight = float(self.cfg.mel.standalone_weight) if training == Training.mel else 1.0
+        weight = self.cfg.mel.standalone_weight if training == Training.mel else 1.0
         learners = [s for s in members if training == Training.dml or (training == Training.coop and s != COOP_LEADER)]
         subsets = all_subsets(members) if self.combiners is not None else []
         # One server call per minibatch: finishing batch k and starting batch k+1 travel together,
@@ -137,7 +137,7 @@ class JointTrainer:
             return {s: None for s in members}, 0.0
         feats = {s: torch.from_numpy(np.array(out[s][0])).requires_grad_(True) for s in members}
         loss = mel_combiner_loss(self.combiners, feats, torch.from_numpy(yb), subsets,
-                                 float(self.cfg.mel.combiner_weight))
+                                 self.cfg.mel.combiner_weight)
         self.comb_opt.zero_grad(set_to_none=True)
         loss.backward()
         self.comb_opt.step()

@@ -60,8 +60,8 @@ class PoolView:
                 with torch.random.fork_rng(devices=[]):  # reading widths of absent servers draws nothing that counts
                     dims = [self.nets[s].feature_dim if s in self.nets
                             else make_server_net(self.cfg, self.in_shape, self.num_classes, s).feature_dim
-                            for s in range(int(self.cfg.count))]
-                self.combiners = Combiners(int(self.cfg.count), dims, self.num_classes)
+                            for s in range(self.cfg.count)]
+                self.combiners = Combiners(self.cfg.count, dims, self.num_classes)
             self.combiners.load_state_dict(comb)
         else:
             self.combiners = None

@@ -423,14 +423,14 @@ def precheck(argv: list[str]) -> int:
             check_method_name(cfg.strategy.name, methods)
             check_trackers(cfg.sim)
             if cfg.sim.mlflow:
-                stores.add(str(cfg.sim.mlflow_dir))
+                stores.add(cfg.sim.mlflow_dir)
             if cfg.sim.resume:
                 if len(jobs) > 1 or line.multirun:
                     raise ConfigError("sim.resume continues one run: give one run directory, without -m or sweeps")
                 from sim.checkpoint import open_for_resume
 
-                open_for_resume(cfg, Path(os.path.expanduser(str(cfg.sim.resume))))
-    parallel = int(cfg.sim.sweep_parallel) if line.multirun else 1
+                open_for_resume(cfg, Path(os.path.expanduser(cfg.sim.resume)))
+    parallel = cfg.sim.sweep_parallel if line.multirun else 1
     if parallel > 1 and any(o.lstrip("+~").startswith("hydra/launcher=") for o in line.hydra_overrides):
         raise ConfigError(f"sim.sweep_parallel={parallel} runs the sweep on Hydra's joblib launcher: leave out "
                           "hydra/launcher=... (or set sim.sweep_parallel=1 to use the launcher you give)")

@@ -57,7 +57,7 @@ def simulate(cfg: Config, run_dir: Path, console: Any | None = None, fresh: bool
     check_hub(cfg.data)
     check_trackers(cfg.sim)
     console = console or Console()
-    run_dir = Path(os.path.expanduser(str(cfg.sim.resume))) if cfg.sim.resume else Path(run_dir)
+    run_dir = Path(os.path.expanduser(cfg.sim.resume)) if cfg.sim.resume else Path(run_dir)
     if cfg.sim.resume and not run_dir.is_dir():
         raise ConfigError(f"sim.resume={run_dir} is not a directory: give the run directory to continue")
     key = "sim.resume" if cfg.sim.resume else "hydra.run.dir"
@@ -95,7 +95,7 @@ def open_run(cfg: Config, run_dir: Path, console: Any) -> tuple[Path, tuple | No
 
     if not cfg.sim.resume:
         return run_dir, None, 0, None
-    run_dir = Path(os.path.expanduser(str(cfg.sim.resume)))
+    run_dir = Path(os.path.expanduser(cfg.sim.resume))
     ckpt, finished = checkpoint.open_for_resume(cfg, run_dir)
     if ckpt is not None and finished >= cfg.sim.num_rounds:
         if (run_dir / "summary.json").is_file():
@@ -178,10 +178,10 @@ def prepare_inputs(cfg: Config, run_dir: Path, console: Any, resume: tuple | Non
     t_start = time.perf_counter()
     timing: dict[str, Any] = {"started_at": time.time()}  # Unix seconds (when, beside how long)
     engine.quiet_logs(cfg.sim.verbose)
-    torch.set_num_threads(int(cfg.sim.torch_threads))
-    torch.manual_seed(int(cfg.seed))
+    torch.set_num_threads(cfg.sim.torch_threads)
+    torch.manual_seed(cfg.seed)
     cache_dir = check_cache_dir(cfg.sim.cache_dir)
-    show = bool(cfg.sim.progress)  # a status line per phase (sim/progress.py)
+    show = cfg.sim.progress  # a status line per phase (sim/progress.py)
     with phase(console, "data", f"preparing {cfg.data.name} for {cfg.fleet.num_clients} devices", show):
         prep = prepare(cfg.data, cfg.fleet.num_clients, cfg.seed, cache_dir,
                        vendor=cfg.fleet.legacy == LegacySource.product_line)
@@ -200,8 +200,8 @@ def prepare_inputs(cfg: Config, run_dir: Path, console: Any, resume: tuple | Non
         timing["experts_s"] = time.perf_counter() - t_start - timing["prepare_data_s"] - timing["legacy_fleet_s"]
     recorder = Recorder(run_dir, keep_rounds=finished if cfg.sim.resume else None)
     record_provenance(run_dir, resumed=bool(cfg.sim.resume))
-    schedule = build_schedule(cfg.failures, int(cfg.servers.count), cfg.fleet.num_clients, cfg.sim.num_rounds,
-                              int(cfg.seed))
+    schedule = build_schedule(cfg.failures, cfg.servers.count, cfg.fleet.num_clients, cfg.sim.num_rounds,
+                              cfg.seed)
     terminal.print_servers(console, cfg, schedule)
     recorder.write_json("failure_schedule.json", {"failures": plain(cfg.failures), "rounds": schedule_json(schedule)})
     return Inputs(cfg, run_dir, console, prep, fleet, schedule, states, recorder, resume, finished, t_start, timing)
@@ -211,7 +211,7 @@ def fleet_phase_text(cfg: Config) -> str:
     """What the fleet build makes: product lines build few models, per-device fleets one per device."""
     from clients.legacy import product_line_models
 
-    n = int(cfg.fleet.num_clients)
+    n = cfg.fleet.num_clients
     if cfg.fleet.legacy == LegacySource.product_line:
         models = len(product_line_models(list(cfg.fleet.groups)))
         return f"{models} product-line model(s) for {n} devices (built or from the cache)"
@@ -246,7 +246,7 @@ def check_archs(cfg: Config, in_shape: tuple[int, ...]) -> None:
     for i, g in enumerate(cfg.fleet.groups):
         check_input(str(g.arch), in_shape, f"fleet.groups.{i}.arch")
         side = w if h == 1 else max(h, w)
-        if int(g.downsample) > side:
+        if g.downsample > side:
             raise ConfigError(f"fleet.groups.{i}.downsample={g.downsample} is invalid: the inputs are {h}x{w}, so a "
                               f"sensor block can be at most {side} samples wide")
     check_input(str(cfg.servers.arch), in_shape, "servers.arch")
@@ -260,8 +260,8 @@ def device_spec(inp: Inputs, per_node: int) -> DeviceSpec:
         legacy_models=tuple(Path(p) for p in inp.fleet.models) if inp.fleet.legacy == "product_line" else (),
         groups=tuple(inp.fleet.groups), group_cfgs=tuple(inp.fleet.group_cfgs),
         temperatures=tuple(float(t) for t in inp.fleet.temperature), in_shape=tuple(inp.prep.in_shape),
-        num_classes=inp.prep.num_classes, seed=int(cfg.seed), strategy=cfg.strategy, servers=cfg.servers,
-        torch_threads=int(cfg.sim.torch_threads), devices_per_node=per_node)
+        num_classes=inp.prep.num_classes, seed=cfg.seed, strategy=cfg.strategy, servers=cfg.servers,
+        torch_threads=cfg.sim.torch_threads, devices_per_node=per_node)
 
 
 def run_federation(inp: Inputs) -> Outcome:
@@ -276,7 +276,7 @@ def run_federation(inp: Inputs) -> Outcome:
     from sim.core.nodes import devices_per_node, num_nodes
 
     cfg = inp.cfg
-    per_node = devices_per_node(cfg.fleet.num_clients, cfg.sim.devices_per_node, int(cfg.sim.max_nodes))
+    per_node = devices_per_node(cfg.fleet.num_clients, cfg.sim.devices_per_node, cfg.sim.max_nodes)
     fed = Federation(inp, device_spec(inp, per_node), engine.check_node)
     nodes = num_nodes(cfg.fleet.num_clients, per_node)
     with fed.progress:

@@ -46,12 +46,12 @@ def servers_summary(cfg: Config, rounds: list[dict[str, Any]], table: dict[str, 
                     dead: list[int]) -> dict[str, Any]:
     """``summary.servers``: the pool's setup, who is alive at the end, total load, the MEL table."""
     s = cfg.servers
-    load = np.zeros(int(s.count), dtype=np.int64)
+    load = np.zeros(s.count, dtype=np.int64)
     for r in rounds:
         load += np.asarray(r.get("train_load", [0] * len(load)), dtype=np.int64)
     ev = _evaluated(rounds)
     return {
-        "count": int(s.count), "routing": str(s.resolved_routing), "training": str(s.training),
+        "count": s.count, "routing": str(s.resolved_routing), "training": str(s.training),
         "dead_at_end": dead, "available_at_end": ev[-1]["availability"] if ev else None,
         "train_load": load.tolist(),
         "table": table,

@@ -263,7 +263,7 @@ def baseline_routing(cfg: Config) -> str:
     """How the matched baselines' deferrals are answered (summary.json ``baselines_routing``): a
     baseline's deferred sample gets the answer the run's own routing gives that sample."""
     routing = cfg.servers.resolved_routing
-    if int(cfg.servers.count) == 1:
+    if cfg.servers.count == 1:
         return "the one helper server"
     text = {"learned": "the server the run's rejector picks for each sample (its routing head, argmax over "
                        "the available servers)",
@@ -298,15 +298,15 @@ def build_summary(cfg: Config, metrics: dict[str, Any], rows: list[dict[str, Any
         "table": metrics["table"], "by_class": metrics["by_class"], "curves": metrics["curves"],
         "accuracy_at_defer_rate": metrics["accuracy_at_defer_rate"], "aurc": metrics["aurc"],
         "e_aurc": metrics["e_aurc"], "fairness": fairness(rows),
-        "staleness": int(s.staleness), "max_defer_rate": delta,
+        "staleness": s.staleness, "max_defer_rate": delta,
         "bound": str(s.bound) if delta is not None else None,
-        "num_servers": int(cfg.servers.count),
+        "num_servers": cfg.servers.count,
         # cooperative learning: the Teammates' serving-depth limits (cost pressure, capacity)
-        "serve_depth": float(cfg.servers.coop.serve_depth) if coop else None,
+        "serve_depth": cfg.servers.coop.serve_depth if coop else None,
         "capacity": cfg.servers.coop.capacity if coop else None,
-        "num_clients": len(acc), "num_rounds": int(cfg.sim.num_rounds), "seed": int(cfg.seed),
+        "num_clients": len(acc), "num_rounds": cfg.sim.num_rounds, "seed": cfg.seed,
         "num_test_samples": metrics["num_samples"], "num_classes": num_classes,
-        "strategy": s.name, "c_e": float(s.c_e), "c_1": float(s.c_1),
+        "strategy": s.name, "c_e": s.c_e, "c_1": s.c_1,
         "config": {k: v for k, v in comparable(cfg).items() if k != "seed"},
         "fleet": {"legacy_accuracy_min": float(acc.min()), "legacy_accuracy_median": float(np.median(acc)),
                   "legacy_accuracy_max": float(acc.max()), "legacy_accuracy_mean": float(acc.mean()),

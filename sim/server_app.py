@@ -158,12 +158,12 @@ class Federation:
             import ray
 
             timing["ray_node_id"] = ray.get_runtime_context().get_node_id()
-        self.pool = ServerPool(cfg.servers, inp.prep.in_shape, inp.prep.num_classes, int(cfg.seed),
+        self.pool = ServerPool(cfg.servers, inp.prep.in_shape, inp.prep.num_classes, cfg.seed,
                                cfg.failures.query_timeout_s, "ray" if cfg.sim.backend == Backend.ray else "local",
-                               int(cfg.sim.torch_threads), cfg.servers.prices(cfg.strategy.c_e),
+                               cfg.sim.torch_threads, cfg.servers.prices(cfg.strategy.c_e),
                                fold_copies(cfg.strategy, device_cls.learns_from_labels))
         try:
-            timeout = float(cfg.sim.round_timeout)
+            timeout = cfg.sim.round_timeout
             self.pool.wait_ready(min(120.0, timeout))
             if inp.server_states is not None:
                 self.pool.install(inp.server_states)

@@ -149,11 +149,11 @@ class FleetStrategy(Strategy):
 
     def __init__(self, cfg: Config, on_round: Callable[[RoundRecord], None]):
         self.cfg = cfg
-        self.num_clients = int(cfg.fleet.num_clients)
-        self.num_rounds = int(cfg.sim.num_rounds)
-        self.seed = int(cfg.seed)
+        self.num_clients = cfg.fleet.num_clients
+        self.num_rounds = cfg.sim.num_rounds
+        self.seed = cfg.seed
         self.on_round = on_round
-        self.per_node = devices_per_node(self.num_clients, cfg.sim.devices_per_node, int(cfg.sim.max_nodes))
+        self.per_node = devices_per_node(self.num_clients, cfg.sim.devices_per_node, cfg.sim.max_nodes)
         self.num_nodes = num_nodes(self.num_clients, self.per_node)
         self.node_of: dict[int, int] = {}  # node (partition id) -> Flower node id
         self.sent: list[int] = []  # devices the last configure_* call sent messages for
@@ -251,7 +251,7 @@ class FleetStrategy(Strategy):
 
     # ---- evaluation (shared by every strategy) ---------------------------------------------
     def is_eval_round(self, server_round: int) -> bool:
-        return server_round == self.num_rounds or server_round % int(self.cfg.sim.eval_every) == 0
+        return server_round == self.num_rounds or server_round % self.cfg.sim.eval_every == 0
 
     def eval_content(self, server_round: int, arrays: ArrayRecord) -> RecordDict:
         return RecordDict({"server": arrays, "config": self.config(server_round)})
@@ -263,7 +263,7 @@ class FleetStrategy(Strategy):
             self.sent = []  # no device was asked: aggregate_evaluate must not count the training round's as failed
             return []
         last = server_round == self.num_rounds
-        devices = self.sample(server_round, 1.0 if last else float(self.cfg.sim.fraction_evaluate), "eval")
+        devices = self.sample(server_round, 1.0 if last else self.cfg.sim.fraction_evaluate, "eval")
         return self.messages(grid, devices, MessageType.EVALUATE, self.eval_content(server_round, arrays),
                              server_round)
 
@@ -283,7 +283,7 @@ class FleetStrategy(Strategy):
             servers = self.answer(server_round, pooled, x)
             self.last_x = x
             s = self.cfg.strategy
-            metrics = pooled_metrics(pooled, float(s.c_e), float(s.c_1))
+            metrics = pooled_metrics(pooled, s.c_e, s.c_1)
             self.last_eval, self.last_metrics = pooled, metrics
         self.on_round(RoundRecord(
             server_round, dict(self.train_record), servers,

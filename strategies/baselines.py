@@ -79,7 +79,7 @@ class Baseline(DeviceMethod):
         defer &= bool(reach)
         sendable = ~self.labels.held_out(len(defer), device.device_id) if self.learns_from_labels \
             else np.ones(len(defer), dtype=bool)
-        explore = (~defer) & (rng.random(len(defer)) < float(self.cfg.explore)) & bool(reach) & sendable
+        explore = (~defer) & (rng.random(len(defer)) < self.cfg.explore) & bool(reach) & sendable
         defer &= sendable
         if now is not None and self.learns_from_labels:
             self.labels.record(ctx.learner, defer | explore, now, ctx.round)
@@ -120,16 +120,16 @@ class RandomDeferral(Baseline):
 
     def rule(self, device, learner, split, rng):
         u = rng.random(len(getattr(device.data, f"y_{split}")))
-        return u < float(self.cfg.defer_rate), u
+        return u < self.cfg.defer_rate, u
 
 
 def confidence_tau(device: Device, cfg: BaselineConfig) -> float:
     """The confidence threshold: ``strategy.tau``, or the ``defer_rate`` quantile of the legacy max
     softmax on the device's rejector split (the legacy model is frozen: the same every round)."""
     if cfg.tau is not None:
-        return float(cfg.tau)
+        return cfg.tau
     conf = legacy_confidence(device, "rejector")
-    return float(np.quantile(conf, float(cfg.defer_rate))) if len(conf) else 0.0
+    return float(np.quantile(conf, cfg.defer_rate)) if len(conf) else 0.0
 
 
 class Confidence(Baseline):
@@ -150,7 +150,7 @@ class CompareConfidence(Baseline):
         answer memory of prequential labels)."""
         rh = self.cfg.rejector
         memory = answer_memory(self.cfg, len(device.data.y_rejector), self.servers.count, self.num_classes)
-        return device.new_rejector(rh.inputs, int(rh.hidden), self.seed, outputs=1, memory=memory)
+        return device.new_rejector(rh.inputs, rh.hidden, self.seed, outputs=1, memory=memory)
 
     def learn(self, ctx: RoundContext, now: ServerAnswers, out_of_fold: ServerAnswers | None) -> float:
         """Binary cross-entropy of the estimator against ``1 - e_wrong`` on the labelled rows."""
@@ -162,7 +162,7 @@ class CompareConfidence(Baseline):
         return train_minibatch(
             learner.parameters(), (feats[use], 1.0 - answers.pool_wrong[use]),
             lambda f, t: F.binary_cross_entropy_with_logits(learner(f)[:, 0], t),
-            epochs=int(rh.epochs), batch_size=int(rh.batch_size), lr=float(rh.lr),
+            epochs=rh.epochs, batch_size=rh.batch_size, lr=rh.lr,
             seed=derive_seed(self.seed, "compare-confidence", ctx.device.device_id, ctx.round))
 
     @torch.no_grad()

@@ -85,4 +85,4 @@ def calibration_split(cfg: BoundedConfig, n: int, seed: int, device_id: int, ser
     if cfg.max_defer_rate is None or n < 2:
         return np.zeros(n, dtype=bool)
     rng = np.random.default_rng(derive_seed(seed, "calibration", device_id, server_round))
-    return calibration_mask(n, float(cfg.calibration), rng)
+    return calibration_mask(n, cfg.calibration, rng)

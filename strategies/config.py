@@ -70,7 +70,7 @@ class L2HConfig(BoundedConfig):
             from strategies.l2h_losses import binary_alpha
 
             try:
-                binary_alpha(float(self.c_e), float(self.c_1), float(self.binary_beta), float(self.binary_p))
+                binary_alpha(self.c_e, self.c_1, self.binary_beta, self.binary_p)
             except ValueError as exc:
                 raise ConfigError(str(exc)) from None
 

@@ -71,7 +71,7 @@ class L2DModel(nn.Module):
 
 def available(servers: ServersConfig, reach: list[int]) -> torch.Tensor:
     """``(S,)`` bool: the experts this device can query."""
-    mask = torch.zeros(int(servers.count), dtype=torch.bool)
+    mask = torch.zeros(servers.count, dtype=torch.bool)
     mask[list(reach)] = True
     return mask
 
@@ -90,14 +90,14 @@ class L2DMethod(DeviceMethod):
         rh = self.cfg.rejector
         with seeded(derive_seed(self.seed, "l2d-init", device.device_id)):
             return L2DModel(classifier, rh.inputs, int(np.prod(device.data.x_test.shape[1:])), self.num_classes,
-                            int(self.servers.count), int(rh.hidden))
+                            self.servers.count, rh.hidden)
 
     def loss_function(self, model: L2DModel, avail: torch.Tensor):
         """``loss(x, y, expert_ok) -> scalar`` for ``strategy.l2d.loss``."""
-        opts, c_1 = self.cfg.l2d, float(self.cfg.c_1)
-        prices = self.servers.prices(self.cfg.c_e)
+        opts, c_1 = self.cfg.l2d, self.cfg.c_1
+        prices = self.prices
         if opts.loss == L2DLoss.ce:
-            return lambda x, y, ok: l2d_losses.ce_loss(model(x), y, ok, avail, float(opts.alpha))
+            return lambda x, y, ok: l2d_losses.ce_loss(model(x), y, ok, avail, opts.alpha)
         if opts.loss == L2DLoss.ova:
             return lambda x, y, ok: l2d_losses.ova_loss(model(x), y, ok, avail)
         return lambda x, y, ok: l2d_losses.ce_cost_loss(
@@ -110,7 +110,7 @@ class L2DMethod(DeviceMethod):
         model.eval()
         logits = model(x)
         pred, expert, score = l2d_losses.decide(logits, avail, str(self.cfg.l2d.loss),
-                                                self.servers.prices(self.cfg.c_e), float(self.cfg.c_1))
+                                                self.prices, self.cfg.c_1)
         return logits, pred, expert, score
 
     def train(self, ctx: RoundContext) -> TrainResult:
@@ -121,7 +121,7 @@ class L2DMethod(DeviceMethod):
         y = torch.from_numpy(device.data.y_rejector).long()
         reach = ctx.reachable_in_view()
         avail = available(self.servers, reach)
-        ok = torch.zeros(len(y), int(self.servers.count))
+        ok = torch.zeros(len(y), self.servers.count)
         if reach:
             _, logits = ctx.view.outputs(x, reach)
             for s in reach:
@@ -130,7 +130,7 @@ class L2DMethod(DeviceMethod):
         rh = self.cfg.rejector
         model.train()
         loss = train_minibatch(model.parameters(), (x[~cal], y[~cal], ok[~cal]), self.loss_function(model, avail),
-                               epochs=int(rh.epochs), batch_size=int(rh.batch_size), lr=float(rh.lr),
+                               epochs=rh.epochs, batch_size=rh.batch_size, lr=rh.lr,
                                seed=derive_seed(self.seed, "l2d", device.device_id, ctx.round))
         _, pred, _, score = self.decisions(model, x, avail)
         if cal.any() and self.cfg.max_defer_rate is not None:
@@ -143,7 +143,7 @@ class L2DMethod(DeviceMethod):
 
     def fit_bound(self, model: L2DModel, score_cal: torch.Tensor) -> None:
         """Fit the reject-rate bound ``(t, rho)`` on the calibration scores ``(M,)`` into ``model.local_bound``."""
-        t, rho = bounded.fit(score_cal.numpy(), (score_cal > 0).numpy(), float(self.cfg.max_defer_rate))
+        t, rho = bounded.fit(score_cal.numpy(), (score_cal > 0).numpy(), self.cfg.max_defer_rate)
         model.local_bound.copy_(torch.tensor([t, rho]))
 
     @torch.no_grad()
@@ -164,7 +164,7 @@ class L2DMethod(DeviceMethod):
                 if cal.any():
                     self.fit_bound(model, self.decisions(model, x_cal[torch.from_numpy(cal)], avail)[3])
             logits, _, expert, score_t = self.decisions(model, torch.from_numpy(x), avail)
-            k = logits.shape[1] - int(self.servers.count)
+            k = logits.shape[1] - self.servers.count
             probs = torch.softmax(logits[:, :k], 1)
             score = score_t.numpy()
             defer = score > 0
@@ -180,7 +180,7 @@ class L2DMethod(DeviceMethod):
 def architecture_groups(cfg: Config) -> list[str]:
     """Per device, the key of its model architecture (devices with the same key can average models)."""
     groups = list(cfg.fleet.groups)
-    assign = assign_groups(int(cfg.fleet.num_clients), [g.share for g in groups])
+    assign = assign_groups(cfg.fleet.num_clients, [g.share for g in groups])
     return [f"{groups[g].arch}-{int(groups[g].hidden)}" for g in assign]
 
 

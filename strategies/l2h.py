@@ -84,7 +84,7 @@ class L2HMethod(DeviceMethod):
         memory of prequential labels)."""
         rh = self.cfg.rejector
         memory = answer_memory(self.cfg, len(device.data.y_rejector), self.servers.count, self.num_classes)
-        return device.new_rejector(rh.inputs, int(rh.hidden), self.seed, num_options(self.servers), memory)
+        return device.new_rejector(rh.inputs, rh.hidden, self.seed, num_options(self.servers), memory)
 
     def train(self, ctx: RoundContext) -> TrainResult:
         device, rejector = ctx.device, ctx.learner
@@ -105,7 +105,7 @@ class L2HMethod(DeviceMethod):
         defer = self.bound_decisions(rejector, feats, defer, avail, device.device_id, ctx.round, "train")
         sendable = ~self.labels.held_out(len(defer), device.device_id)
         rng = np.random.default_rng(derive_seed(self.seed, "explore", device.device_id, ctx.round))
-        explore = (~defer) & (rng.random(len(defer)) < float(self.cfg.explore)) & bool(reach) & sendable
+        explore = (~defer) & (rng.random(len(defer)) < self.cfg.explore) & bool(reach) & sendable
         defer &= sendable
         if now is not None:
             self.labels.record(rejector, defer | explore, now, ctx.round)
@@ -116,8 +116,8 @@ class L2HMethod(DeviceMethod):
                 ) -> tuple[tuple[torch.Tensor, ...], Callable]:
         """The rejector's training tensors (features first, one row per sample of the split) and its
         loss as a function of a batch of them, from the servers' ``answers`` (the labels)."""
-        c_1 = float(self.cfg.c_1)
-        prices = self.servers.prices(self.cfg.c_e)
+        c_1 = self.cfg.c_1
+        prices = self.prices
         if num_options(self.servers) > 2:
             costs = torch.zeros(len(y), num_options(self.servers))
             costs[:, 0] = m_wrong
@@ -129,8 +129,8 @@ class L2HMethod(DeviceMethod):
         if resolve_surrogate(self.cfg.surrogate, self.num_classes) == "multiclass":
             w0, w1 = l2h_weights(m_wrong, e_wrong, c_defer, c_1, str(self.cfg.weights))
             return (feats, w0, w1), lambda f, a, b: multiclass_rejector_loss(rejector(f), a, b)
-        beta = float(self.cfg.binary_beta)
-        alpha = binary_alpha(c_defer, c_1, beta, float(self.cfg.binary_p))
+        beta = self.cfg.binary_beta
+        alpha = binary_alpha(c_defer, c_1, beta, self.cfg.binary_p)
         margin = 2.0 * probs.gather(1, y[:, None])[:, 0] - 1.0
         return ((feats, m_wrong, margin),
                 lambda f, mw, em: binary_rejector_loss(rejector(f), mw, em, c_defer, c_1, beta, alpha))
@@ -145,7 +145,7 @@ class L2HMethod(DeviceMethod):
         rejector.train()
         use = torch.from_numpy(~cal & rows)
         loss = train_minibatch(rejector.parameters(), tuple(t[use] for t in tensors), loss_fn,
-                               epochs=int(rh.epochs), batch_size=int(rh.batch_size), lr=float(rh.lr),
+                               epochs=rh.epochs, batch_size=rh.batch_size, lr=rh.lr,
                                seed=derive_seed(self.seed, "rejector", dev, ctx.round))
         if cal.any():
             self.fit_bound(rejector, feats[cal], avail)
@@ -157,7 +157,7 @@ class L2HMethod(DeviceMethod):
         rejector.eval()
         _, score = masked_decision(rejector(feats_cal), avail)
         defer, _ = decide(rejector, feats_cal, avail, self.servers)
-        t, rho = bounded.fit(score.numpy(), defer, float(self.cfg.max_defer_rate))
+        t, rho = bounded.fit(score.numpy(), defer, self.cfg.max_defer_rate)
         rejector.local_bound.copy_(torch.tensor([t, rho]))
 
     @torch.no_grad()

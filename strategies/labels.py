@@ -105,7 +105,7 @@ def out_of_fold_answers(view: PoolView, x: torch.Tensor, y: torch.Tensor, ids: n
 def fold_copies(cfg: StrategyConfig, learns_from_labels: bool) -> int:
     """How many fold copies each helper server trains: ``strategy.crossfit_folds`` for a method that
     learns from the servers' answers with ``server_labels=crossfit``, else 0."""
-    return int(cfg.crossfit_folds) if learns_from_labels and cfg.server_labels == ServerLabels.crossfit else 0
+    return cfg.crossfit_folds if learns_from_labels and cfg.server_labels == ServerLabels.crossfit else 0
 
 
 def answer_memory(cfg: StrategyConfig, n: int, num_servers: int, num_classes: int) -> tuple[int, int, int] | None:
@@ -122,7 +122,7 @@ class LabelSource:
 
     def __init__(self, cfg: StrategyConfig, seed: int):
         self.mode, self.seed = cfg.server_labels, seed
-        self.holdout, self.max_age, self.folds = float(cfg.holdout), cfg.label_max_age, int(cfg.crossfit_folds)
+        self.holdout, self.max_age, self.folds = cfg.holdout, cfg.label_max_age, cfg.crossfit_folds
 
     def answers(self, view: PoolView, x: torch.Tensor, y: torch.Tensor, ids: np.ndarray, reach: list[int],
                 servers: ServersConfig) -> tuple[ServerAnswers, ServerAnswers | None]:

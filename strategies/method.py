@@ -113,6 +113,7 @@ class DeviceMethod(ABC):
 
     def __init__(self, cfg: StrategyConfig, servers: ServersConfig, seed: int, num_classes: int):
         self.cfg, self.servers, self.seed, self.num_classes = cfg, servers, seed, num_classes
+        self.prices = servers.prices(cfg.c_e)  # per-server deferral prices, resolved once here
 
     def new_learner(self, device: Device) -> nn.Module | None:
         """A freshly initialised trained part for ``device`` (None: the method trains nothing)."""

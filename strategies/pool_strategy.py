@@ -77,13 +77,13 @@ class PoolStrategy(FleetStrategy):
         super().__init__(cfg, on_round)
         self.pool = pool
         self.schedule = schedule
-        self.staleness = int(cfg.strategy.staleness)
+        self.staleness = cfg.strategy.staleness
         self.stale: ArrayRecord | None = None
         # Per server, the round its entry in the stale copy was taken (-1: not in it); per device and
         # server, that round for the copy the device last trained against (-1: never). Together with
         # the pool's reset rounds they say what a device knows of each server's current state.
-        self.stale_round = np.full(int(cfg.servers.count), -1, dtype=np.int64)
-        self.known = np.full((self.num_clients, int(cfg.servers.count)), -1, dtype=np.int64)
+        self.stale_round = np.full(cfg.servers.count, -1, dtype=np.int64)
+        self.known = np.full((self.num_clients, cfg.servers.count), -1, dtype=np.int64)
         self.faults_json = "{}"
         # Each device's latest trained part (for checkpoints), as arrays: converted once on receipt.
         self.states: dict[int, dict[str, np.ndarray]] = {}
@@ -111,7 +111,7 @@ class PoolStrategy(FleetStrategy):
         up = self.pool.begin_round(faults)
         self.faults_json = faults_config(faults, up, final=False)
         self.refresh_stale(server_round)
-        devices = self.sample(server_round, float(self.cfg.sim.fraction_train), "train")
+        devices = self.sample(server_round, self.cfg.sim.fraction_train, "train")
         content = RecordDict({"server": self.stale, "config": self.config(server_round)})
         return self.messages(grid, devices, MessageType.TRAIN, content, server_round)
 

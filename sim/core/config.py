@@ -327,12 +327,11 @@ class FleetConfig:
     # drift of every group that sets none of its own (fleet.groups.<i>.drift): e.g. half of every group's
     # devices drifting, fleet.drift.fraction=0.5 fleet.drift.offset=0.5 (experiment=device_drift)
     drift: DriftConfig = field(default_factory=DriftConfig)
-    # batched: same-shaped legacy models pretrain together (torch.func); sequential: one by one, as
-    # before 2026-11-21 (the same training up to float rounding; reproduces earlier figures exactly)
+    # batched: same-shaped legacy models pretrain together (torch.func); sequential: one by one (the
+    # same training up to float rounding; kept to reproduce exactly figures pretrained one by one)
     pretrain: Pretrain = Pretrain.batched
     # torch threads of the one-off legacy build (e.g. 2 on a 2-core machine: 10,000 MNIST-1D models
     # in 51 s instead of 75 s); another count rounds differently, so it is its own cache entry.
-    # (Before 2026-12-04 the build ran on sim.torch_threads threads.)
     build_threads: int = 1
 
     def __post_init__(self) -> None:
@@ -570,13 +569,13 @@ class ServersConfig:
 
     def width(self, server: int) -> int:
         """The hidden width (MLP units / CNN channels) of server ``server``."""
-        return int(self.widths[server]) if self.widths is not None else int(self.hidden)
+        return self.widths[server] if self.widths is not None else self.hidden
 
     def known(self, server: int) -> list[int] | None:
         """The classes server ``server`` knows, sorted (None: every class)."""
         if self.known_classes is None or self.known_classes[server] is None:
             return None
-        return sorted(int(c) for c in self.known_classes[server])
+        return sorted(self.known_classes[server])
 
     def check_data(self, num_classes: int) -> None:
         """``known_classes`` against the dataset's K classes (run once the data is prepared).
@@ -604,8 +603,10 @@ class ServersConfig:
         return self.resolved_routing == Routing.learned and self.count > 1
 
     def prices(self, c_e: float) -> list[float]:
-        """Per-server deferral price: ``servers.c_e`` when set, else ``c_e`` for every server."""
-        return [float(v) for v in self.c_e] if self.c_e else [float(c_e)] * self.count
+        """Per-server deferral price: ``servers.c_e`` when set, else ``c_e`` (``strategy.c_e``) for
+        every server. The only place prices are resolved: the ServerApp calls it once per run for
+        the pool, each :class:`strategies.method.DeviceMethod` once as ``self.prices``."""
+        return list(self.c_e) if self.c_e is not None else [c_e] * self.count
 
 
 # ---- sim --------------------------------------------------------------------------------------
@@ -822,8 +823,8 @@ MAX_LR = 1.0
 """Largest learning rate a run accepts. Every network here trains with Adam, whose step moves each
 weight by about ``lr`` whatever the gradient's scale (Kingma & Ba 2015, §2.1: the step is bounded by
 lr); the weights start at about 1/sqrt(fan-in) <= 1 and the inputs lie in [0, 1], so with lr > 1 each
-step moves every weight by more than its own size and training cannot settle (``servers.lr=1e10`` used to
-run to the end without a word)."""
+step moves every weight by more than its own size and training cannot settle (without this bound,
+``servers.lr=1e10`` runs to the end without a word)."""
 
 
 def check_learning(cfg: "Config") -> None:

@@ -435,7 +435,7 @@ def drifting(drift: DriftConfig, rank: int) -> bool:
     ``floor(n f)`` drifting devices, spread evenly (f = 0.5: ranks 1, 3, 5, ...), whatever the fleet size."""
     if not drift.active:
         return False
-    f = float(drift.fraction)
+    f = drift.fraction
     return int(np.floor((rank + 1) * f + 1e-9)) > int(np.floor(rank * f + 1e-9))
 
 
@@ -443,9 +443,9 @@ def apply_drift(x: np.ndarray, drift: DriftConfig, seed: int, clip: bool) -> np.
     """A drifted sensor's view of ``x (N, C, H, W)``: ``gain * roll(x, shift, last axis) + offset``
     plus seeded Gaussian noise of std ``drift.noise_std`` (clipped back into [0, 1] for images,
     ``clip``). Same shape, float32."""
-    out = np.roll(np.asarray(x, dtype=np.float32), int(drift.shift), axis=-1) * float(drift.gain) + float(drift.offset)
+    out = np.roll(np.asarray(x, dtype=np.float32), drift.shift, axis=-1) * drift.gain + drift.offset
     if drift.noise_std > 0:
-        out = out + np.random.default_rng(seed).normal(0.0, float(drift.noise_std), size=out.shape).astype(np.float32)
+        out = out + np.random.default_rng(seed).normal(0.0, drift.noise_std, size=out.shape).astype(np.float32)
     if clip:
         out = np.clip(out, 0.0, 1.0)
     return np.ascontiguousarray(out, dtype=np.float32)
@@ -459,7 +459,7 @@ def device_data(prep: Prepared, device: int, group: DeviceGroupConfig, seed: int
     sensor (:func:`apply_drift`); its legacy split, what a per-device legacy model was trained on
     before deployment, is never drifted."""
     idx = prep.rows_of(device)
-    x = degrade(prep.x[idx], int(group.downsample), float(group.noise_std), derive_seed(seed, "sensor", device),
+    x = degrade(prep.x[idx], group.downsample, group.noise_std, derive_seed(seed, "sensor", device),
                 clip=prep.bounded)
     y = np.asarray(prep.y[idx])
     s = np.asarray(prep.split[idx])
