@@ -231,22 +231,23 @@ def test_devices_of_a_group_run_its_model_versions_in_turn_whatever_the_fleet_si
 
 
 @pytest.mark.slow
-def test_a_product_lines_model_is_shared_by_its_devices_and_independent_of_the_fleet_size(tmp_path):
+def test_a_product_lines_model_is_shared_by_its_devices_and_independent_of_the_fleet_size(shared_cache):
     """fleet.legacy=product_line (the default): every device of a group runs one model trained once
     on the vendor pool; the same model (file and weights) for a 4-device and a 24-device fleet, so
-    legacy quality does not depend on how many devices there are."""
+    legacy quality does not depend on how many devices there are. (The suite's shared cache: the
+    4-device fleet's product lines are usually there already, built by any default-fleet test.)"""
     fleets = {}
     for n in (4, 24):
         cfg = small_cfg(**{"fleet.num_clients": n})
-        prep = prepare_for(cfg, tmp_path)
-        fleets[n] = (fleet_for(cfg, prep, tmp_path), prep)
+        prep = prepare_for(cfg, shared_cache)
+        fleets[n] = (fleet_for(cfg, prep, shared_cache), prep)
     (small, prep4), (big, prep24) = fleets[4], fleets[24]
     assert small.legacy == big.legacy == "product_line"
     assert small.models == big.models and len(small.models) == 4  # one file per group, reused
     np.testing.assert_array_equal(np.asarray(prep4.vendor_y), np.asarray(prep24.vendor_y))
     for dev in range(24):
         assert big.model_file(dev) == big.models[big.groups[dev]]
-    assert not big.built  # every model came from the 4-device fleet's build
+    assert not big.built  # every model came from the 4-device fleet's (none trained for 24 devices)
     # the vendor pool is never a device's sample: no row of it is in the devices' data
     x_dev = np.asarray(prep24.x).reshape(len(prep24.x), -1)
     vendor = {v.tobytes() for v in np.asarray(prep24.vendor_x).reshape(len(prep24.vendor_x), -1)}
