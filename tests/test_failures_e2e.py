@@ -23,18 +23,21 @@ PRESETS = {
 }
 
 
-def run(tmp_path, name, **over):
+def run(tmp_path, cache, name, **over):
+    """``cache``: the suite's shared cache (tests/conftest.py), not the user's default one, which on a
+    fresh machine every worker would fill again with the same dataset and product lines."""
     from sim.run import simulate
 
-    cfg = small_cfg(**{"sim.num_rounds": 3, "servers.count": 2, "failures.reference": "false", **over})
+    cfg = small_cfg(**{"sim.num_rounds": 3, "servers.count": 2, "failures.reference": "false",
+                       "sim.cache_dir": str(cache), **over})
     return simulate(cfg, tmp_path / name)
 
 
 @pytest.mark.parametrize("preset,training", [(p, "mel") for p in sorted(PRESETS)]
                          + [("random", "independent"), ("crash_recover", "dml"), ("partition", "independent")])
-def test_every_failure_preset_runs_to_completion(tmp_path, preset, training):
-    s = run(tmp_path, preset, **{"failures": preset, "servers.training": training, "sim.backend": "inprocess",
-                                 **PRESETS[preset]})
+def test_every_failure_preset_runs_to_completion(tmp_path, shared_cache, preset, training):
+    s = run(tmp_path, shared_cache, preset, **{"failures": preset, "servers.training": training,
+                                               "sim.backend": "inprocess", **PRESETS[preset]})
     assert 0 <= s["system_accuracy"] <= 1 and s["num_test_samples"] > 0
     res = s["resilience"]
     assert res["failures"] == preset and set(res["failovers"]) == {"subset", "standalone", "legacy"}
@@ -46,18 +49,18 @@ def test_every_failure_preset_runs_to_completion(tmp_path, preset, training):
         assert rounds[-1]["eval_errors"] == 0 and rounds[-1]["eval_devices"] == 4  # the final round is complete
 
 
-def test_every_server_dead_from_round_one_gives_exactly_the_legacy_accuracy(tmp_path, ray_local):
-    s = run(tmp_path, "dead", **{"failures": "crash_stop", "failures.servers": "[0,1]", "failures.round": 1})
+def test_every_server_dead_from_round_one_gives_exactly_the_legacy_accuracy(tmp_path, shared_cache, ray_local):
+    s = run(tmp_path, shared_cache, "dead", **{"failures": "crash_stop", "failures.servers": "[0,1]", "failures.round": 1})
     assert s["system_accuracy"] == s["legacy_accuracy"]
     assert s["served_defer_rate"] == 0.0 and s["defer_rate"] == 0.0
     assert s["resilience"]["accuracy_by_state"].keys() == {"down 0,1"}
     assert s["servers"]["table"]["standalone"] == {}
 
 
-def test_device_dropout_on_ray_is_counted_not_a_crash(tmp_path, ray_local):
+def test_device_dropout_on_ray_is_counted_not_a_crash(tmp_path, shared_cache, ray_local):
     """Two devices per node (nodes {0,1} and {2,3}): each node has one device that drops out and
     one that answers."""
-    s = run(tmp_path, "drop", **{"failures": "device_dropout", "failures.dropout.devices": "[1,2]",
+    s = run(tmp_path, shared_cache, "drop", **{"failures": "device_dropout", "failures.dropout.devices": "[1,2]",
                                  "failures.dropout.fraction": 0.0, "sim.devices_per_node": 2})
     rounds = [json.loads(ln) for ln in (tmp_path / "drop" / "metrics.jsonl").read_text().splitlines()]
     assert [r["train_errors"] for r in rounds] == [2, 2, 2] and [r["train_devices"] for r in rounds] == [2, 2, 2]

@@ -6,6 +6,27 @@ import torch
 from clients.legacy import assign_groups, legacy_file, load_legacy, model_index
 from tests.conftest import PER_DEVICE, fleet_for, prepare_for, small_cfg
 
+FRESH_8 = "fresh-8-device-per-device-fleet"
+"""The pytest-xdist group of the tests that share :func:`fresh_fleet` (``--dist loadgroup``): one worker
+builds it once for all of them."""
+
+
+@pytest.fixture(scope="module")
+def fresh_fleet(tmp_path_factory):
+    """An 8-device per-device fleet (1 build thread) built from nothing into a cache of its own:
+    ``(cache, prep, fleet)``. Three tests each built this same fleet into an empty cache as their
+    first step (the fresh build they compare a second fleet with); they now share one build. The
+    ones that add entries to its cache (the sequential, the 2-thread fleet) add entries under other
+    keys, which no other user of this cache looks up."""
+    cache = tmp_path_factory.mktemp("fresh-8-per-device")
+    torch.set_num_threads(1)  # as a run does: the thread count the 1-thread entry is built under
+    cfg = small_cfg(**{"fleet.num_clients": 8, **PER_DEVICE})
+    prep = prepare_for(cfg, cache)
+    fleet = fleet_for(cfg, prep, cache)
+    assert fleet.built  # really built here, not found in a cache
+    assert torch.get_num_threads() == 1  # the build's thread count comes back (checked after 2 threads too)
+    return cache, prep, fleet
+
 
 def test_assign_groups_is_proportional_and_interleaved():
     g = assign_groups(10, [1, 1, 2])
@@ -15,14 +36,11 @@ def test_assign_groups_is_proportional_and_interleaved():
 
 
 @pytest.mark.slow
-def test_per_device_fleet_is_heterogeneous_deterministic_and_cached(tmp_path):
+@pytest.mark.xdist_group(FRESH_8)
+def test_per_device_fleet_is_heterogeneous_deterministic_and_cached(tmp_path, fresh_fleet):
     cfg = small_cfg(**{"fleet.num_clients": 8, **PER_DEVICE})
-    fleets = []
-    for name in ("a", "b"):
-        cache = tmp_path / name
-        prep = prepare_for(cfg, cache)
-        fleets.append((fleet_for(cfg, prep, cache), prep))
-    (f1, prep), (f2, _) = fleets
+    cache_a, prep, f1 = fresh_fleet  # built from nothing in its own cache ...
+    f2 = fleet_for(cfg, prepare_for(cfg, tmp_path / "b"), tmp_path / "b")  # ... and again in another
     assert f1.built and f2.built
     np.testing.assert_array_equal(f1.legacy_accuracy, f2.legacy_accuracy)
     for dev in range(8):
@@ -35,7 +53,7 @@ def test_per_device_fleet_is_heterogeneous_deterministic_and_cached(tmp_path):
     # the default fleet mixes architectures and its legacy accuracies genuinely differ
     assert len({f1.group_cfgs[g].arch for g in f1.groups}) == 3
     assert f1.legacy_accuracy.max() - f1.legacy_accuracy.min() > 0.1
-    again = fleet_for(cfg, prep, tmp_path / "a")
+    again = fleet_for(cfg, prep, cache_a)
     assert not again.built
     np.testing.assert_array_equal(again.legacy_accuracy, f1.legacy_accuracy)
 
@@ -129,11 +147,11 @@ def test_batched_pretraining_is_the_one_by_one_training(arch):
 
 @pytest.mark.slow
 @pytest.mark.numeric
-def test_sequential_and_batched_fleets_agree_and_are_cached_apart(tmp_path):
-    cfg_b = small_cfg(**{"fleet.num_clients": 8, **PER_DEVICE})
+@pytest.mark.xdist_group(FRESH_8)
+def test_sequential_and_batched_fleets_agree_and_are_cached_apart(fresh_fleet):
     cfg_s = small_cfg(**{"fleet.num_clients": 8, "fleet.pretrain": "sequential", **PER_DEVICE})
-    prep = prepare_for(cfg_b, tmp_path)
-    fb, fs = fleet_for(cfg_b, prep, tmp_path), fleet_for(cfg_s, prep, tmp_path)
+    cache, prep, fb = fresh_fleet  # batched (the default), built from nothing
+    fs = fleet_for(cfg_s, prep, cache)
     assert fb.path != fs.path and fb.built and fs.built
     assert np.abs(fb.legacy_accuracy - fs.legacy_accuracy).max() <= 1 / 36  # at most one test sample flips
 
@@ -170,21 +188,20 @@ def test_hand_written_conv1d_gradients_are_autograds_in_any_chunking(monkeypatch
 
 
 @pytest.mark.slow
-def test_another_build_thread_count_is_its_own_cache_entry_and_the_runs_count_comes_back(tmp_path, shared_cache):
+@pytest.mark.xdist_group(FRESH_8)
+def test_another_build_thread_count_is_its_own_cache_entry_and_the_runs_count_comes_back(fresh_fleet):
     """fleet.build_threads=2 rounds differently from 1 (measured on the digits fleet), so it is built
     into its own cache entry, never mixed with the 1-thread one; the models agree to float rounding
     (a legacy accuracy moves by at most one test sample) and the run's torch thread count is back."""
+    cache, prep, one = fresh_fleet  # fleet.build_threads=1 (the default), built from nothing
     torch.set_num_threads(1)
-    fleets = []
-    for threads in (1, 2):
-        cfg = small_cfg(**{"fleet.num_clients": 8, "fleet.build_threads": threads, **PER_DEVICE})
-        fleets.append(fleet_for(cfg, prepare_for(cfg, shared_cache), tmp_path))
-        assert torch.get_num_threads() == 1
-    one, two = fleets
+    cfg = small_cfg(**{"fleet.num_clients": 8, "fleet.build_threads": 2, **PER_DEVICE})
+    two = fleet_for(cfg, prep, cache)
+    assert torch.get_num_threads() == 1
     assert one.built and two.built and one.path != two.path
     assert np.abs(one.legacy_accuracy - two.legacy_accuracy).max() <= 1 / 36
     base = small_cfg(**{"fleet.num_clients": 8, **PER_DEVICE})
-    again = fleet_for(base, prepare_for(base, shared_cache), tmp_path)
+    again = fleet_for(base, prepare_for(base, cache), cache)
     assert not again.built and again.path == one.path
 
 
@@ -214,22 +231,23 @@ def test_devices_of_a_group_run_its_model_versions_in_turn_whatever_the_fleet_si
 
 
 @pytest.mark.slow
-def test_a_product_lines_model_is_shared_by_its_devices_and_independent_of_the_fleet_size(tmp_path):
+def test_a_product_lines_model_is_shared_by_its_devices_and_independent_of_the_fleet_size(shared_cache):
     """fleet.legacy=product_line (the default): every device of a group runs one model trained once
     on the vendor pool; the same model (file and weights) for a 4-device and a 24-device fleet, so
-    legacy quality does not depend on how many devices there are."""
+    legacy quality does not depend on how many devices there are. (The suite's shared cache: the
+    4-device fleet's product lines are usually there already, built by any default-fleet test.)"""
     fleets = {}
     for n in (4, 24):
         cfg = small_cfg(**{"fleet.num_clients": n})
-        prep = prepare_for(cfg, tmp_path)
-        fleets[n] = (fleet_for(cfg, prep, tmp_path), prep)
+        prep = prepare_for(cfg, shared_cache)
+        fleets[n] = (fleet_for(cfg, prep, shared_cache), prep)
     (small, prep4), (big, prep24) = fleets[4], fleets[24]
     assert small.legacy == big.legacy == "product_line"
     assert small.models == big.models and len(small.models) == 4  # one file per group, reused
     np.testing.assert_array_equal(np.asarray(prep4.vendor_y), np.asarray(prep24.vendor_y))
     for dev in range(24):
         assert big.model_file(dev) == big.models[big.groups[dev]]
-    assert not big.built  # every model came from the 4-device fleet's build
+    assert not big.built  # every model came from the 4-device fleet's (none trained for 24 devices)
     # the vendor pool is never a device's sample: no row of it is in the devices' data
     x_dev = np.asarray(prep24.x).reshape(len(prep24.x), -1)
     vendor = {v.tobytes() for v in np.asarray(prep24.vendor_x).reshape(len(prep24.vendor_x), -1)}

@@ -102,7 +102,7 @@ def test_oracle_references_at_the_runs_own_defer_rate():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("legacy", ["product_line", "per_device"])
-def test_drift_changes_the_deployed_inputs_and_not_the_legacy_models_training_data(tmp_path, legacy):
+def test_drift_changes_the_deployed_inputs_and_not_the_legacy_models_training_data(shared_cache, legacy):
     """fleet.drift (and fleet.groups.<i>.drift): the drifting devices' rejector and test splits change,
     the other devices' do not, and the legacy models -- their files, weights and training data (the
     vendor pool, or a per-device model's legacy split) -- are the same as without drift."""
@@ -112,8 +112,10 @@ def test_drift_changes_the_deployed_inputs_and_not_the_legacy_models_training_da
     base = PER_DEVICE if legacy == "per_device" else {}
     calm = small_cfg(**{"fleet.num_clients": 8, **base})
     drift = small_cfg(**{"fleet.num_clients": 8, "fleet.drift.fraction": 0.5, "fleet.drift.offset": 0.5, **base})
-    prep = prepare_for(calm, tmp_path)
-    f_calm, f_drift = fleet_for(calm, prep, tmp_path), fleet_for(drift, prep, tmp_path)
+    # the suite's shared cache: the digits product lines are there already (every default-fleet test
+    # uses them); what is compared is the drifting fleet's models with the calm fleet's, wherever built
+    prep = prepare_for(calm, shared_cache)
+    f_calm, f_drift = fleet_for(calm, prep, shared_cache), fleet_for(drift, prep, shared_cache)
     for d in range(8):
         a = torch.load(f_calm.model_file(d), weights_only=True)
         b = torch.load(f_drift.model_file(d), weights_only=True)

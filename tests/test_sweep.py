@@ -57,17 +57,30 @@ def _run(args: list[str], cwd: Path, cache: Path, code: int = 0) -> subprocess.C
     return r
 
 
+SWEEPS = "sweeps-compared-with-jobs-alone"
+"""The pytest-xdist group of the sweep tests that compare their jobs with :func:`_alone` (``--dist
+loadgroup``): on one worker, each job alone is run once for all of them."""
+
+_ALONE: dict[tuple[int, str], dict] = {}
+"""summary.json of each job of :data:`ARGS` run alone, by (seed, cache): three tests compared their sweep's
+jobs 0 and 1 with the same two runs, each running them again (the same config, the same numbers)."""
+
+
 def _alone(seed: int, out: Path, cache: Path) -> dict:
     """summary.json of job ``seed`` of :data:`ARGS` run alone, in this process (in-process: the same
-    numbers as on Ray, golden tests)."""
+    numbers as on Ray, golden tests); run once per seed and cache, in ``out`` (a fresh copy of the dict
+    each time)."""
     from rich.console import Console
 
     from sim.cli import compose_checked
     from sim.pipeline import simulate
 
-    simulate(compose_checked([f"seed={seed}", *ARGS, "sim.backend=inprocess", f"sim.cache_dir={cache}"]), out,
-             console=Console(quiet=True))
-    return json.loads((out / "summary.json").read_text())
+    key = (seed, str(cache))
+    if key not in _ALONE:
+        simulate(compose_checked([f"seed={seed}", *ARGS, "sim.backend=inprocess", f"sim.cache_dir={cache}"]), out,
+                 console=Console(quiet=True))
+        _ALONE[key] = json.loads((out / "summary.json").read_text())
+    return json.loads(json.dumps(_ALONE[key]))
 
 
 def _jobs(sweep: Path) -> list[Path]:
@@ -81,6 +94,7 @@ def _at_once(dirs: list[Path]) -> bool:
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group(SWEEPS)
 def test_a_ray_sweep_runs_every_job_on_one_ray_with_the_results_of_each_job_alone(tmp_path, shared_cache):
     """``-m seed=0,1`` on Flower + Ray: both jobs ran on the same Ray node (started once) and each
     job's summary.json equals that job run alone. (One CPU for Ray: one device worker to start, not two.)"""
@@ -94,6 +108,7 @@ def test_a_ray_sweep_runs_every_job_on_one_ray_with_the_results_of_each_job_alon
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group(SWEEPS)
 def test_a_parallel_ray_sweep_runs_its_jobs_at_once_on_one_ray_with_the_results_of_each_alone(tmp_path,
                                                                                               shared_cache):
     """``-m seed=0,1 sim.sweep_parallel=2`` on Flower + Ray: the two jobs ran at the same time (two
@@ -109,6 +124,7 @@ def test_a_parallel_ray_sweep_runs_its_jobs_at_once_on_one_ray_with_the_results_
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group(SWEEPS)
 def test_a_parallel_sweep_runs_jobs_at_once_and_finishes_the_others_when_some_fail(tmp_path, shared_cache):
     """``sim.sweep_parallel=2``: jobs 0 and 1 (in-process) ran at the same time in two processes, each
     with the summary.json of the job alone; jobs 2 and 3 (Ray, at an address where no cluster answers)
