@@ -6,7 +6,6 @@ from contextlib import contextmanager
 from typing import Iterator
 
 import numpy as np
-import torch
 
 
 def derive_seed(*parts: object) -> int:
@@ -25,8 +24,12 @@ def seeded(seed: int) -> Iterator[None]:
 
     The same numbers as ``torch.manual_seed(seed)`` inside ``torch.random.fork_rng()``, without
     what ``torch.manual_seed`` also does: queue a CUDA re-seed, which records a Python stack
-    trace on every call (a third of the cost of building a small model; py-spy).
+    trace on every call (a third of the cost of building a small model; py-spy). torch is imported
+    here, not with the module: the command line's path to its first error or ``--help`` (which
+    reaches this module through :mod:`sim.results`) then never pays torch's ~2.7 s import.
     """
+    import torch
+
     with torch.random.fork_rng(devices=[]):
         torch.random.default_generator.manual_seed(seed)
         yield
