@@ -26,7 +26,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from sim.core.cache import atomic_write_text
-from sim.core.config import Config, Training
+from sim.core.config import Config
 from sim.core.errors import ConfigError
 from sim.core.metrics import fairness
 from sim.core.storage import guard
@@ -321,9 +321,6 @@ def build_summary(cfg: Config, metrics: dict[str, Any], rows: list[dict[str, Any
     from sim.checkpoint import comparable
 
     acc = np.asarray(legacy_accuracy)
-    s = cfg.strategy
-    delta = getattr(s, "max_defer_rate", None)
-    coop = cfg.servers.training == Training.coop
     return {
         **{key: metrics[key] for key in SUMMARY_KEYS},
         "served_defer_rate": metrics["served_defer_rate"],
@@ -334,15 +331,9 @@ def build_summary(cfg: Config, metrics: dict[str, Any], rows: list[dict[str, Any
         "table": metrics["table"], "by_class": metrics["by_class"], "curves": metrics["curves"],
         "accuracy_at_defer_rate": metrics["accuracy_at_defer_rate"], "aurc": metrics["aurc"],
         "e_aurc": metrics["e_aurc"], "fairness": fairness(rows),
-        "staleness": s.staleness, "max_defer_rate": delta,
-        "bound": str(s.bound) if delta is not None else None,
-        "num_servers": cfg.servers.count,
-        # cooperative learning: the Teammates' serving-depth limits (cost pressure, capacity)
-        "serve_depth": cfg.servers.coop.serve_depth if coop else None,
-        "capacity": cfg.servers.coop.capacity if coop else None,
+        "summary_version": SUMMARY_VERSION,
         "num_clients": len(acc), "num_rounds": cfg.sim.num_rounds, "seed": cfg.seed,
         "num_test_samples": metrics["num_samples"], "num_classes": num_classes,
-        "strategy": s.name, "c_e": s.c_e, "c_1": s.c_1,
         "config": {k: v for k, v in comparable(cfg).items() if k != "seed"},
         "fleet": {"legacy_accuracy_min": float(acc.min()), "legacy_accuracy_median": float(np.median(acc)),
                   "legacy_accuracy_max": float(acc.max()), "legacy_accuracy_mean": float(acc.mean()),
