@@ -28,17 +28,18 @@ from typing import Any
 import numpy as np
 
 from sim.report import find_runs, mean_ci
+from sim.results import upgrade_summary
 
 KNOWN = {"partial": [list(range(6))], "specialist": [list(range(5)), list(range(5, 10))]}
 
 
 def load(d: Path) -> list[dict[str, Any]]:
-    """Every run's summary under ``d`` (none if ``d`` does not exist)."""
+    """Every run's summary under ``d`` (none if ``d`` does not exist), upgraded to today's form."""
     if not d.is_dir() or not any(d.rglob("summary.json")):
         return []
     out = []
     for run in find_runs([d]):
-        s = json.loads((run / "summary.json").read_text())
+        s = upgrade_summary(json.loads((run / "summary.json").read_text()))
         s["_run"] = str(run)
         out.append(s)
     return out
@@ -183,7 +184,8 @@ def uneven_table(name: str, runs: list[dict[str, Any]]) -> list[str]:
                 rate.append(float(d[unknown].sum() / sum(bc["n"][c] for c in unknown)))
             row += f"{plain(share)} | {plain(rate)} |"
         else:  # perfect routing among several servers (one server: nothing to route)
-            row += f"{plain([s['oracle'].get('routing') if s['num_servers'] > 1 else None for s in g])} |"
+            routing = [s["oracle"].get("routing") if s["config"]["servers"]["count"] > 1 else None for s in g]
+            row += f"{plain(routing)} |"
             if name == "tiered":
                 row += f" {plain([last_load_share(s) for s in g])} |"
         lines.append(row)
@@ -192,7 +194,7 @@ def uneven_table(name: str, runs: list[dict[str, Any]]) -> list[str]:
 
 def last_load_share(s: dict[str, Any]) -> float | None:
     """The share of the last round's deferred test samples the last (largest) server answered."""
-    if s["num_servers"] < 2:
+    if s["config"]["servers"]["count"] < 2:
         return None
     lines = (Path(s["_run"]) / "metrics.jsonl").read_text().splitlines()
     load = json.loads(lines[-1]).get("load") or []
@@ -207,7 +209,7 @@ def main(argv: list[str]) -> int:
           "run (same test samples) or by seed.", ""]
     fs, central = load(runs_dir / "fleet_size"), load(runs_dir / "fleet_central")
     if fs:
-        lines, series = fleet_size_table([s for s in fs if s["strategy"] == "l2h"], central)
+        lines, series = fleet_size_table([s for s in fs if s["config"]["strategy"]["name"] == "l2h"], central)
         md += ["## Fleet size x rejector federation (MNIST-1D, bounded at 30%)", "", *lines, ""]
         png = plot_fleet_size(series, out / "fleet_size.png")
         md += [f"![fleet size]({png.name})", ""]

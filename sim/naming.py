@@ -26,7 +26,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-STRATEGY_KEYS = ("strategy.name", "strategy")
+STRATEGY_KEYS = ("strategy.name",)
 """Keys naming the method: kept in every short label when they vary."""
 
 

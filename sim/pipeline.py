@@ -101,7 +101,9 @@ def open_run(cfg: Config, run_dir: Path, console: Any) -> tuple[Path, tuple | No
         if (run_dir / "summary.json").is_file():
             console.print(f"{run_dir} already finished all {cfg.sim.num_rounds} rounds; its summary.json stands",
                           soft_wrap=True)
-            return run_dir, ckpt, finished, json.loads((run_dir / "summary.json").read_text())
+            from sim.results import upgrade_summary
+
+            return run_dir, ckpt, finished, upgrade_summary(json.loads((run_dir / "summary.json").read_text()))
         if checkpoint.final_state(*ckpt) is None:
             raise ConfigError(f"{run_dir} finished all {cfg.sim.num_rounds} rounds, but its checkpoint predates "
                               "the results a resume needs to write summary.json: run it again without sim.resume")

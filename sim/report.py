@@ -71,9 +71,11 @@ from sim.core.cache import atomic_write_text
 from sim.core.storage import OutOfSpace
 from sim.tidy import write_rounds
 
-GROUP_KEYS = ("strategy", "c_e", "c_1", "staleness", "max_defer_rate", "bound", "num_servers", "serve_depth",
-              "capacity", "failures", "num_clients", "num_rounds")
-"""The fallback identity of a configuration (summary.json top-level keys) for runs without a recorded config."""
+GROUP_KEYS = ("strategy.name", "strategy.c_e", "strategy.c_1", "strategy.staleness", "strategy.max_defer_rate",
+              "strategy.bound", "servers.count", "servers.coop.serve_depth", "servers.coop.capacity", "failures.name",
+              "num_clients", "num_rounds")
+"""The fallback identity of a configuration for runs without a recorded config (:func:`fallback_identity`):
+config keys, and summary.json's ``num_clients`` and ``num_rounds``."""
 
 METRICS = (("system_accuracy", "system acc"), ("defer_rate", "defer rate"), ("l01_cost", "L01 cost"),
            ("vs_confidence", "vs confidence @ same rate"),
@@ -102,12 +104,6 @@ RESILIENCE = ("fraction_kept", "fraction_kept_min", "inference_kept")
 """MEL's resilience measures (docs/methods.md §7): over the rounds with servers down, the system accuracy
 kept against the all-up reference run (mean, worst round), and the same trained pool answering with the
 failure state against all up (inference only, the number comparable to MEL's 95.6%)."""
-
-ALIASES = {"strategy": ("strategy.name", "strategy"), "c_e": ("strategy.c_e", "c_e"),
-           "staleness": ("strategy.staleness", "staleness"),
-           "max_defer_rate": ("strategy.max_defer_rate", "max_defer_rate"), "bound": ("strategy.bound", "bound"),
-           "failures": ("failures.name", "failures")}
-"""A few keys under their config name and their :data:`GROUP_KEYS` name (either grouping)."""
 
 LEVEL = 0.95
 """Confidence level of every interval."""
@@ -237,16 +233,12 @@ def read_run(run: Path) -> dict[str, Any]:
     Raises:
         ReportError: the summary cannot be read or lacks a field (one line).
     """
+    from sim.results import upgrade_summary
+
     try:
-        s = finite_json((run / "summary.json").read_text())
+        s = upgrade_summary(finite_json((run / "summary.json").read_text()))
         out = {"run": str(run), "seed": s["seed"], "metrics": metrics_of(s),
-               "curve": (s["curves"]["defer_rate"], s["curves"]["rejector"]),
-               "legacy": {"strategy": s["strategy"], "c_e": s["c_e"], "c_1": s["c_1"],
-                          "staleness": s.get("staleness", 1), "max_defer_rate": s.get("max_defer_rate"),
-                          "bound": s.get("bound"), "num_servers": s.get("num_servers", 1),
-                          "serve_depth": s.get("serve_depth"), "capacity": s.get("capacity"),
-                          "failures": (s.get("resilience") or {}).get("failures", "none"),
-                          "num_clients": s["num_clients"], "num_rounds": s["num_rounds"]}}
+               "curve": (s["curves"]["defer_rate"], s["curves"]["rejector"]), "legacy": fallback_identity(s)}
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise ReportError(f"{run / 'summary.json'} is unreadable ({type(exc).__name__}: {exc}); skipped") from None
     out["machine"] = machine_of(run)
@@ -261,6 +253,27 @@ def read_run(run: Path) -> dict[str, Any]:
         except Exception:  # noqa: BLE001, S110 -- unreadable: the run counts as recording no config
             pass
     return out
+
+
+def fallback_identity(s: dict[str, Any]) -> dict[str, Any]:
+    """A run's :data:`GROUP_KEYS` values, from its upgraded summary (:func:`sim.results.upgrade_summary`):
+    its flattened ``config``, or for a summary without one the values kept under the same names. As
+    summary.json stated them before ``config`` existed: no ``strategy.bound`` without a
+    ``strategy.max_defer_rate``, no serving-depth limits unless ``servers.training`` is ``coop``.
+
+    Raises:
+        KeyError: a summary without ``config`` names no strategy, c_e or c_1; no ``num_clients`` /
+            ``num_rounds``.
+    """
+    recorded = isinstance(s.get("config"), dict)
+    src = flatten(s["config"]) if recorded else s
+    out = {k: src[k] if not recorded and k in ("strategy.name", "strategy.c_e", "strategy.c_1") else src.get(k)
+           for k in GROUP_KEYS[:-2]}
+    if out["strategy.max_defer_rate"] is None:
+        out["strategy.bound"] = None
+    if src.get("servers.training", "coop") != "coop":
+        out["servers.coop.serve_depth"] = out["servers.coop.capacity"] = None
+    return {**out, "num_clients": s["num_clients"], "num_rounds": s["num_rounds"]}
 
 
 def machine_of(run: Path) -> dict[str, Any]:
@@ -328,15 +341,15 @@ def varying_keys(idents: list[dict[str, Any]]) -> list[str]:
     A key that some identities lack (a field of one strategy's config class only, e.g.
     ``strategy.rejector.hidden``) counts when its value differs among those that have it, or when
     the other varying keys alone would not tell the groups apart. ``strategy.name`` comes first;
-    with one group, ``strategy.name`` (or ``strategy``) is returned so the table names it.
+    with one group, ``strategy.name`` is returned so the table names it.
     """
     keys: list[str] = list(dict.fromkeys(k for i in idents for k in i))
     differ = [k for k in keys if len({_dump(i[k]) for i in idents if k in i}) > 1]
     if len({tuple(_dump(i.get(k)) for k in differ) for i in idents}) < len(idents):
         differ += [k for k in keys if k not in differ and any(k not in i for i in idents)]
     if not differ:
-        differ = [k for k in ("strategy.name", "strategy") if k in keys][:1]
-    return sorted(differ, key=lambda k: (k not in ("strategy.name", "strategy"), keys.index(k)))
+        differ = [k for k in ("strategy.name",) if k in keys]
+    return sorted(differ, key=lambda k: (k != "strategy.name", keys.index(k)))
 
 
 def group_runs(runs: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[str]]:
@@ -583,7 +596,7 @@ def operating_section(ctx: dict[str, Any]) -> list[str]:
 
 def has_failures(group: dict[str, Any]) -> bool:
     """Whether a configuration group's runs injected failures (its ``failures`` preset is not ``none``)."""
-    return _value(group["runs"][0]["ident"], "failures") not in (None, "none")
+    return group["runs"][0]["ident"].get("failures.name") not in (None, "none")
 
 
 def paired_section(ctx: dict[str, Any]) -> list[str]:
@@ -601,7 +614,7 @@ def paired_section(ctx: dict[str, Any]) -> list[str]:
 
 def bounded_section(ctx: dict[str, Any]) -> list[str]:
     """Markdown lines of the bounded-reject table (achieved vs requested delta); empty without such runs."""
-    bounded = [g for g in ctx["groups"] if _value(g["runs"][0]["ident"], "max_defer_rate") is not None]
+    bounded = [g for g in ctx["groups"] if g["runs"][0]["ident"].get("strategy.max_defer_rate") is not None]
     if not bounded:
         return []
     lines = ["", ("Bounded reject rate: achieved test defer rate vs the requested bound delta (same cells). 'noise' is "
@@ -611,7 +624,7 @@ def bounded_section(ctx: dict[str, Any]) -> list[str]:
     rows = []
     for g in bounded:
         ident, st = g["runs"][0]["ident"], ctx["stats"]
-        d = float(_value(ident, "max_defer_rate"))
+        d = float(ident["strategy.max_defer_rate"])
         n_test = float(np.mean([r["metrics"]["num_test_samples"] for r in g["runs"]]))
         se = math.sqrt(max(d * (1 - d), 1e-12) / n_test)
         over = (st.loc[(g["id"], "defer_rate"), "mean"] - d) / se
@@ -657,15 +670,6 @@ def figures_section(ctx: dict[str, Any]) -> list[str]:
     }
     shown = [f"- `{n}` (.pdf, .png): {t}" for n, t in text.items() if n in names]
     return ["", "## Figures", "", *shown] if shown else []
-
-
-def _value(ident: dict[str, Any], name: str) -> Any:
-    """A key of an identity under its config or its :data:`GROUP_KEYS` name (:data:`ALIASES`)."""
-    return next((ident[k] for k in ALIASES.get(name, (name,)) if k in ident), None)
-
-
-def _key(varying: list[str], name: str) -> str | None:
-    return next((k for k in ALIASES.get(name, (name,)) if k in varying), None)
 
 
 # ---- outputs -----------------------------------------------------------------------------------------
@@ -737,15 +741,15 @@ def curve_data(ctx: dict[str, Any]) -> list[dict[str, Any]]:
 
 def sweep_series(ctx: dict[str, Any], name: str, metrics: tuple[str, ...],
                  groups: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
-    """Groups as series of points along the key ``name`` (:data:`ALIASES`): one series per setting of
+    """Groups as series of points along the config key ``name``: one series per setting of
     the other varying keys, one point per group ``{"x": value, metric: (mean, lo, hi), ...}``."""
     from sim.naming import short_labels
     from sim.style import setting_label
 
-    others = [k for k in ctx["varying"] if k not in ALIASES.get(name, (name,))]
+    others = [k for k in ctx["varying"] if k != name]
     series: dict[str, dict[str, Any]] = {}
     for g in groups if groups is not None else ctx["groups"]:
-        x = _value(g["runs"][0]["ident"], name)
+        x = g["runs"][0]["ident"].get(name)
         if x is None:
             continue
         label = setting_label({k: g["values"][k] for k in others}) if others else ""
@@ -832,21 +836,22 @@ def figures(ctx: dict[str, Any], out: Path) -> list[Path]:
     from sim.style import outputs
 
     made = [P.plot_report_curves(curve_data(ctx), out / "accuracy_vs_defer_rate.png")]
-    if _key(ctx["varying"], "c_e"):
-        made.append(P.plot_cost_curve(sweep_series(ctx, "c_e", ("defer_rate", "system_accuracy", "l01_cost")),
+    if "strategy.c_e" in ctx["varying"]:
+        made.append(P.plot_cost_curve(sweep_series(ctx, "strategy.c_e", ("defer_rate", "system_accuracy", "l01_cost")),
                                       out / "cost_coverage.png"))
-        made.append(P.plot_report_sweep(sweep_series(ctx, "c_e", ("system_accuracy", "defer_rate")),
+        made.append(P.plot_report_sweep(sweep_series(ctx, "strategy.c_e", ("system_accuracy", "defer_rate")),
                                         "deferral price $c_e$", out / "accuracy_vs_c_e.png"))
-    if _key(ctx["varying"], "staleness"):
-        made.append(P.plot_report_sweep(sweep_series(ctx, "staleness", ("system_accuracy", "defer_rate")),
+    if "strategy.staleness" in ctx["varying"]:
+        made.append(P.plot_report_sweep(sweep_series(ctx, "strategy.staleness", ("system_accuracy", "defer_rate")),
                                         "staleness $S$ (rounds between server refreshes)",
                                         out / "accuracy_vs_staleness.png", log2=True))
-    bounded = [g for g in ctx["groups"] if _value(g["runs"][0]["ident"], "max_defer_rate") is not None]
+    bounded = [g for g in ctx["groups"] if g["runs"][0]["ident"].get("strategy.max_defer_rate") is not None]
     if bounded:
-        made.append(P.plot_report_bounded(sweep_series(ctx, "max_defer_rate", ("defer_rate",), bounded),
+        made.append(P.plot_report_bounded(sweep_series(ctx, "strategy.max_defer_rate", ("defer_rate",), bounded),
                                           out / "achieved_vs_requested_defer_rate.png"))
-    if _key(ctx["varying"], "staleness"):
-        made.append(P.plot_report_sweep(paired_sweep_series(ctx, "staleness", ("system_accuracy", "defer_rate")),
+    if "strategy.staleness" in ctx["varying"]:
+        made.append(P.plot_report_sweep(paired_sweep_series(ctx, "strategy.staleness",
+                                                            ("system_accuracy", "defer_rate")),
                                         "staleness $S$ (rounds between server refreshes)",
                                         out / "accuracy_vs_staleness_paired.png", log2=True, paired=True))
     if len(ctx["groups"]) > 1 and any(np.isfinite(_diff_point(ctx["stats"], g["id"], "vs_confidence")[0])

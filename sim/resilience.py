@@ -138,7 +138,6 @@ def resilience_summary(cfg: Config, rounds: list[dict[str, Any]], summary: dict[
     if reference is None and cfg.failures.name != FailureKind.none:
         k["fraction_kept"] = _ratios({}, {}, set(), num_classes, {})  # no all-up reference run (failures.reference=false)
     return {
-        "failures": str(cfg.failures.name),
         "system_accuracy": acc,
         "all_up_accuracy": all_up,
         "fraction_kept": k["fraction_kept"]["mean"] if same is not False else None,

@@ -26,7 +26,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from sim.core.cache import atomic_write_text
-from sim.core.config import Config, Training
+from sim.core.config import Config
 from sim.core.errors import ConfigError
 from sim.core.metrics import fairness
 from sim.core.storage import guard
@@ -272,6 +272,42 @@ def baseline_routing(cfg: Config) -> str:
     return f"{routing}: {text.get(str(routing), str(routing))}"
 
 
+SUMMARY_VERSION = 2
+"""summary.json's schema (its ``summary_version``; none: 1). Version 2 states every parameter once,
+under ``config``; version 1 also had the top-level keys of :data:`V1_KEYS` and ``resilience.failures``
+(:func:`upgrade_summary` reads it)."""
+
+V1_KEYS = {"strategy": "strategy.name", "c_e": "strategy.c_e", "c_1": "strategy.c_1",
+           "staleness": "strategy.staleness", "max_defer_rate": "strategy.max_defer_rate",
+           "bound": "strategy.bound", "num_servers": "servers.count", "serve_depth": "servers.coop.serve_depth",
+           "capacity": "servers.coop.capacity"}
+"""Version 1's top-level copies of config values -> their config (dotted) names."""
+
+V1_DEFAULTS = {"strategy.staleness": 1, "servers.count": 1, "failures.name": "none"}
+"""What a version-1 summary from before a key existed meant by its absence."""
+
+
+def upgrade_summary(s: dict[str, Any]) -> dict[str, Any]:
+    """A summary read from summary.json in today's form (:data:`SUMMARY_VERSION`); the one place an older
+    form is read. From version 1 it drops the copies of config values (:data:`V1_KEYS`,
+    ``resilience.failures``); a summary so old it has no ``config`` keeps those values instead as
+    top-level keys under their dotted config names (``"strategy.c_e"``, ``"failures.name"``; absent ones
+    as :data:`V1_DEFAULTS`), the only identity such a run has. ``s`` itself is not modified.
+    """
+    if s.get("summary_version", 1) >= SUMMARY_VERSION:
+        return s
+    out = {k: v for k, v in s.items() if k not in V1_KEYS}
+    res = s.get("resilience")
+    if isinstance(res, dict):
+        out["resilience"] = {k: v for k, v in res.items() if k != "failures"}
+    if not isinstance(s.get("config"), dict):
+        old = {**{new: s[k] for k, new in V1_KEYS.items() if k in s},
+               **({"failures.name": res["failures"]} if isinstance(res, dict) and "failures" in res else {})}
+        out.update({**V1_DEFAULTS, **old})
+    out["summary_version"] = SUMMARY_VERSION
+    return out
+
+
 def build_summary(cfg: Config, metrics: dict[str, Any], rows: list[dict[str, Any]],
                   legacy_accuracy: np.ndarray, num_classes: int) -> dict[str, Any]:
     """The run's summary.json: final pooled metrics, run identity, fleet spread, per-device extremes.
@@ -285,9 +321,6 @@ def build_summary(cfg: Config, metrics: dict[str, Any], rows: list[dict[str, Any
     from sim.checkpoint import comparable
 
     acc = np.asarray(legacy_accuracy)
-    s = cfg.strategy
-    delta = getattr(s, "max_defer_rate", None)
-    coop = cfg.servers.training == Training.coop
     return {
         **{key: metrics[key] for key in SUMMARY_KEYS},
         "served_defer_rate": metrics["served_defer_rate"],
@@ -298,15 +331,9 @@ def build_summary(cfg: Config, metrics: dict[str, Any], rows: list[dict[str, Any
         "table": metrics["table"], "by_class": metrics["by_class"], "curves": metrics["curves"],
         "accuracy_at_defer_rate": metrics["accuracy_at_defer_rate"], "aurc": metrics["aurc"],
         "e_aurc": metrics["e_aurc"], "fairness": fairness(rows),
-        "staleness": s.staleness, "max_defer_rate": delta,
-        "bound": str(s.bound) if delta is not None else None,
-        "num_servers": cfg.servers.count,
-        # cooperative learning: the Teammates' serving-depth limits (cost pressure, capacity)
-        "serve_depth": cfg.servers.coop.serve_depth if coop else None,
-        "capacity": cfg.servers.coop.capacity if coop else None,
+        "summary_version": SUMMARY_VERSION,
         "num_clients": len(acc), "num_rounds": cfg.sim.num_rounds, "seed": cfg.seed,
         "num_test_samples": metrics["num_samples"], "num_classes": num_classes,
-        "strategy": s.name, "c_e": s.c_e, "c_1": s.c_1,
         "config": {k: v for k, v in comparable(cfg).items() if k != "seed"},
         "fleet": {"legacy_accuracy_min": float(acc.min()), "legacy_accuracy_median": float(np.median(acc)),
                   "legacy_accuracy_max": float(acc.max()), "legacy_accuracy_mean": float(acc.mean()),

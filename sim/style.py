@@ -58,18 +58,16 @@ STRATEGY_NAMES = {"l2h": "L2H", "l2d": "L2D", "legacy_only": "legacy only", "ser
 """Human names of the strategies (others are shown as they are)."""
 
 KEY_LABELS = {
-    "strategy.name": "", "strategy": "", "strategy.c_e": "$c_e$", "c_e": "$c_e$", "strategy.c_1": "$c_1$",
-    "c_1": "$c_1$", "strategy.staleness": "$S$", "staleness": "$S$", "strategy.max_defer_rate": r"$\delta$",
-    "max_defer_rate": r"$\delta$", "strategy.bound": "bound", "bound": "bound", "strategy.weights": "weights",
+    "strategy.name": "", "strategy.c_e": "$c_e$", "strategy.c_1": "$c_1$", "strategy.staleness": "$S$",
+    "strategy.max_defer_rate": r"$\delta$", "strategy.bound": "bound", "strategy.weights": "weights",
     "strategy.surrogate": "surrogate", "strategy.rejector.inputs": "rejector inputs", "data.name": "data",
     "data.partition.name": "partition", "data.partition.alpha": r"$\alpha$", "fleet.name": "fleet",
     "fleet.num_clients": "devices", "num_clients": "devices", "sim.num_rounds": "rounds", "num_rounds": "rounds",
-    "servers.count": "servers", "num_servers": "servers", "servers.routing": "routing",
-    "servers.training": "server training", "failures.name": "failures", "failures": "failures",
-    "failures.round": "failure round", "failures.servers": "failed servers",
-    "servers.coop.serve_depth": "serve depth", "serve_depth": "serve depth", "servers.coop.capacity": "capacity",
-    "capacity": "capacity", "strategy.tau": r"$\tau$", "strategy.defer_rate": "defer rate",
-    "servers.c_e": "server $c_e$", "servers.widths": "server widths", "servers.known_classes": "known classes",
+    "servers.count": "servers", "servers.routing": "routing", "servers.training": "server training",
+    "failures.name": "failures", "failures.round": "failure round", "failures.servers": "failed servers",
+    "servers.coop.serve_depth": "serve depth", "servers.coop.capacity": "capacity", "strategy.tau": r"$\tau$",
+    "strategy.defer_rate": "defer rate", "servers.c_e": "server $c_e$", "servers.widths": "server widths",
+    "servers.known_classes": "known classes",
 }
 """Human (math) labels of config keys for legends and axes; ``""``: show the value alone."""
 
@@ -269,7 +267,7 @@ def value_text(key: str, value: Any) -> str:
     """A value as shown in legends: strategy names humanised, floats short (``0.1``), None as 'none'."""
     if value is None:
         return "none"
-    if key in ("strategy.name", "strategy"):
+    if key == "strategy.name":
         return STRATEGY_NAMES.get(str(value), str(value))
     if isinstance(value, float):
         return f"{value:g}"

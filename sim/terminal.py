@@ -77,21 +77,22 @@ def _ratio(v: float | None) -> str:
 
 def print_summary(console: Any, summary: dict[str, Any], run_dir: Path, sim_s: float, total_s: float) -> None:
     """The final metrics with the matched-rate baselines, and the kept/deferred table."""
-    t = Table(title=f"{summary['strategy']} fleet summary ({summary['num_clients']} devices, "
+    cfg = summary["config"]
+    t = Table(title=f"{cfg['strategy']['name']} fleet summary ({summary['num_clients']} devices, "
                     f"{summary['num_rounds']} rounds, seed {summary['seed']})")
     t.add_column("metric")
     t.add_column("value", justify="right")
     for key in SUMMARY_KEYS:
         t.add_row(key, f"{summary[key]:.4f}")
-    if summary.get("max_defer_rate") is not None:
-        t.add_row(f"requested max defer rate ({summary['bound']})", f"{summary['max_defer_rate']:.4f}")
+    if cfg["strategy"].get("max_defer_rate") is not None:
+        t.add_row(f"requested max defer rate ({cfg['strategy']['bound']})", f"{cfg['strategy']['max_defer_rate']:.4f}")
     for name in ("confidence", "confidence_per_device", "confidence_calibrated", "random"):
         if name in summary["baselines"]:
             t.add_row(f"{name} @ same defer rate", f"{summary['baselines'][name]['system_accuracy']:.4f}")
     oracle = summary.get("oracle") or {}
     if oracle.get("at_defer_rate") is not None:
         t.add_row("oracle @ same defer rate (headroom)", f"{oracle['at_defer_rate']:.4f} ({oracle['headroom']:+.4f})")
-    if oracle.get("routing") is not None and int(summary.get("num_servers", 1)) > 1:
+    if oracle.get("routing") is not None and cfg["servers"]["count"] > 1:
         t.add_row("oracle routing: same deferrals / same rate",
                   f"{oracle['routing']:.4f} / {oracle['routing_at_defer_rate']:.4f}")
     t.add_row("AURC / E-AURC (local risk vs coverage)", f"{_fmt(summary['aurc'])} / {_fmt(summary['e_aurc'])}")
@@ -115,8 +116,9 @@ def print_summary(console: Any, summary: dict[str, Any], run_dir: Path, sim_s: f
                        _fmt(v.get("confidence_calibrated")), _fmt(v["random"]))
         console.print(to)
     res, srv = summary.get("resilience"), summary.get("servers")
-    if res and (res["failures"] != "none" or srv["count"] > 1):
-        tr = Table(title=f"resilience ({res['failures']}; {srv['count']} servers, training={srv['training']}, "
+    failures = cfg["failures"]["name"]
+    if res and (failures != "none" or srv["count"] > 1):
+        tr = Table(title=f"resilience ({failures}; {srv['count']} servers, training={srv['training']}, "
                          f"routing={srv['routing']})")
         tr.add_column("state")
         tr.add_column("rounds", justify="right")

@@ -40,7 +40,7 @@ def test_every_failure_preset_runs_to_completion(tmp_path, shared_cache, preset,
                                                "sim.backend": "inprocess", **PRESETS[preset]})
     assert 0 <= s["system_accuracy"] <= 1 and s["num_test_samples"] > 0
     res = s["resilience"]
-    assert res["failures"] == preset and set(res["failovers"]) == {"subset", "standalone", "legacy"}
+    assert s["config"]["failures"]["name"] == preset and set(res["failovers"]) == {"subset", "standalone", "legacy"}
     saved = json.loads((tmp_path / preset / "failure_schedule.json").read_text())
     assert len(saved["rounds"]) == 3 and saved["failures"]["name"] == preset
     if preset == "device_dropout":

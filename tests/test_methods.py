@@ -176,7 +176,7 @@ def test_a_toy_method_is_one_class_and_one_yaml_and_runs_end_to_end(tmp_path, sh
     with open(os.devnull, "w") as sink:
         simulate(cfg, tmp_path / "run", console=Console(file=sink))
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
-    assert summary["strategy"] == "every_other"
+    assert summary["config"]["strategy"]["name"] == "every_other"
     assert 0.45 < summary["defer_rate"] < 0.55  # every other test sample, every server up
 
 

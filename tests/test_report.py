@@ -15,11 +15,14 @@ from sim import report as R
 
 
 def fake_run(root, name, seed, acc, config=None, defer=0.3, conf=None, **top):
-    """A run directory with a minimal summary.json (``config=None``: an old summary without one)."""
+    """A run directory with a minimal summary.json (``config=None``: an old, version-1 summary without
+    one, naming its strategy and prices at the top level)."""
     d = root / name
     d.mkdir(parents=True)
-    s = {"seed": seed, "strategy": top.pop("strategy", "l2h"), "c_e": top.pop("c_e", 0.1), "c_1": 1.0,
-         "num_clients": 4, "num_rounds": 2, "num_test_samples": 360, "system_accuracy": acc, "defer_rate": defer,
+    old = {"strategy": top.pop("strategy", "l2h"), "c_e": top.pop("c_e", 0.1), "c_1": 1.0} if config is None else {
+        "summary_version": 2}
+    s = {"seed": seed, **old, "num_clients": 4, "num_rounds": 2, "num_test_samples": 360, "system_accuracy": acc,
+         "defer_rate": defer,
          "coverage": 1 - defer, "l01_cost": 1 - acc, "legacy_accuracy": 0.7, "server_accuracy": 0.9,
          "baselines": {"confidence": {"system_accuracy": acc - 0.01 if conf is None else conf}},
          "curves": {"defer_rate": [0.0, 0.5, 1.0], "rejector": [0.7, acc, 0.9]},
@@ -103,7 +106,52 @@ def test_old_summaries_fall_back_to_group_keys_with_one_warning(tmp_path, capsys
     assert err.count("warning:") == 1 and "record no config" in err
     assert err.count("\n") == 1
     js = json.loads((tmp_path / "out" / "report.json").read_text())
-    assert js["grouped_by"] == "GROUP_KEYS" and js["varying"] == ["strategy"] and len(js["groups"]) == 2
+    assert js["grouped_by"] == "GROUP_KEYS" and js["varying"] == ["strategy.name"] and len(js["groups"]) == 2
+
+
+def v1_summary(s):
+    """A summary as version 1 wrote it (before ``summary_version``): the strategy, its prices and a few
+    server parameters also at the top level, the failure preset also in ``resilience``."""
+    c = s["config"]
+    st, sv = c["strategy"], c["servers"]
+    delta, coop = st.get("max_defer_rate"), sv["training"] == "coop"
+    out = {k: v for k, v in s.items() if k != "summary_version"}
+    out.update({"strategy": st["name"], "c_e": st["c_e"], "c_1": st["c_1"], "staleness": st["staleness"],
+                "max_defer_rate": delta, "bound": str(st["bound"]) if delta is not None else None,
+                "num_servers": sv["count"], "serve_depth": sv["coop"]["serve_depth"] if coop else None,
+                "capacity": sv["coop"]["capacity"] if coop else None})
+    if "resilience" in s:
+        out["resilience"] = {"failures": c["failures"]["name"], **s["resilience"]}
+    return out
+
+
+def test_version_1_summaries_report_the_same_tables(tmp_path):
+    """The golden runs' summaries written the old way (version 1) give the report today's form gives;
+    without ``config``, a version-1 summary's fallback identity is what its top-level keys said."""
+    from sim.results import upgrade_summary
+    from tests.golden import CASES, golden_path
+
+    golden = {n: upgrade_summary(json.loads(golden_path(n).read_text())["summary"]) for n in CASES}
+    md = {}
+    for form, make in (("new", dict), ("old", v1_summary)):
+        for n, s in golden.items():
+            (tmp_path / form / n).mkdir(parents=True)
+            (tmp_path / form / n / "summary.json").write_text(json.dumps(make(s)))
+        R.report([tmp_path / form], tmp_path / f"out-{form}", plots=False, baseline="strategy.name=confidence")
+        md[form] = (tmp_path / f"out-{form}" / "report.md").read_text().replace(str(tmp_path / form), "RUNS")
+    assert md["old"] == md["new"] and "## Paired differences" in md["new"] and "| mel |" in md["new"]
+    for s in golden.values():
+        old = {k: v for k, v in v1_summary(s).items() if k != "config"}
+        said = {"strategy.name": old["strategy"], "strategy.c_e": old["c_e"], "strategy.c_1": old["c_1"],
+                "strategy.staleness": old["staleness"], "strategy.max_defer_rate": old["max_defer_rate"],
+                "strategy.bound": old["bound"], "servers.count": old["num_servers"],
+                "servers.coop.serve_depth": old["serve_depth"], "servers.coop.capacity": old["capacity"],
+                "failures.name": old["resilience"]["failures"], "num_clients": old["num_clients"],
+                "num_rounds": old["num_rounds"]}
+        assert R.fallback_identity(upgrade_summary(old)) == said == R.fallback_identity(s)
+    bare = upgrade_summary({"strategy": "l2h", "c_e": 0.1, "c_1": 1.0, "num_clients": 4, "num_rounds": 2})
+    assert R.fallback_identity(bare)["strategy.staleness"] == 1 and bare["servers.count"] == 1
+    assert bare["failures.name"] == "none" and "strategy" not in bare and bare["summary_version"] == 2
 
 
 def test_hydra_config_groups_old_summaries(tmp_path):
@@ -237,7 +285,7 @@ def test_runs_with_failures_report_mels_measures_with_intervals(tmp_path):
         for seed in (0, 1, 2):
             fake_run(runs, f"{training}-{seed}", seed, 0.85, {**cfg(), "servers": {"training": training},
                                                            "failures": {"name": "crash_stop"}},
-                     resilience={"failures": "crash_stop", "fraction_kept": fk + seed / 100,
+                     resilience={"fraction_kept": fk + seed / 100,
                                  "fraction_kept_min": fk - 0.02, "inference_kept": ik + seed / 100})
     R.report([runs], tmp_path / "out")
     md = (tmp_path / "out" / "report.md").read_text()

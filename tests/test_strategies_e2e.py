@@ -143,7 +143,7 @@ def test_bounded_reject_rate_end_to_end(tmp_path, shared_cache, bound):
     delta = 0.1
     s, _, _ = run(tmp_path, shared_cache, bound, **{"strategy.c_e": 0.0, "strategy.max_defer_rate": delta,
                                                     "strategy.bound": bound, "sim.num_rounds": 3})
-    assert s["max_defer_rate"] == delta and s["bound"] == bound
+    assert s["config"]["strategy"]["max_defer_rate"] == delta and s["config"]["strategy"]["bound"] == bound
     assert s["defer_rate"] <= delta + noise(delta, s["num_test_samples"])
 
 
@@ -190,4 +190,4 @@ def test_coop_runs_end_to_end_and_reports_depth_and_exits(tmp_path, shared_cache
     assert all((f < 1.0) == (n > 0) for n, f in loaded)  # any answer exceeds half a full-depth answer
     exits = s["servers"]["table"]["exits"]
     assert set(exits) == {"1", "2"} and all(len(v) == 4 for v in exits.values())
-    assert 0 <= s["system_accuracy"] <= 1 and s["num_servers"] == 3
+    assert 0 <= s["system_accuracy"] <= 1 and s["config"]["servers"]["count"] == 3
