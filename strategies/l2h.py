@@ -52,21 +52,21 @@ def availability_mask(servers: ServersConfig, reachable: list[int]) -> torch.Ten
 
 
 @torch.no_grad()
-def decide(rejector: Rejector, feats: torch.Tensor, avail: torch.Tensor, servers: ServersConfig
-           ) -> tuple[np.ndarray, np.ndarray]:
-    """Masked decisions: ``defer (N,)`` bool and ``route (N,)`` (learned routing: the best available
-    server by the rejector's logits, whether or not the sample is deferred; -1 otherwise)."""
-    rejector.eval()
-    logits = rejector(feats)
-    choice, _ = masked_decision(logits, avail)
+def decide(logits: torch.Tensor, avail: torch.Tensor, servers: ServersConfig
+           ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Masked decisions from the rejector's logits ``(N, 1+S)`` (one forward pass serves all three):
+    ``defer (N,)`` bool, ``route (N,)`` (learned routing: the best available server by the logits,
+    whether or not the sample is deferred; -1 otherwise) and the deferral score ``(N,)`` float32,
+    ``1 - psi_local`` over the available options (:func:`masked_decision`)."""
+    choice, score = masked_decision(logits, avail)
     defer = (choice > 0).numpy()
-    route = np.full(len(feats), -1, dtype=np.int64)
+    route = np.full(len(logits), -1, dtype=np.int64)
     if num_options(servers) > 2 and bool(avail[1:].any()):
         server_logits = logits[:, 1:].masked_fill(~avail[1:], float("-inf"))
         route = server_logits.argmax(1).numpy().astype(np.int64)
     elif servers.resolved_routing == Routing.learned and bool(avail[1]):
-        route = np.zeros(len(feats), dtype=np.int64)
-    return defer, route
+        route = np.zeros(len(logits), dtype=np.int64)
+    return defer, route, score.numpy()
 
 
 class L2HMethod(DeviceMethod):
@@ -101,8 +101,10 @@ class L2HMethod(DeviceMethod):
             e_err = float((now.wrong[:, reach] if num_options(self.servers) > 2 else now.pool_wrong).mean())
             tensors, loss_fn = self.targets(rejector, feats, y, m_wrong, answers, reach, avail)
             loss = self.fit(ctx, rejector, feats, rows, tensors, loss_fn, avail)
-        defer, route = decide(rejector, feats, avail, self.servers)
-        defer = self.bound_decisions(rejector, feats, defer, avail, device.device_id, ctx.round, "train")
+        rejector.eval()
+        with torch.no_grad():
+            defer, route, score = decide(rejector(feats), avail, self.servers)
+        defer = self.bound_decisions(rejector, score, defer, device.device_id, ctx.round, "train")
         sendable = ~self.labels.held_out(len(defer), device.device_id)
         rng = np.random.default_rng(derive_seed(self.seed, "explore", device.device_id, ctx.round))
         explore = (~defer) & (rng.random(len(defer)) < self.cfg.explore) & bool(reach) & sendable
@@ -155,21 +157,18 @@ class L2HMethod(DeviceMethod):
     def fit_bound(self, rejector: Rejector, feats_cal: torch.Tensor, avail: torch.Tensor) -> None:
         """Fit the reject-rate bound ``(t, rho)`` on the calibration features ``(M, D)`` into ``rejector.local_bound``."""
         rejector.eval()
-        _, score = masked_decision(rejector(feats_cal), avail)
-        defer, _ = decide(rejector, feats_cal, avail, self.servers)
-        t, rho = bounded.fit(score.numpy(), defer, self.cfg.max_defer_rate)
+        defer, _, score = decide(rejector(feats_cal), avail, self.servers)
+        t, rho = bounded.fit(score, defer, self.cfg.max_defer_rate)
         rejector.local_bound.copy_(torch.tensor([t, rho]))
 
-    @torch.no_grad()
-    def bound_decisions(self, rejector: Rejector, feats: torch.Tensor, defer: np.ndarray, avail: torch.Tensor,
-                        device_id: int, server_round: int, split: str) -> np.ndarray:
-        """The rejector's decisions ``(N,)`` after the reject-rate bound (unchanged when none is set)."""
+    def bound_decisions(self, rejector: Rejector, score: np.ndarray, defer: np.ndarray, device_id: int,
+                        server_round: int, split: str) -> np.ndarray:
+        """The rejector's decisions ``(N,)`` after the reject-rate bound (unchanged when none is set);
+        ``score (N,)``: the deferral scores :func:`decide` gave with ``defer``."""
         if self.cfg.max_defer_rate is None:
             return defer
-        rejector.eval()
-        _, score = masked_decision(rejector(feats), avail)
         rng = np.random.default_rng(derive_seed(self.seed, "bound", device_id, server_round, split))
-        return bounded.apply(score.numpy(), defer, rejector.local_bound, self.cfg, rng)
+        return bounded.apply(score, defer, rejector.local_bound, self.cfg, rng)
 
     @torch.no_grad()
     def evaluate(self, ctx: RoundContext) -> EvalResult:
@@ -184,7 +183,7 @@ class L2HMethod(DeviceMethod):
         probs = torch.softmax(device.legacy_test, 1)
         avail = availability_mask(self.servers, ctx.reachable)
         if rejector is None:
-            score = torch.zeros(n)
+            score = np.zeros(n, dtype=np.float32)
             defer, route = np.zeros(n, dtype=bool), np.full(n, -1, dtype=np.int64)
         else:
             rejector.eval()
@@ -194,10 +193,9 @@ class L2HMethod(DeviceMethod):
                 if cal.any():
                     self.fit_bound(rejector, cal_feats[cal], avail)
             feats = device.features("test", self.cfg.rejector.inputs)
-            _, score = masked_decision(rejector(feats), avail)
-            defer, route = decide(rejector, feats, avail, self.servers)
-            defer = self.bound_decisions(rejector, feats, defer, avail, device.device_id, 0, "test")
-        return test_record(device, probs, score.numpy(), defer, route)
+            defer, route, score = decide(rejector(feats), avail, self.servers)
+            defer = self.bound_decisions(rejector, score, defer, device.device_id, 0, "test")
+        return test_record(device, probs, score, defer, route)
 
 
 class L2HStrategy(PoolStrategy):

@@ -89,7 +89,9 @@ def learned_decisions(mode, rounds=4):
         res = method.train(RoundContext(dev, rejector, [0], r, server))
         server.buffer |= res.defer | res.explore  # the server trains on (memorises) what it is sent
     feats = torch.eye(len(P_M))
-    defer, _ = decide(rejector, feats, availability_mask(servers, [0]), servers)
+    rejector.eval()
+    with torch.no_grad():
+        defer, _, _ = decide(rejector(feats), availability_mask(servers, [0]), servers)
     return defer.tolist(), server
 
 
