@@ -18,8 +18,9 @@ for sec in $SECTIONS; do
     fleet_size)  $RUN experiment=fleet_size data=mnist1d hydra.sweep.dir=$RUNS/fleet_size ;;
     labels)      $RUN experiment=fleet_size data=mnist1d fleet.num_clients=300 +variant=default \
                    strategy.server_labels=in_sample,holdout,prequential,crossfit hydra.sweep.dir=$RUNS/fleet_labels ;;
-    server_bias) $RUN experiment=fleet_size data=mnist1d fleet.num_clients=300 +variant=default strategy=confidence \
-                   strategy.defer_rate=0.3 hydra.sweep.dir=$RUNS/fleet_confidence ;;
+    server_bias) # the fleet_size preset's fleet and schedule without its L2H-only bound (confidence has no max_defer_rate)
+                 $RUN data=mnist1d fleet.num_clients=300 data.num_samples=30000 sim.fraction_train=0.3 sim.eval_every=5 \
+                   strategy=confidence strategy.defer_rate=0.3 'seed=0,1,2,3,4' hydra.sweep.dir=$RUNS/fleet_confidence ;;
     central)     $RUN experiment=centralised data=mnist1d strategy=l2h strategy.server_labels=in_sample \
                    strategy.explore=1.0 strategy.max_defer_rate=0.3 data.num_samples=30000 hydra.sweep.dir=$RUNS/fleet_central ;;
     partial)     for d in $DATASETS; do $RUN experiment=partial_server data=$d hydra.sweep.dir=$RUNS/partial_$d; done ;;

@@ -54,6 +54,11 @@ def one_line(exc: BaseException) -> str:
         group = lines[idx].split("'")[1] if "'" in lines[idx] else "the group"
         return f"{head}; available options for {group}: {', '.join(opts)}"
     msg = lines[0] if lines else type(exc).__name__
+    if msg.endswith(":") and len(lines) > 1:  # Hydra's "... raised while composing config:" says why below
+        msg = f"{msg} {lines[1]}"
+        key = next((ln.split(":", 1)[1].strip() for ln in lines[2:] if ln.startswith("full_key:")), None)
+        if key:
+            msg = f"{msg} ({key})"
     cause = exc.__cause__
     if cause is not None:
         cause_lines = [ln.strip() for ln in str(cause).splitlines() if ln.strip()]

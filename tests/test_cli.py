@@ -32,6 +32,9 @@ def run_cli(*args, cwd):
     (["servers.count=2", "servers.c_e=[0.1]"], "servers.c_e has 1 prices for 2 servers"),
     (["failures=query_drop", "failures.query_drop_q=1.5"], "failures.query_drop_q=1.5 is invalid"),
     (["servers.routing=nearest"], "servers.routing='nearest' is invalid"),
+    # a preset's key that the chosen strategy lacks: Hydra says why on the line after the first
+    (["experiment=fleet_size", "strategy=confidence"],
+     "Key 'max_defer_rate' not in 'BaselineConfig' (strategy.max_defer_rate)"),
 ])
 def test_bad_config_one_line_nonzero_exit(tmp_path, args, expect):
     r = run_cli(*args, cwd=tmp_path)
